@@ -1,0 +1,4 @@
+"""Weight-quantized GEMMs (y = x · Wᵀ): Triton kernels, launchers, dispatch."""
+from .w8a16 import w8a16_gemm, W8A16
+
+__all__ = ["w8a16_gemm", "W8A16"]

@@ -1,0 +1,8 @@
+"""Pure-torch references: the readable spec of every kernel, the oracle of the tests and the CPU path.
+
+All math in fp32 (fp64 where noted); outputs cast to the kernel's output dtype at the very end.
+"""
+from .gemm import w8a16_gemm_ref
+from .quant import quantize_weight_int8_ref, INT8_QMAX, SCALE_EPS
+
+__all__ = ["w8a16_gemm_ref", "quantize_weight_int8_ref", "INT8_QMAX", "SCALE_EPS"]

@@ -1,0 +1,36 @@
+"""Where a kernel runs: compiled Triton on CUDA, the Triton interpreter on CPU, or the pure-torch reference.
+
+Nothing here queries a GPU at import time. The Triton interpreter is a process-wide switch that Triton reads
+when a kernel is decorated, so it must be set (``TRITON_INTERPRET=1``) before ``angel_kernels`` kernels are
+imported; the test suite's conftest does that on machines without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["interpreter_active", "triton_path_for", "reference_forced"]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels are interpreted on the CPU (``TRITON_INTERPRET=1``)."""
+    return _env_flag("TRITON_INTERPRET")
+
+
+def reference_forced() -> bool:
+    """``ANGEL_KERNELS_REFERENCE=1`` routes every op to its pure-torch reference (debugging, CPU serving)."""
+    return _env_flag("ANGEL_KERNELS_REFERENCE")
+
+
+def triton_path_for(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` should run a Triton kernel (compiled on CUDA, interpreted on CPU)."""
+    if reference_forced():
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreter_active()
