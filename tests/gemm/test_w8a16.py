@@ -1,0 +1,166 @@
+"""w8a16 GEMM: every candidate against the fp32 reference, on awkward shapes, plus input validation."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from angel_kernels import quantize_weight_int8, w8a16_gemm
+from angel_kernels.gemm.w8a16 import W8A16, LARGE_M, W8A16Problem, launch_tiled, heuristic_config
+from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
+from angel_kernels.testing import assert_close, make_generator, randn
+
+CANDIDATES = W8A16.names()
+
+
+def _inputs(m, n, k, dtype, device, seed, bias=False):
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g)
+    w = randn(n, k, dtype=dtype, device=device, generator=g, scale=0.05)
+    q, s = quantize_weight_int8(w)
+    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
+    return x, q, s, b
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 100])
+def test_every_candidate_matches_reference(candidate, m, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
+    # N and K: multiples of 16, not powers of two, K not a multiple of the interpreter's BLOCK_K
+    x, q, s, b = _inputs(m, 80, 208, torch.float16, device, seed=m, bias=m % 2 == 1)
+    y = w8a16_gemm(x, q, s, b)
+    assert y.dtype == x.dtype and y.shape == (m, 80)
+    assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"{candidate} M={m}")
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+def test_bf16_and_leading_dims(candidate, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
+    x, q, s, b = _inputs(6, 48, 96, torch.bfloat16, device, seed=7, bias=True)
+    x3 = x.reshape(2, 3, 96)
+    y = w8a16_gemm(x3, q, s, b)
+    assert y.shape == (2, 3, 48)
+    assert_close(y, w8a16_gemm_ref(x3, q, s, b))
+
+
+def test_tiled_handles_strided_x_and_writes_every_element(device):
+    x, q, s, _ = _inputs(5, 64, 128, torch.float16, device, seed=11)
+    wide = torch.cat([x, x], dim=1)[:, ::2]  # non-contiguous rows, column stride 2
+    assert not wide.is_contiguous()
+    cfg = W8A16.get("tiled")
+    p = W8A16Problem(5, 64, 128, torch.float16, torch.device(device))
+    y = cfg.run(p, wide, q, s, None)
+    assert_close(y, w8a16_gemm_ref(wide, q, s))
+
+
+@given(
+    m=st.integers(1, 40),
+    n16=st.integers(1, 6),
+    k16=st.integers(1, 12),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes_and_magnitudes(m, n16, k16, scale, seed):
+    import os
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no Triton path here")
+    g = make_generator(seed)
+    n, k = 16 * n16, 16 * k16
+    x = randn(m, k, device=device, generator=g, scale=scale)
+    w = randn(n, k, device=device, generator=g, scale=0.1)
+    q, s = quantize_weight_int8(w)
+    p = W8A16Problem(m, n, k, torch.float16, torch.device(device))
+    y = W8A16.get("tiled").run(p, x, q, s, None)
+    assert_close(y, w8a16_gemm_ref(x, q, s), atol=2e-3 * scale * 10)
+
+
+def test_quantizer_matches_reference_bitwise_and_zero_rows():
+    g = make_generator(5)
+    w = randn(37, 70, generator=g, dtype=torch.bfloat16)
+    w[3] = 0  # an all-zero output channel: scale stays positive, values stay 0
+    q, s = quantize_weight_int8(w, row_chunk=8)
+    q_ref, s_ref = quantize_weight_int8_ref(w)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert (q[3] == 0).all() and s[3] > 0
+    assert q.abs().max() <= 127
+    # round-trip error: at most half a step per element
+    err = (q.float() * s[:, None] - w.float()).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()
+
+
+def test_quantizer_rejects_bad_weights():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_weight_int8(torch.ones(3, 4, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        quantize_weight_int8(torch.ones(3, 4, dtype=torch.int32))
+    bad = torch.ones(3, 4)
+    bad[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_weight_int8(bad)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(x=a["x"].float()), TypeError, "x dtype"),
+        (lambda a: a.update(qweight=a["qweight"].to(torch.int32)), TypeError, "qweight dtype"),
+        (lambda a: a.update(x=a["x"][:, :-16]), ValueError, "K="),
+        (lambda a: a.update(scales=a["scales"][:-1]), ValueError, "scales must have shape"),
+        (lambda a: a.update(scales=a["scales"][:, None]), ValueError, "scales must be 1-D"),
+        (lambda a: a.update(bias=torch.ones(3, dtype=torch.float16)), ValueError, "bias must have shape"),
+        (lambda a: a.update(bias=torch.ones(32, dtype=torch.bfloat16)), TypeError, "bias dtype"),
+        (lambda a: a.update(x=a["x"].to("meta")), ValueError, "meta"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, exc, match):
+    args = dict(
+        x=torch.randn(4, 64).half(),
+        qweight=torch.randint(-127, 128, (32, 64), dtype=torch.int8),
+        scales=torch.rand(32),
+        bias=None,
+    )
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        w8a16_gemm(args["x"], args["qweight"], args["scales"], args["bias"])
+
+
+def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = W8A16Problem(4, 32, 64, torch.float16, torch.device("cpu"))
+    assert W8A16.select(p).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert W8A16.select(p).name == "tiled"
+
+
+def test_reference_switch_routes_the_launcher_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr("angel_kernels.gemm.w8a16.w8a16_gemm_ref", lambda *a: calls.append(1) or w8a16_gemm_ref(*a))
+    monkeypatch.setenv("ANGEL_KERNELS_REFERENCE", "1")
+    x, q, s, _ = _inputs(2, 32, 64, torch.float16, "cpu", seed=2)
+    w8a16_gemm(x, q, s)
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- GPU tier: real shapes, compiled kernels
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", ["tiled", "dequant_matmul"])
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 64, 257, 1024])
+def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
+    x, q, s, b = _inputs(m, n, k, torch.float16, "cuda", seed=m + n, bias=True)
+    y = w8a16_gemm(x, q, s, b)
+    assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"{candidate} {m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096)])
+def test_gpu_row_results_do_not_depend_on_batch_within_a_config(n, k):
+    x, q, s, _ = _inputs(64, n, k, torch.float16, "cuda", seed=1)
+    cfg = heuristic_config(W8A16Problem(16, n, k, torch.float16, torch.device("cuda")))
+    full = launch_tiled(x, q, s, None, cfg)
+    for i in (0, 17, 63):
+        assert torch.equal(full[i : i + 1], launch_tiled(x[i : i + 1], q, s, None, cfg))
