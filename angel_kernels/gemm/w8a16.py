@@ -214,3 +214,47 @@ def w8a16_gemm(
         return x.new_empty((*lead, p.N))
     y = W8A16.select(p, force="reference" if reference_forced() else None).run(p, x2, qweight, scales, bias)
     return y.reshape(*lead, p.N)
+
+
+def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
+    """Configs worth timing for a problem's M regime (pruned for shared memory before timing)."""
+    from itertools import product
+
+    from ..tuning import prune_configs
+
+    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, long K tiles for bytes in flight
+        space = product((16,), (16, 32, 64, 128), (128, 256, 512), (4,), (3, 4, 5), (1,))
+    elif p.M <= 64:
+        space = product((32, 64), (64, 128), (64, 128), (4, 8), (3, 4), (8,))
+    else:
+        space = product((64, 128), (128, 256), (64,), (4, 8), (3, 4), (8,))
+    configs = [
+        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_M", g),))
+        for bm, bn, bk, w, s, g in space
+    ]
+    return prune_configs(configs, K=p.K, a_bytes=p.dtype.itemsize, b_bytes=1)
+
+
+def tune(n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None) -> KernelConfig:
+    """Warm-up step: time ``tuning_space`` for one (N, K, M bucket), check each result, record the fastest."""
+    from ..testing import relative_error
+    from ..tuning import tune_kernel
+
+    device = torch.device(device)
+    p = W8A16Problem(m_bucket(m), n, k, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(p.M, k, device=device, generator=gen).to(dtype)
+    q = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=gen)
+    s = torch.rand(n, device=device, generator=gen) * 0.01 + 1e-3
+    ref = w8a16_gemm_ref(x, q, s)
+
+    def check(y):
+        err = relative_error(y, ref)
+        if not err < 1e-2:
+            raise ValueError(f"relative error {err}")
+
+    best, _ = tune_kernel(
+        store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
+        lambda cfg: (lambda: launch_tiled(x, q, s, None, cfg)), device, check=check,
+    )
+    return best

@@ -22,13 +22,16 @@ def tune_kernel(
     device: torch.device | str,
     *,
     check: Callable[[object], None] | None = None,
+    bench: Callable[[Callable[[], object]], float] | None = None,
 ) -> tuple[KernelConfig, dict[KernelConfig, float]]:
     """Time ``make_call(cfg)()`` for every config (median µs, CUDA events), record the fastest in ``store``.
 
     ``check`` validates each config's output before it may win (a config that computes garbage, or fails to
-    compile, is skipped). Returns the winner and all timings.
+    compile, is skipped). ``bench(call) -> µs`` defaults to Triton's ``do_bench`` median. Returns the winner
+    and all timings.
     """
-    import triton.testing
+    if bench is None:
+        bench = _do_bench_median_us
 
     if not configs:
         raise ValueError(f"{kernel} {key}: no configs to tune (all pruned?)")
@@ -39,12 +42,18 @@ def tune_kernel(
             result = call()
             if check is not None:
                 check(result)
-            ms = triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median")
+            us = bench(call)
         except Exception:  # a config that does not compile or is wrong simply does not compete
             continue
-        timings[cfg] = ms * 1e3
+        timings[cfg] = us
     if not timings:
         raise RuntimeError(f"{kernel} {key}: every config failed")
     best = min(timings, key=timings.__getitem__)
     store.record(kernel, key, best, device)
     return best, timings
+
+
+def _do_bench_median_us(call: Callable[[], object]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median") * 1e3

@@ -71,3 +71,36 @@ def test_shipped_configs_parse():
 
 def test_slugify():
     assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_tune_kernel_picks_fastest_valid_config_and_records_it(tmp_path):
+    from angel_kernels.tuning import tune_kernel
+
+    fast_but_wrong = KernelConfig(16, 32, 64)
+    fast = KernelConfig(16, 64, 64)
+    slow = KernelConfig(16, 128, 64)
+    broken = KernelConfig(16, 256, 64)
+    cost = {fast_but_wrong: 1.0, fast: 2.0, slow: 5.0}
+
+    def make_call(cfg):
+        if cfg == broken:
+            raise RuntimeError("does not compile")
+        return lambda: (cfg, "wrong" if cfg == fast_but_wrong else "right")
+
+    def check(result):
+        assert result[1] == "right"
+
+    store = TunedConfigStore(tmp_path)
+    best, timings = tune_kernel(
+        store, "toy", "N=1,K=1,M=1", [fast_but_wrong, fast, slow, broken], make_call, "cpu",
+        check=check, bench=lambda call: cost[call()[0]],
+    )
+    assert best == fast and set(timings) == {fast, slow}
+    assert store.lookup("toy", "N=1,K=1,M=1", "cpu") == fast
+
+
+def test_tune_kernel_without_configs_is_an_error(tmp_path):
+    from angel_kernels.tuning import tune_kernel
+
+    with pytest.raises(ValueError, match="no configs"):
+        tune_kernel(TunedConfigStore(tmp_path), "toy", "k", [], lambda c: None, "cpu")
