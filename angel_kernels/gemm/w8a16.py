@@ -73,10 +73,11 @@ def _w8a16_gemm_kernel(
         mask_k = offs_k < K - k0 * BLOCK_K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M/BLOCK_N are.
         if DOT_FP32:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
         else:
-            acc += tl.dot(x, w.to(x.dtype))
+            acc = tl.dot(x, w.to(x.dtype), acc)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -88,6 +89,9 @@ def _w8a16_gemm_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# Batch invariance: a row's result must not depend on M, so the K reduction (BLOCK_K, no split-K) is the same
+# for every M; only BLOCK_M/BLOCK_N, warps and stages vary with the M bucket.
+BLOCK_K = 128
 # Under the interpreter cost grows with programs × K-steps: few, large blocks keep CPU tests fast.
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1, extra=(("GROUP_M", 8),))
 
@@ -95,10 +99,11 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=
 def heuristic_config(p: W8A16Problem) -> KernelConfig:
     """Untuned default by M regime (used when the store has no entry for this GPU and shape)."""
     if p.M <= 16:
-        return KernelConfig(16, 64, 256, num_warps=4, num_stages=4, extra=(("GROUP_M", 1),))
+        # 64-column tiles: N=4096 still gives 64 programs; 4 stages keep ~50 KB of weight in flight per SM
+        return KernelConfig(16, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_M", 1),))
     if p.M <= 64:
-        return KernelConfig(64, 128, 64, num_warps=4, num_stages=4, extra=(("GROUP_M", 8),))
-    return KernelConfig(128, 128, 64, num_warps=8, num_stages=3, extra=(("GROUP_M", 8),))
+        return KernelConfig(64, 128, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_M", 8),))
+    return KernelConfig(128, 128, BLOCK_K, num_warps=8, num_stages=3, extra=(("GROUP_M", 8),))
 
 
 def config_for(p: W8A16Problem) -> KernelConfig:
@@ -222,12 +227,12 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
 
     from ..tuning import prune_configs
 
-    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, long K tiles for bytes in flight
-        space = product((16,), (16, 32, 64, 128), (128, 256, 512), (4,), (3, 4, 5), (1,))
+    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, deep pipelines for bytes in flight
+        space = product((16,), (16, 32, 64, 128), (BLOCK_K,), (2, 4), (3, 4, 5, 6), (1,))
     elif p.M <= 64:
-        space = product((32, 64), (64, 128), (64, 128), (4, 8), (3, 4), (8,))
+        space = product((16, 32, 64), (64, 128), (BLOCK_K,), (4, 8), (3, 4), (8,))
     else:
-        space = product((64, 128), (128, 256), (64,), (4, 8), (3, 4), (8,))
+        space = product((64, 128), (128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,))
     configs = [
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_M", g),))
         for bm, bn, bk, w, s, g in space

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from angel_kernels import quantize_weight_int8, w8a16_gemm
-from angel_kernels.gemm.w8a16 import W8A16, LARGE_M, W8A16Problem, launch_tiled, heuristic_config
+from angel_kernels.gemm.w8a16 import W8A16, W8A16Problem
 from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
 from angel_kernels.testing import assert_close, make_generator, randn
 
@@ -157,10 +157,13 @@ def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4096, 4096)])
-def test_gpu_row_results_do_not_depend_on_batch_within_a_config(n, k):
-    x, q, s, _ = _inputs(64, n, k, torch.float16, "cuda", seed=1)
-    cfg = heuristic_config(W8A16Problem(16, n, k, torch.float16, torch.device("cuda")))
-    full = launch_tiled(x, q, s, None, cfg)
-    for i in (0, 17, 63):
-        assert torch.equal(full[i : i + 1], launch_tiled(x[i : i + 1], q, s, None, cfg))
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096)])
+@pytest.mark.parametrize("m", [2, 16, 33, 64, 300, 1024])
+def test_gpu_batch_invariance_tiled(n, k, m, monkeypatch):
+    """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", "tiled")
+    x, q, s, b = _inputs(m, n, k, torch.float16, "cuda", seed=m, bias=True)
+    full = w8a16_gemm(x, q, s, b)
+    for i in sorted({0, m // 2, m - 1}):
+        alone = w8a16_gemm(x[i : i + 1], q, s, b)
+        assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
