@@ -48,13 +48,17 @@ fi
 for d in .peers/vllm .peers/gemlite; do
   [ -d "$d" ] || log "missing $d (run benchmarks/stage_peers.sh): its peers will be skipped"
 done
-export PYTHONPATH="$ROOT:$ROOT/integration:$ROOT/.peers/vllm:$ROOT/.peers/gemlite:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+BASE_PATH="$ROOT:$ROOT/integration:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The staged vLLM is a stub package around its attention kernels: the tests must not mistake it for vLLM
+# (an importorskip("vllm") would pass and then fail), so only the benchmarks see the staged peers.
+PEERS_PATH="$ROOT/.peers/vllm:$ROOT/.peers/gemlite"
 
 status=0
 
 # 1. GPU test tier. Exit code 5 (nothing collected) is fine while the tier is empty.
 log "pytest -m gpu (timeout ${T_TESTS}s)"
-timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT/tests.log" 2>&1
+PYTHONPATH="$BASE_PATH" timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
+  > "$OUT/tests.log" 2>&1
 rc=$?
 tail -n 15 "$OUT/tests.log"
 case $rc in
@@ -68,7 +72,8 @@ esac
 bench() {
   local limit=$1; shift
   log "$* (timeout ${limit}s)"
-  timeout -k 10 "$limit" "$PY" "$@" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
+  PYTHONPATH="$ROOT:$ROOT/integration:$PEERS_PATH:$SITE${PYTHONPATH:+:$PYTHONPATH}" \
+    timeout -k 10 "$limit" "$PY" "$@" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log"
   local rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then
     log "$1: exit $rc$( [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo ' (timed out)')"
@@ -85,6 +90,6 @@ log "done (status $status); tables:"
 shopt -s nullglob
 files=("$OUT"/*/gemm.json "$OUT"/*/attention.json)
 if [ ${#files[@]} -gt 0 ]; then
-  "$PY" benchmarks/harness.py table --metric us "${files[@]}"  # % of floor tables: in bench.log
+  "$PY" benchmarks/harness.py table --metric us "${files[@]}"  # the % of floor tables are in bench.log
 fi
 exit $status
