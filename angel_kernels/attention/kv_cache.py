@@ -1,0 +1,114 @@
+"""Paged KV cache layout shared by the write kernel and the attention kernels, and its validation.
+
+Views, not allocations: the kernels take
+- ``key_cache`` / ``value_cache``: ``[num_blocks, block_size, num_kv_heads, head_dim]``, int8 or fp16/bf16,
+  head dim contiguous, other strides free (so HND and NHD physical orders and packed caches all work);
+- ``k_scale`` / ``v_scale`` (int8 only): fp32 ``[num_blocks, block_size, num_kv_heads]``, strides free.
+
+vLLM 0.32's ``int8_per_token_head`` cache is one int8 tensor per layer, logically
+``[num_blocks, num_kv_heads, block_size, 2 * (head_dim + 4)]``; each (block, head, slot) row holds
+``K (head_dim bytes) | K scale (fp32) | V (head_dim bytes) | V scale (fp32)``. ``inline_scale_views`` cuts the
+four views above out of that tensor without copying; separate plain tensors serve the same kernels.
+"""
+from typing import Optional
+
+import torch
+
+from .._checks import ACT_DTYPES, check_same_device, check_tensor
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+KV_CACHE_DTYPES = (torch.int8, torch.float16, torch.bfloat16)
+# bytes of the inline fp32 scale that follows each head's int8 data in vLLM's packed cache
+INLINE_SCALE_BYTES = 4
+
+
+def inline_scale_views(
+    kv_cache: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key_cache, value_cache, k_scale, v_scale) views of a packed int8 cache with inline scales.
+
+    kv_cache: int8, logically [num_blocks, num_kv_heads, block_size, 2 * (head_dim + 4)], last dim contiguous
+    (any physical order of the first three dims). Returns int8 [num_blocks, block_size, num_kv_heads, head_dim]
+    ×2 and fp32 [num_blocks, block_size, num_kv_heads] ×2, all aliasing ``kv_cache``'s memory.
+    """
+    check_tensor("kv_cache", kv_cache, dtypes=(torch.int8,), dim=4)
+    padded = head_dim + INLINE_SCALE_BYTES
+    if kv_cache.shape[3] != 2 * padded:
+        raise ValueError(
+            f"kv_cache last dim must be 2 * (head_dim + {INLINE_SCALE_BYTES}) = {2 * padded} for head_dim {head_dim},"
+            f" got {kv_cache.shape[3]}"
+        )
+    if kv_cache.stride(3) != 1:
+        raise ValueError(f"kv_cache must be contiguous in its last dim, got strides {kv_cache.stride()}")
+    if head_dim % INLINE_SCALE_BYTES or kv_cache.storage_offset() % INLINE_SCALE_BYTES or any(
+        s % INLINE_SCALE_BYTES for s in kv_cache.stride()[:3]
+    ):
+        raise ValueError("inline fp32 scales must be 4-byte aligned: head_dim, strides and offset multiples of 4")
+    rows = kv_cache.transpose(1, 2)  # [num_blocks, block_size, num_kv_heads, 2 * padded]
+    key_cache = rows[..., :head_dim]
+    value_cache = rows[..., padded : padded + head_dim]
+    # four int8 → one fp32 along the contiguous last dim, then drop that size-1 dim
+    k_scale = rows[..., head_dim:padded].view(torch.float32)[..., 0]
+    v_scale = rows[..., padded + head_dim :].view(torch.float32)[..., 0]
+    return key_cache, value_cache, k_scale, v_scale
+
+
+def check_kv_caches(
+    key_cache,
+    value_cache,
+    k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
+    *,
+    writable: bool = False,
+) -> tuple[int, int, int, int, bool]:
+    """Validate a cache pair (+ scales); returns (num_blocks, block_size, num_kv_heads, head_dim, quantized)."""
+    check_tensor("key_cache", key_cache, dtypes=KV_CACHE_DTYPES, dim=4)
+    check_tensor("value_cache", value_cache, dtypes=KV_CACHE_DTYPES, dim=4)
+    if key_cache.dtype != value_cache.dtype:
+        raise TypeError(f"key_cache is {key_cache.dtype} but value_cache is {value_cache.dtype}: use one dtype")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(
+            f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} must have one shape"
+            " [num_blocks, block_size, num_kv_heads, head_dim]"
+        )
+    num_blocks, block_size, heads, head_dim = key_cache.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported (supported: {SUPPORTED_BLOCK_SIZES})")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_strides(name, t, last_contiguous=True, writable=writable)
+    quantized = key_cache.dtype == torch.int8
+    if quantized:
+        if k_scale is None or v_scale is None:
+            raise ValueError("int8 caches need k_scale and v_scale (fp32 [num_blocks, block_size, num_kv_heads])")
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            check_tensor(name, s, dtypes=(torch.float32,), dim=3)
+            if tuple(s.shape) != (num_blocks, block_size, heads):
+                raise ValueError(
+                    f"{name} must have shape {(num_blocks, block_size, heads)} (one fp32 per cached token and KV"
+                    f" head), got {tuple(s.shape)}"
+                )
+            _check_strides(name, s, last_contiguous=False, writable=writable)
+    elif k_scale is not None or v_scale is not None:
+        raise ValueError(f"k_scale/v_scale are for int8 caches only; these caches are {key_cache.dtype}")
+    check_same_device(key_cache=key_cache, value_cache=value_cache, k_scale=k_scale, v_scale=v_scale)
+    return num_blocks, block_size, heads, head_dim, quantized
+
+
+def _check_strides(name: str, t: torch.Tensor, *, last_contiguous: bool, writable: bool) -> None:
+    if last_contiguous and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
+    if any(s < 0 for s in t.stride()):
+        raise ValueError(f"{name} has negative strides {t.stride()}")
+    if writable and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        # an expanded (stride-0) dim makes several cache entries one memory location
+        raise ValueError(f"{name} is written in place and must not have stride-0 dims, got strides {t.stride()}")
+
+
+def check_query_dtype(name: str, t, cache_dtype: torch.dtype) -> None:
+    """Activations are fp16/bf16; an unquantized cache holds the activations' dtype."""
+    check_tensor(name, t, dtypes=ACT_DTYPES)
+    if cache_dtype != torch.int8 and cache_dtype != t.dtype:
+        raise TypeError(f"{name} is {t.dtype} but the cache is {cache_dtype}: an fp cache must match (or be int8)")

@@ -1,0 +1,263 @@
+"""KV cache write: bit-exact against the reference quantizer, padding skipped, vLLM's packed layout, bad input."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from angel_kernels.attention import KV_WRITE, inline_scale_views, write_kv_cache
+from angel_kernels.reference.attention import KV_SCALE_EPS, quantize_kv_ref, write_kv_cache_ref
+from angel_kernels.testing import make_generator, poison, randn
+
+from attention_cases import empty_caches, vllm_packed_int8_cache
+
+CANDIDATES = KV_WRITE.names()
+
+
+def _clone(*ts):
+    return [None if t is None else t.clone() for t in ts]
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def _assert_same(got, want, what):
+    """Bitwise (NaN poison included)."""
+    for name, a, b in zip(("key_cache", "value_cache", "k_scale", "v_scale"), got, want):
+        if a is not None:
+            assert torch.equal(_bits(a), _bits(b)), f"{what}: {name} differs"
+
+
+def _case(T, H, D, block_size, num_blocks, cache_dtype, dtype, seed, pad_every=0, scale=1.0):
+    g = make_generator(seed)
+    key = randn(T, H, D, dtype=dtype, generator=g, scale=scale)
+    value = randn(T, H, D, dtype=dtype, generator=g, scale=scale)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T].to(torch.int64)
+    if pad_every:
+        slots[::pad_every] = -1
+    caches = empty_caches(num_blocks, block_size, H, D, cache_dtype)
+    return key, value, slots, caches
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("cache_dtype,dtype", [(torch.int8, torch.float16), (torch.int8, torch.bfloat16),
+                                               (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_write_matches_reference_bitwise_and_skips_padding(candidate, cache_dtype, dtype, block_size, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_KV_WRITE", candidate)
+    key, value, slots, caches = _case(23, 3, 64, block_size, 3, cache_dtype, dtype, seed=block_size, pad_every=4)
+    want = _clone(*caches)
+    write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
+    write_kv_cache(key, value, caches[0], caches[1], slots, caches[2], caches[3])
+    _assert_same(caches, want, candidate)
+    # every written slot holds the token's row; every other slot is still poison
+    written = torch.zeros(3 * block_size, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    flat_k = caches[0].reshape(-1, 3, 64)
+    assert torch.equal(_bits(flat_k[~written]), _bits(poison(flat_k[~written].clone()))), "a padded/unused slot was written"
+    if cache_dtype == torch.int8:
+        assert torch.isnan(caches[2].reshape(-1, 3)[~written]).all()
+        assert (caches[2].reshape(-1, 3)[written] > 0).all()
+        q, s = quantize_kv_ref(key[slots >= 0])
+        assert torch.equal(flat_k[slots[slots >= 0]], q)
+    else:
+        assert torch.equal(flat_k[slots[slots >= 0]], key[slots >= 0])
+
+
+def test_rounds_to_nearest_even_and_clamps_never_truncates(device):
+    # absmax 127 → scale exactly 1: the quantized values are the inputs rounded, ties to even
+    row = torch.tensor([127.0, 2.5, 3.5, -2.5, -3.5, 2.7, -2.7, 0.49, -126.6, 0.0, 1.5, -0.5] + [0.0] * 52)
+    key = row.half().reshape(1, 1, 64).to(device)
+    value = (-key).contiguous()
+    kc, vc, ks, vs = [t.to(device) for t in empty_caches(1, 16, 1, 64, torch.int8)]
+    write_kv_cache(key, value, kc, vc, torch.tensor([5], device=device), ks, vs)
+    want = torch.tensor([127, 2, 4, -2, -4, 3, -3, 0, -127, 0, 2, 0] + [0] * 52, dtype=torch.int8)
+    assert ks[0, 5, 0].item() == 1.0 and vs[0, 5, 0].item() == 1.0
+    assert torch.equal(kc[0, 5, 0].cpu(), want)
+    assert torch.equal(vc[0, 5, 0].cpu(), -want)
+
+
+def test_zero_rows_get_a_positive_scale_and_zeros(device):
+    key = torch.zeros(3, 2, 64, dtype=torch.float16, device=device)
+    key[1, 1, 7] = 1e-6  # tiny, below fp16's normal range: still a valid scale
+    value = torch.zeros_like(key)
+    kc, vc, ks, vs = [t.to(device) for t in empty_caches(2, 16, 2, 64, torch.int8)]
+    write_kv_cache(key, value, kc, vc, torch.tensor([0, 1, 20], device=device), ks, vs)
+    assert (ks[0, 0] == KV_SCALE_EPS).all() and (vs[0, :2] == KV_SCALE_EPS).all() and (vs[1, 4] == KV_SCALE_EPS).all()
+    assert (kc[0, :2] == 0).sum() == 2 * 2 * 64 - 1 and kc[0, 1, 1, 7] != 0
+    assert (vc[1, 4] == 0).all() and not torch.isnan(ks[0, :2]).any()
+
+
+def test_strided_key_value_views_of_a_fused_qkv(device):
+    """key/value sliced out of one [T, (Hq + 2 Hkv) · D] projection output (row stride ≠ H · D)."""
+    g = make_generator(3)
+    T, Hq, Hkv, D = 7, 4, 2, 64
+    qkv = randn(T, (Hq + 2 * Hkv) * D, generator=g).to(device)
+    key = qkv[:, Hq * D : (Hq + Hkv) * D].view(T, Hkv, D)
+    value = qkv[:, (Hq + Hkv) * D :].view(T, Hkv, D)
+    assert not key.is_contiguous()
+    slots = torch.tensor([9, 0, 33, 4, 17, 30, 2], dtype=torch.int64, device=device)
+    got = [t.to(device) if t is not None else None for t in empty_caches(3, 16, Hkv, D, torch.int8)]
+    want = _clone(*got)
+    write_kv_cache(key, value, got[0], got[1], slots, got[2], got[3])
+    write_kv_cache_ref(key.contiguous(), value.contiguous(), want[0], want[1], slots, want[2], want[3])
+    _assert_same([t.cpu() for t in got], [t.cpu() for t in want], "strided key/value")
+
+
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_vllm_packed_layout_views_and_write(physical, device):
+    nb, bs, H, D = 3, 16, 2, 64
+    raw, kv_cache, kc, vc, ks, vs = vllm_packed_int8_cache(nb, bs, H, D, physical=physical, device=device)
+    # our view helper builds the very same views from the packed tensor
+    mine = inline_scale_views(kv_cache, D)
+    for a, b in zip(mine, (kc, vc, ks, vs)):
+        assert a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape and a.dtype == b.dtype
+    g = make_generator(11)
+    T = 21
+    key = randn(T, H, D, generator=g, device=device)
+    value = randn(T, H, D, generator=g, device=device, scale=0.01)
+    slots = torch.randperm(nb * bs, generator=g)[:T].to(torch.int64).to(device)
+    slots[5] = -1
+    before = raw.clone()
+    write_kv_cache(key, value, *mine[:2], slots, *mine[2:])
+    # decode the raw bytes as vLLM lays them out: row (block, slot, head) = K | K scale | V | V scale
+    rows = kv_cache.transpose(1, 2).reshape(nb * bs, H, 2 * (D + 4))
+    keep = slots >= 0
+    qk, sk = quantize_kv_ref(key[keep])
+    qv, sv = quantize_kv_ref(value[keep])
+    r = rows[slots[keep]]
+    assert torch.equal(r[..., :D], qk) and torch.equal(r[..., D + 4 : 2 * D + 4], qv)
+    assert torch.equal(r[..., D : D + 4].contiguous().view(torch.float32)[..., 0], sk)
+    assert torch.equal(r[..., 2 * D + 4 :].contiguous().view(torch.float32)[..., 0], sv)
+    # nothing else changed
+    untouched = torch.ones(nb * bs, dtype=torch.bool, device=device)
+    untouched[slots[keep]] = False
+    raw_rows = raw.permute(0, 2, 1, 3) if physical == "HND" else raw
+    before_rows = before.permute(0, 2, 1, 3) if physical == "HND" else before
+    assert torch.equal(raw_rows.reshape(nb * bs, H, -1)[untouched], before_rows.reshape(nb * bs, H, -1)[untouched])
+
+
+@given(
+    T=st.integers(1, 40),
+    H=st.sampled_from([1, 3, 8]),
+    block_size=st.sampled_from([16, 32, 128]),
+    magnitude=st.sampled_from([1e-4, 1.0, 300.0]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_write_bitwise(T, H, block_size, magnitude, dtype, seed):
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no Triton path here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_blocks = -(-T // block_size) + 1
+    key, value, slots, caches = _case(T, H, 64, block_size, num_blocks, torch.int8, dtype, seed, pad_every=3,
+                                      scale=magnitude)
+    caches = [c.to(device) for c in caches]
+    want = _clone(*caches)
+    write_kv_cache(key.to(device), value.to(device), caches[0], caches[1], slots.to(device), caches[2], caches[3])
+    write_kv_cache_ref(key.to(device), value.to(device), want[0], want[1], slots.to(device), want[2], want[3])
+    _assert_same([c.cpu() for c in caches], [c.cpu() for c in want], "hypothesis")
+
+
+def _good_args(cache_dtype=torch.int8):
+    key = torch.randn(4, 2, 64).half()
+    kc, vc, ks, vs = empty_caches(2, 16, 2, 64, cache_dtype)
+    return dict(key=key, value=key.clone(), key_cache=kc, value_cache=vc,
+                slot_mapping=torch.arange(4, dtype=torch.int64), k_scale=ks, v_scale=vs)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(key=a["key"].float()), TypeError, "key dtype"),
+        (lambda a: a.update(value=a["value"].bfloat16()), TypeError, "value dtype"),
+        (lambda a: a.update(key_cache=a["key_cache"].to(torch.int32)), TypeError, "key_cache dtype"),
+        (lambda a: a.update(value_cache=a["value_cache"].half()), TypeError, "value_cache is"),
+        (lambda a: a.update(k_scale=None), ValueError, "need k_scale and v_scale"),
+        (lambda a: a.update(k_scale=a["k_scale"].half()), TypeError, "k_scale dtype"),
+        (lambda a: a.update(v_scale=a["v_scale"][:, :8]), ValueError, "v_scale must have shape"),
+        (lambda a: a.update(key=a["key"][:, :1]), ValueError, "key must have shape"),
+        (lambda a: a.update(value=a["value"][:3]), ValueError, "tokens"),
+        (lambda a: a.update(slot_mapping=a["slot_mapping"].int()), TypeError, "slot_mapping dtype"),
+        (lambda a: a.update(slot_mapping=a["slot_mapping"][:3]), ValueError, "one slot per token"),
+        (lambda a: a.update(slot_mapping=torch.tensor([0, 1, 32, 2])), ValueError, "holds 32 slots"),
+        (lambda a: a.update(key=torch.randn(4, 2, 128).half()[..., ::2]), ValueError, "contiguous in its last"),
+        (lambda a: a.update(key_cache=torch.zeros(2, 16, 2, 128, dtype=torch.int8)[..., ::2]), ValueError,
+         "contiguous in its last"),
+        (lambda a: a.update(key_cache=torch.zeros(1, 16, 2, 64, dtype=torch.int8).expand(2, 16, 2, 64)),
+         ValueError, "stride-0"),
+        (lambda a: a.update(key_cache=torch.zeros(2, 16, 2, 96, dtype=torch.int8),
+                            value_cache=torch.zeros(2, 16, 2, 96, dtype=torch.int8)), ValueError, "head_dim 96"),
+        (lambda a: a.update(key_cache=torch.zeros(4, 8, 2, 64, dtype=torch.int8),
+                            value_cache=torch.zeros(4, 8, 2, 64, dtype=torch.int8)), ValueError, "block_size 8"),
+        (lambda a: a.update(slot_mapping=a["slot_mapping"].to("meta")), ValueError, "meta"),
+        (lambda a: a.update(k_scale=a["k_scale"].to("meta"), v_scale=a["v_scale"].to("meta")), ValueError, "meta"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, exc, match):
+    args = _good_args()
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        write_kv_cache(**args)
+
+
+def test_fp_cache_rejects_scales_and_other_dtypes():
+    args = _good_args(torch.float16)
+    args["k_scale"] = torch.ones(2, 16, 2)
+    with pytest.raises(ValueError, match="int8 caches only"):
+        write_kv_cache(**args)
+    args = _good_args(torch.bfloat16)
+    with pytest.raises(TypeError, match="must match"):
+        write_kv_cache(**args)  # fp16 key into a bf16 cache
+
+
+def test_inline_scale_views_rejects_wrong_content_size():
+    with pytest.raises(ValueError, match="2 \\* \\(head_dim"):
+        inline_scale_views(torch.zeros(2, 2, 16, 2 * 64, dtype=torch.int8), 64)
+    with pytest.raises(TypeError, match="kv_cache dtype"):
+        inline_scale_views(torch.zeros(2, 2, 16, 136, dtype=torch.float16), 64)
+
+
+def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
+    from angel_kernels.attention.kv_write import KVWriteProblem
+
+    p = KVWriteProblem(4, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert KV_WRITE.select(p).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert KV_WRITE.select(p).name == "triton"
+
+
+# ---------------------------------------------------------------- GPU tier: real shapes, compiled kernel
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("T", [1, 7, 4096])
+def test_gpu_write_bitwise(dtype, head_dim, T):
+    """div_rn and the round-half-even trick must compile to exactly torch's fp32 division and rounding."""
+    H, bs = 8, 16
+    nb = -(-T // bs) + 2
+    key, value, slots, caches = _case(T, H, head_dim, bs, nb, torch.int8, dtype, seed=T, pad_every=5, scale=3.0)
+    caches = [c.cuda() for c in caches]
+    want = _clone(*caches)
+    write_kv_cache(key.cuda(), value.cuda(), caches[0], caches[1], slots.cuda(), caches[2], caches[3])
+    write_kv_cache_ref(key.cuda(), value.cuda(), want[0], want[1], slots.cuda(), want[2], want[3])
+    _assert_same([c.cpu() for c in caches], [c.cpu() for c in want], "gpu")
+
+
+@pytest.mark.gpu
+def test_gpu_vllm_packed_layout():
+    nb, bs, H, D = 64, 16, 8, 128
+    raw, kv_cache, *_ = vllm_packed_int8_cache(nb, bs, H, D, device="cuda")
+    kc, vc, ks, vs = inline_scale_views(kv_cache, D)
+    g = make_generator(1, "cuda")
+    key = randn(300, H, D, device="cuda", generator=g)
+    value = randn(300, H, D, device="cuda", generator=g)
+    slots = torch.randperm(nb * bs, device="cuda", generator=g)[:300]
+    write_kv_cache(key, value, kc, vc, slots, ks, vs)
+    qk, sk = quantize_kv_ref(key)
+    qv, sv = quantize_kv_ref(value)
+    blk, off = slots // bs, slots % bs
+    assert torch.equal(kc[blk, off], qk) and torch.equal(vc[blk, off], qv)
+    assert torch.equal(ks[blk, off], sk) and torch.equal(vs[blk, off], sv)
