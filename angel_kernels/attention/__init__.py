@@ -1,11 +1,14 @@
 """Paged KV cache kernels: the cache write (int8 per-token-head quantization or a copy) and paged attention."""
 from .kv_cache import inline_scale_views, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS
 from .kv_write import write_kv_cache, KV_WRITE
+from .paged_decode import paged_decode_attention, PAGED_DECODE
 
 __all__ = [
     "write_kv_cache",
+    "paged_decode_attention",
     "inline_scale_views",
     "KV_WRITE",
+    "PAGED_DECODE",
     "SUPPORTED_HEAD_DIMS",
     "SUPPORTED_BLOCK_SIZES",
 ]

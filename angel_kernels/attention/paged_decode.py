@@ -1,0 +1,507 @@
+"""Paged decode attention over an int8 (per-token-head scales) or fp16/bf16 KV cache: flash-decoding split-KV.
+
+One program serves one (sequence, KV head) and all the query rows that read that head — the ``H_q / H_kv``
+query heads of the GQA group (× the query tokens of the sequence, ``NUM_QUERIES``; 1 for decode) — so each KV
+byte is read once. The rows are padded to a 16-row MMA tile; ``q·kᵀ`` and ``p·v`` run on tensor cores.
+
+Dequantization is fused: the scores of an int8 K tile are ``(q · k_int8ᵀ) · k_scale[token]`` (K itself is
+never dequantized), and the V scales are folded into the probabilities, ``p · (v_scale / max v_scale)``, with the
+tile's max scale applied to the fp32 product (so small scales cannot underflow fp16's range). Softmax in fp32,
+base 2 (``scale · log2 e`` folded into the per-token score factor).
+
+Split-KV policy (``SplitPolicy``): a sequence's context ``[kv_lo, L)`` is cut into tiles of ``BLOCK_N`` tokens
+(aligned to absolute positions) and the tiles into ``num_splits = ceil(tiles / tiles_per_split)`` contiguous
+splits, ``tiles_per_split = max(min_split_tiles, ceil(tiles / max_splits))``. ``max_splits`` comes from the
+device's SM count and the number of KV heads (about two programs per SM for a single sequence), so the
+partition of a sequence depends on its own length and on constants of the model and GPU, never on the batch.
+Each split's partial output and log-sum-exp go to fp32 scratch; a second kernel combines a sequence's splits
+in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
+The grid's split dimension (how many programs share a sequence's splits, each looping over every
+``grid_splits``-th split) does follow the batch size, to keep the SMs busy at any batch — it changes which
+program computes a split, never what the split computes, so outputs are bitwise batch-invariant.
+
+Host checks cost no device sync: ``seq_lens`` and ``block_table`` contents are checked only when they live on
+the CPU. On CUDA, a length beyond the block table's capacity (``max_blocks · block_size``) is clamped to it in
+the kernel (no out-of-bounds read of the table) and block ids are trusted (an id ≥ num_blocks reads out of
+bounds); ``seq_lens[b] == 0`` gives zeros.
+
+Candidates (``ANGEL_KERNELS_FORCE_PAGED_DECODE`` / ``ANGEL_KERNELS_DISABLE=paged_decode.<name>``):
+``split_kv`` (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
+"""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor
+from .._registry import register_op
+from ..dispatch import Candidate, KernelFamily
+from ..reference.attention import paged_attention_ref
+from ..runtime import interpreter_active, reference_forced
+from ..tuning import KernelConfig, default_store
+from .kv_cache import check_kv_caches, check_query_dtype
+
+KERNEL_NAME = "paged_decode.split_kv"
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # the same constant, visible inside kernels
+# a single sequence gets about this many programs per SM across its KV heads (latency of short decodes)
+PROGRAMS_PER_SM = 2
+MAX_SPLITS_CAP = 64
+# Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
+INTERPRETER_SMS = 4
+INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
+                                  extra=(("MIN_SPLIT_TILES", 1),))
+
+
+@dataclass(frozen=True)
+class PagedDecodeProblem:
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype  # of q / output
+    kv_dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def key(self) -> str:
+        # no batch size and no context length: the config (and with it the split partition) never follows them
+        kv = "int8" if self.kv_dtype == torch.int8 else "fp"
+        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """How a sequence's context is partitioned (Python mirror of the kernels' ``_split_range``)."""
+
+    block_n: int
+    min_split_tiles: int
+    max_splits: int
+
+    def split_tiles(self, seq_len: int, num_queries: int = 1, sliding_window: Optional[int] = None):
+        """(first_tile, num_tiles, tiles_per_split, num_splits) of a sequence."""
+        kv_lo = max(0, seq_len - num_queries + 1 - sliding_window) if sliding_window else 0
+        first = kv_lo // self.block_n
+        tiles = max(0, -(-seq_len // self.block_n) - first)
+        per_split = max(self.min_split_tiles, -(-tiles // self.max_splits))
+        return first, tiles, per_split, -(-tiles // per_split)
+
+    def num_splits(self, seq_len: int, num_queries: int = 1, sliding_window: Optional[int] = None) -> int:
+        return self.split_tiles(seq_len, num_queries, sliding_window)[3]
+
+    def max_num_splits(self, capacity: int) -> int:
+        """Upper bound of ``num_splits`` over every length ≤ capacity (scratch size)."""
+        tiles = -(-capacity // self.block_n)
+        return max(1, min(self.max_splits, -(-tiles // self.min_split_tiles)))
+
+
+# ------------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _split_range(L, window, NUM_QUERIES: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """A sequence's partition: (first_tile, end_tile, tiles_per_split, num_splits). Depends on L only."""
+    if HAS_WINDOW:
+        kv_lo = tl.maximum(L - NUM_QUERIES + 1 - window, 0)
+    else:
+        kv_lo = L * 0
+    first_tile = kv_lo // BLOCK_N
+    end_tile = tl.cdiv(L, BLOCK_N)
+    num_tiles = tl.maximum(end_tile - first_tile, 0)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, MAX_SPLITS), MIN_SPLIT_TILES)
+    num_splits = tl.cdiv(num_tiles, tiles_per_split)
+    return first_tile, end_tile, tiles_per_split, num_splits
+
+
+@triton.jit
+def _paged_attn_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    stride_btb, stride_btn,
+    stride_ob, stride_ot, stride_oh,
+    stride_pob, stride_pot, stride_poh, stride_pos,
+    stride_plb, stride_plt, stride_plh,
+    GROUP: tl.constexpr, NUM_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid // num_kv_heads).to(tl.int64)
+    kvh = pid % num_kv_heads
+    L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
+    first_tile, end_tile, tiles_per_split, num_splits = _split_range(
+        L, window, NUM_QUERIES, HAS_WINDOW, BLOCK_N, MIN_SPLIT_TILES, MAX_SPLITS)
+
+    # query rows: row r = query token r // GROUP, query head kvh · GROUP + r % GROUP
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * NUM_QUERIES
+    t = rows // GROUP
+    qh = kvh * GROUP + rows % GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + qh[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
+    row_hi = L - (NUM_QUERIES - 1) + t
+    if HAS_WINDOW:
+        row_lo = tl.maximum(row_hi - window, 0)
+    else:
+        row_lo = row_hi * 0
+    o_rows = out_ptr + b * stride_ob + t[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
+
+    if num_splits == 0:  # nothing to attend to (seq_len 0): zeros, written once
+        if pid_s == 0:
+            tl.store(o_rows, tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
+
+    bt_row = bt_ptr + b * stride_btb
+    for split in range(pid_s, num_splits, grid_splits):
+        tile_lo = first_tile + split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, end_tile)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        for tile in range(tile_lo, tile_hi):
+            pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            pos_ok = pos < L
+            blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
+            slot = pos % PAGE
+            k_tok = kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch  # [BLOCK_N]
+            kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
+            if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
+                s = tl.dot(q, kt.to(tl.float32))
+            else:
+                s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+            if QUANT:
+                k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                               mask=pos_ok, other=0.0)
+                s = s * (k_sc * qk_scale)[None, :]
+            else:
+                s = s * qk_scale
+            if HAS_SOFTCAP:  # s holds scale · q·k here; cap · tanh(s / cap), tanh via exp, then to base 2
+                e = tl.exp(2.0 * s / soft_cap)
+                s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
+            visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v_tok = vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch
+            v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
+            if QUANT:
+                v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
+                               mask=pos_ok, other=0.0)
+                v_max = tl.max(v_sc, axis=0)
+                v_max = tl.where(v_max > 0, v_max, 1.0)
+                p = p * (v_sc / v_max)[None, :]
+            if DOT_FP32:
+                pv = tl.dot(p, v.to(tl.float32))
+            else:
+                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+            if QUANT:
+                pv = pv * v_max
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        if num_splits == 1:
+            tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            part = b * stride_pob + t * stride_pot + qh * stride_poh + split * stride_pos  # [BLOCK_M]
+            tl.store(po_ptr + part[:, None] + dims[None, :], o, mask=row_ok[:, None])
+            tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
+
+
+@triton.jit
+def _paged_attn_reduce_kernel(
+    lens_ptr, po_ptr, plse_ptr, out_ptr,
+    window, capacity, num_q_heads,
+    stride_pob, stride_pot, stride_poh, stride_pos,
+    stride_plb, stride_plt, stride_plh,
+    stride_ob, stride_ot, stride_oh,
+    NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):
+    """One program per (sequence, query token, query head): combine its splits' partials in split order."""
+    pid = tl.program_id(0)
+    h = pid % num_q_heads
+    t = (pid // num_q_heads) % NUM_QUERIES
+    b = (pid // (num_q_heads * NUM_QUERIES)).to(tl.int64)
+    L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
+    _f, _e, _tps, num_splits = _split_range(L, window, NUM_QUERIES, HAS_WINDOW, BLOCK_N, MIN_SPLIT_TILES, MAX_SPLITS)
+    if num_splits > 1:  # 0 and 1 split were written by the split kernel
+        splits = tl.arange(0, SPLITS_PAD)
+        ok = splits < num_splits
+        lse = tl.load(plse_ptr + b * stride_plb + t * stride_plt + h * stride_plh + splits, mask=ok,
+                      other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        dims = tl.arange(0, HEAD_DIM)
+        part = po_ptr + b * stride_pob + t * stride_pot + h * stride_poh
+        o = tl.load(part + splits[:, None] * stride_pos + dims[None, :], mask=ok[:, None], other=0.0)
+        den = tl.sum(w, axis=0)
+        den = tl.where(den > 0, den, 1.0)
+        o = tl.sum(o * w[:, None], axis=0) / den
+        tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+
+
+# ------------------------------------------------------------------------------------------------- launching
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER_SMS
+
+
+def max_splits_for(num_kv_heads: int, device: torch.device) -> int:
+    """Splits of one long sequence: ~PROGRAMS_PER_SM programs per SM across its KV heads, a power of two.
+
+    H100 SXM (132 SMs), 8 KV heads: 32 splits → 256 programs for a single 32k-token sequence.
+    """
+    target = max(1, PROGRAMS_PER_SM * num_sms(device) // num_kv_heads)
+    return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1))
+
+
+def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
+    """Untuned default. BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D ≤ 128.
+    The smallest split is 256 tokens: its partial output (4 query heads × D fp32, written and read back once)
+    costs ≤ 6 % of the split's int8 KV bytes at D = 128 (≤ 3 % for fp16), the worst case at large batch."""
+    block_n = 64 if p.head_dim <= 128 else 32
+    return KernelConfig(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=p.head_dim, num_warps=4, num_stages=2,
+                        extra=(("MIN_SPLIT_TILES", 256 // block_n),))
+
+
+def config_for(p: PagedDecodeProblem) -> KernelConfig:
+    if interpreter_active() and p.device.type == "cpu":
+        return INTERPRETER_CONFIG
+    return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
+
+
+def split_policy(p: PagedDecodeProblem, cfg: Optional[KernelConfig] = None) -> SplitPolicy:
+    cfg = cfg or config_for(p)
+    return SplitPolicy(cfg.BLOCK_N, dict(cfg.extra)["MIN_SPLIT_TILES"], max_splits_for(p.num_kv_heads, p.device))
+
+
+def launch_paged_attention(
+    q: torch.Tensor,  # [B, Q, H_q, D]: the last Q positions of each sequence (Q = 1: decode)
+    key_cache, value_cache, block_table, seq_lens, scale: float, k_scale=None, v_scale=None,
+    sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
+    *, cfg: Optional[KernelConfig] = None, policy: Optional[SplitPolicy] = None,
+    grid_splits: Optional[int] = None,
+) -> torch.Tensor:
+    """Split kernel + reduce kernel with an explicit config / policy / grid; returns [B, Q, H_q, D]."""
+    B, Q, Hq, D = q.shape
+    Hkv = key_cache.shape[2]
+    page = key_cache.shape[1]
+    p = PagedDecodeProblem(Hq, Hkv, D, page, q.dtype, key_cache.dtype, q.device)
+    cfg = cfg or config_for(p)
+    policy = policy or split_policy(p, cfg)
+    if policy.block_n != cfg.BLOCK_N:
+        raise ValueError(f"policy.block_n {policy.block_n} != config BLOCK_N {cfg.BLOCK_N}")
+    out = torch.empty((B, Q, Hq, D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    group = Hq // Hkv
+    block_m = max(16, triton.next_power_of_2(group * Q))
+    capacity = block_table.shape[1] * page
+    max_ns = policy.max_num_splits(capacity)
+    if max_ns > 1:
+        partial_o = torch.empty((B, Q, Hq, max_ns, D), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((B, Q, Hq, max_ns), dtype=torch.float32, device=q.device)
+    else:  # no sequence can have two splits: no scratch, no reduction
+        partial_o = partial_lse = out
+    if grid_splits is None:
+        # parallelism only (see module doc): enough programs for ~PROGRAMS_PER_SM per SM at any batch
+        grid_splits = max(1, min(max_ns, triton.cdiv(PROGRAMS_PER_SM * num_sms(q.device), B * Hkv)))
+    quant = key_cache.dtype == torch.int8
+    ks_strides = k_scale.stride() if quant else (0, 0, 0)
+    vs_strides = v_scale.stride() if quant else (0, 0, 0)
+    po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
+    pl_strides = partial_lse.stride()[:3] if max_ns > 1 else (0, 0, 0)
+    has_softcap = soft_cap is not None
+    consts = dict(BLOCK_N=policy.block_n, MIN_SPLIT_TILES=policy.min_split_tiles, MAX_SPLITS=policy.max_splits,
+                  HAS_WINDOW=sliding_window is not None)
+    window = int(sliding_window) if sliding_window is not None else 0
+    _paged_attn_split_kernel[(B * Hkv, grid_splits)](
+        q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
+        block_table, seq_lens, out, partial_o, partial_lse,
+        float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
+        window, capacity, Hkv, grid_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        *ks_strides, *vs_strides,
+        block_table.stride(0), block_table.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        *po_strides, *pl_strides,
+        GROUP=group, NUM_QUERIES=Q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page,
+        QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+    )
+    if max_ns > 1:
+        _paged_attn_reduce_kernel[(B * Q * Hq,)](
+            seq_lens, partial_o, partial_lse, out,
+            window, capacity, Hq,
+            *po_strides, *pl_strides,
+            out.stride(0), out.stride(1), out.stride(2),
+            NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
+            num_warps=4 if D >= 128 else 2, **consts,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def _run_split_kv(p, q, *args, **kwargs):
+    return launch_paged_attention(q[:, None], *args, **kwargs)[:, 0]
+
+
+def _run_reference(p, q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale,
+                   sliding_window, soft_cap):
+    return paged_attention_ref(q[:, None], key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap)[:, 0]
+
+
+def _triton_available(p: PagedDecodeProblem):
+    if p.device.type == "cuda":
+        return True, ""
+    if p.device.type == "cpu" and interpreter_active():
+        return True, ""
+    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {p.device})"
+
+
+PAGED_DECODE: KernelFamily[PagedDecodeProblem] = KernelFamily(
+    "paged_decode",
+    [
+        Candidate("split_kv", can_implement=_triton_available, run=_run_split_kv),
+        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
+    ],
+    problem_key=lambda p: (p.key(), p.dtype, p.device.type),
+)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _validate(q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale, sliding_window, soft_cap):
+    _nb, _bs, heads_kv, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale)
+    check_query_dtype("q", q, key_cache.dtype)
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    B, Hq, D = q.shape
+    if D != head_dim:
+        raise ValueError(f"q has head_dim {D} but the cache has {head_dim}")
+    if Hq % heads_kv:
+        raise ValueError(f"num_q_heads {Hq} must be a multiple of num_kv_heads {heads_kv}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
+    if block_table.shape[0] != B or seq_lens.shape[0] != B:
+        raise ValueError(
+            f"block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} need one row per"
+            f" sequence (batch {B})"
+        )
+    if block_table.shape[1] < 1:
+        raise ValueError("block_table needs at least one column [batch, max_blocks]")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+        raise ValueError(f"sliding_window must be None or an int >= 1 (tokens seen, the current one included), got {sliding_window!r}")
+    if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and math.isfinite(soft_cap) and soft_cap > 0):
+        raise ValueError(f"soft_cap must be None or a finite positive float, got {soft_cap!r}")
+    check_same_device(q=q, key_cache=key_cache, block_table=block_table, seq_lens=seq_lens)
+
+
+def _check_lengths_on_host(block_table, seq_lens, num_blocks: int, block_size: int) -> None:
+    """Only for CPU tensors (no device sync): lengths fit the block table, the used block ids exist."""
+    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
+        return
+    lens = seq_lens.to(torch.int64)
+    if int(lens.min()) < 0:
+        raise ValueError(f"seq_lens must be >= 0, got {int(lens.min())}")
+    capacity = block_table.shape[1] * block_size
+    if int(lens.max()) > capacity:
+        b = int(lens.argmax())
+        raise ValueError(
+            f"block_table is too short: sequence {b} has {int(lens[b])} tokens but {block_table.shape[1]} blocks"
+            f" of {block_size} hold {capacity}"
+        )
+    used = torch.arange(block_table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the cached tokens")
+
+
+def _decode_fake(q, key_cache, value_cache, block_table, seq_lens, k_scale=None, v_scale=None, *,
+                 scale, sliding_window=None, soft_cap=None):
+    _validate(q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale, sliding_window, soft_cap)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _samples(device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    B, Hq, Hkv, D, nb, bs = 2, 4, 2, 64, 6, 16
+    lens = torch.tensor([5, 40], dtype=torch.int32)
+    table = torch.randperm(nb, generator=g)[: 2 * 3].reshape(B, 3).to(torch.int32)
+    q = torch.randn(B, Hq, D, generator=g).half().to(device)
+    for cache_dtype, extra in ((torch.int8, {}), (torch.float16, {"sliding_window": 7, "soft_cap": 30.0})):
+        if cache_dtype == torch.int8:
+            kc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
+            vc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
+            ks = (torch.rand(nb, bs, Hkv, generator=g) * 0.02 + 1e-3).to(device)
+            vs = (torch.rand(nb, bs, Hkv, generator=g) * 0.02 + 1e-3).to(device)
+        else:
+            kc = torch.randn(nb, bs, Hkv, D, generator=g).half()
+            vc = torch.randn(nb, bs, Hkv, D, generator=g).half()
+            ks = vs = None
+        yield (q, kc.to(device), vc.to(device), table.to(device), lens.to(device), ks, vs), {
+            "scale": D ** -0.5, **extra}
+
+
+@register_op("paged_decode_attention", fake=_decode_fake, samples=_samples)
+def paged_decode_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    soft_cap: Optional[float] = None,
+) -> torch.Tensor:
+    """Decode attention: out [B, H_q, D] for one query token per sequence, q [B, H_q, D] fp16/bf16.
+
+    key_cache/value_cache [num_blocks, block_size, H_kv, D]: int8 with k_scale/v_scale fp32
+    [num_blocks, block_size, H_kv], or q's dtype (see ``kv_cache``). block_table int32 [B, max_blocks],
+    seq_lens int32 [B] (tokens in the cache, the current one included). ``scale``: softmax scale;
+    ``sliding_window``: tokens seen, the current one included; ``soft_cap``: logits → cap · tanh(logits / cap).
+    Registered as ``torch.ops.angel_kernels.paged_decode_attention``.
+    """
+    _validate(q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale, sliding_window, soft_cap)
+    _check_lengths_on_host(block_table, seq_lens, key_cache.shape[0], key_cache.shape[1])
+    p = PagedDecodeProblem(q.shape[1], key_cache.shape[2], q.shape[2], key_cache.shape[1], q.dtype,
+                           key_cache.dtype, q.device)
+    cand = PAGED_DECODE.select(p, force="reference" if reference_forced() else None)
+    return cand.run(p, q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale,
+                    sliding_window, soft_cap)

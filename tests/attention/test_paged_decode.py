@@ -1,0 +1,341 @@
+"""Paged decode attention against the fp32 reference: lengths around block edges, shuffled block tables, GQA,
+int8 and fp caches, vLLM's packed layout, split-KV policy, batch invariance (bitwise), bad input."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from angel_kernels.attention import PAGED_DECODE, inline_scale_views, paged_decode_attention, write_kv_cache
+from angel_kernels.attention.paged_decode import (
+    INTERPRETER_CONFIG,
+    PagedDecodeProblem,
+    SplitPolicy,
+    config_for,
+    launch_paged_attention,
+    max_splits_for,
+    split_policy,
+)
+from angel_kernels.reference.attention import paged_attention_ref, paged_decode_attention_ref
+from angel_kernels.testing import assert_close, make_generator, randn, relative_error
+
+from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache
+
+CANDIDATES = PAGED_DECODE.names()
+ARGS = ("q", "key_cache", "value_cache", "block_table", "seq_lens", "k_scale", "v_scale")
+
+
+def _run(c, **kw):
+    return paged_decode_attention(*(c[a] for a in ARGS), scale=c["scale"], **kw)
+
+
+def _ref(c, **kw):
+    return paged_decode_attention_ref(c["q"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"],
+                                      c["scale"], c["k_scale"], c["v_scale"], **kw)
+
+
+def _triton_here():
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 300])
+def test_context_lengths_around_block_edges(length, cache_dtype, device):
+    c = build_case([length], cache_dtype=cache_dtype, seed=length, device=device)
+    out = _run(c)
+    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
+    assert_close(out, _ref(c), name=f"L={length} {cache_dtype}")
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_mixed_lengths_every_candidate(candidate, cache_dtype, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_PAGED_DECODE", candidate)
+    c = build_case([300, 1, 17, 0, 64, 129], cache_dtype=cache_dtype, seed=5, device=device)
+    out = _run(c)
+    assert_close(out, _ref(c), name=candidate)
+    assert (out[3] == 0).all(), "an empty sequence attends to nothing: zeros"
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_batch_invariance_bitwise(cache_dtype, device):
+    """A sequence's output is the same bits alone and in a batch (splits follow its own length only)."""
+    lens = [300, 1, 17, 150, 16]
+    c = build_case(lens, cache_dtype=cache_dtype, seed=9, device=device)
+    full = _run(c)
+    for b in range(len(lens)):
+        alone = dict(c)
+        for name in ("q", "block_table", "seq_lens"):
+            alone[name] = c[name][b : b + 1]
+        assert torch.equal(_run(alone), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone"
+
+
+def test_grid_split_mapping_does_not_change_bits(device):
+    """The grid's split dimension (batch-dependent) only decides which program computes a split."""
+    c = build_case([300, 77], seed=4, device=device)
+    q4 = c["q"][:, None]
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    outs = [launch_paged_attention(q4, *args, grid_splits=g) for g in (1, 2, 3, 4)]
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    assert_close(outs[0][:, 0], _ref(c))
+
+
+@pytest.mark.parametrize("max_splits,min_tiles", [(1, 1), (2, 1), (4, 2), (16, 1)])
+def test_every_split_policy_is_correct(max_splits, min_tiles, device):
+    c = build_case([300, 33], seed=6, device=device)
+    p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, c["q"].device)
+    cfg = config_for(p)
+    policy = SplitPolicy(cfg.BLOCK_N, min_tiles, max_splits)
+    out = launch_paged_attention(c["q"][:, None], *(c[a] for a in ARGS[1:5]), c["scale"], c["k_scale"],
+                                 c["v_scale"], cfg=cfg, policy=policy)[:, 0]
+    assert_close(out, _ref(c), name=f"policy {policy}")
+
+
+def test_split_policy_depends_on_length_only():
+    pol = SplitPolicy(block_n=64, min_split_tiles=4, max_splits=32)
+    assert pol.num_splits(0) == 0
+    assert [pol.num_splits(n) for n in (1, 256, 257, 1024, 8192)] == [1, 1, 2, 4, 32]
+    for n in (1, 100, 5000, 32768, 131072):
+        first, tiles, per, ns = pol.split_tiles(n)
+        assert 1 <= ns <= 32 and (ns - 1) * per < tiles <= ns * per
+        assert ns <= pol.max_num_splits(n) <= pol.max_num_splits(131072)
+    # a window only moves the first tile: 4096 visible tokens of a 32k context cut like a 4k context (+1 tile)
+    assert pol.num_splits(32768, sliding_window=4096) in (pol.num_splits(4096), pol.num_splits(4096 + 64))
+    # H100 SXM, Llama-3-8B: 32 splits per sequence; the KV-head count is a model constant, not a batch size
+    assert max_splits_for(8, torch.device("cpu")) == 1  # the interpreter's pretend 4-SM device: 8 // 8
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_block_sizes(block_size, device):
+    c = build_case([1, 130, 200], block_size=block_size, seed=block_size, device=device)
+    assert_close(_run(c), _ref(c), name=f"block {block_size}")
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(2, 2), (8, 2), (16, 1), (6, 3)])
+def test_gqa_groups(heads_q, heads_kv, device):
+    c = build_case([45, 100], heads_q=heads_q, heads_kv=heads_kv, seed=heads_q, device=device)
+    assert_close(_run(c), _ref(c), name=f"{heads_q}/{heads_kv} heads")
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_head_dims(head_dim, device):
+    c = build_case([70], heads_q=2, heads_kv=1, head_dim=head_dim, seed=head_dim, device=device)
+    assert_close(_run(c), _ref(c), name=f"D={head_dim}")
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.bfloat16])
+def test_bf16(cache_dtype, device):
+    c = build_case([1, 90], cache_dtype=cache_dtype, dtype=torch.bfloat16, seed=2, device=device)
+    assert_close(_run(c), _ref(c))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_all_zero_kv_rows(cache_dtype, device):
+    """Zero K rows score 0 (their scale is the eps, the data 0); zero V rows add nothing but weight."""
+    c = build_case([40], cache_dtype=cache_dtype, seed=8, device=device, zero_tokens=range(0, 40, 3))
+    out = _run(c)
+    assert torch.isfinite(out).all()
+    assert_close(out, _ref(c))
+    # an all-zero context: every score 0, every value 0 → exactly 0
+    z = build_case([33], cache_dtype=cache_dtype, seed=8, device=device, zero_tokens=range(33))
+    assert (_run(z) == 0).all()
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 64, 1000])
+def test_sliding_window(window, device):
+    c = build_case([300, 3, 70], seed=window, device=device)
+    assert_close(_run(c, sliding_window=window), _ref(c, sliding_window=window), name=f"window {window}")
+
+
+def test_soft_cap_and_large_logits(device):
+    c = build_case([150, 20], seed=3, device=device, kv_scale=8.0)  # logits up to ~±60 before the cap
+    for cap in (5.0, 50.0):
+        assert_close(_run(c, soft_cap=cap), _ref(c, soft_cap=cap), name=f"soft cap {cap}")
+    assert_close(_run(c, soft_cap=30.0, sliding_window=40), _ref(c, soft_cap=30.0, sliding_window=40))
+
+
+def test_several_query_tokens_per_sequence_causal(device):
+    """The kernels' query side: Q tokens per sequence at the last Q positions, causal (not public yet)."""
+    c = build_case([300, 5, 40], seed=12, device=device)
+    g = make_generator(12)
+    for Q in (2, 4):
+        q4 = randn(3, Q, 4, 64, generator=g).to(device)
+        args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+        out = launch_paged_attention(q4, *args, sliding_window=50)
+        ref = paged_attention_ref(q4, *args, sliding_window=50)
+        assert_close(out, ref, name=f"Q={Q}")
+
+
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_vllm_packed_layout_reads_like_separate_tensors(physical, device):
+    """Write through the packed views (vLLM's inline scales), decode from them; same bits as plain tensors."""
+    lens, bs, H, D = [100, 37], 16, 2, 64
+    c = build_case(lens, seed=21, device=device)
+    nb = c["key_cache"].shape[0]
+    raw, kv_cache, *_ = vllm_packed_int8_cache(nb, bs, H, D, physical=physical, device=device)
+    kc, vc, ks, vs = inline_scale_views(kv_cache, D)
+    slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
+    write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+    packed = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+    assert torch.equal(_run(packed), _run(c))
+    assert_close(_run(packed), _ref(c))
+
+
+@given(
+    lens=st.lists(st.integers(0, 160), min_size=1, max_size=4),
+    block_size=st.sampled_from([16, 32, 64]),
+    cache_dtype=st.sampled_from([torch.int8, torch.float16]),
+    window=st.sampled_from([None, 1, 24]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_lengths(lens, block_size, cache_dtype, window, seed):
+    if not _triton_here():
+        pytest.skip("no Triton path here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = build_case(lens, block_size=block_size, cache_dtype=cache_dtype, seed=seed, device=device)
+    out = _run(c, sliding_window=window)
+    assert_close(out, _ref(c, sliding_window=window), name=f"lens {lens}")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _good():
+    return build_case([20, 5], seed=0)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(q=a["q"].float()), TypeError, "q dtype"),
+        (lambda a: a.update(q=a["q"][:, None]), ValueError, "q must be 3-D"),
+        (lambda a: a.update(q=a["q"][:, :3]), ValueError, "multiple of num_kv_heads"),
+        (lambda a: a.update(q=torch.randn(2, 4, 128).half()[..., ::2]), ValueError, "q must be contiguous"),
+        (lambda a: a.update(key_cache=a["key_cache"][..., :32], value_cache=a["value_cache"][..., :32]),
+         ValueError, "head_dim 32"),
+        (lambda a: a.update(key_cache=a["key_cache"].reshape(-1, 8, 2, 64), value_cache=a["value_cache"].reshape(-1, 8, 2, 64),
+                            k_scale=a["k_scale"].reshape(-1, 8, 2), v_scale=a["v_scale"].reshape(-1, 8, 2)),
+         ValueError, "block_size 8"),
+        (lambda a: a.update(k_scale=None, v_scale=None), ValueError, "need k_scale and v_scale"),
+        (lambda a: a.update(v_scale=a["v_scale"].double()), TypeError, "v_scale dtype"),
+        (lambda a: a.update(key_cache=a["key_cache"].half(), value_cache=a["value_cache"].half()), ValueError,
+         "int8 caches only"),
+        (lambda a: a.update(key_cache=a["key_cache"].bfloat16(), value_cache=a["value_cache"].bfloat16(),
+                            k_scale=None, v_scale=None), TypeError, "must match"),
+        (lambda a: a.update(block_table=a["block_table"].long()), TypeError, "block_table dtype"),
+        (lambda a: a.update(seq_lens=a["seq_lens"].long()), TypeError, "seq_lens dtype"),
+        (lambda a: a.update(seq_lens=a["seq_lens"][:1]), ValueError, "one row per sequence"),
+        (lambda a: a.update(seq_lens=torch.tensor([20, 49], dtype=torch.int32)), ValueError, "block_table is too short"),
+        (lambda a: a.update(seq_lens=torch.tensor([20, -1], dtype=torch.int32)), ValueError, "seq_lens must be >= 0"),
+        (lambda a: a["block_table"].__setitem__((0, 0), 10_000), ValueError, "block ids outside"),
+        (lambda a: a.update(block_table=a["block_table"].to("meta")), ValueError, "meta"),
+        (lambda a: a.update(scale=0.0), ValueError, "scale must be"),
+        (lambda a: a.update(sliding_window=0), ValueError, "sliding_window"),
+        (lambda a: a.update(soft_cap=-1.0), ValueError, "soft_cap"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, exc, match):
+    c = _good()
+    mutate(c)
+    kw = {k: c[k] for k in ("sliding_window", "soft_cap") if k in c}
+    with pytest.raises(exc, match=match):
+        paged_decode_attention(*(c[a] for a in ARGS), scale=c["scale"], **kw)
+
+
+def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
+    p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert PAGED_DECODE.select(p).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert PAGED_DECODE.select(p).name == "split_kv"
+    assert split_policy(p).block_n == INTERPRETER_CONFIG.BLOCK_N
+
+
+# ---------------------------------------------------------------- GPU tier: Llama-3-8B heads, compiled kernels
+HQ, HKV, D, BS = 32, 8, 128, 16
+
+
+def _gpu_case(lens, *, cache_dtype, seed, dtype=torch.float16):
+    """Build on the GPU: K/V randn, written by our write kernel (int8) or copied (fp16); fp32 copies kept."""
+    from attention_cases import shuffled_block_table
+
+    g = make_generator(seed)
+    table, nb = shuffled_block_table(lens, BS, g)
+    table = table.cuda()
+    gg = make_generator(seed, "cuda")
+    total = sum(lens)
+    key = randn(total, HKV, D, dtype=dtype, device="cuda", generator=gg)
+    value = randn(total, HKV, D, dtype=dtype, device="cuda", generator=gg)
+    q = randn(len(lens), HQ, D, dtype=dtype, device="cuda", generator=gg)
+    slots = slot_mapping_for(table.cpu(), lens, BS).cuda()
+    kc = torch.zeros(nb, BS, HKV, D, dtype=cache_dtype, device="cuda")
+    vc = torch.zeros_like(kc)
+    ks = vs = None
+    if cache_dtype == torch.int8:
+        ks = torch.ones(nb, BS, HKV, device="cuda")
+        vs = torch.ones_like(ks)
+    write_kv_cache(key, value, kc, vc, slots, ks, vs)
+    kf = torch.zeros(nb, BS, HKV, D, device="cuda")
+    vf = torch.zeros_like(kf)
+    kf[slots // BS, slots % BS] = key.float()
+    vf[slots // BS, slots % BS] = value.float()
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    return dict(q=q, key_cache=kc, value_cache=vc, block_table=table, seq_lens=lens_t, k_scale=ks, v_scale=vs,
+                scale=D ** -0.5, kf=kf, vf=vf)
+
+
+GPU_CASES = [(1, 1), (1, 17), (1, 1024), (1, 4096), (1, 32768), (8, 4096), (8, 32768), (32, 4096), (64, 1000),
+             (64, 16384)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+@pytest.mark.parametrize("batch,context", GPU_CASES)
+def test_gpu_llama3_heads(batch, context, cache_dtype):
+    lens = [context] * batch
+    c = _gpu_case(lens, cache_dtype=cache_dtype, seed=batch * 7 + context)
+    out = _run(c)
+    # against the fp32 reference over the same (dequantized) cache
+    assert_close(out, _ref(c), name=f"B={batch} L={context} {cache_dtype}")
+    # against the fp32 reference over the unquantized K/V: the int8 cache's whole error budget
+    exact = paged_decode_attention_ref(c["q"].float(), c["kf"], c["vf"], c["block_table"], c["seq_lens"], c["scale"])
+    err = relative_error(out, exact)
+    assert err <= (1e-2 if cache_dtype == torch.int8 else 2e-3), f"relative error {err:.3g} vs unquantized K/V"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
+    """Batch of 64 with lengths 1..32k: each sequence's output is bitwise the same alone."""
+    g = torch.Generator().manual_seed(64)
+    lens = torch.randint(1, 32769, (64,), generator=g).tolist()
+    lens[:6] = [1, 15, 16, 17, 32768, 300]
+    c = _gpu_case(lens, cache_dtype=cache_dtype, seed=64)
+    full = _run(c)
+    assert_close(full, _ref(c))
+    exact = paged_decode_attention_ref(c["q"].float(), c["kf"], c["vf"], c["block_table"], c["seq_lens"], c["scale"])
+    assert relative_error(full, exact) <= (1e-2 if cache_dtype == torch.int8 else 2e-3)
+    for b in (0, 1, 3, 4, 5, 17, 40, 63):
+        alone = dict(c)
+        for name in ("q", "block_table", "seq_lens"):
+            alone[name] = c[name][b : b + 1]
+        assert torch.equal(_run(alone), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone vs batch 64"
+        # and as part of a batch of 8 (another grid split mapping)
+        eight = dict(c)
+        for name in ("q", "block_table", "seq_lens"):
+            eight[name] = c[name][max(0, b - 7) : b + 1]
+        assert torch.equal(_run(eight)[-1:], full[b : b + 1]), f"sequence {b} differs in a batch of 8"
+
+
+@pytest.mark.gpu
+def test_gpu_window_softcap_bf16():
+    c = _gpu_case([5000, 40, 9000], cache_dtype=torch.int8, seed=3, dtype=torch.bfloat16)
+    for kw in ({"sliding_window": 4096}, {"soft_cap": 30.0}, {"sliding_window": 100, "soft_cap": 50.0}):
+        assert_close(_run(c, **kw), _ref(c, **kw), name=str(kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,block_size", [(64, 32), (256, 64), (128, 128)])
+def test_gpu_other_head_dims_and_blocks(head_dim, block_size):
+    c = build_case([1, 700, 3000], heads_q=16, heads_kv=4, head_dim=head_dim, block_size=block_size, seed=head_dim,
+                   device="cuda")
+    assert_close(_run(c), _ref(c))
