@@ -133,6 +133,7 @@ def _paged_attn_split_kernel(
     GROUP: tl.constexpr, NUM_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr,
     QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -177,7 +178,9 @@ def _paged_attn_split_kernel(
             pos_ok = pos < L
             blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
             slot = pos % PAGE
-            k_tok = kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch  # [BLOCK_N]
+            # row starts, with the alignment the launcher proved (vector loads / cp.async need it spelled out:
+            # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
+            k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
             kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
             if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
                 s = tl.dot(q, kt.to(tl.float32))
@@ -199,7 +202,7 @@ def _paged_attn_split_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_tok = vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch
+            v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
             v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
             if QUANT:
                 v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
@@ -282,6 +285,17 @@ def max_splits_for(num_kv_heads: int, device: torch.device) -> int:
     return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1))
 
 
+def row_alignment(cache: torch.Tensor) -> int:
+    """Elements every cached row start is a multiple of: the largest power of two ≤ 16 bytes dividing the
+    data pointer and the block, slot and head strides (16 B for plain caches, 4 B in vLLM's packed layout)."""
+    size = cache.element_size()
+    align = 16
+    for v in (cache.data_ptr(), *(st * size for st in cache.stride()[:3])):
+        while align > size and v % align:
+            align //= 2
+    return max(1, align // size)
+
+
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D ≤ 128.
     The smallest split is 256 tokens: its partial output (4 query heads × D fp32, written and read back once)
@@ -356,6 +370,7 @@ def launch_paged_attention(
         *po_strides, *pl_strides,
         GROUP=group, NUM_QUERIES=Q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page,
         QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
+        K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
     if max_ns > 1:

@@ -1,4 +1,5 @@
 """Weight quantizers used while loading a checkpoint."""
 from .int8 import quantize_weight_int8
+from .int4 import Int4Weight, quantize_weight_int4
 
-__all__ = ["quantize_weight_int8"]
+__all__ = ["quantize_weight_int8", "quantize_weight_int4", "Int4Weight"]

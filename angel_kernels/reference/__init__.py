@@ -3,6 +3,7 @@
 All math in fp32 (fp64 where noted); outputs cast to the kernel's output dtype at the very end.
 """
 from .gemm import w8a16_gemm_ref
+from .int4 import dequantize_int4_ref, w4a16_gemm_ref
 from .quant import quantize_weight_int8_ref, INT8_QMAX, SCALE_EPS
 
-__all__ = ["w8a16_gemm_ref", "quantize_weight_int8_ref", "INT8_QMAX", "SCALE_EPS"]
+__all__ = ["w8a16_gemm_ref", "dequantize_int4_ref", "w4a16_gemm_ref", "quantize_weight_int8_ref", "INT8_QMAX", "SCALE_EPS"]

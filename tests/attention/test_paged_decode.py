@@ -14,6 +14,7 @@ from angel_kernels.attention.paged_decode import (
     config_for,
     launch_paged_attention,
     max_splits_for,
+    row_alignment,
     split_policy,
 )
 from angel_kernels.reference.attention import paged_attention_ref, paged_decode_attention_ref
@@ -104,6 +105,16 @@ def test_split_policy_depends_on_length_only():
     assert pol.num_splits(32768, sliding_window=4096) in (pol.num_splits(4096), pol.num_splits(4096 + 64))
     # H100 SXM, Llama-3-8B: 32 splits per sequence; the KV-head count is a model constant, not a batch size
     assert max_splits_for(8, torch.device("cpu")) == 1  # the interpreter's pretend 4-SM device: 8 // 8
+
+
+def test_row_alignment_hint_is_what_the_memory_guarantees():
+    """The kernel's tl.multiple_of hint: 16 B for plain caches, what vLLM's packed rows allow (K 8 B, V 4 B)."""
+    plain = torch.zeros(4, 16, 2, 64, dtype=torch.int8)
+    assert row_alignment(plain) == 16 and row_alignment(plain.half()) == 8  # elements
+    _raw, _kv, kc, vc, _ks, _vs = vllm_packed_int8_cache(4, 16, 2, 64)
+    assert kc.data_ptr() % 16 == 0 and kc.stride(2) == 2 * (64 + 4)
+    assert row_alignment(kc) == 8 and row_alignment(vc) == 4
+    assert row_alignment(plain[:, :, :, :]) == 16 and row_alignment(torch.zeros(5, 16, 3, 64, dtype=torch.int8)[1:]) == 16
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])

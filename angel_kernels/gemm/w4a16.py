@@ -1,0 +1,476 @@
+"""w4a16: y = x · Wᵀ with W [N, K] stored as group-wise int4 (the ``ifq_int4`` mode's GEMM).
+
+Weight layout (specified in ``reference/int4.py``): ``qweight [K // 8, N]`` int32 (8 consecutive K rows per word,
+low nibble first, unsigned 0..15), ``scales [K // group, N]``, optional ``zeros [K // group, N]`` uint8
+(asymmetric; symmetric means q − 8), optional act-order ``perm [K]`` (the op reads ``x[..., perm]``).
+
+Candidates (``ANGEL_KERNELS_FORCE_W4A16`` / ``ANGEL_KERNELS_DISABLE=w4a16.<name>``):
+- ``dequant_matmul``: dequantize the weight to x.dtype once per call, then cuBLAS. Meant for large M, where the
+  GEMM is compute-bound and the ~6 extra bytes of traffic per weight (write and re-read an fp16 copy, nibble
+  planes) are a small fraction.
+- ``tiled``: Triton tiled GEMM that loads packed int4 tiles and dequantizes in registers: one scale (and zero)
+  row per K-block (``BLOCK_K <= group_size``), ``(q − z) · s`` in x.dtype, fp32 accumulation in the MMA chain.
+- ``reference``: the fp32 pure-torch reference (CPU path).
+
+Dequantization in the tiled kernel (two constexpr switches, both in the tuned config's ``extra``):
+- ``MAGIC=1``: build fp16 values without an int→float conversion: OR the nibble into the mantissa of 0x6400
+  (fp16 1024.0, ulp 1), bitcast, subtract 1024 + z. For bf16 the constant is 0x4300 (bf16 128.0, 7-bit mantissa,
+  ulp 1: 128 + 0..31 is exact). Asymmetric weights add 16 − z to the integer lane first, so the float subtract
+  is one constant for every column (the compiler then pairs it, and the scale multiply, into f16x2 / bf16x2
+  ops). ``MAGIC=0`` converts each nibble with a plain cast (the same values, bit for bit).
+  A plain Triton GEMV that converts per element reaches only ~50 % of the int4 bandwidth floor on an H100
+  (ANCHORS.md): the int→float conversions cost more than the halved bytes save.
+- ``INTERLEAVE=1``: load each packed word once ([BLOCK_N, BLOCK_K // 8] tile) and work on two nibbles per 32-bit
+  op (mask 0x000F000F takes nibbles j and j + 4 into the two 16-bit lanes, OR 0x64006400 makes both fp16), then
+  rebuild the [BLOCK_N, BLOCK_K] tile with three levels of ``tl.join`` and a reshape (join puts the new axis
+  last, so the tile is built K-minor and transposed for the dot). ``INTERLEAVE=0`` loads a [BLOCK_K, BLOCK_N]
+  tile of words (each word read 8 times and staged as int32: 4 bytes of shared memory per weight) and shifts
+  each element by 4 · (k mod 8): simple, but heavy on shared memory and load instructions.
+  Compiled for sm_90 (Triton 3.9 PTX), MAGIC=1 INTERLEAVE=1 has no int→float conversion and only f16x2 math in
+  its dequantization; MAGIC=0 has one cvt per weight.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
+from .._registry import register_op
+from ..dispatch import Candidate, KernelFamily
+from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
+from ..runtime import interpreter_active, reference_forced
+from ..tuning import KernelConfig, default_store, m_bucket
+
+KERNEL_NAME = "w4a16.tiled"
+# From here on cuBLAS on a dequantized copy is the default until tuned tiled configs prove faster (as w8a16).
+LARGE_M = 1024
+GROUP_SIZES = (32, 64, 128)  # plus channel-wise: group_size == K (or −1)
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Largest K-block: a K-block never straddles a scale group, so BLOCK_K = min(group, 128); channel-wise uses 128
+# with a masked K tail. It depends on the group size only, never on M (batch invariance).
+MAX_BLOCK_K = 128
+
+
+@dataclass(frozen=True)
+class W4A16Problem:
+    M: int
+    N: int
+    K: int
+    group_size: int  # K for channel-wise
+    dtype: torch.dtype
+    device: torch.device
+
+    def key(self) -> str:
+        return f"N={self.N},K={self.K},G={self.group_size},M={m_bucket(self.M)}"
+
+
+def block_k_for(group_size: int) -> int:
+    """The one BLOCK_K every M uses for this group size (a K-block stays inside one scale group)."""
+    return min(group_size, MAX_BLOCK_K) if group_size in GROUP_SIZES else MAX_BLOCK_K
+
+
+@triton.jit
+def _dequant_kmajor(w, shifts, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
+                    CT: tl.constexpr):
+    """Words w [BLOCK_K, BLOCK_N] (row k holds word k // 8) → dequantized [BLOCK_K, BLOCK_N] in CT."""
+    nib = (w >> shifts[:, None]) & 0xF
+    if MAGIC:
+        v = ((nib + (zc & 0xFFFF)) | (MAGIC_BITS & 0xFFFF)).to(tl.int16).to(DT, bitcast=True).to(CT)
+    else:
+        v = nib.to(CT)
+    return (v - off) * s
+
+
+@triton.jit
+def _dequant_pair(w, j: tl.constexpr, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
+                  CT: tl.constexpr):
+    """Nibbles j and j + 4 of each word of w [BN, R] → two dequantized [BN, R] tensors, two nibbles per 32-bit op."""
+    if MAGIC:
+        t = (((w >> (4 * j)) & 0x000F000F) + zc) | MAGIC_BITS  # nibble j → low 16-bit lane, j + 4 → high lane
+        lo = t.to(tl.int16).to(DT, bitcast=True).to(CT)
+        hi = (t >> 16).to(tl.int16).to(DT, bitcast=True).to(CT)
+    else:
+        lo = ((w >> (4 * j)) & 0xF).to(CT)
+        hi = ((w >> (4 * j + 16)) & 0xF).to(CT)
+    # subtract and scale while both halves still sit in one 32-bit word: the compiler pairs them (f16x2 ops)
+    return (lo - off) * s, (hi - off) * s
+
+
+@triton.jit
+def _dequant_interleaved(w, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
+                         CT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words w [BLOCK_N, BLOCK_K // 8] (each loaded once) → dequantized [BLOCK_N, BLOCK_K] in CT, K-minor."""
+    lo0, hi0 = _dequant_pair(w, 0, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+    lo1, hi1 = _dequant_pair(w, 1, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+    lo2, hi2 = _dequant_pair(w, 2, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+    lo3, hi3 = _dequant_pair(w, 3, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+    # join appends an axis of 2; after three joins [BN, R, a, b, c] holds nibble 4a + 2b + c, so the row-major
+    # reshape puts nibble j of word r at column 8r + j.
+    t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2)), tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3)))
+    return tl.reshape(t, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, bias_ptr, y_ptr,
+    M, N, K, group_size,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_ym, stride_yn,
+    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BF16: tl.constexpr,  # activations are bf16 (selects the magic constant)
+    DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
+    MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    # (q − z) · s is computed in x.dtype (CT = DT); the interpreter's bf16 casts and arithmetic are wrong, so
+    # there it is computed in fp32 (the values are the same; only the bf16 rounding of the weight is skipped).
+    CT: tl.constexpr = tl.float32 if (DOT_FP32 and BF16) else DT
+    # Magic numbers: 0x6400 is fp16 1024.0 and 0x4300 bf16 128.0, both with an ulp of 1, so OR-ing (adding)
+    # a value 0..31 into the mantissa gives base + value exactly; twice per int32 word (two 16-bit lanes).
+    MAGIC_BITS: tl.constexpr = 0x43004300 if BF16 else 0x64006400
+    BASE: tl.constexpr = (128.0 if BF16 else 1024.0) if MAGIC else 0.0
+    ZERO_BIAS: tl.constexpr = 16  # keeps 16 + q − z >= 0 for zeros up to 16
+    BLOCK_R: tl.constexpr = BLOCK_K // 8  # packed word rows per K-block
+
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row-blocks walk the same weight columns together (weight reuse in L2).
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 row offsets: M·K and M·N can exceed 2^31 elements for long prefills of wide layers.
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    if INTERLEAVE:
+        offs_r = tl.arange(0, BLOCK_R)
+        qw_ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_r[None, :] * stride_qk  # [BN, BR]
+    else:
+        qw_ptrs = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (offs_k // 8)[:, None] * stride_qk  # [BK, BN]
+        shifts = (offs_k % 8) * 4
+    s_ptrs = scale_ptr + offs_n * stride_sn
+    z_ptrs = zero_ptr + offs_n * stride_zn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        mask_k = offs_k < K - k0  # only channel-wise K has a tail; K is a multiple of 8
+        if HAS_PERM:  # act-order: packed row k pairs with x column perm[k]
+            cols = tl.load(perm_ptr + k0 + offs_k, mask=mask_k, other=0)
+            x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        else:
+            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # BLOCK_K <= group_size and divides it: the whole K-block shares one scale (and zero) row.
+        g = (k0 // group_size).to(tl.int64)
+        s = tl.load(s_ptrs + g * stride_sg, mask=mask_n, other=0.0).to(CT)
+        # MAGIC: zc = 16 − z is added to each 16-bit lane before the magic bits are OR-ed in, so the lane reads
+        # base + 16 + q − z (0..31 above the base: exact) and one constant `off` = base + 16 remains to subtract.
+        # (q − z) is an exact small integer in fp16/bf16: the weight suffers one rounding, by the scale.
+        if HAS_ZEROS:
+            z = tl.load(z_ptrs + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
+            if MAGIC:
+                zc = (ZERO_BIAS - z) * 0x00010001
+                off = tl.full((BLOCK_N,), BASE + ZERO_BIAS, CT)
+            else:
+                zc = z
+                off = z.to(CT)
+        else:
+            zc = tl.full((BLOCK_N,), 0, tl.int32)
+            off = tl.full((BLOCK_N,), BASE + 8.0, CT)
+        if INTERLEAVE:
+            w = tl.load(qw_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 8)[None, :], other=0)
+            v = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT,
+                                     BLOCK_N, BLOCK_K)
+            b = tl.trans(v)  # [BK, BN]
+        else:
+            w = tl.load(qw_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+            b = _dequant_kmajor(w, shifts, zc[None, :], off[None, :], s[None, :], MAGIC, MAGIC_BITS, DT, CT)  # [BK, BN]
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M/BLOCK_N are.
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(x, b, acc)
+        qw_ptrs += BLOCK_R * stride_qk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _modes(magic: int = 1, interleave: int = 1, group_m: int = 8) -> tuple[tuple[str, int], ...]:
+    return (("GROUP_M", group_m), ("INTERLEAVE", interleave), ("MAGIC", magic))
+
+
+def interpreter_config(group_size: int) -> KernelConfig:
+    """Under the interpreter cost grows with programs × K-steps: few, large blocks keep CPU tests fast."""
+    return KernelConfig(32, 64, block_k_for(group_size), num_warps=4, num_stages=1, extra=_modes())
+
+
+def heuristic_config(p: W4A16Problem) -> KernelConfig:
+    """Untuned default by M regime (used when the store has no entry for this GPU and shape)."""
+    bk = block_k_for(p.group_size)
+    if p.M <= 16:
+        # weight streaming: 64-column tiles while that still gives >= 132 programs (one per H100 SM), else 32
+        bn = 64 if p.N >= 64 * 132 else 32
+        return KernelConfig(16, bn, bk, num_warps=4, num_stages=4, extra=_modes(group_m=1))
+    if p.M <= 64:
+        return KernelConfig(64, 128, bk, num_warps=4, num_stages=4, extra=_modes())
+    return KernelConfig(128, 128, bk, num_warps=8, num_stages=3, extra=_modes())
+
+
+def config_for(p: W4A16Problem) -> KernelConfig:
+    if interpreter_active() and p.device.type == "cpu":
+        return interpreter_config(p.group_size)
+    return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
+
+
+def launch_tiled(
+    x2: torch.Tensor, qweight, scales, zeros, group_size: int, bias, perm, cfg: KernelConfig, out=None
+) -> torch.Tensor:
+    """x2 [M, K] → y [M, N] with the Triton tiled kernel and an explicit config (group_size: K for channel-wise).
+
+    ``out`` (tests): an [M, N] buffer of x.dtype to write into instead of a fresh one.
+    """
+    M, K = x2.shape
+    N = qweight.shape[1]
+    if group_size != K and group_size % cfg.BLOCK_K:  # channel-wise (one scale row) takes any BLOCK_K
+        raise ValueError(f"BLOCK_K={cfg.BLOCK_K} must divide group_size={group_size}: a K-block needs one scale row")
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
+    meta = cfg.meta()
+    meta.setdefault("GROUP_M", 8)
+    meta.setdefault("MAGIC", 1)
+    meta.setdefault("INTERLEAVE", 1)
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    _w4a16_gemm_kernel[grid](
+        x2, qweight, scales,
+        zeros if zeros is not None else qweight, perm if perm is not None else qweight,
+        bias if bias is not None else scales, y,
+        M, N, K, group_size,
+        x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
+        y.stride(0), y.stride(1),
+        HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
+        BF16=x2.dtype == torch.bfloat16,
+        DOT_FP32=x2.device.type == "cpu",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **meta,
+    )
+    return y
+
+
+def _run_tiled(p, x2, qweight, scales, zeros, bias, perm):
+    return launch_tiled(x2, qweight, scales, zeros, p.group_size, bias, perm, config_for(p))
+
+
+def dequantize_packed(qweight, scales, zeros, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ [K, N] in ``dtype`` in packed row order: (q − z) exact, then one rounding by the scale (as the kernel)."""
+    kw, n = qweight.shape
+    w = torch.empty((kw, INT4_PACK, n), dtype=dtype, device=qweight.device)
+    for j in range(INT4_PACK):  # one nibble plane at a time: scratch stays at K/8 × N int32
+        w[:, j, :] = (qweight >> (4 * j)) & 0xF
+    w = w.view(-1, group_size, n)  # [K // group, group, N]
+    w -= zeros.to(dtype)[:, None, :] if zeros is not None else 8
+    w *= scales.to(dtype)[:, None, :]
+    return w.view(kw * INT4_PACK, n)
+
+
+def _run_dequant_matmul(p, x2, qweight, scales, zeros, bias, perm):
+    w = dequantize_packed(qweight, scales, zeros, p.group_size, x2.dtype)
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    y = x2 @ w
+    return y + bias if bias is not None else y
+
+
+def _run_reference(p, x2, qweight, scales, zeros, bias, perm):
+    return w4a16_gemm_ref(x2, qweight, scales, zeros, p.group_size, bias, perm)
+
+
+def _triton_available(p: W4A16Problem):
+    if p.device.type == "cuda":
+        return True, ""
+    if p.device.type == "cpu" and interpreter_active():
+        return True, ""
+    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {p.device})"
+
+
+W4A16: KernelFamily[W4A16Problem] = KernelFamily(
+    "w4a16",
+    [
+        Candidate(
+            "dequant_matmul",
+            can_implement=lambda p: (True, ""),
+            run=_run_dequant_matmul,
+            suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}"),
+        ),
+        Candidate("tiled", can_implement=_triton_available, run=_run_tiled),
+        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
+    ],
+    problem_key=lambda p: (p.N, p.K, p.group_size, m_bucket(p.M), p.dtype, p.device.type),
+)
+
+
+def _validate(x, qweight, scales, zeros, group_size, bias, perm) -> int:
+    """Checks every input; returns the effective group size (K for channel-wise)."""
+    check_tensor("x", x, dtypes=ACT_DTYPES)
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), dim=2)
+    check_tensor("scales", scales, dtypes=SCALE_DTYPES, dim=2)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    k, n = x.shape[-1], qweight.shape[1]
+    if k % INT4_PACK:
+        raise ValueError(f"K={k} must be a multiple of 8 (8 int4 values per int32 word of qweight [K // 8, N])")
+    if qweight.shape[0] * INT4_PACK != k:
+        raise ValueError(f"x has K={k} but qweight [K // 8, N] has {qweight.shape[0]} rows (K={qweight.shape[0] * INT4_PACK})")
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    g = k if group_size in (-1, k) else group_size
+    if g not in GROUP_SIZES and g != k:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, or -1 / K for channel-wise; got {group_size}")
+    if k % g:
+        raise ValueError(f"K={k} is not a multiple of group_size={g}")
+    check_shape("scales", scales, (k // g, n))
+    if zeros is not None:
+        check_tensor("zeros", zeros, dtypes=(torch.uint8,), dim=2)
+        check_shape("zeros", zeros, (k // g, n))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1)
+        check_shape("bias", bias, (n,))
+    if perm is not None:
+        check_tensor("perm", perm, dtypes=(torch.int32,), dim=1)
+        check_shape("perm", perm, (k,))
+    check_same_device(x=x, qweight=qweight, scales=scales, zeros=zeros, bias=bias, perm=perm)
+    return g
+
+
+def _w4a16_fake(x, qweight, scales, zeros=None, group_size=128, bias=None, perm=None):
+    _validate(x, qweight, scales, zeros, group_size, bias, perm)
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def _samples(device):
+    from ..quantization.int4 import quantize_weight_int4
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    cases = (  # (m, n, k), dtype, group, sym, bias, act-order
+        ((3, 48, 64), torch.float16, 32, True, False, False),
+        ((1, 32, 128), torch.bfloat16, 64, False, True, False),
+        ((2, 16, 64), torch.float16, -1, False, False, True),
+    )
+    for (m, n, k), dtype, group, sym, with_bias, act_order in cases:
+        x = torch.randn(m, k, generator=g).to(dtype).to(device)
+        w = quantize_weight_int4((torch.randn(n, k, generator=g) * 0.05).to(dtype), group, sym=sym)
+        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
+        perm = torch.randperm(k, generator=g).to(torch.int32).to(device) if act_order else None
+        zeros = w.zeros.to(device) if w.zeros is not None else None
+        yield (x, w.qweight.to(device), w.scales.to(device), zeros, group, b, perm), {}
+
+
+@register_op("w4a16_gemm", fake=_w4a16_fake, samples=_samples)
+def w4a16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: Optional[torch.Tensor] = None,
+    group_size: int = 128,
+    bias: Optional[torch.Tensor] = None,
+    perm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] · Wᵀ (+ bias [N]) with W in our int4 layout; x fp16/bf16, y in x.dtype.
+
+    qweight [K // 8, N] int32; scales [K // group_size, N] fp16/bf16/fp32; zeros [K // group_size, N] uint8 or
+    None (symmetric, q − 8); group_size 32/64/128, or −1 (or K) for channel-wise; perm [K] int32 or None
+    (act-order: packed row k multiplies x[..., perm[k]]). ``Int4Weight`` fields map one to one.
+    Kernel chosen by ``W4A16`` (see module doc). Registered as ``torch.ops.angel_kernels.w4a16_gemm``.
+    """
+    g = _validate(x, qweight, scales, zeros, group_size, bias, perm)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    p = W4A16Problem(x2.shape[0], qweight.shape[1], x.shape[-1], g, x.dtype, x.device)
+    if p.M == 0:
+        return x.new_empty((*lead, p.N))
+    cand = W4A16.select(p, force="reference" if reference_forced() else None)
+    y = cand.run(p, x2, qweight, scales, zeros, bias, perm)
+    return y.reshape(*lead, p.N)
+
+
+def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
+    """Configs worth timing for a problem's M regime (pruned for shared memory and scale groups before timing).
+
+    BLOCK_K is fixed by the group size (batch invariance); both dequantization modes compete.
+    """
+    from itertools import product
+
+    from ..tuning import prune_configs
+
+    bk = block_k_for(p.group_size)
+    modes = ((1, 1), (1, 0))  # (MAGIC, INTERLEAVE); MAGIC=0 is the plain control, timed by the benchmarks
+    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, deep pipelines for bytes in flight
+        space = product((16,), (16, 32, 64, 128), (2, 4), (3, 4, 5, 6), (1,), modes)
+    elif p.M <= 64:
+        space = product((16, 32, 64), (64, 128), (4, 8), (3, 4), (8,), modes)
+    else:
+        space = product((64, 128), (128, 256), (4, 8), (3, 4), (8,), modes)
+    configs = [
+        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=_modes(magic, inter, gm))
+        for bm, bn, w, s, gm, (magic, inter) in space
+    ]
+    group = p.group_size if p.group_size in GROUP_SIZES else None  # channel-wise: one scale row, any BLOCK_K
+    kept = []
+    for cfg in configs:
+        # INTERLEAVE=0 stages its [BLOCK_K, BLOCK_N] tile of words as int32: 4 bytes of shared memory per weight
+        b_bytes = 0.5 if dict(cfg.extra)["INTERLEAVE"] else 4
+        kept += prune_configs([cfg], K=p.K, a_bytes=p.dtype.itemsize, b_bytes=b_bytes, group_size=group)
+    return kept
+
+
+def tune(
+    n: int,
+    k: int,
+    m: int,
+    *,
+    group_size: int = 128,
+    sym: bool = True,
+    device="cuda",
+    dtype=torch.float16,
+    store=None,
+    bench=None,
+) -> KernelConfig:
+    """Warm-up step: time ``tuning_space`` for one (N, K, group, M bucket), check each result, record the fastest.
+
+    ``bench(call) -> µs`` defaults to Triton's ``do_bench`` median (see ``tune_kernel``).
+    """
+    from ..quantization.int4 import quantize_weight_int4
+    from ..testing import relative_error
+    from ..tuning import tune_kernel
+
+    device = torch.device(device)
+    g = k if group_size == -1 else group_size
+    p = W4A16Problem(m_bucket(m), n, k, g, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(p.M, k, device=device, generator=gen).to(dtype)
+    w = quantize_weight_int4(torch.randn(n, k, device=device, generator=gen).to(dtype) * 0.05, group_size, sym=sym)
+    ref = w4a16_gemm_ref(x, w.qweight, w.scales, w.zeros, g)
+
+    def check(y):
+        err = relative_error(y, ref)
+        if not err < 1e-2:
+            raise ValueError(f"relative error {err}")
+
+    best, _ = tune_kernel(
+        store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
+        lambda cfg: (lambda: launch_tiled(x, w.qweight, w.scales, w.zeros, g, None, None, cfg)), device,
+        check=check, bench=bench,
+    )
+    return best

@@ -1,0 +1,333 @@
+"""w4a16 GEMM: every candidate against the fp32 reference, every group size, sym/asym, fp16/bf16, act-order,
+both dequantization modes of the tiled kernel, awkward shapes, and input validation."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from angel_kernels import quantize_weight_int4, w4a16_gemm
+from angel_kernels.gemm.w4a16 import (
+    W4A16,
+    W4A16Problem,
+    _modes,
+    block_k_for,
+    dequantize_packed,
+    interpreter_config,
+    launch_tiled,
+    tune,
+    tuning_space,
+)
+from angel_kernels.quantization.int4 import pack_int4_rows
+from angel_kernels.reference import dequantize_int4_ref, w4a16_gemm_ref
+from angel_kernels.testing import assert_close, make_generator, poisoned_empty, randn, tolerances
+from angel_kernels.tuning import KernelConfig
+
+CANDIDATES = W4A16.names()
+GROUPS = [32, 64, 128, -1]  # -1: channel-wise
+MODES = [(1, 1), (1, 0), (0, 1), (0, 0)]  # (MAGIC, INTERLEAVE)
+
+
+def _inputs(m, n, k, dtype, device, seed, *, group=128, sym=True, bias=False, act_order=False, wscale=0.05):
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g)
+    w = quantize_weight_int4(randn(n, k, dtype=dtype, device=device, generator=g, scale=wscale), group, sym=sym)
+    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
+    perm = torch.randperm(k, generator=g).to(torch.int32).to(device) if act_order else None
+    return x, w, b, perm
+
+
+def _ref(x, w, b=None, perm=None):
+    return w4a16_gemm_ref(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm)
+
+
+def _call(x, w, b=None, perm=None):
+    return w4a16_gemm(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm)
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 100])
+def test_every_candidate_matches_reference(candidate, m, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
+    # N, K multiples of 16 and of every group, not powers of two; the group, symmetry and bias vary with M
+    group = GROUPS[m % 4]
+    x, w, b, _ = _inputs(m, 80, 384, torch.float16, device, seed=m, group=group, sym=m % 3 != 0, bias=m % 2 == 1)
+    y = _call(x, w, b)
+    assert y.dtype == x.dtype and y.shape == (m, 80)
+    assert_close(y, _ref(x, w, b), name=f"{candidate} M={m} g={group}")
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_groups_symmetry_dtypes(candidate, dtype, sym, group, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
+    x, w, b, _ = _inputs(5, 48, 256, dtype, device, seed=group + 3 * sym, group=group, sym=sym, bias=True)
+    assert (w.zeros is None) == sym
+    assert_close(_call(x, w, b), _ref(x, w, b), name=f"{candidate} {dtype} g={group} sym={sym}")
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_act_order_perm(candidate, dtype, device, monkeypatch):
+    """perm: packed row k multiplies x[..., perm[k]]; the same as running the unpermuted layer on x[..., perm]."""
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
+    x, w, b, perm = _inputs(9, 64, 256, dtype, device, seed=4, group=64, sym=False, bias=True, act_order=True)
+    y = _call(x, w, b, perm)
+    assert_close(y, _ref(x, w, b, perm))
+    assert_close(y, _ref(x[:, perm.long()], w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_dequant_modes_are_bitwise_identical(dtype, sym, device):
+    """MAGIC (bitcast from 0x6400 / 0x4300) and INTERLEAVE (pairs + joins) give the very same weights as the
+    plain per-element path, so the outputs match bit for bit (and the reference within tolerance)."""
+    x, w, b, perm = _inputs(19, 80, 384, dtype, device, seed=8, group=64, sym=sym, bias=True, act_order=True)
+    ref = _ref(x, w, b, perm)
+    outs = []
+    for magic, inter in MODES:
+        cfg = KernelConfig(32, 64, block_k_for(64), extra=_modes(magic, inter))
+        y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, cfg)
+        assert_close(y, ref, name=f"MAGIC={magic} INTERLEAVE={inter}")
+        outs.append(y)
+    for (magic, inter), y in zip(MODES[1:], outs[1:]):
+        assert torch.equal(y, outs[0]), f"MAGIC={magic} INTERLEAVE={inter} differs from MAGIC=1 INTERLEAVE=1"
+
+
+@pytest.mark.parametrize("magic,inter", MODES)
+def test_extreme_zero_points_and_nibbles(magic, inter, device):
+    """Every nibble 0..15 against zeros 0 and 16 (old GPTQ exports read a stored −1 back as 16)."""
+    n, k = 32, 128
+    q = torch.arange(k * n, dtype=torch.int32).reshape(k, n) % 16
+    qweight = pack_int4_rows(q).to(device)
+    zeros = torch.tensor([0, 16, 8, 15] * (n // 4), dtype=torch.uint8).reshape(1, n).repeat(k // 32, 1).to(device)
+    scales = torch.full((k // 32, n), 0.25, dtype=torch.float16, device=device)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.eye(k, dtype=dtype, device=device)[:16]  # rows of x pick rows of the weight: y = Wᵀ[:16]
+        cfg = KernelConfig(16, 32, 32, extra=_modes(magic, inter))
+        y = launch_tiled(x, qweight, scales, zeros, 32, None, None, cfg)
+        expect = dequantize_int4_ref(qweight, scales, zeros, 32)[:16]
+        assert torch.equal(y.float(), expect), f"{dtype}"
+
+
+def test_leading_dims_strided_x_and_strided_weight_views(device):
+    x, w, b, _ = _inputs(6, 48, 256, torch.bfloat16, device, seed=7, group=64, sym=False, bias=True)
+    x3 = x.reshape(2, 3, 256)
+    y = w4a16_gemm(x3, w.qweight, w.scales, w.zeros, 64, b)
+    assert y.shape == (2, 3, 48)
+    assert_close(y, w4a16_gemm_ref(x3, w.qweight, w.scales, w.zeros, 64, b))
+    wide = torch.cat([x, x], dim=1)[:, ::2]  # column stride 2
+    scales_t = w.scales.t().contiguous().t()  # [K // g, N] with strides (1, K // g)
+    zeros_t = w.zeros.t().contiguous().t()
+    assert not wide.is_contiguous() and not scales_t.is_contiguous()
+    p = W4A16Problem(6, 48, 256, 64, torch.bfloat16, torch.device(device))
+    y = W4A16.get("tiled").run(p, wide, w.qweight, scales_t, zeros_t, None, None)
+    assert_close(y, w4a16_gemm_ref(wide, w.qweight, w.scales, w.zeros, 64))
+
+
+@pytest.mark.parametrize("group,k", [(128, 384), (-1, 200), (-1, 8)])
+def test_tiled_writes_every_element(group, k, device):
+    """Poisoned output buffer (NaN): an element the kernel forgot stays NaN and fails; channel-wise K=200 and
+    K=8 exercise the masked K tail (BLOCK_K 128)."""
+    x, w, b, _ = _inputs(37, 80, k, torch.float16, device, seed=k, group=group, sym=False, bias=True)
+    out = poisoned_empty(37, 80, dtype=torch.float16, device=device)
+    y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, None, interpreter_config(w.group_size), out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_close(y, _ref(x, w, b))
+
+
+def test_dequantize_packed_matches_reference(device):
+    _, w, _, _ = _inputs(1, 48, 256, torch.float16, device, seed=3, group=32, sym=False)
+    dq = dequantize_packed(w.qweight, w.scales, w.zeros, 32, torch.float32)
+    assert torch.equal(dq, dequantize_int4_ref(w.qweight, w.scales, w.zeros, 32))
+
+
+def _triton_here():
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@given(
+    m=st.integers(1, 40),
+    n16=st.integers(1, 6),
+    kg=st.integers(1, 3),
+    group=st.sampled_from(GROUPS),
+    sym=st.booleans(),
+    bf16=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 30.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_hypothesis_shapes_and_magnitudes(m, n16, kg, group, sym, bf16, scale, seed):
+    if not _triton_here():
+        pytest.skip("no Triton path here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    n = 16 * n16
+    k = 8 * (5 * kg + 1) if group == -1 else group * kg  # channel-wise: K = 48, 88, 128 (masked K tails)
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g, scale=scale)
+    w = quantize_weight_int4(randn(n, k, dtype=dtype, device=device, generator=g, scale=0.1), group, sym=sym)
+    p = W4A16Problem(m, n, k, w.group_size, dtype, torch.device(device))
+    y = W4A16.get("tiled").run(p, x, w.qweight, w.scales, w.zeros, None, None)
+    assert_close(y, _ref(x, w), atol=tolerances(dtype)[0] * scale * 10)
+
+
+def test_registered_op_and_fake_shape():
+    x, w, b, perm = _inputs(3, 32, 64, torch.float16, "cpu", seed=1, group=32, bias=True, act_order=True)
+    y = torch.ops.angel_kernels.w4a16_gemm(x, w.qweight, w.scales, w.zeros, 32, b, perm)
+    assert_close(y, _ref(x, w, b, perm))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x3, qweight, scales = x.reshape(1, 3, 64), w.qweight, w.scales
+    with FakeTensorMode() as mode:
+        fx, fq, fs = (mode.from_tensor(t) for t in (x3, qweight, scales))
+        fy = torch.ops.angel_kernels.w4a16_gemm(fx, fq, fs, None, 32)
+    assert fy.shape == (1, 3, 32) and fy.dtype == torch.float16
+
+
+def test_empty_batch():
+    x, w, _, _ = _inputs(1, 32, 64, torch.float16, "cpu", seed=1, group=32)
+    assert _call(x[:0], w).shape == (0, 32)
+
+
+def _bad_args():
+    g = make_generator(0)
+    w = quantize_weight_int4(randn(32, 128, generator=g, dtype=torch.float16, scale=0.05), 64, sym=False)
+    return dict(x=randn(4, 128, generator=g), qweight=w.qweight, scales=w.scales, zeros=w.zeros, group_size=64,
+                bias=None, perm=None)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(x=a["x"].float()), TypeError, "x dtype"),
+        (lambda a: a.update(qweight=a["qweight"].to(torch.int64)), TypeError, "qweight dtype"),
+        (lambda a: a.update(qweight=a["qweight"].reshape(-1)), ValueError, "qweight must be 2-D"),
+        (lambda a: a.update(x=a["x"][:, :-4]), ValueError, "multiple of 8"),
+        (lambda a: a.update(x=a["x"][:, :-64]), ValueError, "x has K=64"),
+        (lambda a: a.update(group_size=48), ValueError, "group_size must be one of"),
+        (lambda a: a.update(group_size=256), ValueError, "group_size must be one of"),
+        (lambda a: a.update(x=torch.randn(4, 96).half(), qweight=a["qweight"][:12]), ValueError, "not a multiple of group_size"),
+        (lambda a: a.update(scales=a["scales"][:, :-1]), ValueError, "scales must have shape"),
+        (lambda a: a.update(scales=a["scales"][:1]), ValueError, "scales must have shape"),
+        (lambda a: a.update(scales=a["scales"].to(torch.int32)), TypeError, "scales dtype"),
+        (lambda a: a.update(scales=a["scales"].reshape(-1)), ValueError, "scales must be 2-D"),
+        (lambda a: a.update(zeros=a["zeros"].to(torch.int32)), TypeError, "zeros dtype"),
+        (lambda a: a.update(zeros=a["zeros"][:, :16]), ValueError, "zeros must have shape"),
+        (lambda a: a.update(bias=torch.ones(3, dtype=torch.float16)), ValueError, "bias must have shape"),
+        (lambda a: a.update(bias=torch.ones(32, dtype=torch.bfloat16)), TypeError, "bias dtype"),
+        (lambda a: a.update(perm=torch.arange(128)), TypeError, "perm dtype"),
+        (lambda a: a.update(perm=torch.arange(64, dtype=torch.int32)), ValueError, "perm must have shape"),
+        (lambda a: a.update(x=a["x"].to("meta")), ValueError, "meta"),
+        (lambda a: a.update(zeros=a["zeros"].to("meta")), ValueError, "meta"),
+    ],
+)
+def test_bad_input_is_a_clear_error(mutate, exc, match):
+    args = _bad_args()
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        w4a16_gemm(args["x"], args["qweight"], args["scales"], args["zeros"], args["group_size"], args["bias"], args["perm"])
+
+
+def test_launch_rejects_block_k_straddling_a_group():
+    x, w, _, _ = _inputs(2, 32, 128, torch.float16, "cpu", seed=1, group=32)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must divide group_size=32"):
+        launch_tiled(x, w.qweight, w.scales, None, 32, None, None, KernelConfig(16, 32, 64))
+
+
+def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = W4A16Problem(4, 32, 64, 32, torch.float16, torch.device("cpu"))
+    assert W4A16.select(p).name == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert W4A16.select(p).name == "tiled"
+    assert W4A16.select(W4A16Problem(4096, 32, 64, 32, torch.float16, torch.device("cuda"))).name == "dequant_matmul"
+    assert W4A16.select(W4A16Problem(16, 32, 64, 32, torch.float16, torch.device("cuda"))).name == "tiled"
+
+
+def test_reference_switch_routes_the_launcher_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr("angel_kernels.gemm.w4a16.w4a16_gemm_ref", lambda *a: calls.append(1) or w4a16_gemm_ref(*a))
+    monkeypatch.setenv("ANGEL_KERNELS_REFERENCE", "1")
+    x, w, _, _ = _inputs(2, 32, 64, torch.float16, "cpu", seed=2, group=32)
+    _call(x, w)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
+@pytest.mark.parametrize("group", GROUPS)
+def test_tuning_space_keeps_one_block_k_per_group(m, group):
+    """Batch invariance: every M bucket's configs share one BLOCK_K, and a K-block never straddles a group."""
+    k = 4096
+    g = k if group == -1 else group
+    space = tuning_space(W4A16Problem(m, 4096, k, g, torch.float16, torch.device("cuda")))
+    assert space and {c.BLOCK_K for c in space} == {block_k_for(g)}
+    assert all(g % c.BLOCK_K == 0 for c in space)
+    assert {dict(c.extra)["MAGIC"] for c in space} == {1}
+
+
+def test_tune_records_a_checked_config(tmp_path, device):
+    """The warm-up entry runs every config of the space (checked against the reference) and stores the winner
+    (CPU tier, no timing; on a GPU the benchmarks run it, compiling ~60 configs costs minutes)."""
+    from angel_kernels.tuning import TunedConfigStore
+
+    if device.type == "cuda":
+        pytest.skip("compiles the whole tuning space: run by the benchmarks on a GPU")
+    store = TunedConfigStore(tmp_path)
+    best = tune(96, 128, 3, group_size=64, sym=False, device=device, store=store, bench=lambda call: 1.0)
+    p = W4A16Problem(4, 96, 128, 64, torch.float16, device)
+    assert best in tuning_space(p)
+    assert store.lookup("w4a16.tiled", p.key(), device) == best
+
+
+# ---------------------------------------------------------------- GPU tier: real shapes, compiled kernels
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", ["tiled", "dequant_matmul"])
+@pytest.mark.parametrize("n,k", LLAMA_SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 64, 257, 1024])
+def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
+    x, w, b, _ = _inputs(m, n, k, torch.float16, "cuda", seed=m + n, group=128, bias=True)
+    assert_close(_call(x, w, b), _ref(x, w, b), name=f"{candidate} {m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", ["tiled", "dequant_matmul"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,sym,act_order", [(32, False, False), (64, True, True), (128, False, True), (-1, True, False)])
+@pytest.mark.parametrize("m", [1, 16, 257])
+def test_gpu_groups_dtypes_act_order(candidate, dtype, group, sym, act_order, m, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
+    x, w, b, perm = _inputs(m, 6144, 4096, dtype, "cuda", seed=m, group=group, sym=sym, bias=True, act_order=act_order)
+    assert_close(_call(x, w, b, perm), _ref(x, w, b, perm), name=f"{candidate} {dtype} g={group} sym={sym}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("magic,inter", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 64, 257])
+def test_gpu_dequant_modes(magic, inter, dtype, m):
+    """Each dequantization mode compiled at a heuristic-like config of its M regime, against the reference."""
+    x, w, b, _ = _inputs(m, 4096, 4096, dtype, "cuda", seed=m, group=128, sym=False, bias=True)
+    bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
+    cfg = KernelConfig(bm, bn, 128, num_warps=warps, num_stages=stages, extra=_modes(magic, inter))
+    y = launch_tiled(x, w.qweight, w.scales, w.zeros, 128, b, None, cfg)
+    assert_close(y, _ref(x, w, b), name=f"MAGIC={magic} INTERLEAVE={inter} {dtype} M={m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096)])
+@pytest.mark.parametrize("m", [2, 16, 33, 64, 300, 1024])
+@pytest.mark.parametrize("group,sym", [(128, True), (64, False)])
+def test_gpu_batch_invariance_tiled(n, k, m, group, sym, monkeypatch):
+    """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
+    x, w, b, _ = _inputs(m, n, k, torch.float16, "cuda", seed=m, group=group, sym=sym, bias=True)
+    full = _call(x, w, b)
+    for i in sorted({0, m // 2, m - 1}):
+        alone = _call(x[i : i + 1], w, b)
+        assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
