@@ -41,69 +41,122 @@ class W8A16Problem:
 
 @triton.jit
 def _w8a16_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
+    """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
+
+    The weight rows are the MMA's M side (≥ 64 rows feed Hopper's wgmma even when there is one token) and the
+    tokens its N side (16 is the smallest tile). With SPLIT_K > 1, each program writes an fp32 partial; the
+    last of the SPLIT_K programs of a tile to finish (an acq_rel counter) sums the partials in split order
+    0, 1, … (deterministic, no float atomics), applies the epilogue and resets the counter for the next call.
+    """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row-blocks walk the same weight columns together (weight reuse in L2).
-    num_pid_in_group = GROUP_M * num_pid_n
+    # Grouped order: GROUP_N weight tiles are visited by every token tile before moving on (x and W reuse in L2).
+    num_pid_in_group = GROUP_N * num_pid_m
     group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    first_pid_n = group_id * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
+    pid_m = (pid % num_pid_in_group) // group_size_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * K_PER_SPLIT
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk  # [BLOCK_K, BLOCK_M]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        mask_k = offs_k < K - k0 * BLOCK_K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
-        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M/BLOCK_N are.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
+        mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
         if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
+            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
         else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        x_ptrs += BLOCK_K * stride_xk
+            acc = tl.dot(w.to(x.dtype), x, acc)
         w_ptrs += BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
 
+    if SPLIT_K > 1:
+        tile = pid_n * num_pid_m + pid_m
+        part_offs = offs_n[:, None].to(tl.int64) + offs_m[None, :].to(tl.int64) * N  # partials: [SPLIT_K, M, N]
+        tile_mask = mask_n[:, None] & mask_m[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part_offs, acc, mask=tile_mask)
+        # acq_rel: our partial is visible before the count moves; the last program sees every partial.
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(part_ptr + part_offs, mask=tile_mask, other=0.0)
+            for s in range(1, SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + part_offs, mask=tile_mask, other=0.0)
+            tl.store(count_ptr + tile, 0)
+            _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
+                            stride_ym, stride_yn, HAS_BIAS)
+    else:
+        _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
+                        stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn,
+                    HAS_BIAS: tl.constexpr):
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    acc = acc * scale[None, :]
+    acc = acc * scale[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-# Batch invariance: a row's result must not depend on M, so the K reduction (BLOCK_K, no split-K) is the same
-# for every M; only BLOCK_M/BLOCK_N, warps and stages vary with the M bucket.
+# Batch invariance: a row's result must not depend on M, so the K reduction (BLOCK_K and the split-K count)
+# depends on N and K only; BLOCK_M/BLOCK_N, warps and stages vary with the M bucket.
 BLOCK_K = 128
+# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with BLOCK_N=64 tiles: N=4096 alone
+# gives 64 programs, half the SMs idle (65.8 µs at M=1 for 4096×14336, 3.3× the int8 floor).
+SPLIT_TARGET_PROGRAMS = 256
+MAX_SPLIT_K = 8
+MIN_K_STEPS_PER_SPLIT = 8
 # Under the interpreter cost grows with programs × K-steps: few, large blocks keep CPU tests fast.
-INTERPRETER_CONFIG = KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1, extra=(("GROUP_M", 8),))
+INTERPRETER_CONFIG = KernelConfig(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1, extra=(("GROUP_N", 8),))
+
+
+def split_k_for(n: int, k: int, block_k: int = BLOCK_K) -> int:
+    """Split count from the weight shape alone (never from M)."""
+    tiles = triton.cdiv(n, 64)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while (
+        tiles * split < SPLIT_TARGET_PROGRAMS
+        and split * 2 <= MAX_SPLIT_K
+        and steps % (split * 2) == 0
+        and steps // (split * 2) >= MIN_K_STEPS_PER_SPLIT
+    ):
+        split *= 2
+    return split
 
 
 def heuristic_config(p: W8A16Problem) -> KernelConfig:
     """Untuned default by M regime (used when the store has no entry for this GPU and shape)."""
     if p.M <= 16:
-        # 64-column tiles: N=4096 still gives 64 programs; 4 stages keep ~50 KB of weight in flight per SM
-        return KernelConfig(16, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_M", 1),))
+        return KernelConfig(16, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 1),))
+    if p.M <= 32:
+        return KernelConfig(32, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
     if p.M <= 64:
-        return KernelConfig(64, 128, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_M", 8),))
-    return KernelConfig(128, 128, BLOCK_K, num_warps=8, num_stages=3, extra=(("GROUP_M", 8),))
+        return KernelConfig(64, 128, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
+    return KernelConfig(128, 128, BLOCK_K, num_warps=8, num_stages=4, extra=(("GROUP_N", 8),))
 
 
 def config_for(p: W8A16Problem) -> KernelConfig:
@@ -112,21 +165,41 @@ def config_for(p: W8A16Problem) -> KernelConfig:
     return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
 
 
-def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig) -> torch.Tensor:
-    """x2 [M, K] → y [M, N] with the Triton tiled kernel and an explicit config."""
+# Split-K tile counters, one zeroed int32 buffer per device, grown on demand; every launch leaves it zeroed.
+_COUNTERS: dict = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, split_k: Optional[int] = None):
+    """x2 [M, K] → y [M, N] with the Triton kernel and an explicit config (split-K from N, K unless given)."""
     M, K = x2.shape
     N = qweight.shape[0]
+    if split_k is None:
+        split_k = split_k_for(N, K, cfg.BLOCK_K)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    meta = cfg.meta()
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-    _w8a16_gemm_kernel[grid](
-        x2, qweight, scales, bias if bias is not None else scales, y,
-        M, N, K,
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+    if split_k > 1:
+        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
+        counters = _tile_counters(x2.device, num_tiles)
+    else:
+        partials = counters = y  # unused
+    _w8a16_gemm_kernel[(num_tiles, split_k)](
+        x2, qweight, scales, bias if bias is not None else scales, y, partials, counters,
+        M, N, K, k_per_split,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None,
         DOT_FP32=x2.device.type == "cpu",
+        SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **meta,
+        **cfg.meta(),
     )
     return y
 
@@ -138,8 +211,8 @@ def _run_tiled(p, x2, qweight, scales, bias):
 def _run_dequant_matmul(p, x2, qweight, scales, bias):
     # Scale the weight before the product: x · qᵀ alone can overflow fp16 (|q| ≤ 127, K up to 28672).
     w = qweight.to(x2.dtype) * scales.to(x2.dtype)[:, None]
-    y = x2 @ w.t()
-    return y + bias if bias is not None else y
+    # addmm adds the bias in the GEMM epilogue: one rounding to fp16 instead of two
+    return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
 
 
 def _run_reference(p, x2, qweight, scales, bias):
@@ -227,21 +300,26 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
 
     from ..tuning import prune_configs
 
-    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, deep pipelines for bytes in flight
-        space = product((16,), (16, 32, 64, 128), (BLOCK_K,), (2, 4), (3, 4, 5, 6), (1,))
-    elif p.M <= 64:
-        space = product((16, 32, 64), (64, 128), (BLOCK_K,), (4, 8), (3, 4), (8,))
+    token_tiles = {16: (16,), 32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
+        space = product(token_tiles, (64, 128), (BLOCK_K,), (4,), (3, 4, 5, 6), (1,))
     else:
-        space = product((64, 128), (128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,))
+        space = product(token_tiles, (64, 128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,))
     configs = [
-        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_M", g),))
+        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g),))
         for bm, bn, bk, w, s, g in space
     ]
     return prune_configs(configs, K=p.K, a_bytes=p.dtype.itemsize, b_bytes=1)
 
 
-def tune(n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None) -> KernelConfig:
-    """Warm-up step: time ``tuning_space`` for one (N, K, M bucket), check each result, record the fastest."""
+def tune(
+    n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None, invariant_with=None
+) -> tuple[KernelConfig, dict]:
+    """Warm-up step: time ``tuning_space`` for one (N, K, M bucket), check each result, record the fastest.
+
+    ``invariant_with``: a config for M=1; a candidate config is then admitted only if rows 0 and M-1 of its
+    output equal, bitwise, the M=1 config's output for those rows alone (batch invariance).
+    """
     from ..testing import relative_error
     from ..tuning import tune_kernel
 
@@ -252,14 +330,19 @@ def tune(n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=No
     q = torch.randint(-127, 128, (n, k), device=device, dtype=torch.int8, generator=gen)
     s = torch.rand(n, device=device, generator=gen) * 0.01 + 1e-3
     ref = w8a16_gemm_ref(x, q, s)
+    rows = sorted({0, p.M - 1})
+    singles = [launch_tiled(x[i : i + 1], q, s, None, invariant_with) for i in rows] if invariant_with else None
 
     def check(y):
         err = relative_error(y, ref)
         if not err < 1e-2:
             raise ValueError(f"relative error {err}")
+        if singles is not None:
+            for i, single in zip(rows, singles):
+                if not torch.equal(y[i : i + 1], single):
+                    raise ValueError(f"row {i} differs from its M=1 result")
 
-    best, _ = tune_kernel(
+    return tune_kernel(
         store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
         lambda cfg: (lambda: launch_tiled(x, q, s, None, cfg)), device, check=check,
     )
-    return best

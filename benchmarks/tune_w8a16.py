@@ -1,0 +1,80 @@
+"""Tune the w8a16 Triton kernel on this GPU and write the config table the package ships.
+
+For every (shape, M bucket): time each config of ``tuning_space`` (after a correctness check and, with
+``--invariant``, a bitwise batch-invariance check against the M=1 config), keep the fastest, and print a table
+of the best time next to cuBLAS fp16 on the same shape. Writes ``OUT/<gpu-slug>.json`` in the tuned-config
+format (copy it to angel_kernels/tuning/configs/ to ship it).
+
+Usage: python benchmarks/tune_w8a16.py --out OUT [--shapes 8b.qkv,...] [--m 1,16,...] [--invariant]
+"""
+import argparse
+import time
+
+import torch
+import triton.testing
+
+from angel_kernels.gemm import w8a16 as W
+from angel_kernels.tuning import M_BUCKETS, TunedConfigStore, gpu_slug
+
+SHAPES = {
+    "8b.qkv": (6144, 4096),
+    "8b.o": (4096, 4096),
+    "8b.gate_up": (28672, 4096),
+    "8b.down": (4096, 14336),
+    "70b.gate_up": (28672, 8192),
+    "70b.down": (8192, 28672),
+}
+
+
+def cublas_us(n, k, m):
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+    return triton.testing.do_bench(lambda: x @ w.t(), warmup=5, rep=20, return_mode="median") * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--m", default=",".join(str(b) for b in M_BUCKETS if b != 2048))
+    ap.add_argument("--invariant", action="store_true", help="admit only configs batch-invariant with M=1")
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    store = TunedConfigStore(args.out)
+    dev = torch.device("cuda")
+    t0 = time.time()
+    rows = []
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        m1_cfg = None
+        for m in (int(v) for v in args.m.split(",")):
+            if time.time() - t0 > args.budget_s:
+                print(f"budget reached before {name} M={m}")
+                break
+            inv = m1_cfg if (args.invariant and m > 1) else None
+            try:
+                best, timings = W.tune(n, k, m, device=dev, store=store, invariant_with=inv)
+            except RuntimeError as e:
+                print(f"{name} M={m}: {e}")
+                rows.append((name, m, None, None, len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev))), 0))
+                continue
+            if m == 1:
+                m1_cfg = best
+            ref = cublas_us(n, k, m)
+            n_space = len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev)))
+            rows.append((name, m, timings[best], ref, n_space, len(timings)))
+            print(f"{name} M={m}: {timings[best]:.1f} us (cuBLAS fp16 {ref:.1f}) split={W.split_k_for(n, k)} "
+                  f"best={best.as_dict()} admitted {len(timings)}/{n_space}  [{time.time() - t0:.0f} s]", flush=True)
+    path = store.save(dev)
+    print(f"wrote {path}")
+    print(f"\n| shape | M | w8a16 tuned µs | cuBLAS fp16 µs | speed-up | configs admitted |\n|---|---|---|---|---|---|")
+    for name, m, us, ref, n_space, ok in rows:
+        if us is None:
+            print(f"| {name} | {m} | none admitted | | | 0/{n_space} |")
+        else:
+            print(f"| {name} | {m} | {us:.1f} | {ref:.1f} | {ref / us:.2f}x | {ok}/{n_space} |")
+    print(f"device {torch.cuda.get_device_name()} slug {gpu_slug(dev)}")
+
+
+if __name__ == "__main__":
+    main()
