@@ -520,3 +520,67 @@ def paged_decode_attention(
     cand = PAGED_DECODE.select(p, force="reference" if reference_forced() else None)
     return cand.run(p, q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale,
                     sliding_window, soft_cap)
+
+
+# --------------------------------------------------------------------------------------------------- tuning
+def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
+    """Tile width × warps × stages × smallest split (128–512 tokens). Every config is a valid partition, and the
+    store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
+    from itertools import product
+
+    configs = []
+    for bn, warps, stages, min_tokens in product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (128, 256, 512)):
+        if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
+            continue
+        configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
+                                    extra=(("MIN_SPLIT_TILES", min_tokens // bn),)))
+    return configs
+
+
+TUNE_CASES = ((1, 32768), (8, 4096), (64, 16384))  # (batch, context): latency-bound, mid, bandwidth-bound
+
+
+def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16, kv_dtype=torch.int8,
+         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None) -> KernelConfig:
+    """Warm-up step: time ``tuning_space`` on the sum of ``cases`` (shuffled block tables, full contexts), check
+    each config against the heuristic config's output (relative error ≤ 1e-3), record the fastest."""
+    from ..testing import relative_error
+    from ..tuning import tune_kernel
+
+    device = torch.device(device)
+    p = PagedDecodeProblem(num_q_heads, num_kv_heads, head_dim, block_size, dtype, kv_dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = []
+    for batch, context in cases:
+        blocks = -(-context // block_size)
+        nb = batch * blocks
+        table = torch.randperm(nb, device=device, generator=gen).reshape(batch, blocks).to(torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        q = torch.randn(batch, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
+        shape = (nb, block_size, num_kv_heads, head_dim)
+        if kv_dtype == torch.int8:
+            kc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
+            vc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
+            ks = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
+            vs = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
+        else:
+            kc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
+            vc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
+            ks = vs = None
+        inputs.append((q[:, None], kc, vc, table, lens, head_dim ** -0.5, ks, vs))
+
+    def make_call(cfg):
+        policy = SplitPolicy(cfg.BLOCK_N, dict(cfg.extra)["MIN_SPLIT_TILES"], max_splits_for(num_kv_heads, device))
+        return lambda: [launch_paged_attention(*args, cfg=cfg, policy=policy) for args in inputs]
+
+    baseline = make_call(heuristic_config(p))()
+
+    def check(outs):
+        for out, ref in zip(outs, baseline):
+            err = relative_error(out, ref)
+            if not err <= 1e-3:
+                raise ValueError(f"relative error {err} vs the default config")
+
+    best, _ = tune_kernel(store or default_store(), KERNEL_NAME, p.key(), tuning_space(p), make_call, device,
+                          check=check, bench=bench)
+    return best

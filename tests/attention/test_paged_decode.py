@@ -350,3 +350,20 @@ def test_gpu_other_head_dims_and_blocks(head_dim, block_size):
     c = build_case([1, 700, 3000], heads_q=16, heads_kv=4, head_dim=head_dim, block_size=block_size, seed=head_dim,
                    device="cuda")
     assert_close(_run(c), _ref(c))
+
+
+def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
+    """The warm-up entry point runs end to end (tiny cases, a fake clock) and records under the shape-only key."""
+    from angel_kernels.attention.paged_decode import KERNEL_NAME, tune, tuning_space
+    from angel_kernels.tuning import TunedConfigStore
+
+    if not _triton_here():
+        pytest.skip("no Triton path here")
+    p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    space = tuning_space(p)
+    assert space and all(c.BLOCK_N * 64 <= 16384 and dict(c.extra)["MIN_SPLIT_TILES"] >= 1 for c in space)
+    monkeypatch.setattr("angel_kernels.attention.paged_decode.tuning_space", lambda p: space[::len(space) // 3])
+    store = TunedConfigStore(tmp_path)
+    ticks = iter(range(10_000, 0, -1))  # each config "faster" than the one before
+    best = tune(4, 2, 64, cases=((2, 40),), device="cpu", store=store, bench=lambda call: float(next(ticks)))
+    assert store.lookup(KERNEL_NAME, p.key(), "cpu") == best
