@@ -300,7 +300,9 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
 
     from ..tuning import prune_configs
 
-    token_tiles = {16: (16,), 32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    token_tiles = {32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    if p.M <= 16:
+        token_tiles = (16,)  # the smallest MMA N tile
     if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
         space = product(token_tiles, (64, 128), (BLOCK_K,), (4,), (3, 4, 5, 6), (1,))
     else:

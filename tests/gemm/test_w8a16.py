@@ -192,3 +192,15 @@ def test_gpu_batch_invariance_tiled(n, k, m, monkeypatch):
     for i in sorted({0, m // 2, m - 1}):
         alone = w8a16_gemm(x[i : i + 1], q, s, b)
         assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
+def test_tuning_space_fits_the_m_bucket(m):
+    from angel_kernels.gemm.w8a16 import BLOCK_K, tuning_space
+    from angel_kernels.tuning import m_bucket
+
+    space = tuning_space(W8A16Problem(m, 4096, 4096, torch.float16, torch.device("cpu")))
+    assert space, "empty tuning space"
+    assert all(c.BLOCK_K == BLOCK_K for c in space)  # one K reduction for every M (batch invariance)
+    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
+    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
