@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 METRICS = {"us": ("median_us", "µs per call (median)"), "pct": ("pct_of_floor", "% of floor (100 = at the floor)")}
+DEFAULT_FACET = {"gemm": "shape"}
 FLOOR_STYLES = ((0, (4, 2)), (0, (1, 1.5)), (0, (6, 2, 1, 2)), (0, (2, 3)))
 
 
@@ -24,13 +25,45 @@ def select(rows: list, where: dict) -> list:
     return [r for r in rows if _match(r.get("case", {}), where)]
 
 
-def plot_rows(rows: list, out_png, metric: str = "us", title: str = "") -> Path:
-    """Draw rows (one family) into out_png. x: cases in row order; y: the metric; one line per provider."""
+def plot_rows(rows: list, out_png, metric: str = "us", title: str = "", facet: str | None = None) -> Path:
+    """Draw rows (one family) into out_png. x: cases in row order; y: the metric; one line per provider.
+
+    Cases with no measured row are left out. ``facet``: a case parameter (e.g. ``shape``) that splits the rows
+    into one panel per value.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measured = {r["case_str"] for r in rows if r.get("status") == "ok"}
+    rows = [r for r in rows if r["case_str"] in measured]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(str(r.get("case", {}).get(facet)) if facet else "", []).append(r)
+    if not groups:
+        groups = {"": []}
+    n = len(groups)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    widest = max(len({r["case_str"] for r in g}) for g in groups.values()) if rows else 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(cols * max(5.0, 0.45 * widest + 2.5), 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (name, group) in zip(axes.flat, groups.items()):
+        _plot_panel(ax, group, metric, name)
+    gpu = rows[0].get("gpu", "") if rows else ""
+    sha = (rows[0].get("git_sha") or "")[:10] if rows else ""
+    fig.suptitle(title or f"{rows[0]['family'] if rows else ''} — {gpu} ({sha})", fontsize=10)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def _plot_panel(ax, rows: list, metric: str, panel_title: str) -> None:
     key, ylabel = METRICS[metric]
     cases, providers = [], []
     for r in rows:
@@ -39,7 +72,6 @@ def plot_rows(rows: list, out_png, metric: str = "us", title: str = "") -> Path:
         if r["provider"] not in providers:
             providers.append(r["provider"])
     xi = {c: i for i, c in enumerate(cases)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(cases) + 3), 4.8))
     for p in providers:
         pts = [(xi[r["case_str"]], r[key]) for r in rows
                if r["provider"] == p and r.get("status") == "ok" and r.get(key) is not None]
@@ -68,17 +100,10 @@ def plot_rows(rows: list, out_png, metric: str = "us", title: str = "") -> Path:
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
-    gpu = rows[0].get("gpu", "") if rows else ""
-    sha = (rows[0].get("git_sha") or "")[:10] if rows else ""
-    ax.set_title(title or f"{rows[0]['family'] if rows else ''} — {gpu} ({sha})", fontsize=9)
+    if panel_title:
+        ax.set_title(panel_title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    ax.legend(fontsize=6, ncol=2)
 
 
 def main(argv=None) -> int:
@@ -87,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--metric", choices=sorted(METRICS), default="us")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="keep cases whose parameter KEY equals VALUE (repeatable), e.g. shape=8b.gate_up, batch=8")
+    ap.add_argument("--facet", default=None, help="one panel per value of this case parameter (gemm: shape)")
     ap.add_argument("-o", "--out", default=None, help="PNG path (default: next to the JSON)")
     args = ap.parse_args(argv)
     where = {}
@@ -103,7 +129,8 @@ def main(argv=None) -> int:
         return 1
     suffix = "".join(f"_{k}-{v}" for k, v in where.items())
     out = args.out or str(Path(args.json).with_name(f"{Path(args.json).stem}{suffix}_{args.metric}.png"))
-    print(plot_rows(rows, out, args.metric))
+    facet = args.facet if args.facet is not None else DEFAULT_FACET.get(rows[0].get("family"))
+    print(plot_rows(rows, out, args.metric, facet=facet))
     return 0
 
 
