@@ -208,9 +208,32 @@ def _run_tiled(p, x2, qweight, scales, bias):
     return launch_tiled(x2, qweight, scales, bias, config_for(p))
 
 
+@triton.jit
+def _dequant_int8_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_qk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w [N, K] (x.dtype, contiguous) = q · s[:, None] in one pass: 1 byte read + 2 written per weight."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :] * stride_qk, mask=mask, other=0)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    w = q.to(tl.float32) * s[:, None]
+    tl.store(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qweight [N, K] int8 · scales [N] → [N, K] in dtype (Triton on CUDA / interpreter, torch elsewhere)."""
+    n, k = qweight.shape
+    if qweight.device.type != "cuda" and not interpreter_active():
+        return (qweight.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
+    w = torch.empty((n, k), dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, 256))
+    _dequant_int8_kernel[grid](qweight, scales, w, n, k, qweight.stride(0), qweight.stride(1), BLOCK_N=32, BLOCK_K=256)
+    return w
+
+
 def _run_dequant_matmul(p, x2, qweight, scales, bias):
     # Scale the weight before the product: x · qᵀ alone can overflow fp16 (|q| ≤ 127, K up to 28672).
-    w = qweight.to(x2.dtype) * scales.to(x2.dtype)[:, None]
+    w = dequantize_int8(qweight, scales, x2.dtype)
     # addmm adds the bias in the GEMM epilogue: one rounding to fp16 instead of two
     return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
 

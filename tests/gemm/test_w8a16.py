@@ -204,3 +204,18 @@ def test_tuning_space_fits_the_m_bucket(m):
     assert all(c.BLOCK_K == BLOCK_K for c in space)  # one K reduction for every M (batch invariance)
     # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
     assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
+
+
+def test_dequantize_int8_matches_torch(device):
+    from angel_kernels.gemm.w8a16 import dequantize_int8
+
+    x, q, s, _ = _inputs(1, 70, 300, torch.float16, device, seed=9)  # tails in both dimensions
+    for dtype in (torch.float16, torch.bfloat16):
+        w = dequantize_int8(q, s, dtype)
+        ref = (q.float() * s[:, None]).to(dtype)
+        assert w.dtype == dtype and w.shape == q.shape
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            # the interpreter truncates fp32 → bf16 instead of rounding: allow one bf16 step there
+            assert_close(w, ref, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(w, ref)
