@@ -17,9 +17,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SITE=/tmp/site
 
-T_TESTS=120  # GPU test tier
-T_GEMM=270   # bench_gemm stops starting cases after its 220 s budget
-T_ATTN=130   # bench_attention: 90 s budget
+T_TESTS=${T_TESTS:-120}  # GPU test tier
+T_GEMM=${T_GEMM:-270}   # bench_gemm stops starting cases after its 220 s budget (GEMM_ARGS=--budget-s N)
+T_ATTN=${T_ATTN:-130}   # bench_attention: 90 s budget
 
 export PYTHONUNBUFFERED=1
 if [ -z "${ANGEL_GIT_SHA:-}" ] && [ -s .peers/GIT_SHA ]; then
