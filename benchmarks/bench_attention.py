@@ -335,6 +335,82 @@ def prepare_sdpa(c, device):
 # ------------------------------------------------------------------------------------------------------------------
 # Ours: angel_kernels attention ops get their providers here once the package provides them (lazy import, hasattr).
 # ------------------------------------------------------------------------------------------------------------------
+def available_angel():
+    try:
+        import angel_kernels
+    except Exception as e:  # noqa: BLE001
+        return False, f"angel_kernels not importable ({H.short_exc(e)})"
+    if not all(hasattr(angel_kernels, n) for n in ("paged_decode_attention", "write_kv_cache", "inline_scale_views")):
+        return False, "angel_kernels has no paged_decode_attention / write_kv_cache yet"
+    return True, ""
+
+
+def _angel_fn(c):
+    import angel_kernels
+
+    scale = 1.0 / math.sqrt(c["head_dim"])
+
+    def fn(q, kc, vc, block_table, seq_lens, k_scale, v_scale):
+        return angel_kernels.paged_decode_attention(q, kc, vc, block_table, seq_lens, k_scale, v_scale, scale=scale)
+
+    return fn, scale
+
+
+def prepare_angel_fp16(c, device):
+    import torch
+
+    b, l, hq, hkv, d, bs = _dims(c)
+    fn, scale = _angel_fn(c)
+
+    def make(i):
+        bt, nb, q, _out, _cu, seq = _common_inputs(c, device)
+        kv = torch.randn(nb, bs, hkv, 2 * d, dtype=torch.float16, device=device)  # the same layout as vllm_fp16
+        kc, vc = kv[..., :d], kv[..., d:]
+        return (q, kc, vc, bt, seq, None, None), (
+            lambda: paged_attention_ref(q, fp16_loader(kc, vc), bt, seq.tolist(), scale, bs))
+
+    sets, ref = H.build_sets(make)
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv16", tol=1e-2)
+
+
+def prepare_angel_int8(c, device):
+    """vLLM 0.32's packed int8_per_token_head cache (inline scales), filled by our write kernel."""
+    import torch
+    import angel_kernels
+
+    b, l, hq, hkv, d, bs = _dims(c)
+    fn, scale = _angel_fn(c)
+    chunk = max(1, (1 << 26) // (l * hkv * d))
+
+    def make(i):
+        bt, nb, q, _out, _cu, seq = _common_inputs(c, device)
+        kv, _k, _v, _ks, _vs = int8_inline_cache(nb, bs, hkv, d, device)
+        kc, vc, ks, vs = angel_kernels.inline_scale_views(kv.transpose(1, 2), d)
+        slots = slot_mapping(bt, l, bs)
+        if i == 0:
+            k_all = torch.empty(b, l, hkv, d, dtype=torch.float16, device=device)
+            v_all = torch.empty_like(k_all)
+            state["vs_fp16"] = lambda: dense_attention_ref(q, k_all, v_all, scale)
+        for s0 in range(0, b, chunk):
+            n = min(chunk, b - s0)
+            if i == 0:
+                k16, v16 = k_all[s0:s0 + n].view(n * l, hkv, d), v_all[s0:s0 + n].view(n * l, hkv, d)
+            else:
+                k16 = torch.empty(n * l, hkv, d, dtype=torch.float16, device=device)
+                v16 = torch.empty_like(k16)
+            k16.normal_()
+            v16.normal_()
+            angel_kernels.write_kv_cache(k16, v16, kc, vc, slots[s0 * l:(s0 + n) * l], ks, vs)
+        H.sync(device)
+        ref = (lambda: paged_attention_ref(q, int8_loader(kc, vc, ks, vs, d), bt, seq.tolist(), scale, bs))
+        return (q, kc, vc, bt, seq, ks, vs), ref
+
+    state = {}
+    sets, ref = H.build_sets(make)
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv8", tol=1e-2,
+                      note="vLLM's packed int8_per_token_head layout, written by our write kernel",
+                      extra_refs={"vs_fp16_kv": state["vs_fp16"]})
+
 
 
 def providers() -> H.ProviderRegistry:
@@ -346,6 +422,10 @@ def providers() -> H.ProviderRegistry:
               description="vLLM 0.32 unified_attention, int8_per_token_head KV"))
     reg.add(P("sdpa_dense_fp16", prepare_sdpa, floor_kind="kv16",
               description="torch SDPA (flash), contiguous fp16 cache (reference point)"))
+    reg.add(P("angel_fp16", prepare_angel_fp16, available=available_angel, floor_kind="kv16", kind="ours",
+              description="angel_kernels.paged_decode_attention, fp16 KV"))
+    reg.add(P("angel_int8", prepare_angel_int8, available=available_angel, floor_kind="kv8", kind="ours",
+              description="angel_kernels.paged_decode_attention, int8 KV (vLLM packed layout)"))
     return reg
 
 
