@@ -13,7 +13,7 @@ Peers (what users run today), each checked against an fp32 reference of its own 
                          asymmetric int4 group 128, ``gemlite_a8w8`` A8W8 int8 dynamic: the per-token activation
                          quantization runs INSIDE its call, as gemlite does it. Timed under CUDA graphs (its eager
                          call costs 100–300 µs of host overhead).
-Ours (added when ``angel_kernels`` provides the op): ``angel_w8a16``.
+Ours (added when ``angel_kernels`` provides the op): ``angel_w8a16``, ``angel_w4a16`` (symmetric, group 128).
 
 Floors (as in ANCHORS.md): weights once + fp16 activations + fp16 output over the measured copy bandwidth, or the
 FLOPs over the tensor-core peak (fp16 for weight-only, int8 for A8W8/fp8) when that is larger; scales not counted.
@@ -511,6 +511,24 @@ def prepare_angel_w8a16(case, device):
     return H.Prepared(fn=angel_kernels.w8a16_gemm, input_sets=sets, ref=ref, floor_kind="w8", tol=1e-2)
 
 
+def prepare_angel_w4a16(case, device):
+    """Symmetric int4, group 128, fp16 scales (the GPTQ sym layout after our repack)."""
+    import angel_kernels
+
+    m, n, k = case["M"], case["N"], case["K"]
+
+    def make(i):
+        x = _rand_x(m, k, device)
+        w4 = angel_kernels.quantize_weight_int4(_rand_w(n, k, device), GROUP, sym=True)
+        w_deq = angel_kernels.reference.dequantize_int4_ref(w4.qweight, w4.scales, w4.zeros, w4.group_size)
+        # the reference dequantizer returns Wᵀ [K, N]
+        return (x, w4.qweight, w4.scales), (lambda: _ref_matmul(x, w_deq.t()))
+
+    sets, ref = H.build_sets(make)
+    return H.Prepared(fn=lambda x, q, s: angel_kernels.w4a16_gemm(x, q, s, None, GROUP), input_sets=sets, ref=ref,
+                      floor_kind="w4", tol=1e-2, note="symmetric int4, group 128, fp16 scales")
+
+
 def providers() -> H.ProviderRegistry:
     P = H.Provider
     reg = H.ProviderRegistry(FAMILY)
@@ -531,6 +549,8 @@ def providers() -> H.ProviderRegistry:
     # ours
     reg.add(P("angel_w8a16", prepare_angel_w8a16, kind="ours", floor_kind="w8",
               available=_angel("w8a16_gemm", "quantize_weight_int8"), description="angel_kernels.w8a16_gemm"))
+    reg.add(P("angel_w4a16", prepare_angel_w4a16, kind="ours", floor_kind="w4",
+              available=_angel("w4a16_gemm", "quantize_weight_int4"), description="angel_kernels.w4a16_gemm g128"))
     return reg
 
 
