@@ -326,6 +326,7 @@ def test_plan_lists_providers_and_skips():
     assert set(avail) == {"cublas_fp16", "torch_int_mm"}
     assert any("M=1: cublas_fp16, torch_int_mm (skip:" in x for x in lines)
     assert "angel_w8a16" in G.providers().names()
-    assert A.providers().names() == ["vllm_fp16", "vllm_int8", "sdpa_dense_fp16"]
+    assert A.providers().names() == ["vllm_fp16", "vllm_int8", "sdpa_dense_fp16", "angel_fp16", "angel_int8"]
+    assert "angel_w4a16" in G.providers().names()
     with pytest.raises(ValueError):
         G.providers().select(["nope"])
