@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["interpreter_active", "triton_path_for", "reference_forced"]
+__all__ = ["interpreter_active", "reference_forced", "triton_runnable_on"]
 
 
 def _env_flag(name: str) -> bool:
@@ -27,10 +27,8 @@ def reference_forced() -> bool:
     return _env_flag("ANGEL_KERNELS_REFERENCE")
 
 
-def triton_path_for(t: torch.Tensor) -> bool:
-    """Whether an op on tensor ``t`` should run a Triton kernel (compiled on CUDA, interpreted on CPU)."""
-    if reference_forced():
-        return False
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and interpreter_active()
+def triton_runnable_on(device: torch.device) -> tuple[bool, str]:
+    """``can_implement`` answer shared by every Triton candidate: a CUDA device, or the CPU under the interpreter."""
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
+        return True, ""
+    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {device})"
