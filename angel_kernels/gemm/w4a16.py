@@ -10,6 +10,9 @@ Candidates (``ANGEL_KERNELS_FORCE_W4A16`` / ``ANGEL_KERNELS_DISABLE=w4a16.<name>
   planes) are a small fraction.
 - ``tiled``: Triton tiled GEMM that loads packed int4 tiles and dequantizes in registers: one scale (and zero)
   row per K-block (``BLOCK_K <= group_size``), ``(q − z) · s`` in x.dtype, fp32 accumulation in the MMA chain.
+  Swap-AB tiles as w8a16 (weight rows on the MMA's M side: 64 rows feed wgmma even for one token, and the
+  dequantized tile is K-minor, the A operand's order, which wgmma takes from registers) and a deterministic
+  split-K chosen from N, K and the group size (never from M) when N alone cannot fill the GPU.
 - ``reference``: the fp32 pure-torch reference (CPU path).
 
 Dequantization in the tiled kernel (two constexpr switches, both in the tuned config's ``extra``):
@@ -23,11 +26,12 @@ Dequantization in the tiled kernel (two constexpr switches, both in the tuned co
 - ``INTERLEAVE=1``: load each packed word once ([BLOCK_N, BLOCK_K // 8] tile) and work on two nibbles per 32-bit
   op (mask 0x000F000F takes nibbles j and j + 4 into the two 16-bit lanes, OR 0x64006400 makes both fp16), then
   rebuild the [BLOCK_N, BLOCK_K] tile with three levels of ``tl.join`` and a reshape (join puts the new axis
-  last, so the tile is built K-minor and transposed for the dot). ``INTERLEAVE=0`` loads a [BLOCK_K, BLOCK_N]
+  last, so the tile is built K-minor: the swap-AB A operand as is). ``INTERLEAVE=0`` loads a [BLOCK_N, BLOCK_K]
   tile of words (each word read 8 times and staged as int32: 4 bytes of shared memory per weight) and shifts
   each element by 4 · (k mod 8): simple, but heavy on shared memory and load instructions.
-  Compiled for sm_90 (Triton 3.9 PTX), MAGIC=1 INTERLEAVE=1 has no int→float conversion and only f16x2 math in
-  its dequantization; MAGIC=0 has one cvt per weight.
+  Compiled for sm_90 with Triton 3.9 (PTX read, not run): MAGIC=1 INTERLEAVE=1 has no int→float conversion and
+  only f16x2 / bf16x2 math in its dequantization (per 2 weights: shift, and, add, or, one packed sub and mul)
+  and feeds wgmma's A operand from registers after one shared-memory pass; MAGIC=0 has one cvt per weight.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -72,10 +76,10 @@ def block_k_for(group_size: int) -> int:
 
 
 @triton.jit
-def _dequant_kmajor(w, shifts, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
+def _dequant_gather(w, shifts, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
                     CT: tl.constexpr):
-    """Words w [BLOCK_K, BLOCK_N] (row k holds word k // 8) → dequantized [BLOCK_K, BLOCK_N] in CT."""
-    nib = (w >> shifts[:, None]) & 0xF
+    """Words w [BLOCK_N, BLOCK_K] (column k holds word k // 8) → dequantized [BLOCK_N, BLOCK_K] in CT."""
+    nib = (w >> shifts) & 0xF
     if MAGIC:
         v = ((nib + (zc & 0xFFFF)) | (MAGIC_BITS & 0xFFFF)).to(tl.int16).to(DT, bitcast=True).to(CT)
     else:
@@ -114,62 +118,70 @@ def _dequant_interleaved(w, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.cons
 
 @triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, bias_ptr, y_ptr,
-    M, N, K, group_size,
+    x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, K_PER_SPLIT, group_size,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_ym, stride_yn,
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
     BF16: tl.constexpr,  # activations are bf16 (selects the magic constant)
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
-    MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
+    """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ, as w8a16.
+
+    The dequantized weight rows are the MMA's M side (≥ 64 rows feed Hopper's wgmma even for one token, and the
+    tile comes out of the unpacking K-minor, as the A operand wants it) and the tokens its N side. With
+    SPLIT_K > 1 each program writes an fp32 partial; the last of a tile's SPLIT_K programs to finish (an acq_rel
+    counter) sums the partials in split order 0, 1, … (deterministic), applies the epilogue, resets the counter.
+    """
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     # (q − z) · s is computed in x.dtype (CT = DT); the interpreter's bf16 casts and arithmetic are wrong, so
     # there it is computed in fp32 (the values are the same; only the bf16 rounding of the weight is skipped).
     CT: tl.constexpr = tl.float32 if (DOT_FP32 and BF16) else DT
-    # Magic numbers: 0x6400 is fp16 1024.0 and 0x4300 bf16 128.0, both with an ulp of 1, so OR-ing (adding)
-    # a value 0..31 into the mantissa gives base + value exactly; twice per int32 word (two 16-bit lanes).
+    # Magic numbers: 0x6400 is fp16 1024.0 and 0x4300 bf16 128.0, both with an ulp of 1, so OR-ing a value
+    # 0..31 into the mantissa gives base + value exactly; twice per int32 word (two 16-bit lanes).
     MAGIC_BITS: tl.constexpr = 0x43004300 if BF16 else 0x64006400
     BASE: tl.constexpr = (128.0 if BF16 else 1024.0) if MAGIC else 0.0
     ZERO_BIAS: tl.constexpr = 16  # keeps 16 + q − z >= 0 for zeros up to 16
     BLOCK_R: tl.constexpr = BLOCK_K // 8  # packed word rows per K-block
 
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped launch order: GROUP_M row-blocks walk the same weight columns together (weight reuse in L2).
-    num_pid_in_group = GROUP_M * num_pid_n
+    # Grouped order: GROUP_N weight tiles are visited by every token tile before moving on (x and W reuse in L2).
+    num_pid_in_group = GROUP_N * num_pid_m
     group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    first_pid_n = group_id * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
+    pid_m = (pid % num_pid_in_group) // group_size_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
     mask_n = offs_n < N
+    mask_m = offs_m < M
+    k_start = pid_k * K_PER_SPLIT  # a multiple of BLOCK_K, so every K-block stays inside one scale group
     # int64 row offsets: M·K and M·N can exceed 2^31 elements for long prefills of wide layers.
-    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # [1, BLOCK_M]
     if INTERLEAVE:
         offs_r = tl.arange(0, BLOCK_R)
-        qw_ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + offs_r[None, :] * stride_qk  # [BN, BR]
+        qw_ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + (k_start // 8 + offs_r)[None, :] * stride_qk
     else:
-        qw_ptrs = qw_ptr + offs_n[None, :].to(tl.int64) * stride_qn + (offs_k // 8)[:, None] * stride_qk  # [BK, BN]
-        shifts = (offs_k % 8) * 4
+        qw_ptrs = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn + ((k_start + offs_k) // 8)[None, :] * stride_qk
+        shifts = ((offs_k % 8) * 4)[None, :]
     s_ptrs = scale_ptr + offs_n * stride_sn
     z_ptrs = zero_ptr + offs_n * stride_zn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k0 = kb * BLOCK_K
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
         mask_k = offs_k < K - k0  # only channel-wise K has a tail; K is a multiple of 8
         if HAS_PERM:  # act-order: packed row k pairs with x column perm[k]
-            cols = tl.load(perm_ptr + k0 + offs_k, mask=mask_k, other=0)
-            x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            cols = tl.load(perm_ptr + k0 + offs_k, mask=mask_k, other=0).to(tl.int64)
         else:
-            x = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            cols = k0 + offs_k
+        x = tl.load(x_cols + cols[:, None] * stride_xk, mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
         # BLOCK_K <= group_size and divides it: the whole K-block shares one scale (and zero) row.
         g = (k0 // group_size).to(tl.int64)
         s = tl.load(s_ptrs + g * stride_sg, mask=mask_n, other=0.0).to(CT)
@@ -189,27 +201,68 @@ def _w4a16_gemm_kernel(
             off = tl.full((BLOCK_N,), BASE + 8.0, CT)
         if INTERLEAVE:
             w = tl.load(qw_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 8)[None, :], other=0)
-            v = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT,
+            a = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT,
                                      BLOCK_N, BLOCK_K)
-            b = tl.trans(v)  # [BK, BN]
         else:
-            w = tl.load(qw_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
-            b = _dequant_kmajor(w, shifts, zc[None, :], off[None, :], s[None, :], MAGIC, MAGIC_BITS, DT, CT)  # [BK, BN]
-        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M/BLOCK_N are.
+            w = tl.load(qw_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+            a = _dequant_gather(w, shifts, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT)
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
         if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), b.to(tl.float32), acc)
+            acc = tl.dot(a.to(tl.float32), x.to(tl.float32), acc)
         else:
-            acc = tl.dot(x, b, acc)
+            acc = tl.dot(a, x, acc)
         qw_ptrs += BLOCK_R * stride_qk
 
+    if SPLIT_K > 1:
+        tile = pid_n * num_pid_m + pid_m
+        part_offs = offs_n[:, None].to(tl.int64) + offs_m[None, :].to(tl.int64) * N  # partials: [SPLIT_K, M, N]
+        tile_mask = mask_n[:, None] & mask_m[None, :]
+        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part_offs, acc, mask=tile_mask)
+        # acq_rel: our partial is visible before the count moves; the last program sees every partial.
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            acc = tl.load(part_ptr + part_offs, mask=tile_mask, other=0.0)
+            for sk in range(1, SPLIT_K):
+                acc += tl.load(part_ptr + sk * M * N + part_offs, mask=tile_mask, other=0.0)
+            tl.store(count_ptr + tile, 0)
+            _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn,
+                    HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-def _modes(magic: int = 1, interleave: int = 1, group_m: int = 8) -> tuple[tuple[str, int], ...]:
-    return (("GROUP_M", group_m), ("INTERLEAVE", interleave), ("MAGIC", magic))
+def _modes(magic: int = 1, interleave: int = 1, group_n: int = 8) -> tuple[tuple[str, int], ...]:
+    return (("GROUP_N", group_n), ("INTERLEAVE", interleave), ("MAGIC", magic))
+
+
+# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with 64-row weight tiles (as w8a16):
+# N=4096 alone gives 64 programs. The split depends on N, K and the group size (BLOCK_K), never on M.
+SPLIT_TARGET_PROGRAMS = 256
+MAX_SPLIT_K = 8
+MIN_K_PER_SPLIT = 1024  # input features per split: 512 bytes of int4 per weight row, 8 K-blocks of 128
+
+
+def split_k_for(n: int, k: int, block_k: int) -> int:
+    """Split count from the weight shape (and its group's BLOCK_K) alone; never from M."""
+    tiles = triton.cdiv(n, 64)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while (
+        tiles * split < SPLIT_TARGET_PROGRAMS
+        and split * 2 <= MAX_SPLIT_K
+        and steps % (split * 2) == 0
+        and k // (split * 2) >= MIN_K_PER_SPLIT
+    ):
+        split *= 2
+    return split
 
 
 def interpreter_config(group_size: int) -> KernelConfig:
@@ -220,10 +273,10 @@ def interpreter_config(group_size: int) -> KernelConfig:
 def heuristic_config(p: W4A16Problem) -> KernelConfig:
     """Untuned default by M regime (used when the store has no entry for this GPU and shape)."""
     bk = block_k_for(p.group_size)
-    if p.M <= 16:
-        # weight streaming: 64-column tiles while that still gives >= 132 programs (one per H100 SM), else 32
-        bn = 64 if p.N >= 64 * 132 else 32
-        return KernelConfig(16, bn, bk, num_warps=4, num_stages=4, extra=_modes(group_m=1))
+    if p.M <= 16:  # 64 weight rows: the smallest wgmma M side; split-K fills the GPU when N is small
+        return KernelConfig(16, 64, bk, num_warps=4, num_stages=4, extra=_modes(group_n=1))
+    if p.M <= 32:
+        return KernelConfig(32, 64, bk, num_warps=4, num_stages=4, extra=_modes())
     if p.M <= 64:
         return KernelConfig(64, 128, bk, num_warps=4, num_stages=4, extra=_modes())
     return KernelConfig(128, 128, bk, num_warps=8, num_stages=3, extra=_modes())
@@ -235,34 +288,61 @@ def config_for(p: W4A16Problem) -> KernelConfig:
     return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
 
 
-def launch_tiled(
-    x2: torch.Tensor, qweight, scales, zeros, group_size: int, bias, perm, cfg: KernelConfig, out=None
-) -> torch.Tensor:
-    """x2 [M, K] → y [M, N] with the Triton tiled kernel and an explicit config (group_size: K for channel-wise).
+# Split-K tile counters, one zeroed int32 buffer per device, grown on demand; every launch leaves it zeroed.
+_COUNTERS: dict = {}
 
-    ``out`` (tests): an [M, N] buffer of x.dtype to write into instead of a fresh one.
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def launch_tiled(
+    x2: torch.Tensor,
+    qweight,
+    scales,
+    zeros,
+    group_size: int,
+    bias,
+    perm,
+    cfg: KernelConfig,
+    split_k: Optional[int] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """x2 [M, K] → y [M, N] with the Triton kernel and an explicit config (group_size: K for channel-wise).
+
+    Split-K from N, K and BLOCK_K unless given; ``out`` (tests): an [M, N] buffer of x.dtype to write into.
     """
     M, K = x2.shape
     N = qweight.shape[1]
     if group_size != K and group_size % cfg.BLOCK_K:  # channel-wise (one scale row) takes any BLOCK_K
         raise ValueError(f"BLOCK_K={cfg.BLOCK_K} must divide group_size={group_size}: a K-block needs one scale row")
+    if split_k is None:
+        split_k = split_k_for(N, K, cfg.BLOCK_K)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
-    meta = cfg.meta()
-    meta.setdefault("GROUP_M", 8)
-    meta.setdefault("MAGIC", 1)
-    meta.setdefault("INTERLEAVE", 1)
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
-    _w4a16_gemm_kernel[grid](
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+    if split_k > 1:
+        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
+        counters = _tile_counters(x2.device, num_tiles)
+    else:
+        partials = counters = y  # unused
+    meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
+    _w4a16_gemm_kernel[(num_tiles, split_k)](
         x2, qweight, scales,
         zeros if zeros is not None else qweight, perm if perm is not None else qweight,
-        bias if bias is not None else scales, y,
-        M, N, K, group_size,
+        bias if bias is not None else scales, y, partials, counters,
+        M, N, K, k_per_split, group_size,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
         y.stride(0), y.stride(1),
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         BF16=x2.dtype == torch.bfloat16,
         DOT_FP32=x2.device.type == "cpu",
+        SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
@@ -289,8 +369,8 @@ def _run_dequant_matmul(p, x2, qweight, scales, zeros, bias, perm):
     w = dequantize_packed(qweight, scales, zeros, p.group_size, x2.dtype)
     if perm is not None:
         x2 = x2.index_select(1, perm)
-    y = x2 @ w
-    return y + bias if bias is not None else y
+    # addmm adds the bias in the GEMM epilogue: one rounding to x.dtype instead of two
+    return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 
 def _run_reference(p, x2, qweight, scales, zeros, bias, perm):
@@ -408,7 +488,8 @@ def w4a16_gemm(
 def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
     """Configs worth timing for a problem's M regime (pruned for shared memory and scale groups before timing).
 
-    BLOCK_K is fixed by the group size (batch invariance); both dequantization modes compete.
+    BLOCK_K is fixed by the group size and split-K by the weight shape (batch invariance); token tiles follow
+    the M bucket, weight tiles start at 64 rows (wgmma's M side); both dequantization layouts compete.
     """
     from itertools import product
 
@@ -416,20 +497,19 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
 
     bk = block_k_for(p.group_size)
     modes = ((1, 1), (1, 0))  # (MAGIC, INTERLEAVE); MAGIC=0 is the plain control, timed by the benchmarks
-    if p.M <= 16:  # weight streaming: narrow N tiles for enough programs, deep pipelines for bytes in flight
-        space = product((16,), (16, 32, 64, 128), (2, 4), (3, 4, 5, 6), (1,), modes)
-    elif p.M <= 64:
-        space = product((16, 32, 64), (64, 128), (4, 8), (3, 4), (8,), modes)
+    token_tiles = {16: (16,), 32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
+        space = product(token_tiles, (64, 128), (4,), (3, 4, 5, 6), (1,), modes)
     else:
-        space = product((64, 128), (128, 256), (4, 8), (3, 4), (8,), modes)
+        space = product(token_tiles, (64, 128, 256), (4, 8), (3, 4), (8,), modes)
     configs = [
-        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=_modes(magic, inter, gm))
-        for bm, bn, w, s, gm, (magic, inter) in space
+        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=_modes(magic, inter, gn))
+        for bm, bn, w, s, gn, (magic, inter) in space
     ]
     group = p.group_size if p.group_size in GROUP_SIZES else None  # channel-wise: one scale row, any BLOCK_K
     kept = []
     for cfg in configs:
-        # INTERLEAVE=0 stages its [BLOCK_K, BLOCK_N] tile of words as int32: 4 bytes of shared memory per weight
+        # INTERLEAVE=0 stages its [BLOCK_N, BLOCK_K] tile of words as int32: 4 bytes of shared memory per weight
         b_bytes = 0.5 if dict(cfg.extra)["INTERLEAVE"] else 4
         kept += prune_configs([cfg], K=p.K, a_bytes=p.dtype.itemsize, b_bytes=b_bytes, group_size=group)
     return kept
@@ -445,11 +525,15 @@ def tune(
     device="cuda",
     dtype=torch.float16,
     store=None,
+    invariant_with: Optional[KernelConfig] = None,
     bench=None,
-) -> KernelConfig:
+) -> tuple[KernelConfig, dict]:
     """Warm-up step: time ``tuning_space`` for one (N, K, group, M bucket), check each result, record the fastest.
 
+    ``invariant_with``: a config for M=1; a candidate config is then admitted only if rows 0 and M-1 of its
+    output equal, bitwise, the M=1 config's output for those rows alone (batch invariance).
     ``bench(call) -> µs`` defaults to Triton's ``do_bench`` median (see ``tune_kernel``).
+    Returns the winner and every admitted config's time.
     """
     from ..quantization.int4 import quantize_weight_int4
     from ..testing import relative_error
@@ -462,15 +546,22 @@ def tune(
     x = torch.randn(p.M, k, device=device, generator=gen).to(dtype)
     w = quantize_weight_int4(torch.randn(n, k, device=device, generator=gen).to(dtype) * 0.05, group_size, sym=sym)
     ref = w4a16_gemm_ref(x, w.qweight, w.scales, w.zeros, g)
+    rows = sorted({0, p.M - 1})
+    singles = None
+    if invariant_with is not None:
+        singles = [launch_tiled(x[i : i + 1], w.qweight, w.scales, w.zeros, g, None, None, invariant_with) for i in rows]
 
     def check(y):
         err = relative_error(y, ref)
         if not err < 1e-2:
             raise ValueError(f"relative error {err}")
+        if singles is not None:
+            for i, single in zip(rows, singles):
+                if not torch.equal(y[i : i + 1], single):
+                    raise ValueError(f"row {i} differs from its M=1 result")
 
-    best, _ = tune_kernel(
+    return tune_kernel(
         store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
         lambda cfg: (lambda: launch_tiled(x, w.qweight, w.scales, w.zeros, g, None, None, cfg)), device,
         check=check, bench=bench,
     )
-    return best

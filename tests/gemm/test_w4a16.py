@@ -15,6 +15,7 @@ from angel_kernels.gemm.w4a16 import (
     dequantize_packed,
     interpreter_config,
     launch_tiled,
+    split_k_for,
     tune,
     tuning_space,
 )
@@ -136,6 +137,31 @@ def test_tiled_writes_every_element(group, k, device):
     y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, None, interpreter_config(w.group_size), out=out)
     assert y.data_ptr() == out.data_ptr()
     assert_close(y, _ref(x, w, b))
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("group,k", [(64, 384), (-1, 200)])
+def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, group, k, device):
+    """Deterministic split-K (last program of a tile sums the partials in order), act-order and K tails included."""
+    from angel_kernels.gemm import w4a16 as mod
+
+    x, w, b, perm = _inputs(19, 144, k, torch.float16, device, seed=split_k, group=group, sym=False, bias=True,
+                            act_order=True)
+    p = W4A16Problem(19, 144, k, w.group_size, x.dtype, device)
+    cfg = interpreter_config(w.group_size) if device.type == "cpu" else mod.heuristic_config(p)
+    for _ in range(2):  # the second call proves the tile counters were reset by the first
+        y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, cfg, split_k=split_k)
+        assert_close(y, _ref(x, w, b, perm), name=f"split_k={split_k}")
+    assert int(mod._COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_split_k_depends_on_weight_shape_only():
+    assert split_k_for(28672, 4096, 128) == 1  # 448 tiles of 64 rows already fill the GPU
+    assert split_k_for(4096, 14336, 128) == 4
+    assert split_k_for(6144, 4096, 128) == 4
+    assert split_k_for(4096, 4096, 32) == 4  # group 32: same split, more K-blocks per split
+    assert split_k_for(8192, 28672, 64) == 2
+    assert split_k_for(64, 1024, 128) == 1  # too few K values to split
 
 
 def test_dequantize_packed_matches_reference(device):
@@ -275,9 +301,11 @@ def test_tune_records_a_checked_config(tmp_path, device):
     if device.type == "cuda":
         pytest.skip("compiles the whole tuning space: run by the benchmarks on a GPU")
     store = TunedConfigStore(tmp_path)
-    best = tune(96, 128, 3, group_size=64, sym=False, device=device, store=store, bench=lambda call: 1.0)
+    m1 = interpreter_config(64)
+    best, timings = tune(96, 128, 3, group_size=64, sym=False, device=device, store=store, invariant_with=m1,
+                         bench=lambda call: 1.0)
     p = W4A16Problem(4, 96, 128, 64, torch.float16, device)
-    assert best in tuning_space(p)
+    assert best in tuning_space(p) and set(timings) == set(tuning_space(p))  # all admitted (batch-invariant)
     assert store.lookup("w4a16.tiled", p.key(), device) == best
 
 
