@@ -1,9 +1,10 @@
 """KV cache write: scatter the new tokens' key/value rows into a paged cache, quantizing for int8 caches.
 
 int8 caches: one fp32 scale per (token, KV head), ``scale = max(absmax / 127, eps)``, values
-``clamp(round_half_even(x / scale), -127, 127)`` with IEEE division: bit-identical to
-``reference.quantize_kv_ref`` (the attention kernels read any int8 · scale, so caches written by vLLM's own
-kernel, which rounds half away from zero and may store -128, read correctly too). fp16/bf16 caches: a copy.
+``clamp(round_half_even(x / scale), -127, 127)`` with correctly rounded fp32 division in both steps:
+bit-identical to ``reference.quantize_kv_ref`` on every device (the attention kernels read any int8 · scale,
+so caches written by vLLM's own kernel, which rounds half away from zero and may store -128, read correctly
+too). fp16/bf16 caches: a copy.
 
 Candidates (``ANGEL_KERNELS_FORCE_KV_WRITE`` / ``ANGEL_KERNELS_DISABLE=kv_write.<name>``):
 - ``triton``: one program per (token, group of KV heads); a negative slot skips the token.
@@ -53,11 +54,17 @@ def _write_rows(
     dst = dst_ptr + heads[:, None] * stride_dst_h + dims[None, :]
     x = tl.load(src, mask=head_mask[:, None], other=0.0)
     if QUANT:
+        # Bit-exact with reference.quantize_kv_ref; every step is one correctly rounded IEEE fp32 operation:
+        # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
+        # - both divisions are tl.math.div_rn (PTX div.rn.f32): Triton's plain fp32 '/' lowers to the
+        #   approximate div.full.f32 on NVIDIA GPUs, and a reciprocal multiply x · (1/127) is a second rounding
+        #   (it differs from x / 127 in the last bit for ~4.5 % of inputs);
+        # - the rounding is two separate fp32 adds (add.rn is PTX's default) and no multiplication is anywhere
+        #   in the chain, so FMA contraction (which fuses a mul into an add) cannot change a result.
         xf = x.to(tl.float32)
-        # div_rn: IEEE division, like torch's; plain '/' compiles to an approximate division on NVIDIA GPUs
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), axis=1), QMAX), SCALE_EPS)
         y = tl.math.div_rn(xf, scale[:, None])
-        y = (y + RNE_MAGIC) - RNE_MAGIC
+        y = (y + RNE_MAGIC) - RNE_MAGIC  # round half to even (|y| <= ~128 << 2^22)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         tl.store(dst, y.to(tl.int8), mask=head_mask[:, None])
         tl.store(scale_ptr + heads * stride_scale_h, scale, mask=head_mask)
@@ -176,7 +183,7 @@ def _check_slots_on_host(slot_mapping: torch.Tensor, num_slots: int) -> None:
         raise ValueError(f"slot_mapping has slot {top} but the cache holds {num_slots} slots (num_blocks · block_size)")
 
 
-def _write_fake(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
+def _write_fake(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
     _validate(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
@@ -197,12 +204,40 @@ def _samples(device):
         yield (key, value, kc, vc, slots, ks, vs), {}
 
 
+# The registered op's schema gives k_scale/v_scale no default on purpose:
+#   write_kv_cache(Tensor key, Tensor value, Tensor(a2!) key_cache, Tensor(a3!) value_cache, Tensor slot_mapping,
+#                  Tensor(a5!)? k_scale, Tensor(a6!)? v_scale) -> ()
+# When a Python kernel is called back from the dispatcher, trailing positional arguments equal to their schema
+# default are dropped from ``args``; torch 2.11's version-bump kernel of mutable custom ops (ADInplaceOrView)
+# then indexes ``args`` by the mutated arguments' schema positions and fails with ``IndexError`` for fp16/bf16
+# caches (both scales None). An argument without a default is always passed. The user-facing defaults live in
+# the thin ``write_kv_cache`` below, which always passes all seven arguments.
 @register_op(
     "write_kv_cache",
     fake=_write_fake,
     samples=_samples,
     mutates_args=("key_cache", "value_cache", "k_scale", "v_scale"),
 )
+def _write_kv_cache_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: Optional[torch.Tensor],
+    v_scale: Optional[torch.Tensor],
+) -> None:
+    num_slots = _validate(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+    _check_slots_on_host(slot_mapping, num_slots)
+    if key.shape[0] == 0:
+        return
+    p = KVWriteProblem(
+        key.shape[0], key.shape[1], key.shape[2], key_cache.shape[1], key.dtype, key_cache.dtype, key.device
+    )
+    cand = KV_WRITE.select(p, force="reference" if reference_forced() else None)
+    cand.run(p, key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+
+
 def write_kv_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -217,14 +252,7 @@ def write_kv_cache(
     key_cache/value_cache: [num_blocks, block_size, H_kv, D] views, int8 (then k_scale/v_scale fp32
     [num_blocks, block_size, H_kv] receive one scale per token and head) or the dtype of key/value.
     slot_mapping: int64 [T], ``block · block_size + offset``; a negative slot leaves the cache untouched.
-    Registered as ``torch.ops.angel_kernels.write_kv_cache``.
+    Calls the registered op ``torch.ops.angel_kernels.write_kv_cache``, which takes all seven arguments
+    (pass ``None, None`` as the scales of fp16/bf16 caches).
     """
-    num_slots = _validate(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
-    _check_slots_on_host(slot_mapping, num_slots)
-    if key.shape[0] == 0:
-        return
-    p = KVWriteProblem(
-        key.shape[0], key.shape[1], key.shape[2], key_cache.shape[1], key.dtype, key_cache.dtype, key.device
-    )
-    cand = KV_WRITE.select(p, force="reference" if reference_forced() else None)
-    cand.run(p, key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
+    _write_kv_cache_op(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)

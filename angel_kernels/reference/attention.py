@@ -22,10 +22,15 @@ KV_SCALE_EPS = SCALE_EPS
 def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(token, head) symmetric int8: x [..., D] → (q int8 [..., D], scale fp32 [...]), x ≈ q · scale[..., None].
 
-    IEEE fp32 division and round-half-to-even: the Triton write kernel reproduces these values bit for bit.
+    Correctly rounded fp32 division in both steps and round-half-to-even, the same values on every device: the
+    Triton write kernel reproduces them bit for bit.
     """
     xf = x.to(torch.float32)
-    scale = torch.div(xf.abs().amax(dim=-1), INT8_QMAX).clamp_min(KV_SCALE_EPS)
+    absmax = xf.abs().amax(dim=-1)
+    # The divisor is a tensor on x's device, never a Python number: on CUDA, torch computes ``tensor / number``
+    # as ``tensor * (1 / number)``, two roundings that differ from absmax / 127 in the last bit for ~4.5 % of
+    # rows (and then flip some q by one). Tensor ÷ tensor is IEEE division on CPU and CUDA alike.
+    scale = torch.div(absmax, torch.full_like(absmax, INT8_QMAX)).clamp_min(KV_SCALE_EPS)
     q = torch.round(xf / scale[..., None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
 

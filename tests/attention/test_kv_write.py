@@ -32,8 +32,8 @@ def _case(T, H, D, block_size, num_blocks, cache_dtype, dtype, seed, pad_every=0
     key = randn(T, H, D, dtype=dtype, generator=g, scale=scale)
     value = randn(T, H, D, dtype=dtype, generator=g, scale=scale)
     slots = torch.randperm(num_blocks * block_size, generator=g)[:T].to(torch.int64)
-    if pad_every:
-        slots[::pad_every] = -1
+    if pad_every:  # tokens pad_every - 1, 2 · pad_every - 1, ...: a one-token case still writes its token
+        slots[pad_every - 1 :: pad_every] = -1
     caches = empty_caches(num_blocks, block_size, H, D, cache_dtype)
     return key, value, slots, caches
 
@@ -212,6 +212,50 @@ def test_fp_cache_rejects_scales_and_other_dtypes():
         write_kv_cache(**args)  # fp16 key into a bf16 cache
 
 
+def test_registered_op_schema_has_no_defaults_on_mutated_scales():
+    """The dispatcher drops trailing arguments equal to their schema default before calling Python kernels;
+    torch 2.11's version bump of mutated arguments then indexed past the end of ``args`` (IndexError) for
+    fp16/bf16 caches. Mutated optional arguments therefore have no default in the schema."""
+    schema = torch.ops.angel_kernels.write_kv_cache.default._schema
+    mutated = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    assert [a.name for a in mutated] == ["key_cache", "value_cache", "k_scale", "v_scale"]
+    assert all(not a.has_default_value() for a in mutated), str(schema)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16, torch.int8])
+def test_public_function_and_torch_ops_with_omitted_and_none_scales(cache_dtype, device):
+    """Every way of calling the write gives the reference's bits and bumps the caches' versions; fp16/bf16
+    caches get None scales (explicit, or omitted through the public function)."""
+    dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float16
+    key, value, slots, _ = _case(5, 2, 64, 16, 2, cache_dtype, dtype, seed=9, pad_every=3)
+    want = _clone(*empty_caches(2, 16, 2, 64, cache_dtype))
+    write_kv_cache_ref(key, value, want[0], want[1], slots, want[2], want[3])
+    key, value, slots = key.to(device), value.to(device), slots.to(device)
+    op = torch.ops.angel_kernels.write_kv_cache
+    calls = {
+        "public, positional": lambda c: write_kv_cache(key, value, c[0], c[1], slots, c[2], c[3]),
+        "public, keywords": lambda c: write_kv_cache(key=key, value=value, key_cache=c[0], value_cache=c[1],
+                                                     slot_mapping=slots, k_scale=c[2], v_scale=c[3]),
+        "torch.ops, positional": lambda c: op(key, value, c[0], c[1], slots, c[2], c[3]),
+        "torch.ops, keywords": lambda c: op(key, value, c[0], c[1], slots, k_scale=c[2], v_scale=c[3]),
+        "torch.ops overload": lambda c: op.default(key, value, c[0], c[1], slots, c[2], c[3]),
+    }
+    if cache_dtype != torch.int8:
+        calls["public, scales omitted"] = lambda c: write_kv_cache(key, value, c[0], c[1], slots)
+    for name, call in calls.items():
+        caches = [None if t is None else t.to(device) for t in empty_caches(2, 16, 2, 64, cache_dtype)]
+        assert (caches[2] is None) == (cache_dtype != torch.int8)
+        versions = [t._version for t in caches if t is not None]
+        call(caches)
+        _assert_same([None if t is None else t.cpu() for t in caches], want, name)
+        assert all(t._version > v for t, v in zip([t for t in caches if t is not None], versions)), name
+    if cache_dtype != torch.int8:
+        # the registered op has no defaults for the scales: torch.ops callers pass None explicitly
+        kc, vc, _, _ = empty_caches(2, 16, 2, 64, cache_dtype)
+        with pytest.raises(RuntimeError, match="missing value for argument 'k_scale'"):
+            op(key.cpu(), value.cpu(), kc, vc, slots.cpu())
+
+
 def test_inline_scale_views_rejects_wrong_content_size():
     with pytest.raises(ValueError, match="2 \\* \\(head_dim"):
         inline_scale_views(torch.zeros(2, 2, 16, 2 * 64, dtype=torch.int8), 64)
@@ -232,18 +276,37 @@ def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
 # ---------------------------------------------------------------- GPU tier: real shapes, compiled kernel
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1e-4, 3.0, 300.0])
+def test_gpu_reference_quantizer_is_device_independent(dtype, magnitude):
+    """quantize_kv_ref gives the same bits on CUDA as on the CPU (IEEE division in both steps on both)."""
+    g = make_generator(17)
+    x = randn(20000, 8, 128, dtype=dtype, generator=g, scale=magnitude)
+    q_cpu, s_cpu = quantize_kv_ref(x)
+    q_gpu, s_gpu = quantize_kv_ref(x.cuda())
+    assert torch.equal(_bits(s_gpu.cpu()), _bits(s_cpu)), "scales differ between CUDA and CPU"
+    assert torch.equal(q_gpu.cpu(), q_cpu), "int8 values differ between CUDA and CPU"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("T", [1, 7, 4096])
 def test_gpu_write_bitwise(dtype, head_dim, T):
-    """div_rn and the round-half-even trick must compile to exactly torch's fp32 division and rounding."""
+    """div_rn and the round-half-even trick must compile to exactly IEEE fp32 division and rounding: the
+    compiled kernel matches the reference run on the GPU and on the CPU."""
     H, bs = 8, 16
     nb = -(-T // bs) + 2
     key, value, slots, caches = _case(T, H, head_dim, bs, nb, torch.int8, dtype, seed=T, pad_every=5, scale=3.0)
+    assert (slots >= 0).any()
+    want_cpu = _clone(*caches)
+    write_kv_cache_ref(key, value, want_cpu[0], want_cpu[1], slots, want_cpu[2], want_cpu[3])
     caches = [c.cuda() for c in caches]
     want = _clone(*caches)
     write_kv_cache(key.cuda(), value.cuda(), caches[0], caches[1], slots.cuda(), caches[2], caches[3])
     write_kv_cache_ref(key.cuda(), value.cuda(), want[0], want[1], slots.cuda(), want[2], want[3])
-    _assert_same([c.cpu() for c in caches], [c.cpu() for c in want], "gpu")
+    got = [c.cpu() for c in caches]
+    _assert_same(got, [c.cpu() for c in want], "gpu vs reference on the gpu")
+    _assert_same(got, want_cpu, "gpu vs reference on the cpu")
 
 
 @pytest.mark.gpu
@@ -256,8 +319,9 @@ def test_gpu_vllm_packed_layout():
     value = randn(300, H, D, device="cuda", generator=g)
     slots = torch.randperm(nb * bs, device="cuda", generator=g)[:300]
     write_kv_cache(key, value, kc, vc, slots, ks, vs)
-    qk, sk = quantize_kv_ref(key)
-    qv, sv = quantize_kv_ref(value)
     blk, off = slots // bs, slots % bs
-    assert torch.equal(kc[blk, off], qk) and torch.equal(vc[blk, off], qv)
-    assert torch.equal(ks[blk, off], sk) and torch.equal(vs[blk, off], sv)
+    for where in ("cuda", "cpu"):
+        qk, sk = quantize_kv_ref(key.to(where))
+        qv, sv = quantize_kv_ref(value.to(where))
+        assert torch.equal(kc[blk, off].to(where), qk) and torch.equal(vc[blk, off].to(where), qv), where
+        assert torch.equal(ks[blk, off].to(where), sk) and torch.equal(vs[blk, off].to(where), sv), where

@@ -209,6 +209,23 @@ def test_hypothesis_lengths(lens, block_size, cache_dtype, window, seed):
     assert_close(out, _ref(c, sliding_window=window), name=f"lens {lens}")
 
 
+def test_fp_cache_scales_omitted_or_none_through_torch_ops(device):
+    """The op mutates nothing, so the dispatcher dropping trailing default (None) scales is harmless: omitted,
+    explicit None, positional or keyword, public callable or torch.ops, all give the same bits."""
+    c = build_case([20, 5], cache_dtype=torch.float16, seed=2, device=device)
+    base = (c["q"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"])
+    op = torch.ops.angel_kernels.paged_decode_attention
+    want = paged_decode_attention(*base, None, None, scale=c["scale"])
+    for name, out in {
+        "public, omitted": paged_decode_attention(*base, scale=c["scale"]),
+        "torch.ops, omitted": op(*base, scale=c["scale"]),
+        "torch.ops, None": op(*base, None, None, scale=c["scale"]),
+        "torch.ops, keywords": op.default(*base, k_scale=None, v_scale=None, scale=c["scale"]),
+    }.items():
+        assert torch.equal(out, want), name
+    assert_close(want, _ref(c))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _good():
     return build_case([20, 5], seed=0)
