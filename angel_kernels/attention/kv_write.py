@@ -22,7 +22,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
-from ..runtime import interpreter_active, reference_forced
+from ..runtime import reference_forced, triton_runnable_on
 from .kv_cache import check_kv_caches, check_query_dtype
 
 # Adding then subtracting 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum
@@ -137,18 +137,10 @@ def _run_reference(p, *args):
     write_kv_cache_ref(*args)
 
 
-def _triton_available(p: KVWriteProblem):
-    if p.device.type == "cuda":
-        return True, ""
-    if p.device.type == "cpu" and interpreter_active():
-        return True, ""
-    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {p.device})"
-
-
 KV_WRITE: KernelFamily[KVWriteProblem] = KernelFamily(
     "kv_write",
     [
-        Candidate("triton", can_implement=_triton_available, run=_run_triton),
+        Candidate("triton", can_implement=lambda p: triton_runnable_on(p.device), run=_run_triton),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
     ],
     problem_key=lambda p: (p.num_kv_heads, p.head_dim, p.block_size, p.dtype, p.cache_dtype, p.device.type),

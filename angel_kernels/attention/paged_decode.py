@@ -41,7 +41,7 @@ from .._checks import check_same_device, check_tensor
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
-from ..runtime import interpreter_active, reference_forced
+from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
@@ -396,18 +396,10 @@ def _run_reference(p, q, key_cache, value_cache, block_table, seq_lens, scale, k
                                sliding_window=sliding_window, soft_cap=soft_cap)[:, 0]
 
 
-def _triton_available(p: PagedDecodeProblem):
-    if p.device.type == "cuda":
-        return True, ""
-    if p.device.type == "cpu" and interpreter_active():
-        return True, ""
-    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {p.device})"
-
-
 PAGED_DECODE: KernelFamily[PagedDecodeProblem] = KernelFamily(
     "paged_decode",
     [
-        Candidate("split_kv", can_implement=_triton_available, run=_run_split_kv),
+        Candidate("split_kv", can_implement=lambda p: triton_runnable_on(p.device), run=_run_split_kv),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
     ],
     problem_key=lambda p: (p.key(), p.dtype, p.device.type),
