@@ -44,7 +44,7 @@ from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
-from ..runtime import interpreter_active, reference_forced
+from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w4a16.tiled"
@@ -377,14 +377,6 @@ def _run_reference(p, x2, qweight, scales, zeros, bias, perm):
     return w4a16_gemm_ref(x2, qweight, scales, zeros, p.group_size, bias, perm)
 
 
-def _triton_available(p: W4A16Problem):
-    if p.device.type == "cuda":
-        return True, ""
-    if p.device.type == "cpu" and interpreter_active():
-        return True, ""
-    return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {p.device})"
-
-
 W4A16: KernelFamily[W4A16Problem] = KernelFamily(
     "w4a16",
     [
@@ -394,7 +386,7 @@ W4A16: KernelFamily[W4A16Problem] = KernelFamily(
             run=_run_dequant_matmul,
             suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}"),
         ),
-        Candidate("tiled", can_implement=_triton_available, run=_run_tiled),
+        Candidate("tiled", can_implement=lambda p: triton_runnable_on(p.device), run=_run_tiled),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
     ],
     problem_key=lambda p: (p.N, p.K, p.group_size, m_bucket(p.M), p.dtype, p.device.type),
