@@ -1,11 +1,15 @@
-"""Tune the w8a16 Triton kernel on this GPU and write the config table the package ships.
+"""Tune the w8a16 or w4a16 Triton kernel on this GPU and write the config table the package ships.
 
 For every (shape, M bucket): time each config of ``tuning_space`` (after a correctness check and, with
 ``--invariant``, a bitwise batch-invariance check against the M=1 config), keep the fastest, and print a table
 of the best time next to cuBLAS fp16 on the same shape. Writes ``OUT/<gpu-slug>.json`` in the tuned-config
 format (copy it to angel_kernels/tuning/configs/ to ship it).
 
-Usage: python benchmarks/tune_w8a16.py --out OUT [--shapes 8b.qkv,...] [--m 1,16,...] [--invariant]
+Timings are Triton's do_bench medians (eager, L2 flushed): good for ranking configs, not for reporting; the
+benchmark harness (CUDA graphs, rotating inputs) gives the numbers to report.
+
+Usage: python benchmarks/tune_gemm.py --kernel w8a16|w4a16 --out OUT [--shapes 8b.qkv,...] [--m 1,16,...]
+       [--group 128] [--invariant]
 """
 import argparse
 import time
@@ -13,7 +17,7 @@ import time
 import torch
 import triton.testing
 
-from angel_kernels.gemm import w8a16 as W
+from angel_kernels.gemm import w4a16, w8a16
 from angel_kernels.tuning import M_BUCKETS, TunedConfigStore, gpu_slug
 
 SHAPES = {
@@ -35,11 +39,21 @@ def cublas_us(n, k, m):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kernel", choices=("w8a16", "w4a16"), default="w8a16")
+    ap.add_argument("--group", type=int, default=128, help="w4a16 group size (symmetric weights)")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--m", default=",".join(str(b) for b in M_BUCKETS if b != 2048))
     ap.add_argument("--invariant", action="store_true", help="admit only configs batch-invariant with M=1")
     ap.add_argument("--budget-s", type=float, default=1e9)
     args = ap.parse_args()
+    W = w8a16 if args.kernel == "w8a16" else w4a16
+    extra = {} if args.kernel == "w8a16" else {"group_size": args.group, "sym": True}
+
+    def space_size(m, n, k):
+        if args.kernel == "w8a16":
+            return len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev)))
+        return len(W.tuning_space(W.W4A16Problem(m, n, k, args.group, torch.float16, dev)))
+
     store = TunedConfigStore(args.out)
     dev = torch.device("cuda")
     t0 = time.time()
@@ -53,21 +67,21 @@ def main():
                 break
             inv = m1_cfg if (args.invariant and m > 1) else None
             try:
-                best, timings = W.tune(n, k, m, device=dev, store=store, invariant_with=inv)
+                best, timings = W.tune(n, k, m, device=dev, store=store, invariant_with=inv, **extra)
             except RuntimeError as e:
                 print(f"{name} M={m}: {e}")
-                rows.append((name, m, None, None, len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev))), 0))
+                rows.append((name, m, None, None, space_size(m, n, k), 0))
                 continue
             if m == 1:
                 m1_cfg = best
             ref = cublas_us(n, k, m)
-            n_space = len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev)))
+            n_space = space_size(m, n, k)
             rows.append((name, m, timings[best], ref, n_space, len(timings)))
-            print(f"{name} M={m}: {timings[best]:.1f} us (cuBLAS fp16 {ref:.1f}) split={W.split_k_for(n, k)} "
+            print(f"{name} M={m}: {timings[best]:.1f} us (cuBLAS fp16 {ref:.1f}) "
                   f"best={best.as_dict()} admitted {len(timings)}/{n_space}  [{time.time() - t0:.0f} s]", flush=True)
     path = store.save(dev)
     print(f"wrote {path}")
-    print(f"\n| shape | M | w8a16 tuned µs | cuBLAS fp16 µs | speed-up | configs admitted |\n|---|---|---|---|---|---|")
+    print(f"\n| shape | M | {args.kernel} tuned µs | cuBLAS fp16 µs | speed-up | configs admitted |\n|---|---|---|---|---|---|")
     for name, m, us, ref, n_space, ok in rows:
         if us is None:
             print(f"| {name} | {m} | none admitted | | | 0/{n_space} |")
