@@ -16,6 +16,7 @@ __all__ = [
     "TOLERANCES",
     "tolerances",
     "assert_close",
+    "assert_close_dequantized",
     "relative_error",
     "poison",
     "poisoned_empty",
@@ -95,6 +96,21 @@ def assert_close(
     if problems:
         rel = relative_error(out, ref)
         raise AssertionError(f"{name} ({out.dtype}, shape {tuple(out.shape)}), rel. error {rel:.3g}: " + "; ".join(problems))
+
+
+def assert_close_dequantized(out: torch.Tensor, ref: torch.Tensor, *, name: str = "output") -> None:
+    """For kernels that round each dequantized weight to the activation dtype before the product (fp16: relative
+    2^-11 per weight, bf16: 2^-8), against a reference with exact weights. Their error scales with the magnitude
+    of the terms summed, not with the (possibly cancelled) output value, so:
+    - the whole tensor's relative error must stay under the dtype's epsilon (measured: 2.8e-4 fp16, 2.2e-3 bf16,
+      i.e. u/√3 as random rounding predicts), and
+    - each element within 4·eps·max|ref| (a wrong term is of the order of max|ref| / √K or larger).
+    """
+    eps = torch.finfo(out.dtype).eps
+    rel = relative_error(out, ref)
+    if not rel <= eps:
+        raise AssertionError(f"{name}: relative error {rel:.3g} > {eps:.3g} (eps of {out.dtype})")
+    assert_close(out, ref, atol=4 * eps * ref.detach().abs().amax().item(), name=name)
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,19 @@ def test_seeded_factories_are_reproducible_and_nonzero():
     a = randn(16, 16, generator=make_generator(3))
     b = randn(16, 16, generator=make_generator(3))
     assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+def test_assert_close_dequantized_scales_with_magnitude_but_catches_wrong_terms():
+    from angel_kernels.testing import assert_close_dequantized
+
+    g = make_generator(1)
+    ref = randn(64, 256, generator=g, dtype=torch.float32) * 3
+    noisy = (ref * (1 + 2.0**-11 * randn(64, 256, generator=g, dtype=torch.float32))).half()
+    noisy[0, 0] = ref[0, 0] + 0.004  # a cancelled output off by a rounding-sized amount passes
+    assert_close_dequantized(noisy, ref)
+    wrong = noisy.clone()
+    wrong[5, 7] += 0.1  # one wrong term, too small to move the relative error past eps
+    with pytest.raises(AssertionError, match="elements off"):
+        assert_close_dequantized(wrong, ref)
+    with pytest.raises(AssertionError, match="relative error"):
+        assert_close_dequantized((ref * 1.01).half(), ref)

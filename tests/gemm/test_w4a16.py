@@ -21,7 +21,7 @@ from angel_kernels.gemm.w4a16 import (
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import dequantize_int4_ref, w4a16_gemm_ref
-from angel_kernels.testing import assert_close, make_generator, poisoned_empty, randn, tolerances
+from angel_kernels.testing import assert_close, assert_close_dequantized, make_generator, poisoned_empty, randn, tolerances
 from angel_kernels.tuning import KernelConfig
 
 CANDIDATES = W4A16.names()
@@ -320,7 +320,7 @@ LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
     monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
     x, w, b, _ = _inputs(m, n, k, torch.float16, "cuda", seed=m + n, group=128, bias=True)
-    assert_close(_call(x, w, b), _ref(x, w, b), name=f"{candidate} {m}x{n}x{k}")
+    assert_close_dequantized(_call(x, w, b), _ref(x, w, b), name=f"{candidate} {m}x{n}x{k}")
 
 
 @pytest.mark.gpu
@@ -331,7 +331,7 @@ def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
 def test_gpu_groups_dtypes_act_order(candidate, dtype, group, sym, act_order, m, monkeypatch):
     monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
     x, w, b, perm = _inputs(m, 6144, 4096, dtype, "cuda", seed=m, group=group, sym=sym, bias=True, act_order=act_order)
-    assert_close(_call(x, w, b, perm), _ref(x, w, b, perm), name=f"{candidate} {dtype} g={group} sym={sym}")
+    assert_close_dequantized(_call(x, w, b, perm), _ref(x, w, b, perm), name=f"{candidate} {dtype} g={group} sym={sym}")
 
 
 @pytest.mark.gpu
@@ -344,7 +344,7 @@ def test_gpu_dequant_modes(magic, inter, dtype, m):
     bm, bn, warps, stages = (16, 64, 4, 4) if m <= 16 else (64, 128, 4, 3)
     cfg = KernelConfig(bm, bn, 128, num_warps=warps, num_stages=stages, extra=_modes(magic, inter))
     y = launch_tiled(x, w.qweight, w.scales, w.zeros, 128, b, None, cfg)
-    assert_close(y, _ref(x, w, b), name=f"MAGIC={magic} INTERLEAVE={inter} {dtype} M={m}")
+    assert_close_dequantized(y, _ref(x, w, b), name=f"MAGIC={magic} INTERLEAVE={inter} {dtype} M={m}")
 
 
 @pytest.mark.gpu
