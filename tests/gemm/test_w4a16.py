@@ -359,3 +359,20 @@ def test_gpu_batch_invariance_tiled(n, k, m, group, sym, monkeypatch):
     for i in sorted({0, m // 2, m - 1}):
         alone = _call(x[i : i + 1], w, b)
         assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
+
+
+@pytest.mark.parametrize("group,sym", [(32, False), (128, True), (-1, True)])
+def test_triton_dequantize_matches_torch_path(group, sym, device, monkeypatch):
+    from angel_kernels.gemm import w4a16 as mod
+
+    _x, w, _b, _p = _inputs(1, 72, 256, torch.float16, device, seed=group % 7, group=group, sym=sym)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = mod.dequantize_packed(w.qweight, w.scales, w.zeros, w.group_size, dtype)
+        monkeypatch.setattr(mod, "interpreter_active", lambda: False)
+        want = mod.dequantize_packed(w.qweight.cpu(), w.scales.cpu(), None if w.zeros is None else w.zeros.cpu(),
+                                     w.group_size, dtype)
+        monkeypatch.undo()
+        if device.type == "cpu" and dtype == torch.bfloat16:
+            assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16 (scale and product)
+        else:
+            assert torch.equal(got.cpu(), want)
