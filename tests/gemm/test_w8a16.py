@@ -218,3 +218,16 @@ def test_dequantize_int8_matches_torch(device):
             assert_close(w, ref, atol=0, rtol=2**-7)
         else:
             assert torch.equal(w, ref)
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_magic_conversion_is_bit_identical_to_plain(m, device):
+    """int8 → fp16 by integer add + bitcast gives exactly the plain conversion's results (every value -127..127)."""
+    from dataclasses import replace
+
+    x, q, s, b = _inputs(m, 64, 256, torch.float16, device, seed=m, bias=True)
+    q[0, :255] = torch.arange(-127, 128, dtype=torch.int8)  # every int8 weight value appears
+    plain = launch_tiled(x, q, s, b, replace(INTERPRETER_CONFIG, extra=(("GROUP_N", 8), ("MAGIC", 0))))
+    magic = launch_tiled(x, q, s, b, replace(INTERPRETER_CONFIG, extra=(("GROUP_N", 8), ("MAGIC", 1))))
+    assert torch.equal(plain, magic)
+    assert_close(magic, w8a16_gemm_ref(x, q, s, b))
