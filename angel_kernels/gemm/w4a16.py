@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
+from ._splitk import grouped_tile, reduce_split_k, split_k_for, tile_counters
 from ..dispatch import Candidate, KernelFamily
 from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
@@ -147,15 +148,7 @@ def _w4a16_gemm_kernel(
 
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_N weight tiles are visited by every token tile before moving on (x and W reuse in L2).
-    num_pid_in_group = GROUP_N * num_pid_m
-    group_id = pid // num_pid_in_group
-    first_pid_n = group_id * GROUP_N
-    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
-    pid_m = (pid % num_pid_in_group) // group_size_n
+    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,17 +207,9 @@ def _w4a16_gemm_kernel(
         qw_ptrs += BLOCK_R * stride_qk
 
     if SPLIT_K > 1:
-        tile = pid_n * num_pid_m + pid_m
-        part_offs = offs_n[:, None].to(tl.int64) + offs_m[None, :].to(tl.int64) * N  # partials: [SPLIT_K, M, N]
-        tile_mask = mask_n[:, None] & mask_m[None, :]
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part_offs, acc, mask=tile_mask)
-        # acq_rel: our partial is visible before the count moves; the last program sees every partial.
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            acc = tl.load(part_ptr + part_offs, mask=tile_mask, other=0.0)
-            for sk in range(1, SPLIT_K):
-                acc += tl.load(part_ptr + sk * M * N + part_offs, mask=tile_mask, other=0.0)
-            tl.store(count_ptr + tile, 0)
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+                                      mask_n, mask_m, M, N, SPLIT_K)
+        if is_last:
             _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
     else:
         _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
@@ -241,28 +226,6 @@ def _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride
 
 def _modes(magic: int = 1, interleave: int = 1, group_n: int = 8) -> tuple[tuple[str, int], ...]:
     return (("GROUP_N", group_n), ("INTERLEAVE", interleave), ("MAGIC", magic))
-
-
-# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with 64-row weight tiles (as w8a16):
-# N=4096 alone gives 64 programs. The split depends on N, K and the group size (BLOCK_K), never on M.
-SPLIT_TARGET_PROGRAMS = 256
-MAX_SPLIT_K = 8
-MIN_K_PER_SPLIT = 1024  # input features per split: 512 bytes of int4 per weight row, 8 K-blocks of 128
-
-
-def split_k_for(n: int, k: int, block_k: int) -> int:
-    """Split count from the weight shape (and its group's BLOCK_K) alone; never from M."""
-    tiles = triton.cdiv(n, 64)
-    steps = triton.cdiv(k, block_k)
-    split = 1
-    while (
-        tiles * split < SPLIT_TARGET_PROGRAMS
-        and split * 2 <= MAX_SPLIT_K
-        and steps % (split * 2) == 0
-        and k // (split * 2) >= MIN_K_PER_SPLIT
-    ):
-        split *= 2
-    return split
 
 
 def interpreter_config(group_size: int) -> KernelConfig:
@@ -286,18 +249,6 @@ def config_for(p: W4A16Problem) -> KernelConfig:
     if interpreter_active() and p.device.type == "cpu":
         return interpreter_config(p.group_size)
     return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
-
-
-# Split-K tile counters, one zeroed int32 buffer per device, grown on demand; every launch leaves it zeroed.
-_COUNTERS: dict = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
 
 
 def launch_tiled(
@@ -327,7 +278,7 @@ def launch_tiled(
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
-        counters = _tile_counters(x2.device, num_tiles)
+        counters = tile_counters(x2.device, num_tiles)
     else:
         partials = counters = y  # unused
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}

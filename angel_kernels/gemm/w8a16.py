@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
+from ._splitk import grouped_tile, reduce_split_k, split_k_for, tile_counters
 from ..dispatch import Candidate, KernelFamily
 from ..reference import w8a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
@@ -59,15 +60,7 @@ def _w8a16_gemm_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_N weight tiles are visited by every token tile before moving on (x and W reuse in L2).
-    num_pid_in_group = GROUP_N * num_pid_m
-    group_id = pid // num_pid_in_group
-    first_pid_n = group_id * GROUP_N
-    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
-    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
-    pid_m = (pid % num_pid_in_group) // group_size_n
+    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,19 +92,11 @@ def _w8a16_gemm_kernel(
         x_ptrs += BLOCK_K * stride_xk
 
     if SPLIT_K > 1:
-        tile = pid_n * num_pid_m + pid_m
-        part_offs = offs_n[:, None].to(tl.int64) + offs_m[None, :].to(tl.int64) * N  # partials: [SPLIT_K, M, N]
-        tile_mask = mask_n[:, None] & mask_m[None, :]
-        tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part_offs, acc, mask=tile_mask)
-        # acq_rel: our partial is visible before the count moves; the last program sees every partial.
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            acc = tl.load(part_ptr + part_offs, mask=tile_mask, other=0.0)
-            for s in range(1, SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + part_offs, mask=tile_mask, other=0.0)
-            tl.store(count_ptr + tile, 0)
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+                                      mask_n, mask_m, M, N, SPLIT_K)
+        if is_last:
             _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
-                            stride_ym, stride_yn, HAS_BIAS)
+                        stride_ym, stride_yn, HAS_BIAS)
     else:
         _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
                         stride_ym, stride_yn, HAS_BIAS)
@@ -131,30 +116,10 @@ def _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mas
 # Batch invariance: a row's result must not depend on M, so the K reduction (BLOCK_K and the split-K count)
 # depends on N and K only; BLOCK_M/BLOCK_N, warps and stages vary with the M bucket.
 BLOCK_K = 128
-# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with BLOCK_N=64 tiles: N=4096 alone
-# gives 64 programs, half the SMs idle (65.8 µs at M=1 for 4096×14336, 3.3× the int8 floor).
-SPLIT_TARGET_PROGRAMS = 256
-MAX_SPLIT_K = 8
-MIN_K_STEPS_PER_SPLIT = 8
 # Under the interpreter cost grows with programs × K-steps: few, large blocks keep CPU tests fast.
 INTERPRETER_CONFIG = KernelConfig(
     BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=1, extra=(("GROUP_N", 8), ("MAGIC", 1))
 )
-
-
-def split_k_for(n: int, k: int, block_k: int = BLOCK_K) -> int:
-    """Split count from the weight shape alone (never from M)."""
-    tiles = triton.cdiv(n, 64)
-    steps = triton.cdiv(k, block_k)
-    split = 1
-    while (
-        tiles * split < SPLIT_TARGET_PROGRAMS
-        and split * 2 <= MAX_SPLIT_K
-        and steps % (split * 2) == 0
-        and steps // (split * 2) >= MIN_K_STEPS_PER_SPLIT
-    ):
-        split *= 2
-    return split
 
 
 def heuristic_config(p: W8A16Problem) -> KernelConfig:
@@ -174,24 +139,12 @@ def config_for(p: W8A16Problem) -> KernelConfig:
     return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
 
 
-# Split-K tile counters, one zeroed int32 buffer per device, grown on demand; every launch leaves it zeroed.
-_COUNTERS: dict = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, split_k: Optional[int] = None):
     """x2 [M, K] → y [M, N] with the Triton kernel and an explicit config (split-K from N, K unless given)."""
     M, K = x2.shape
     N = qweight.shape[0]
     if split_k is None:
-        split_k = split_k_for(N, K, cfg.BLOCK_K)
+        split_k = split_k_for(N, K, cfg.BLOCK_K)  # from the weight shape only
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
     magic = meta.pop("MAGIC", 0)  # configs tuned before MAGIC existed used the plain conversion
@@ -199,7 +152,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     if split_k > 1:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
-        counters = _tile_counters(x2.device, num_tiles)
+        counters = tile_counters(x2.device, num_tiles)
     else:
         partials = counters = y  # unused
     _w8a16_gemm_kernel[(num_tiles, split_k)](

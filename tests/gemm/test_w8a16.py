@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from angel_kernels import quantize_weight_int8, w8a16_gemm
-from angel_kernels.gemm.w8a16 import INTERPRETER_CONFIG, W8A16, W8A16Problem, launch_tiled, split_k_for
+from angel_kernels.gemm._splitk import split_k_for, tile_counters
+from angel_kernels.gemm.w8a16 import INTERPRETER_CONFIG, W8A16, W8A16Problem, launch_tiled
 from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
 from angel_kernels.testing import assert_close, assert_close_dequantized, make_generator, randn
 
@@ -60,16 +61,16 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, device):
     for _ in range(2):  # the second call proves the tile counters were reset by the first
         y = launch_tiled(x, q, s, b, cfg, split_k=split_k)
         assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"split_k={split_k}")
-    assert int(mod._COUNTERS[x.device].abs().sum()) == 0
+    assert int(tile_counters(x.device, 1).abs().sum()) == 0
 
 
 def test_split_k_depends_on_weight_shape_only():
-    assert split_k_for(28672, 4096) == 1  # 448 tiles of 64 rows already fill the GPU
-    assert split_k_for(4096, 14336) == 4
-    assert split_k_for(6144, 4096) == 4
-    assert split_k_for(8192, 28672) == 2
-    assert split_k_for(4096, 4096) == 4
-    assert split_k_for(64, 1024) == 1  # too few K steps to split
+    assert split_k_for(28672, 4096, 128) == 1  # 448 tiles of 64 rows already fill the GPU
+    assert split_k_for(4096, 14336, 128) == 4
+    assert split_k_for(6144, 4096, 128) == 4
+    assert split_k_for(8192, 28672, 128) == 2
+    assert split_k_for(4096, 4096, 128) == 4
+    assert split_k_for(64, 1024, 128) == 1  # too few K steps to split
 
 
 @given(

@@ -1,0 +1,78 @@
+"""Pieces shared by the weight-only GEMM kernels: tile order, deterministic split-K, the split policy.
+
+The kernels put weight rows on the MMA's M side (swap-AB) and tokens on its N side; both split K the same way:
+each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one to arrive (an acq_rel counter)
+sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
+its counter for the next launch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with 64-row weight tiles: N=4096
+# alone gives 64 programs, half the SMs idle (w8a16 4096×14336 M=1: 65.8 µs unsplit, 3.3× the int8 floor).
+SPLIT_TARGET_PROGRAMS = 256
+MAX_SPLIT_K = 8
+MIN_K_PER_SPLIT = 1024  # input features per split: at least 8 K-blocks of 128
+
+
+def split_k_for(n: int, k: int, block_k: int) -> int:
+    """Split count from the weight shape (and the kernel's BLOCK_K) alone, never from M (batch invariance)."""
+    tiles = triton.cdiv(n, 64)
+    steps = triton.cdiv(k, block_k)
+    split = 1
+    while (
+        tiles * split < SPLIT_TARGET_PROGRAMS
+        and split * 2 <= MAX_SPLIT_K
+        and steps % (split * 2) == 0
+        and k // (split * 2) >= MIN_K_PER_SPLIT
+    ):
+        split *= 2
+    return split
+
+
+# Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
+# leaves the counters it used at zero (launches on one stream never overlap).
+_COUNTERS: dict = {}
+
+
+def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """(pid_n, pid_m, num_pid_m): GROUP_N weight tiles are visited by every token tile before moving on (x and W
+    reuse in L2)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_N * num_pid_m
+    group_id = pid // num_pid_in_group
+    first_pid_n = group_id * GROUP_N
+    group_size_n = min(num_pid_n - first_pid_n, GROUP_N)
+    pid_n = first_pid_n + ((pid % num_pid_in_group) % group_size_n)
+    pid_m = (pid % num_pid_in_group) // group_size_n
+    return pid_n, pid_m, num_pid_m
+
+
+@triton.jit
+def reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
+                   SPLIT_K: tl.constexpr):
+    """Store this split's partial; returns (the sum over splits, whether this program is the last to arrive).
+    Only the last program's sum is complete; it alone must write the tile."""
+    part_offs = offs_n[:, None].to(tl.int64) + offs_m[None, :].to(tl.int64) * N  # partials: [SPLIT_K, M, N]
+    tile_mask = mask_n[:, None] & mask_m[None, :]
+    tl.store(part_ptr + pid_k.to(tl.int64) * M * N + part_offs, acc, mask=tile_mask)
+    # acq_rel: our partial is visible before the count moves; the last program sees every partial.
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    is_last = arrived == SPLIT_K - 1
+    if is_last:
+        acc = tl.load(part_ptr + part_offs, mask=tile_mask, other=0.0)
+        for s in range(1, SPLIT_K):
+            acc += tl.load(part_ptr + s * M * N + part_offs, mask=tile_mask, other=0.0)
+        tl.store(count_ptr + tile, 0)
+    return acc, is_last
