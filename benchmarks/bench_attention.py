@@ -244,6 +244,32 @@ def prepare_vllm_fp16(c, device):
     return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv16", tol=1e-2, note=path)
 
 
+def fill_int8_cache(c, device, block_table, q, scale, keep, write):
+    """Fill a paged int8 cache with N(0, 1) K/V through ``write(k16, v16, slots)``, a chunk of sequences at a time
+    (≤ 64 Mi fp16 elements of K per call). ``keep`` (a dict, for the first input set only) receives
+    ``vs_fp16``: the fp32 attention over the unquantized K/V, so the int8 path's error against it is recorded."""
+    import torch
+
+    b, l, hq, hkv, d, bs = _dims(c)
+    chunk = max(1, (1 << 26) // (l * hkv * d))
+    slots = slot_mapping(block_table, l, bs)
+    if keep is not None:
+        k_all = torch.empty(b, l, hkv, d, dtype=torch.float16, device=device)
+        v_all = torch.empty_like(k_all)
+        keep["vs_fp16"] = lambda: dense_attention_ref(q, k_all, v_all, scale)
+    for s0 in range(0, b, chunk):
+        n = min(chunk, b - s0)
+        if keep is not None:
+            k16, v16 = k_all[s0:s0 + n].view(n * l, hkv, d), v_all[s0:s0 + n].view(n * l, hkv, d)
+        else:
+            k16 = torch.empty(n * l, hkv, d, dtype=torch.float16, device=device)
+            v16 = torch.empty_like(k16)
+        k16.normal_()
+        v16.normal_()
+        write(k16, v16, slots[s0 * l:(s0 + n) * l])
+    H.sync(device)
+
+
 def prepare_vllm_int8(c, device):
     import torch
     from vllm.v1.attention.ops.triton_reshape_and_cache_flash import (
@@ -252,28 +278,13 @@ def prepare_vllm_int8(c, device):
 
     b, l, hq, hkv, d, bs = _dims(c)
     fn, scale, path = _vllm_fn(c, device, quant=True)
-    chunk = max(1, (1 << 26) // (l * hkv * d))  # sequences per write call: ≤ 64 Mi elements of fp16 K at once
 
     def make(i):
         bt, nb, q, out, cu, seq = _common_inputs(c, device)
         _kv, kc, vc, ks, vs = int8_inline_cache(nb, bs, hkv, d, device)
-        slots = slot_mapping(bt, l, bs)
-        if i == 0:  # keep set 0's fp16 K/V: the int8 path's error against the unquantized cache is recorded
-            k_all = torch.empty(b, l, hkv, d, dtype=torch.float16, device=device)
-            v_all = torch.empty_like(k_all)
-            state["vs_fp16"] = lambda: dense_attention_ref(q, k_all, v_all, scale)
-        for s0 in range(0, b, chunk):
-            n = min(chunk, b - s0)
-            if i == 0:
-                k16, v16 = k_all[s0:s0 + n].view(n * l, hkv, d), v_all[s0:s0 + n].view(n * l, hkv, d)
-            else:
-                k16 = torch.empty(n * l, hkv, d, dtype=torch.float16, device=device)
-                v16 = torch.empty_like(k16)
-            k16.normal_()
-            v16.normal_()
-            write_kv(k16, v16, kc, vc, ks, vs, slots[s0 * l:(s0 + n) * l],
-                     kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)
-        H.sync(device)
+        fill_int8_cache(c, device, bt, q, scale, state if i == 0 else None,
+                        lambda k16, v16, slots: write_kv(k16, v16, kc, vc, ks, vs, slots,
+                                                         kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD))
         ref = (lambda: paged_attention_ref(q, int8_loader(kc, vc, ks, vs, d), bt, seq.tolist(), scale, bs))
         return (q, kc, vc, out, cu, seq, bt, ks, vs), ref
 
@@ -375,33 +386,17 @@ def prepare_angel_fp16(c, device):
 
 def prepare_angel_int8(c, device):
     """vLLM 0.32's packed int8_per_token_head cache (inline scales), filled by our write kernel."""
-    import torch
     import angel_kernels
 
     b, l, hq, hkv, d, bs = _dims(c)
     fn, scale = _angel_fn(c)
-    chunk = max(1, (1 << 26) // (l * hkv * d))
 
     def make(i):
         bt, nb, q, _out, _cu, seq = _common_inputs(c, device)
         kv, _k, _v, _ks, _vs = int8_inline_cache(nb, bs, hkv, d, device)
         kc, vc, ks, vs = angel_kernels.inline_scale_views(kv.transpose(1, 2), d)
-        slots = slot_mapping(bt, l, bs)
-        if i == 0:
-            k_all = torch.empty(b, l, hkv, d, dtype=torch.float16, device=device)
-            v_all = torch.empty_like(k_all)
-            state["vs_fp16"] = lambda: dense_attention_ref(q, k_all, v_all, scale)
-        for s0 in range(0, b, chunk):
-            n = min(chunk, b - s0)
-            if i == 0:
-                k16, v16 = k_all[s0:s0 + n].view(n * l, hkv, d), v_all[s0:s0 + n].view(n * l, hkv, d)
-            else:
-                k16 = torch.empty(n * l, hkv, d, dtype=torch.float16, device=device)
-                v16 = torch.empty_like(k16)
-            k16.normal_()
-            v16.normal_()
-            angel_kernels.write_kv_cache(k16, v16, kc, vc, slots[s0 * l:(s0 + n) * l], ks, vs)
-        H.sync(device)
+        fill_int8_cache(c, device, bt, q, scale, state if i == 0 else None,
+                        lambda k16, v16, slots: angel_kernels.write_kv_cache(k16, v16, kc, vc, slots, ks, vs))
         ref = (lambda: paged_attention_ref(q, int8_loader(kc, vc, ks, vs, d), bt, seq.tolist(), scale, bs))
         return (q, kc, vc, bt, seq, ks, vs), ref
 
