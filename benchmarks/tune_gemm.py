@@ -20,14 +20,10 @@ import triton.testing
 from angel_kernels.gemm import w4a16, w8a16
 from angel_kernels.tuning import M_BUCKETS, TunedConfigStore, gpu_slug
 
-SHAPES = {
-    "8b.qkv": (6144, 4096),
-    "8b.o": (4096, 4096),
-    "8b.gate_up": (28672, 4096),
-    "8b.down": (4096, 14336),
-    "70b.gate_up": (28672, 8192),
-    "70b.down": (8192, 28672),
-}
+try:
+    from .bench_gemm import SHAPES
+except ImportError:  # run as a script: benchmarks/ is on sys.path
+    from bench_gemm import SHAPES
 
 
 def cublas_us(n, k, m):
