@@ -15,5 +15,16 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    # Imported here, not at module level, so that `import angel_vllm` works without vllm. No import touches CUDA.
+    try:
+        from .quant_ifq import register_ifq
+    except ModuleNotFoundError as e:
+        if e.name != "vllm":
+            raise
+        # Only vLLM calls this, so vllm is present in real use; an environment without it (the GPU benchmark
+        # machine) just has nothing to register.
+        logger.debug("vllm is not installed: no quantization methods registered")
+        return
+    register_ifq()
     _REGISTERED = True
-    logger.debug("angel-kernels plugin loaded")
+    logger.debug("angel-kernels plugin loaded: quantization methods ['ifq']")

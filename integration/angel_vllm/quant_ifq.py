@@ -1,0 +1,125 @@
+"""``quantization="ifq"``: int8 weight-only linear layers, quantized online while an fp16/bf16 checkpoint loads.
+
+Each linear layer is created exactly like vLLM's unquantized one (a ``ModelWeightParameter`` [N, K] in the model
+dtype), so vLLM's loaders fill it unchanged: merged qkv / gate_up shards, column- and row-parallel tensor-parallel
+slices. After loading, ``process_weights_after_loading`` quantizes it per output channel
+(``angel_kernels.quantize_weight_int8``: absmax / 127, round to nearest) and replaces it by
+
+- ``layer.weight``: int8 [N, K] (same name and layout as before, 1 byte per weight instead of 2),
+- ``layer.weight_scale``: fp32 [N],
+
+dropping the fp16/bf16 copy. ``apply`` runs ``angel_kernels.w8a16_gemm`` (compiled Triton on CUDA; on CPU the
+launcher picks the pure-torch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``).
+
+Only ``LinearBase`` layers are quantized. Embeddings and ``lm_head`` (``ParallelLMHead`` is not a ``LinearBase``)
+stay in the model dtype, and attention gets no method (vLLM asserts a KV-cache method when one is returned).
+
+Activation dtypes: fp16 and bf16, the dtypes ``w8a16_gemm`` accepts. ``dtype="auto"`` never yields fp32 on vLLM's
+CPU or CUDA platforms (an fp32 checkpoint is downcast to the platform's first supported dtype: bf16), so fp32 only
+arrives when asked for explicitly; vLLM then refuses it before loading with "float32 is not supported for
+quantization method ifq. Supported dtypes: [...]". Casting fp32 activations to bf16 and back instead would look
+like an fp32 model while computing in bf16, so it is not done.
+"""
+from typing import Any, Optional
+
+import torch
+
+from angel_kernels import quantize_weight_int8, w8a16_gemm
+
+from ._compat import (
+    LinearBase,
+    LinearMethodBase,
+    ModelWeightParameter,
+    QuantizationConfig,
+    QuantizeMethodBase,
+    register_quantization_method,
+    replace_parameter,
+    set_weight_attrs,
+)
+
+__all__ = ["IFQ_NAME", "IfqConfig", "IfqLinearMethod", "register_ifq"]
+
+IFQ_NAME = "ifq"
+
+
+class IfqConfig(QuantizationConfig):
+    """Online int8 weight-only quantization. No checkpoint file and no arguments: vLLM builds it as ``IfqConfig()``.
+
+    Module-level (not defined inside ``register``) so that it unpickles in vLLM's worker processes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return "IfqConfig(weight=int8 per-output-channel symmetric, activations=fp16/bf16)"
+
+    def get_name(self) -> str:
+        return IFQ_NAME
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # bf16 tensor-core dots (Triton's tl.dot on bf16) need Ampere; vLLM skips this check on CPU.
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # online: nothing to read from the checkpoint
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "IfqConfig":
+        # Reached only for a checkpoint whose config says quant_method "ifq" (vLLM rejects a mismatch earlier).
+        return cls()
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> Optional[QuantizeMethodBase]:
+        if isinstance(layer, LinearBase):
+            return IfqLinearMethod(self)
+        return None
+
+
+class IfqLinearMethod(LinearMethodBase):
+    """Loads the fp16/bf16 weight with vLLM's parameter classes, quantizes it to int8 after loading."""
+
+    def __init__(self, quant_config: IfqConfig) -> None:
+        self.quant_config = quant_config
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        # Same parameter as vLLM's UnquantizedLinearMethod: [sum(output shards on this rank), K on this rank].
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        weight = ModelWeightParameter(
+            data=torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            input_dim=1,
+            output_dim=0,
+            weight_loader=weight_loader,
+        )
+        layer.register_parameter("weight", weight)
+        set_weight_attrs(weight, extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.weight.dtype == torch.int8:  # already quantized (vLLM may call this again, e.g. on reload)
+            return
+        qweight, scales = quantize_weight_int8(layer.weight.data)  # [N, K] int8, [N] fp32
+        # replace_parameter re-registers `weight` (keeping its weight_loader); the fp16/bf16 tensor has no other
+        # reference once this returns, so its memory is released.
+        replace_parameter(layer, "weight", qweight)
+        layer.register_parameter("weight_scale", torch.nn.Parameter(scales, requires_grad=False))
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return w8a16_gemm(x, layer.weight, layer.weight_scale, bias)
+
+
+def register_ifq() -> None:
+    """Make ``quantization="ifq"`` available to vLLM in this process (safe to call more than once)."""
+    register_quantization_method(IFQ_NAME, IfqConfig, IfqLinearMethod)
