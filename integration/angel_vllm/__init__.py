@@ -19,7 +19,7 @@ def register() -> None:
     try:
         from .quant_ifq import register_ifq
     except ModuleNotFoundError as e:
-        if e.name != "vllm":
+        if (e.name or "").split(".")[0] != "vllm":
             raise
         # Only vLLM calls this, so vllm is present in real use; an environment without it (the GPU benchmark
         # machine) just has nothing to register.

@@ -51,3 +51,25 @@ def test_config_pickles():
     from angel_vllm.quant_ifq import IfqConfig
 
     assert isinstance(pickle.loads(pickle.dumps(IfqConfig())), IfqConfig)
+
+
+def test_register_without_vllm_is_a_no_op():
+    # where vllm is absent (e.g. a GPU machine used for kernels and benchmarks only) register() must not raise
+    code = textwrap.dedent(
+        """
+        import importlib.abc, sys
+
+        class NoVllm(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "vllm" or name.startswith("vllm."):
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NoVllm())
+        import angel_vllm
+        angel_vllm.register()
+        angel_vllm.register()
+        assert "vllm" not in sys.modules
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
