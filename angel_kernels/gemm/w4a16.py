@@ -471,7 +471,9 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
 
     bk = block_k_for(p.group_size)
     modes = ((1, 1), (1, 0))  # (MAGIC, INTERLEAVE); MAGIC=0 is the plain control, timed by the benchmarks
-    token_tiles = {16: (16,), 32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    token_tiles = {32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
+    if p.M <= 16:
+        token_tiles = (16,)  # the smallest MMA N tile (buckets 1-8 would otherwise fall through to 128/256)
     if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
         space = product(token_tiles, (64, 128), (4,), (3, 4, 5, 6), (1,), modes)
     else:

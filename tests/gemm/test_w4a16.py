@@ -377,3 +377,14 @@ def test_triton_dequantize_matches_torch_path(group, sym, device, monkeypatch):
             assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16 (scale and product)
         else:
             assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
+def test_tuning_space_fits_the_m_bucket(m):
+    from angel_kernels.tuning import m_bucket
+
+    space = tuning_space(W4A16Problem(m, 4096, 4096, 128, torch.float16, torch.device("cpu")))
+    assert space, "empty tuning space"
+    assert len({c.BLOCK_K for c in space}) == 1  # one K reduction for every M (batch invariance)
+    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
+    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
