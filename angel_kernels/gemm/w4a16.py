@@ -49,7 +49,8 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w4a16.tiled"
-# From here on cuBLAS on a dequantized copy is the default until tuned tiled configs prove faster (as w8a16).
+# From here on cuBLAS on a dequantized copy is the default until tuned tiled configs prove faster (as w8a16);
+# batch invariance then holds for M < LARGE_M only (see w8a16.LARGE_M).
 LARGE_M = 1024
 GROUP_SIZES = (32, 64, 128)  # plus channel-wise: group_size == K (or −1)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
