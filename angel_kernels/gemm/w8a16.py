@@ -24,9 +24,10 @@ from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w8a16.tiled"
 # Below this M the tiled kernel streams the weight once; from here on cuBLAS on a dequantized copy is the
-# default (H100, 28672×4096 M=1024: 437.8 µs, graph-timed; the tiled kernel took 589 under do_bench; cuBLAS fp16
-# alone 320). Rows are batch-invariant for M < LARGE_M only: cuBLAS sums in its own order, so a row computed in a batch of ≥ 1024
-# differs in its last bits from the same row computed alone. Speculative verification batches stay far below.
+# default (H100, 28672×4096 M=1024: 437.8 µs graph-timed; the tiled kernel took 589 under do_bench; cuBLAS fp16
+# alone 320). Rows are batch-invariant for M < LARGE_M only: cuBLAS sums in its own order, so a row computed in a
+# batch of ≥ 1024 differs in its last bits from the same row computed alone. Speculative verification batches
+# stay far below that.
 LARGE_M = 1024
 
 
