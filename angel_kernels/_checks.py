@@ -28,3 +28,13 @@ def check_same_device(**tensors) -> None:
 def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_float_weight(w) -> None:
+    """A weight to quantize: a 2-D [N, K] float16/bfloat16/float32 tensor."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"weight dtype must be float16, bfloat16 or float32, got {w.dtype}")

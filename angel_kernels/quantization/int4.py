@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import check_float_weight
 from ..reference.int4 import INT4_PACK, INT4_QMAX, INT4_SYM_ZERO, dequantize_int4_ref
 from ..reference.quant import SCALE_EPS
 
@@ -81,12 +82,7 @@ def quantize_weight_int4(
     ``group_size`` 32, 64, 128, or −1 for channel-wise; ``scale_dtype`` defaults to w.dtype.
     Bit-identical whatever ``row_chunk`` is (rows are quantized independently).
     """
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"weight dtype must be float16, bfloat16 or float32, got {w.dtype}")
+    check_float_weight(w)
     n, k = w.shape
     if group_size == -1:
         group_size = k

@@ -5,6 +5,7 @@ bounded by ``ROW_CHUNK × K`` elements instead of a second full copy of the laye
 """
 import torch
 
+from .._checks import check_float_weight
 from ..reference.quant import INT8_QMAX, SCALE_EPS
 
 # 4096 rows × K 14336 × 4 bytes ≈ 235 MB of fp32 scratch at most for Llama-3-8B's largest layer.
@@ -16,12 +17,7 @@ def quantize_weight_int8(w: torch.Tensor, *, row_chunk: int = ROW_CHUNK) -> tupl
 
     Bit-identical to ``reference.quantize_weight_int8_ref``.
     """
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(w.shape)}")
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"weight dtype must be float16, bfloat16 or float32, got {w.dtype}")
+    check_float_weight(w)
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or inf: it cannot be quantized")
     n, k = w.shape
