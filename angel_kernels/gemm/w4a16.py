@@ -43,15 +43,13 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import grouped_tile, reduce_split_k, split_k_for, tile_counters
-from ..dispatch import Candidate, KernelFamily
+from ._weight_only import weight_only_family
+from ..dispatch import KernelFamily
 from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
-from ..runtime import interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import interpreter_active, reference_forced
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w4a16.tiled"
-# From here on cuBLAS on a dequantized copy is the default until tuned tiled configs prove faster (as w8a16);
-# batch invariance then holds for M < LARGE_M only (see w8a16.LARGE_M).
-LARGE_M = 1024
 GROUP_SIZES = (32, 64, 128)  # plus channel-wise: group_size == K (or −1)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Largest K-block: a K-block never straddles a scale group, so BLOCK_K = min(group, 128); channel-wise uses 128
@@ -360,18 +358,11 @@ def _run_reference(p, x2, qweight, scales, zeros, bias, perm):
     return w4a16_gemm_ref(x2, qweight, scales, zeros, p.group_size, bias, perm)
 
 
-W4A16: KernelFamily[W4A16Problem] = KernelFamily(
+W4A16: KernelFamily[W4A16Problem] = weight_only_family(
     "w4a16",
-    [
-        Candidate(
-            "dequant_matmul",
-            can_implement=lambda p: (True, ""),
-            run=_run_dequant_matmul,
-            suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}"),
-        ),
-        Candidate("tiled", can_implement=lambda p: triton_runnable_on(p.device), run=_run_tiled),
-        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
-    ],
+    dequant_matmul=_run_dequant_matmul,
+    tiled=_run_tiled,
+    reference=_run_reference,
     problem_key=lambda p: (p.N, p.K, p.group_size, m_bucket(p.M), p.dtype, p.device.type),
 )
 

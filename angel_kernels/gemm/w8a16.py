@@ -1,8 +1,9 @@
 """w8a16: y = x · (q · s)ᵀ with int8 weights q [N, K] and one scale per output channel s [N].
 
 Candidates (``ANGEL_KERNELS_FORCE_W8A16`` / ``ANGEL_KERNELS_DISABLE=w8a16.<name>``):
-- ``dequant_matmul``: dequantize the weight to x.dtype once per call, then cuBLAS. Meant for large M, where
-  the GEMM is compute-bound and the extra 3 bytes/weight of traffic are a small fraction.
+- ``dequant_matmul``: dequantize the weight to x.dtype once per call, then cuBLAS. Meant for M >= LARGE_M (see
+  ``_weight_only``; rows stop being batch-invariant there), where the GEMM is compute-bound and the extra
+  3 bytes/weight of traffic are a small fraction.
 - ``tiled``: Triton tiled GEMM that loads int8 tiles, converts in registers (int8 → fp16 is exact for
   [-127, 127]) and applies the scale to the fp32 accumulator once at the end.
 - ``reference``: the fp32 pure-torch reference (CPU path).
@@ -17,18 +18,13 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import grouped_tile, reduce_split_k, split_k_for, tile_counters
-from ..dispatch import Candidate, KernelFamily
+from ._weight_only import weight_only_family
+from ..dispatch import KernelFamily
 from ..reference import w8a16_gemm_ref
-from ..runtime import interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import interpreter_active, reference_forced
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w8a16.tiled"
-# Below this M the tiled kernel streams the weight once; from here on cuBLAS on a dequantized copy is the
-# default (H100, 28672×4096 M=1024: 437.8 µs graph-timed; the tiled kernel took 589 under do_bench; cuBLAS fp16
-# alone 320). Rows are batch-invariant for M < LARGE_M only: cuBLAS sums in its own order, so a row computed in a
-# batch of ≥ 1024 differs in its last bits from the same row computed alone. Speculative verification batches
-# stay far below that.
-LARGE_M = 1024
 
 
 @dataclass(frozen=True)
@@ -210,18 +206,11 @@ def _run_reference(p, x2, qweight, scales, bias):
     return w8a16_gemm_ref(x2, qweight, scales, bias)
 
 
-W8A16: KernelFamily[W8A16Problem] = KernelFamily(
+W8A16: KernelFamily[W8A16Problem] = weight_only_family(
     "w8a16",
-    [
-        Candidate(
-            "dequant_matmul",
-            can_implement=lambda p: (True, ""),
-            run=_run_dequant_matmul,
-            suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}"),
-        ),
-        Candidate("tiled", can_implement=lambda p: triton_runnable_on(p.device), run=_run_tiled),
-        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
-    ],
+    dequant_matmul=_run_dequant_matmul,
+    tiled=_run_tiled,
+    reference=_run_reference,
     problem_key=lambda p: (p.N, p.K, m_bucket(p.M), p.dtype, p.device.type),
 )
 
