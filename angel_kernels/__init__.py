@@ -20,5 +20,5 @@ __all__ = [
     "__version__", "w8a16_gemm", "quantize_weight_int8", "w4a16_gemm", "quantize_weight_int4", "Int4Weight",
     "repack_gptq", "repack_awq", "repack_compressed_tensors",
 ]
-from .attention import inline_scale_views, paged_decode_attention, write_kv_cache  # noqa: E402  (paged KV cache)
-__all__ += ["write_kv_cache", "paged_decode_attention", "inline_scale_views"]
+from .attention import inline_scale_views, paged_attention, paged_decode_attention, write_kv_cache  # noqa: E402  (paged KV cache)
+__all__ += ["write_kv_cache", "paged_decode_attention", "paged_attention", "inline_scale_views"]

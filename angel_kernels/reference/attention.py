@@ -146,3 +146,36 @@ def paged_decode_attention_ref(
         sliding_window=sliding_window, soft_cap=soft_cap,
     )
     return out[:, 0]
+
+
+def paged_varlen_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    sliding_window: Optional[int] = None,
+    soft_cap: Optional[float] = None,
+) -> torch.Tensor:
+    """Variable-length queries (prefill, chunked prefill, prefix-cached prefill and decode mixed), fp32 math.
+
+    q [T, H_q, D]: sequence ``b`` owns rows ``query_start_loc[b] : query_start_loc[b + 1]`` (``Q_b`` tokens), the
+    last ``Q_b`` positions of its ``seq_lens[b]`` cached tokens (its new tokens are already in the cache).
+    Same masking and conventions as ``paged_attention_ref``. Returns [T, H_q, D] in q.dtype.
+    """
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    starts = query_start_loc.to("cpu", torch.int64).tolist()
+    for b in range(len(starts) - 1):
+        lo, hi = starts[b], starts[b + 1]
+        if hi <= lo:
+            continue
+        out[lo:hi] = paged_attention_ref(
+            q[None, lo:hi], key_cache, value_cache, block_table[b : b + 1], seq_lens[b : b + 1], scale,
+            k_scale, v_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        )[0]
+    return out

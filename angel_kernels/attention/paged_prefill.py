@@ -1,0 +1,441 @@
+"""Paged attention for variable-length queries: prefill, chunked prefill and prefix-cached prefill (and decode
+tokens mixed into the same batch), over an int8 (per-token-head scales) or fp16/bf16 KV cache.
+
+Queries are packed like vLLM's: ``q [T, H_q, D]``, sequence ``b`` owns rows ``query_start_loc[b] :
+query_start_loc[b + 1]`` and those ``Q_b`` tokens are the last ``Q_b`` of its ``seq_lens[b]`` cached tokens
+(the new tokens' K/V are written to the cache first, by ``write_kv_cache``). Each query sees the cached keys at
+positions ≤ its own (causal), within the sliding window if there is one.
+
+Program = (query tile, KV head): a tile is ``BLOCK_Q`` consecutive query tokens of one sequence × the
+``H_q / H_kv`` query heads that read the KV head (GQA), ``BLOCK_M = BLOCK_Q · group`` rows of one MMA tile, so a
+K/V tile loaded once serves the whole group. Tiles are numbered per sequence from ``query_start_loc[b] //
+BLOCK_Q + b`` (a sequence of ``Q_b`` tokens has ``cdiv(Q_b, BLOCK_Q)`` ≤ ``Q_b // BLOCK_Q + 1`` tiles, so the
+numbering never overlaps and ``T // BLOCK_Q + B`` programs cover every batch); a program finds its sequence by
+binary search over ``query_start_loc``. The KV loop runs over the tiles a query tile can see: those entirely
+before its first query need no causal mask (the common case: a 1000-token prompt with ``BLOCK_Q`` 32 masks 1 or
+2 of ~16 KV tiles per program), the rest are masked per element. Dequantization is fused as in the decode kernel
+(K scale on the scores, V scales folded into the probabilities); softmax in fp32, base 2.
+
+A batch whose queries are all single tokens (``max_query_len == 1``) goes to the split-KV decode kernel
+(``paged_decode``): a query tile of 1 token would leave ~97 % of a 128-row MMA tile empty, and long decodes need
+the KV split across SMs. No split-KV here: prefill has ``cdiv(Q_b, BLOCK_Q) · H_kv`` programs per sequence.
+
+Candidates (``ANGEL_KERNELS_FORCE_PAGED_PREFILL`` / ``ANGEL_KERNELS_DISABLE=paged_prefill.<name>``): ``varlen``
+(Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor
+from .._registry import register_op
+from ..dispatch import Candidate, KernelFamily
+from ..reference.attention import paged_varlen_attention_ref
+from ..runtime import interpreter_active, reference_forced, triton_runnable_on
+from ..tuning import KernelConfig, default_store
+from .kv_cache import check_kv_caches, check_query_dtype
+from .paged_decode import LOG2E, LOG2E_C, paged_decode_attention, row_alignment
+
+KERNEL_NAME = "paged_prefill.varlen"
+# Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
+INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4, num_stages=1)
+
+
+@dataclass(frozen=True)
+class PagedPrefillProblem:
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def key(self) -> str:
+        kv = "int8" if self.kv_dtype == torch.int8 else "fp"
+        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
+
+
+# ------------------------------------------------------------------------------------------------------ kernel
+@triton.jit
+def _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence b whose first tile ``qsl[b] // BLOCK_Q + b`` is ≤ tile_id (binary search)."""
+    lo = tile_id * 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        go_right = first <= tile_id
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _attend_kv_tile(
+    acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+    kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr,
+    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+):
+    """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
+    before every row's first query position."""
+    dims = tl.arange(0, HEAD_DIM)
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        pos_ok = pos < L
+        blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
+    else:
+        pos_ok = pos >= 0  # all true
+        blk = tl.load(bt_row + (pos // PAGE) * stride_btn).to(tl.int64)
+    slot = pos % PAGE
+    k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
+    v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
+    if MASKED:
+        kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
+    else:
+        kt = tl.load(k_tok[None, :] + dims[:, None])
+    if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
+        s = tl.dot(q, kt.to(tl.float32))
+    else:
+        s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+    if QUANT:
+        k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=pos_ok, other=0.0)
+        s = s * (k_sc * qk_scale)[None, :]
+    else:
+        s = s * qk_scale
+    if HAS_SOFTCAP:  # s holds scale · q·k here; cap · tanh(s / cap), tanh via exp, then to base 2
+        e = tl.exp(2.0 * s / soft_cap)
+        s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
+    if MASKED:
+        visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED:
+        v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
+    else:
+        v = tl.load(v_tok[:, None] + dims[None, :])
+    if QUANT:
+        v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
+        v_max = tl.max(v_sc, axis=0)
+        v_max = tl.where(v_max > 0, v_max, 1.0)
+        p = p * (v_sc / v_max)[None, :]
+    if DOT_FP32:
+        pv = tl.dot(p, v.to(tl.float32))
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    if QUANT:
+        pv = pv * v_max
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_varlen_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, qsl_ptr, out_ptr,
+    qk_scale, soft_cap, window, capacity, num_seqs,
+    stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+    stride_btb, stride_btn,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    q_tile = tile_id - (q_start // BLOCK_Q + b)  # this program's tile within its sequence
+    if q_tile * BLOCK_Q < q_len:
+        b64 = b.to(tl.int64)
+        L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
+        ctx = L - q_len  # cached tokens before the sequence's first query
+
+        rows = tl.arange(0, BLOCK_M)
+        tok = q_tile * BLOCK_Q + rows // GROUP  # query token within the sequence
+        row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+        qh = kvh * GROUP + rows % GROUP
+        dims = tl.arange(0, HEAD_DIM)
+        q_rows = (q_start + tok).to(tl.int64)
+        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + dims[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        if DOT_FP32:
+            q = q.to(tl.float32)
+        row_hi = ctx + tok + 1  # keys [row_lo, row_hi) are visible to the row
+        if HAS_WINDOW:
+            row_lo = tl.maximum(row_hi - window, 0)
+        else:
+            row_lo = row_hi * 0
+
+        first_q = ctx + q_tile * BLOCK_Q  # position of the tile's first query
+        last_q = tl.minimum(first_q + BLOCK_Q, L) - 1
+        kv_end = last_q + 1
+        if HAS_WINDOW:
+            kv_start = tl.maximum(first_q + 1 - window, 0)
+            n_lo = (kv_start // BLOCK_N) * BLOCK_N
+            n_full = n_lo  # every tile is masked with a window (its lower edge moves with each row)
+        else:
+            n_lo = first_q * 0
+            n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N  # tiles ending at or before first_q + 1: unmasked
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        bt_row = bt_ptr + b64 * stride_btb
+        for n0 in range(n_lo, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, False, K_ALIGN, V_ALIGN)
+        for n0 in range(n_full, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_kv_tile(
+                acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, True, K_ALIGN, V_ALIGN)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        tl.store(out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------- launching
+def heuristic_config(p: PagedPrefillProblem) -> KernelConfig:
+    """Untuned default: 128-row query tiles (two warpgroups of wgmma on Hopper) and 64-token KV tiles for
+    D ≤ 128 (a 128×128 fp16 Q tile + K and V tiles of 64×128 fit with two stages in ~100 KB of shared memory);
+    64 rows / 32 tokens at D = 256."""
+    if p.head_dim <= 128:
+        return KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=p.head_dim, num_warps=8, num_stages=2)
+    return KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=p.head_dim, num_warps=4, num_stages=2)
+
+
+def config_for(p: PagedPrefillProblem) -> KernelConfig:
+    if interpreter_active() and p.device.type == "cpu":
+        return INTERPRETER_CONFIG
+    return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
+
+
+def block_q_for(group: int, block_m: int) -> int:
+    """Query tokens per tile: as many whole GQA groups as fit the MMA rows (at least one token)."""
+    return max(1, block_m // group)
+
+
+def launch_paged_varlen(
+    q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale: float, k_scale=None, v_scale=None,
+    sliding_window: Optional[int] = None, soft_cap: Optional[float] = None, *, cfg: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """The varlen kernel with an explicit (or the default) config; returns [T, H_q, D]."""
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    Hkv, page = key_cache.shape[2], key_cache.shape[1]
+    p = PagedPrefillProblem(Hq, Hkv, D, page, q.dtype, key_cache.dtype, q.device)
+    cfg = cfg or config_for(p)
+    out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    group = Hq // Hkv
+    block_m = max(cfg.BLOCK_M, triton.next_power_of_2(group))
+    block_q = block_q_for(group, block_m)
+    quant = key_cache.dtype == torch.int8
+    has_softcap = soft_cap is not None
+    grid = (T // block_q + B, Hkv)
+    _paged_varlen_kernel[grid](
+        q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
+        block_table, seq_lens, query_start_loc, out,
+        float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
+        int(sliding_window) if sliding_window is not None else 0, block_table.shape[1] * page, B,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        *(k_scale.stride() if quant else (0, 0, 0)), *(v_scale.stride() if quant else (0, 0, 0)),
+        block_table.stride(0), block_table.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, BLOCK_N=cfg.BLOCK_N,
+        QUANT=quant, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
+        DOT_FP32=q.device.type == "cpu",
+        K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+def _run_varlen(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                sliding_window, soft_cap):
+    return launch_paged_varlen(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
+                               k_scale, v_scale, sliding_window, soft_cap)
+
+
+def _run_reference(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                   sliding_window, soft_cap):
+    return paged_varlen_attention_ref(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale,
+                                      v_scale, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+PAGED_PREFILL: KernelFamily[PagedPrefillProblem] = KernelFamily(
+    "paged_prefill",
+    [
+        Candidate("varlen", can_implement=lambda p: triton_runnable_on(p.device), run=_run_varlen),
+        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
+    ],
+    problem_key=lambda p: (p.key(), p.dtype, p.device.type),
+)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _validate(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale, scale,
+              max_query_len, sliding_window, soft_cap):
+    _nb, _bs, heads_kv, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale)
+    check_query_dtype("q", q, key_cache.dtype)
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    _T, Hq, D = q.shape
+    if D != head_dim:
+        raise ValueError(f"q has head_dim {D} but the cache has {head_dim}")
+    if Hq % heads_kv:
+        raise ValueError(f"num_q_heads {Hq} must be a multiple of num_kv_heads {heads_kv}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
+    check_tensor("query_start_loc", query_start_loc, dtypes=(torch.int32,), dim=1)
+    B = seq_lens.shape[0]
+    if block_table.shape[0] != B:
+        raise ValueError(f"block_table {tuple(block_table.shape)} needs one row per sequence ({B} in seq_lens)")
+    if query_start_loc.shape[0] != B + 1:
+        raise ValueError(
+            f"query_start_loc must have num_seqs + 1 = {B + 1} entries (cumulative query lengths), got"
+            f" {query_start_loc.shape[0]}"
+        )
+    if block_table.shape[1] < 1:
+        raise ValueError("block_table needs at least one column [num_seqs, max_blocks]")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+    if not (isinstance(max_query_len, int) and max_query_len >= 1):
+        raise ValueError(f"max_query_len must be an int >= 1 (the longest query in the batch), got {max_query_len!r}")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+        raise ValueError(f"sliding_window must be None or an int >= 1 (tokens seen, the current one included), got {sliding_window!r}")
+    if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and math.isfinite(soft_cap) and soft_cap > 0):
+        raise ValueError(f"soft_cap must be None or a finite positive float, got {soft_cap!r}")
+    check_same_device(q=q, key_cache=key_cache, block_table=block_table, seq_lens=seq_lens,
+                      query_start_loc=query_start_loc)
+
+
+def _check_on_host(q, block_table, seq_lens, query_start_loc, max_query_len, num_blocks, block_size) -> None:
+    """Only for CPU tensors (no device sync): cumulative query lengths consistent with q, the lengths and the
+    block table."""
+    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
+        return
+    starts = query_start_loc.to(torch.int64)
+    q_lens = starts[1:] - starts[:-1]
+    if int(starts[0]) != 0 or int(starts[-1]) != q.shape[0] or (q_lens.numel() and int(q_lens.min()) < 0):
+        raise ValueError(
+            f"query_start_loc must rise from 0 to num_tokens {q.shape[0]}, got {query_start_loc.tolist()[:8]}..."
+        )
+    if int(q_lens.max()) > max_query_len:
+        raise ValueError(f"max_query_len {max_query_len} is below the longest query ({int(q_lens.max())} tokens)")
+    lens = seq_lens.to(torch.int64)
+    short = (lens < q_lens).nonzero()
+    if short.numel():
+        b = int(short[0])
+        raise ValueError(
+            f"sequence {b} has {int(q_lens[b])} query tokens but only {int(lens[b])} cached tokens: seq_lens counts"
+            " the cached context including the new tokens"
+        )
+    capacity = block_table.shape[1] * block_size
+    if int(lens.max()) > capacity:
+        b = int(lens.argmax())
+        raise ValueError(
+            f"block_table is too short: sequence {b} has {int(lens[b])} tokens but {block_table.shape[1]} blocks"
+            f" of {block_size} hold {capacity}"
+        )
+    used = torch.arange(block_table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the cached tokens")
+
+
+def _fake(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale=None, v_scale=None, *,
+          scale, max_query_len, sliding_window=None, soft_cap=None):
+    _validate(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale, scale,
+              max_query_len, sliding_window, soft_cap)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _samples(device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    Hq, Hkv, D, nb, bs = 4, 2, 64, 8, 16
+    lens = torch.tensor([20, 40, 7], dtype=torch.int32)
+    qsl = torch.tensor([0, 5, 6, 13], dtype=torch.int32)  # 5 new tokens, 1 (decode), 7 (whole prompt)
+    table = torch.randperm(nb, generator=g)[:6].reshape(3, 2).to(torch.int32)
+    q = torch.randn(13, Hq, D, generator=g).half().to(device)
+    kc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
+    vc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
+    ks = torch.rand(nb, bs, Hkv, generator=g) * 0.02 + 1e-3
+    vs = torch.rand(nb, bs, Hkv, generator=g) * 0.02 + 1e-3
+    common = (table.to(device), lens.to(device), qsl.to(device))
+    yield (q, kc.to(device), vc.to(device), *common, ks.to(device), vs.to(device)), {
+        "scale": D ** -0.5, "max_query_len": 7}
+    kf, vf = torch.randn(nb, bs, Hkv, D, generator=g).half(), torch.randn(nb, bs, Hkv, D, generator=g).half()
+    yield (q, kf.to(device), vf.to(device), *common, None, None), {
+        "scale": D ** -0.5, "max_query_len": 7, "sliding_window": 9, "soft_cap": 30.0}
+
+
+@register_op("paged_attention", fake=_fake, samples=_samples)
+def paged_attention(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
+    *,
+    scale: float,
+    max_query_len: int,
+    sliding_window: Optional[int] = None,
+    soft_cap: Optional[float] = None,
+) -> torch.Tensor:
+    """Paged attention for a batch of variable-length queries: out [T, H_q, D].
+
+    q [T, H_q, D] fp16/bf16, packed by sequence: ``query_start_loc`` int32 [B + 1] (0, cumulative query lengths);
+    sequence ``b``'s queries are the last ``Q_b`` of its ``seq_lens[b]`` cached tokens (int32 [B], new tokens
+    included: write their K/V first). Caches, scales, ``block_table``, ``scale``, ``sliding_window`` and
+    ``soft_cap`` as in ``paged_decode_attention``. ``max_query_len``: the longest ``Q_b`` (vLLM's metadata has
+    it on the host); 1 means every sequence has exactly one query, which selects the split-KV decode kernel.
+    Registered as ``torch.ops.angel_kernels.paged_attention``.
+    """
+    _validate(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale, scale,
+              max_query_len, sliding_window, soft_cap)
+    _check_on_host(q, block_table, seq_lens, query_start_loc, max_query_len, key_cache.shape[0], key_cache.shape[1])
+    if max_query_len == 1 and q.shape[0] == seq_lens.shape[0]:
+        # one query per sequence, in sequence order: the decode kernel's layout exactly
+        return paged_decode_attention(q, key_cache, value_cache, block_table, seq_lens, k_scale, v_scale,
+                                      scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    p = PagedPrefillProblem(q.shape[1], key_cache.shape[2], q.shape[2], key_cache.shape[1], q.dtype,
+                            key_cache.dtype, q.device)
+    cand = PAGED_PREFILL.select(p, force="reference" if reference_forced() else None)
+    return cand.run(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
+                    sliding_window, soft_cap)

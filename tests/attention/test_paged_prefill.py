@@ -1,0 +1,189 @@
+"""Varlen paged attention (prefill, chunked prefill, prefix-cached prefill, decode tokens in the same batch)
+against the fp32 reference: query/context lengths around tile and block edges, GQA groups, int8 and fp caches,
+vLLM's packed layout, windows and soft-cap, batch invariance (bitwise), routing of decode batches, bad input."""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from angel_kernels.attention import PAGED_PREFILL, inline_scale_views, paged_attention, paged_decode_attention
+from angel_kernels.attention.paged_prefill import block_q_for
+from angel_kernels.reference.attention import paged_varlen_attention_ref, write_kv_cache_ref
+from angel_kernels.testing import assert_close, make_generator, randn
+
+from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache
+
+CANDIDATES = PAGED_PREFILL.names()
+ARGS = ("q", "key_cache", "value_cache", "block_table", "seq_lens", "query_start_loc", "k_scale", "v_scale")
+
+
+def varlen_case(lens, q_lens, *, seed=0, device="cpu", **kw):
+    """Caches holding ``lens[b]`` tokens per sequence; q [sum(q_lens), H_q, D] for the last q_lens[b] of them."""
+    c = build_case(lens, seed=seed, device=device, **kw)
+    g = make_generator(seed + 1000)
+    heads_q, head_dim = c["q"].shape[1], c["q"].shape[2]
+    total = sum(q_lens)
+    c["q"] = randn(total, heads_q, head_dim, dtype=c["q"].dtype, generator=g).to(device)
+    starts = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    starts[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+    c["query_start_loc"] = starts.to(device)
+    c["max_query_len"] = max(max(q_lens), 1)
+    return c
+
+
+def _run(c, **kw):
+    return paged_attention(*(c[a] for a in ARGS), scale=c["scale"], max_query_len=c["max_query_len"], **kw)
+
+
+def _ref(c, **kw):
+    return paged_varlen_attention_ref(*(c[a] for a in ARGS), scale=c["scale"], **kw)
+
+
+# (context length, query length) pairs: a whole prompt, a chunk after a cached prefix, a decode token, a sequence
+# with no query this step, prompts around the 16-token interpreter tiles and blocks
+MIXED = ([(20, 20), (70, 9), (17, 1), (12, 0), (33, 33), (16, 16), (48, 17)])
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_mixed_batch_every_candidate(candidate, cache_dtype, device, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_PAGED_PREFILL", candidate)
+    lens, q_lens = zip(*MIXED)
+    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, seed=3, device=device)
+    out = _run(c)
+    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype
+    assert_close(out, _ref(c), name=f"{candidate} {cache_dtype}")
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (6, 2), (8, 1)])
+def test_gqa_groups(heads_q, heads_kv, device):
+    """Group 1, a group of 3 (rows of a tile not a power of two) and 8 (one token's group fills half a tile)."""
+    c = varlen_case([40, 9], [23, 9], heads_q=heads_q, heads_kv=heads_kv, seed=heads_q, device=device)
+    assert_close(_run(c), _ref(c), name=f"Hq={heads_q} Hkv={heads_kv}")
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_sliding_window_and_soft_cap(cache_dtype, device):
+    lens, q_lens = [70, 40, 5], [30, 40, 1]
+    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, seed=11, device=device)
+    for kw in ({"sliding_window": 1}, {"sliding_window": 19}, {"soft_cap": 5.0},
+               {"sliding_window": 33, "soft_cap": 30.0}):
+        assert_close(_run(c, **kw), _ref(c, **kw), name=str(kw))
+
+
+def test_head_dim_128_bf16(device):
+    c = varlen_case([37, 20], [37, 4], head_dim=128, dtype=torch.bfloat16, seed=2, device=device)
+    assert_close(_run(c), _ref(c), name="D=128 bf16")
+
+
+@pytest.mark.parametrize("physical", ["NHD", "HND"])
+def test_vllm_packed_int8_cache(physical, device):
+    lens, q_lens = [50, 21], [18, 21]
+    heads_kv, head_dim, block_size = 2, 64, 16
+    g = make_generator(6)
+    num_blocks = 9
+    raw, kv_cache, *_ = vllm_packed_int8_cache(num_blocks, block_size, heads_kv, head_dim, physical=physical)
+    kc, vc, ks, vs = inline_scale_views(kv_cache, head_dim)
+    table = torch.randperm(num_blocks, generator=g)[:8].reshape(2, 4).to(torch.int32)
+    key = randn(sum(lens), heads_kv, head_dim, dtype=torch.float16, generator=g)
+    value = randn(sum(lens), heads_kv, head_dim, dtype=torch.float16, generator=g)
+    write_kv_cache_ref(key, value, kc, vc, slot_mapping_for(table, lens, block_size), ks, vs)
+    c = dict(key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs, block_table=table,
+             seq_lens=torch.tensor(lens, dtype=torch.int32), scale=head_dim ** -0.5)
+    c["q"] = randn(sum(q_lens), 4, head_dim, dtype=torch.float16, generator=g)
+    c["query_start_loc"] = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
+    c["max_query_len"] = max(q_lens)
+    c = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+    assert_close(_run(c), _ref(c), name=physical)
+
+
+def test_batch_invariance_bitwise(device):
+    """A sequence's rows are the same bits alone and in a batch: a program only reads its own sequence."""
+    lens, q_lens = [70, 33, 17, 48], [9, 33, 1, 17]
+    c = varlen_case(lens, q_lens, seed=8, device=device)
+    full = _run(c)
+    starts = c["query_start_loc"].tolist()
+    for b in range(len(lens)):
+        alone = dict(c, q=c["q"][starts[b] : starts[b + 1]], block_table=c["block_table"][b : b + 1],
+                     seq_lens=c["seq_lens"][b : b + 1], max_query_len=max(q_lens),
+                     query_start_loc=torch.tensor([0, q_lens[b]], dtype=torch.int32, device=device))
+        if q_lens[b] == 1:
+            alone["max_query_len"] = 2  # keep it on the varlen kernel: decode batches are routed elsewhere
+        assert torch.equal(_run(alone), full[starts[b] : starts[b + 1]]), f"sequence {b} differs alone"
+
+
+def test_decode_batches_use_the_decode_kernel(device):
+    """max_query_len == 1: the same bits as paged_decode_attention (its split-KV kernel)."""
+    c = varlen_case([40, 17, 1], [1, 1, 1], seed=12, device=device)
+    dec = paged_decode_attention(c["q"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"],
+                                 c["k_scale"], c["v_scale"], scale=c["scale"])
+    assert torch.equal(_run(c), dec)
+    assert_close(_run(dict(c, max_query_len=2)), _ref(c), name="varlen kernel on single-token queries")
+
+
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_random_lengths(data):
+    n = data.draw(st.integers(1, 4), label="num_seqs")
+    lens = [data.draw(st.integers(1, 80), label=f"L{i}") for i in range(n)]
+    q_lens = [data.draw(st.integers(0, L), label=f"Q{i}") for i, L in enumerate(lens)]
+    cache_dtype = data.draw(st.sampled_from([torch.int8, torch.float16]), label="cache")
+    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, seed=sum(lens))
+    assert_close(_run(c), _ref(c), name=f"lens={lens} q_lens={q_lens}")
+
+
+def test_tile_numbering_covers_every_query():
+    """cdiv(Q_b, BLOCK_Q) tiles starting at query_start_loc[b] // BLOCK_Q + b never overlap and fit the grid."""
+    g = torch.Generator().manual_seed(0)
+    for block_q in (1, 5, 16, 32):
+        for _ in range(50):
+            q_lens = torch.randint(0, 70, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+            starts = [0]
+            for n in q_lens:
+                starts.append(starts[-1] + n)
+            grid = starts[-1] // block_q + len(q_lens)
+            owner = {}
+            for b, n in enumerate(q_lens):
+                first = starts[b] // block_q + b
+                for t in range(-(-n // block_q)):
+                    assert first + t < grid and first + t not in owner
+                    owner[first + t] = b
+    assert block_q_for(4, 128) == 32 and block_q_for(3, 128) == 42 and block_q_for(256, 128) == 1
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda c: c.update(query_start_loc=c["query_start_loc"][:-1]), "num_seqs \\+ 1"),
+        (lambda c: c.update(query_start_loc=c["query_start_loc"] + 1), "rise from 0"),
+        (lambda c: c.update(query_start_loc=c["query_start_loc"].long()), "query_start_loc"),
+        (lambda c: c.update(max_query_len=3), "below the longest"),
+        (lambda c: c.update(max_query_len=0), "max_query_len"),
+        (lambda c: c.update(seq_lens=torch.tensor([4, 9], dtype=torch.int32)), "only 4 cached tokens"),
+        (lambda c: c.update(seq_lens=torch.tensor([500, 9], dtype=torch.int32)), "block_table is too short"),
+        (lambda c: c.update(q=c["q"].float()), "q"),
+        (lambda c: c.update(q=c["q"][..., :32]), "head_dim"),
+        (lambda c: c.update(k_scale=None), "k_scale"),
+    ],
+)
+def test_bad_input(mutate, match):
+    c = varlen_case([40, 9], [23, 9], seed=1)
+    mutate(c)
+    with pytest.raises((ValueError, TypeError), match=match):
+        _run(c)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_long_prompts(cache_dtype, head_dim):
+    """Real sizes: 1000- and 4097-token prompts, a 512-token chunk after 3000 cached tokens, decode tokens."""
+    dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float16
+    lens, q_lens = [1000, 3512, 4097, 300], [1000, 512, 4097, 1]
+    c = varlen_case(lens, q_lens, heads_q=32, heads_kv=8, head_dim=head_dim, cache_dtype=cache_dtype, dtype=dtype,
+                    seed=head_dim, device="cuda")
+    out = _run(c)
+    torch.cuda.synchronize()
+    assert_close(out, _ref(c), name=f"{cache_dtype} D={head_dim}")
