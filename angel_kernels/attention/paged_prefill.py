@@ -385,10 +385,10 @@ def _fake(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_s
 
 def _samples(device):
     g = torch.Generator(device="cpu").manual_seed(0)
-    Hq, Hkv, D, nb, bs = 4, 2, 64, 8, 16
+    Hq, Hkv, D, nb, bs = 4, 2, 64, 10, 16
     lens = torch.tensor([20, 40, 7], dtype=torch.int32)
     qsl = torch.tensor([0, 5, 6, 13], dtype=torch.int32)  # 5 new tokens, 1 (decode), 7 (whole prompt)
-    table = torch.randperm(nb, generator=g)[:6].reshape(3, 2).to(torch.int32)
+    table = torch.randperm(nb, generator=g)[:9].reshape(3, 3).to(torch.int32)
     q = torch.randn(13, Hq, D, generator=g).half().to(device)
     kc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
     vc = torch.randint(-127, 128, (nb, bs, Hkv, D), generator=g, dtype=torch.int8)
