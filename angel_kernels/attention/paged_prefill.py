@@ -38,7 +38,7 @@ from ..reference.attention import paged_varlen_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
-from .paged_decode import LOG2E, LOG2E_C, paged_decode_attention, row_alignment
+from .paged_decode import LOG2E, LOG2E_C, int8_to_fp16, paged_decode_attention, row_alignment
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -86,7 +86,7 @@ def _attend_kv_tile(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MASKED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
     K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
@@ -106,6 +106,8 @@ def _attend_kv_tile(
         kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
     else:
         kt = tl.load(k_tok[None, :] + dims[:, None])
+    if MAGIC:  # int8 cache, fp16 queries: integer add + bitcast instead of I2F (see paged_decode)
+        kt = int8_to_fp16(kt, True)
     if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
         s = tl.dot(q, kt.to(tl.float32))
     else:
@@ -135,6 +137,8 @@ def _attend_kv_tile(
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
+    if MAGIC:
+        v = int8_to_fp16(v, True)
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32))
     else:
@@ -157,7 +161,7 @@ def _paged_varlen_kernel(
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -206,14 +210,14 @@ def _paged_varlen_kernel(
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, False, K_ALIGN, V_ALIGN)
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN)
         for n0 in range(n_full, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, True, K_ALIGN, V_ALIGN)
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :],
@@ -273,7 +277,7 @@ def launch_paged_varlen(
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, BLOCK_N=cfg.BLOCK_N,
         QUANT=quant, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
-        DOT_FP32=q.device.type == "cpu",
+        DOT_FP32=q.device.type == "cpu", MAGIC=quant and q.dtype == torch.float16,
         K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
