@@ -8,8 +8,9 @@ One script per kernel family (``bench_gemm.py``, ``bench_attention.py``) declare
    input sets, rotated so that their total size exceeds L2 and repeats cannot be served from it), and a reference;
 3. refcheck before timing: output vs an fp32 reference, relative error ‖out − ref‖ / ‖ref‖; NaN/inf fails;
    a provider failing it gets a ``refcheck_failed`` row and is not timed;
-4. timing (``bench_us``): several calls per CUDA graph cycling over the input sets, replayed many times, each
-   replay timed with CUDA events; median / p20 / p80 µs per call; eager event timing when capture fails;
+4. timing (``bench_us``, on ``angel_kernels.tuning.timing``, the tuner's timer too): several calls per CUDA graph
+   cycling over the input sets, replayed many times, each replay timed with CUDA events; median / p20 / p80 µs
+   per call; eager event timing when capture fails;
 5. floors measured in the same process (copy bandwidth, fp16 and int8 tensor-core peaks): the floor of a case
    is max(bytes / bandwidth, flops / peak) and each row reports the % of it reached;
 6. rows are written after every case to ``<out>/<gpu-slug>/<family>.json`` (a killed run keeps what it had),
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -134,19 +136,14 @@ def env_metadata() -> dict:
 
 
 def l2_bytes() -> int:
-    """L2 size of device 0 (50 MB on H100), DEFAULT_L2_BYTES where torch does not expose it; 0 without CUDA (the
-    CPU runs only exercise the harness: one input set is enough there)."""
+    """L2 size of the current CUDA device (50 MB on H100), DEFAULT_L2_BYTES where torch does not expose it; 0
+    without CUDA (the CPU runs only exercise the harness: one input set is enough there)."""
     try:
-        import torch
+        from angel_kernels.tuning.timing import l2_bytes as device_l2_bytes
 
-        if not torch.cuda.is_available():
-            return 0
-        size = int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 0)
-        if size > 0:
-            return size
+        return device_l2_bytes()
     except Exception:  # noqa: BLE001
-        pass
-    return DEFAULT_L2_BYTES
+        return DEFAULT_L2_BYTES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,9 +169,9 @@ def tensor_bytes(obj: Any) -> int:
 def rotation_count(bytes_per_set: int, l2: Optional[int] = None, *, factor: float = ROTATION_L2_FACTOR,
                    max_sets: int = MAX_INPUT_SETS) -> int:
     """How many input sets to cycle so that together they exceed ``factor`` × L2 (1 when one set already does)."""
-    l2 = l2_bytes() if l2 is None else l2
-    need = math.ceil(factor * l2 / max(int(bytes_per_set), 1))
-    return max(1, min(max_sets, need))
+    from angel_kernels.tuning.timing import rotation_count as count
+
+    return count(bytes_per_set, l2_bytes() if l2 is None else l2, factor=factor, max_sets=max_sets)
 
 
 def build_sets(make_set: Callable[[int], tuple], l2: Optional[int] = None):
@@ -443,26 +440,19 @@ class Timing:
     note: str = ""
 
 
-def _calls_for(est_us: float, n_sets: int, target_us: float, max_calls: int) -> int:
-    calls = int(min(max_calls, max(1, math.ceil(target_us / max(est_us, 1e-3)))))
-    return max(n_sets, math.ceil(calls / n_sets) * n_sets)  # whole passes over the rotation
-
-
-def _samples_for(sample_us: float, target_ms: float) -> int:
-    return int(min(MAX_SAMPLES, max(MIN_SAMPLES, math.ceil(target_ms * 1e3 / max(sample_us, 1e-3)))))
-
-
 def bench_us(fn: Callable, input_sets: Sequence[tuple], *, device=None, use_graph: bool = True, warmup: int = 2,
              target_graph_us: Optional[float] = None, target_total_ms: Optional[float] = None,
              max_calls: Optional[int] = None) -> Timing:
     """µs per call of fn(*input_sets[i]), cycling i over the sets (their total size should exceed L2).
 
-    CUDA: warm up eagerly (compiles/autotunes), capture ``calls`` calls into one CUDA graph, replay it ``samples``
-    times timing each replay with events; per-call time = replay time / calls. Falls back to eager event timing of
-    the same call sequence when capture fails (host overhead included then; ``method`` says which). CPU: wall
-    clock (only for exercising the harness).
+    CUDA: ``angel_kernels.tuning.timing.time_calls`` (the tuner's timer): warm up eagerly (compiles/autotunes),
+    capture ``calls`` calls into one CUDA graph, replay it ``samples`` times timing each replay with events;
+    per-call time = replay time / calls. Falls back to eager event timing of the same call sequence when capture
+    fails (host overhead included then; ``method`` says which). CPU: wall clock (only for exercising the harness).
     """
     import torch
+
+    from angel_kernels.tuning.timing import calls_per_replay, sample_count
 
     target_graph_us = TARGET_GRAPH_US if target_graph_us is None else target_graph_us
     target_total_ms = TARGET_TOTAL_MS if target_total_ms is None else target_total_ms
@@ -473,84 +463,31 @@ def bench_us(fn: Callable, input_sets: Sequence[tuple], *, device=None, use_grap
     dev_type = getattr(device, "type", str(device)) if device is not None else (
         "cuda" if torch.cuda.is_available() else "cpu")
 
+    if dev_type == "cuda":
+        from angel_kernels.tuning.timing import time_calls
+
+        t = time_calls([functools.partial(fn, *args) for args in input_sets], use_graph=use_graph,
+                       eager_fallback=True, warmup=warmup, target_replay_us=target_graph_us,
+                       target_total_ms=target_total_ms, max_calls=max_calls, min_samples=MIN_SAMPLES,
+                       max_samples=MAX_SAMPLES)
+        return Timing(t.median_us, t.p20_us, t.p80_us, t.method, t.calls_per_sample, t.samples, t.note)
+
     def run_seq(calls: int) -> None:
         for i in range(calls):
             fn(*input_sets[i % n])
 
-    if dev_type != "cuda":
-        run_seq(max(warmup, 1) * n)
-        t0 = time.perf_counter()
-        run_seq(n)
-        est = (time.perf_counter() - t0) * 1e6 / n
-        calls = _calls_for(est, n, target_graph_us, max_calls)
-        samples = []
-        for _ in range(_samples_for(est * calls, target_total_ms)):
-            t0 = time.perf_counter()
-            run_seq(calls)
-            samples.append((time.perf_counter() - t0) * 1e6 / calls)
-        return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), "cpu", calls,
-                      len(samples))
-
     run_seq(max(warmup, 1) * n)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
+    t0 = time.perf_counter()
     run_seq(n)
-    b.record()
-    b.synchronize()
-    est = a.elapsed_time(b) * 1e3 / n  # eager: an upper bound (host overhead), only used to size the graph
-    calls = _calls_for(est, n, target_graph_us, max_calls)
-
-    method, note, replay = "eager", "", None
-    if use_graph:
-        try:
-            graph = _capture(lambda: run_seq(calls))
-            replay = graph.replay
-            method = "graph"
-        except Exception as e:  # noqa: BLE001 - fall back to eager timing, and say why
-            note = f"graph capture failed ({type(e).__name__}: {str(e)[:200]}); eager timing"
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001
-                pass
-    if replay is None:
-        def replay():
-            run_seq(calls)
-
-    replay()
-    torch.cuda.synchronize()
-    a.record()
-    replay()
-    b.record()
-    b.synchronize()
-    sample_us = a.elapsed_time(b) * 1e3
+    est = (time.perf_counter() - t0) * 1e6 / n
+    calls = calls_per_replay(est, n, target_graph_us, max_calls)
     samples = []
-    for _ in range(_samples_for(sample_us, target_total_ms)):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        replay()
-        e.record()
-        e.synchronize()
-        samples.append(s.elapsed_time(e) * 1e3 / calls)
-    return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), method, calls,
-                  len(samples), note)
-
-
-def _capture(body: Callable[[], None]):
-    """Capture body() into a CUDA graph after a warm-up on a side stream (as torch's docs require)."""
-    import torch
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        body()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    torch.cuda.synchronize()
-    return g
+    for _ in range(sample_count(est * calls, target_total_ms, MIN_SAMPLES, MAX_SAMPLES)):
+        t0 = time.perf_counter()
+        run_seq(calls)
+        samples.append((time.perf_counter() - t0) * 1e6 / calls)
+    return Timing(quantile(samples, 0.5), quantile(samples, 0.2), quantile(samples, 0.8), "cpu", calls,
+                  len(samples))
 
 
 # ----------------------------------------------------------------------------------------------------------------

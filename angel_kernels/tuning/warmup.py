@@ -5,12 +5,19 @@ Call it once per deployment (or offline per GPU, then ship the JSON) with the sh
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
 from .prune import KernelConfig
 from .store import TunedConfigStore
+from .timing import check_calls, check_timer_usable, graph_median_us
+
+Call = Callable[[], object]
+# make_call(cfg): one call, or one call per rotating input set (same work, different tensors: see timing.py)
+MakeCall = Callable[[KernelConfig], Union[Call, Sequence[Call]]]
+
+_REASONS_SHOWN = 3
 
 
 def tune_kernel(
@@ -18,42 +25,57 @@ def tune_kernel(
     kernel: str,
     key: str,
     configs: Sequence[KernelConfig],
-    make_call: Callable[[KernelConfig], Callable[[], object]],
+    make_call: MakeCall,
     device: torch.device | str,
     *,
     check: Callable[[object], None] | None = None,
-    bench: Callable[[Callable[[], object]], float] | None = None,
+    bench: Callable[[list[Call]], float] | None = None,
 ) -> tuple[KernelConfig, dict[KernelConfig, float]]:
-    """Time ``make_call(cfg)()`` for every config (median µs, CUDA events), record the fastest in ``store``.
+    """Time every config, record the fastest in ``store``; returns the winner and every admitted config's µs.
 
-    ``check`` validates each config's output before it may win (a config that computes garbage, or fails to
-    compile, is skipped). ``bench(call) -> µs`` defaults to Triton's ``do_bench`` median. Returns the winner
-    and all timings.
+    ``make_call(cfg)`` returns an argument-free callable, or a list of them over rotating input sets whose total
+    size exceeds L2 (``timing.rotation_count``) so that repeats cannot be served from it. The first call's result
+    goes to ``check``, which raises for a wrong result: such a config, or one that fails to compile or to run,
+    does not compete. ``bench(calls) -> µs`` gets the list of calls; by default it is ``timing.graph_median_us``
+    (CUDA-graph replay over the sets, median µs per call), which needs a CUDA device and refuses the Triton
+    interpreter: CPU tests pass a fake ``bench``.
     """
-    if bench is None:
-        bench = _do_bench_median_us
-
     if not configs:
         raise ValueError(f"{kernel} {key}: no configs to tune (all pruned?)")
+    if bench is None:
+        if torch.device(device).type != "cuda":
+            raise RuntimeError(f"{kernel} {key}: the default timer needs a CUDA device, got {device!r}; "
+                               "pass bench= to time elsewhere")
+        check_timer_usable()  # before any config runs: under the interpreter every config would "fail" below
+        bench = _graph_bench_on(torch.device(device))
     timings: dict[KernelConfig, float] = {}
+    failures: dict[KernelConfig, str] = {}
     for cfg in configs:
         try:
-            call = make_call(cfg)
-            result = call()
+            made = make_call(cfg)
+            calls = [made] if callable(made) else check_calls(made)
+            result = calls[0]()
             if check is not None:
                 check(result)
-            us = bench(call)
-        except Exception:  # a config that does not compile or is wrong simply does not compete
+            us = float(bench(calls))
+        except Exception as e:  # a config that does not compile, is wrong or cannot be timed does not compete
+            failures[cfg] = f"{type(e).__name__}: {str(e).strip()[:200]}"
             continue
         timings[cfg] = us
     if not timings:
-        raise RuntimeError(f"{kernel} {key}: every config failed")
+        shown = "; ".join(f"{cfg.as_dict()} -> {why}" for cfg, why in list(failures.items())[:_REASONS_SHOWN])
+        more = f" (and {len(failures) - _REASONS_SHOWN} more)" if len(failures) > _REASONS_SHOWN else ""
+        raise RuntimeError(f"{kernel} {key}: every config failed: {shown}{more}")
     best = min(timings, key=timings.__getitem__)
     store.record(kernel, key, best, device)
     return best, timings
 
 
-def _do_bench_median_us(call: Callable[[], object]) -> float:
-    import triton.testing
+def _graph_bench_on(device: torch.device) -> Callable[[list[Call]], float]:
+    """``graph_median_us`` with ``device`` current (events, streams and graphs belong to the current device)."""
 
-    return triton.testing.do_bench(call, warmup=5, rep=20, return_mode="median") * 1e3
+    def bench(calls: list[Call]) -> float:
+        with torch.cuda.device(device):
+            return graph_median_us(calls)
+
+    return bench

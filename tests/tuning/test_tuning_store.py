@@ -93,7 +93,7 @@ def test_tune_kernel_picks_fastest_valid_config_and_records_it(tmp_path):
     store = TunedConfigStore(tmp_path)
     best, timings = tune_kernel(
         store, "toy", "N=1,K=1,M=1", [fast_but_wrong, fast, slow, broken], make_call, "cpu",
-        check=check, bench=lambda call: cost[call()[0]],
+        check=check, bench=lambda calls: cost[calls[0]()[0]],
     )
     assert best == fast and set(timings) == {fast, slow}
     assert store.lookup("toy", "N=1,K=1,M=1", "cpu") == fast
