@@ -24,6 +24,21 @@ from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import dequantize_int4_ref, w4a16_gemm_ref
 from angel_kernels.testing import assert_close, assert_close_dequantized, make_generator, poisoned_empty, randn, tolerances
 from angel_kernels.tuning import KernelConfig
+from weight_only_cases import (
+    EVERY_CANDIDATE_MS,
+    INVARIANCE_MS,
+    INVARIANCE_SHAPES,
+    LLAMA_SHAPES,
+    REAL_SHAPE_CANDIDATES,
+    REAL_SHAPE_MS,
+    TUNING_SPACE_MS,
+    Layer,
+    WeightOnlyGemm,
+    check_batch_invariance,
+    check_candidate,
+    check_real_shape,
+    check_tuning_space_fits_the_m_bucket,
+)
 
 CANDIDATES = W4A16.names()
 GROUPS = [32, 64, 128, -1]  # -1: channel-wise
@@ -47,16 +62,22 @@ def _call(x, w, b=None, perm=None):
     return w4a16_gemm(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm)
 
 
+def _layer(m, n, k, dtype, device, seed, *, bias=False, group=128, sym=True):
+    x, w, b, _ = _inputs(m, n, k, dtype, device, seed, group=group, sym=sym, bias=bias)
+    return Layer(x, n, lambda a: _call(a, w, b), lambda a: _ref(a, w, b))
+
+
+# Both candidates round each dequantized weight to the activation dtype (the tiled kernel feeds the MMA with it).
+OP = WeightOnlyGemm("w4a16", "ANGEL_KERNELS_FORCE_W4A16", _layer)
+
+
 @pytest.mark.parametrize("candidate", CANDIDATES)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 100])
+@pytest.mark.parametrize("m", EVERY_CANDIDATE_MS)
 def test_every_candidate_matches_reference(candidate, m, device, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
     # N, K multiples of 16 and of every group, not powers of two; the group, symmetry and bias vary with M
     group = GROUPS[m % 4]
-    x, w, b, _ = _inputs(m, 80, 384, torch.float16, device, seed=m, group=group, sym=m % 3 != 0, bias=m % 2 == 1)
-    y = _call(x, w, b)
-    assert y.dtype == x.dtype and y.shape == (m, 80)
-    assert_close(y, _ref(x, w, b), name=f"{candidate} M={m} g={group}")
+    layer = _layer(m, 80, 384, torch.float16, device, seed=m, group=group, sym=m % 3 != 0, bias=m % 2 == 1)
+    check_candidate(OP, candidate, layer, monkeypatch, name=f"M={m} g={group}")
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
@@ -294,34 +315,33 @@ def test_tuning_space_keeps_one_block_k_per_group(m, group):
     assert {dict(c.extra)["MAGIC"] for c in space} == {1}
 
 
-def test_tune_records_a_checked_config(tmp_path, device):
+def test_tune_records_a_checked_config(tmp_path, device, monkeypatch):
     """The warm-up entry runs every config of the space (checked against the reference) and stores the winner
-    (CPU tier, no timing; on a GPU the benchmarks run it, compiling ~60 configs costs minutes)."""
+    (CPU tier, fake timing; on a GPU the benchmarks run it, compiling ~60 configs costs minutes). With a 16 KB
+    "L2", each config's bench gets 5 calls over distinct input sets of 7.7 KB (x, packed weight, scales, zeros)."""
     from angel_kernels.tuning import TunedConfigStore
 
     if device.type == "cuda":
         pytest.skip("compiles the whole tuning space: run by the benchmarks on a GPU")
+    monkeypatch.setattr("angel_kernels.tuning.l2_bytes", lambda device: 16 << 10)
     store = TunedConfigStore(tmp_path)
     m1 = interpreter_config(64)
+    sets_seen = []
     best, timings = tune(96, 128, 3, group_size=64, sym=False, device=device, store=store, invariant_with=m1,
-                         bench=lambda call: 1.0)
+                         bench=lambda calls: sets_seen.append(len(calls)) or 1.0)
     p = W4A16Problem(4, 96, 128, 64, torch.float16, device)
     assert best in tuning_space(p) and set(timings) == set(tuning_space(p))  # all admitted (batch-invariant)
     assert store.lookup("w4a16.tiled", p.key(), device) == best
+    assert sets_seen == [5] * len(timings)
 
 
 # ---------------------------------------------------------------- GPU tier: real shapes, compiled kernels
-LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("candidate", ["tiled", "dequant_matmul"])
+@pytest.mark.parametrize("candidate", REAL_SHAPE_CANDIDATES)
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES)
-@pytest.mark.parametrize("m", [1, 16, 64, 257, 1024])
+@pytest.mark.parametrize("m", REAL_SHAPE_MS)
 def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", candidate)
-    x, w, b, _ = _inputs(m, n, k, torch.float16, "cuda", seed=m + n, group=128, bias=True)
-    assert_close_dequantized(_call(x, w, b), _ref(x, w, b), name=f"{candidate} {m}x{n}x{k}")
+    check_real_shape(OP, candidate, n, k, m, monkeypatch, group=128)
 
 
 @pytest.mark.gpu
@@ -349,17 +369,11 @@ def test_gpu_dequant_modes(magic, inter, dtype, m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096)])
-@pytest.mark.parametrize("m", [2, 16, 33, 64, 300, 1024])
+@pytest.mark.parametrize("n,k", INVARIANCE_SHAPES)
+@pytest.mark.parametrize("m", INVARIANCE_MS)
 @pytest.mark.parametrize("group,sym", [(128, True), (64, False)])
 def test_gpu_batch_invariance_tiled(n, k, m, group, sym, monkeypatch):
-    """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
-    x, w, b, _ = _inputs(m, n, k, torch.float16, "cuda", seed=m, group=group, sym=sym, bias=True)
-    full = _call(x, w, b)
-    for i in sorted({0, m // 2, m - 1}):
-        alone = _call(x[i : i + 1], w, b)
-        assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
+    check_batch_invariance(OP, n, k, m, monkeypatch, group=group, sym=sym)
 
 
 @pytest.mark.parametrize("group,sym", [(32, False), (128, True), (-1, True)])
@@ -379,12 +393,7 @@ def test_triton_dequantize_matches_torch_path(group, sym, device, monkeypatch):
             assert torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
+@pytest.mark.parametrize("m", TUNING_SPACE_MS)
 def test_tuning_space_fits_the_m_bucket(m):
-    from angel_kernels.tuning import m_bucket
-
     space = tuning_space(W4A16Problem(m, 4096, 4096, 128, torch.float16, torch.device("cpu")))
-    assert space, "empty tuning space"
-    assert len({c.BLOCK_K for c in space}) == 1  # one K reduction for every M (batch invariance)
-    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
-    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
+    check_tuning_space_fits_the_m_bucket(space, m)

@@ -7,7 +7,22 @@ from angel_kernels import quantize_weight_int8, w8a16_gemm
 from angel_kernels.gemm._splitk import split_k_for, tile_counters
 from angel_kernels.gemm.w8a16 import INTERPRETER_CONFIG, W8A16, W8A16Problem, launch_tiled
 from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
-from angel_kernels.testing import assert_close, assert_close_dequantized, make_generator, randn
+from angel_kernels.testing import assert_close, make_generator, randn
+from weight_only_cases import (
+    EVERY_CANDIDATE_MS,
+    INVARIANCE_MS,
+    INVARIANCE_SHAPES,
+    LLAMA_SHAPES,
+    REAL_SHAPE_CANDIDATES,
+    REAL_SHAPE_MS,
+    TUNING_SPACE_MS,
+    Layer,
+    WeightOnlyGemm,
+    check_batch_invariance,
+    check_candidate,
+    check_real_shape,
+    check_tuning_space_fits_the_m_bucket,
+)
 
 CANDIDATES = W8A16.names()
 
@@ -21,15 +36,21 @@ def _inputs(m, n, k, dtype, device, seed, bias=False):
     return x, q, s, b
 
 
+def _layer(m, n, k, dtype, device, seed, *, bias=False):
+    x, q, s, b = _inputs(m, n, k, dtype, device, seed, bias=bias)
+    return Layer(x, n, lambda a: w8a16_gemm(a, q, s, b), lambda a: w8a16_gemm_ref(a, q, s, b))
+
+
+# dequant_matmul rounds each weight q·s to fp16 before the product; tiled scales the fp32 accumulator
+OP = WeightOnlyGemm("w8a16", "ANGEL_KERNELS_FORCE_W8A16", _layer, exact_weight_candidates=("tiled",))
+
+
 @pytest.mark.parametrize("candidate", CANDIDATES)
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 100])
+@pytest.mark.parametrize("m", EVERY_CANDIDATE_MS)
 def test_every_candidate_matches_reference(candidate, m, device, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
     # N and K: multiples of 16, not powers of two, K not a multiple of the interpreter's BLOCK_K
-    x, q, s, b = _inputs(m, 80, 208, torch.float16, device, seed=m, bias=m % 2 == 1)
-    y = w8a16_gemm(x, q, s, b)
-    assert y.dtype == x.dtype and y.shape == (m, 80)
-    assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"{candidate} M={m}")
+    layer = _layer(m, 80, 208, torch.float16, device, seed=m, bias=m % 2 == 1)
+    check_candidate(OP, candidate, layer, monkeypatch, name=f"M={m}")
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
@@ -163,47 +184,59 @@ def test_reference_switch_routes_the_launcher_to_the_reference(monkeypatch):
     assert calls == [1]
 
 
+def test_tune_times_rotating_input_sets_and_records_the_fastest(tmp_path, device, monkeypatch):
+    """With a 40 KB "L2", sets of 27 KB (x 2 KB, weight 24 KB, scales) rotate 3 at a time: the bench gets 3 calls
+    on distinct inputs, set 0 is the checked one, and the fastest config is stored."""
+    from angel_kernels.gemm import w8a16 as mod
+    from angel_kernels.tuning import TunedConfigStore
+
+    if device.type == "cuda":
+        pytest.skip("interpreter-sized; on a GPU the benchmarks run tune() with the graph timer")
+    p = W8A16Problem(4, 96, 256, torch.float16, device)
+    space = mod.tuning_space(p)[:3]
+    monkeypatch.setattr(mod, "tuning_space", lambda p: space)
+    monkeypatch.setattr("angel_kernels.tuning.l2_bytes", lambda device: 40_000)
+    outputs = []
+
+    def bench(calls):
+        outputs.append([c() for c in calls])
+        return float(len(outputs))  # each config "slower" than the one before
+
+    store = TunedConfigStore(tmp_path)
+    best, timings = mod.tune(96, 256, 3, device=device, store=store, bench=bench)
+    assert best == space[0] and list(timings) == space
+    assert store.lookup(mod.KERNEL_NAME, p.key(), device) == best
+    assert [len(o) for o in outputs] == [3, 3, 3]
+    y0, y1, y2 = outputs[0]
+    assert not torch.equal(y0, y1) and not torch.equal(y1, y2)  # distinct input sets
+    for o in outputs[1:]:  # every config runs on the same sets (its bits may differ: tolerance)
+        for i in range(3):
+            assert_close(o[i], outputs[0][i], name=f"set {i}")
+
+
 # ---------------------------------------------------------------- GPU tier: real shapes, compiled kernels
-LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("candidate", ["tiled", "dequant_matmul"])
+@pytest.mark.parametrize("candidate", REAL_SHAPE_CANDIDATES)
 @pytest.mark.parametrize("n,k", LLAMA_SHAPES)
-@pytest.mark.parametrize("m", [1, 16, 64, 257, 1024])
+@pytest.mark.parametrize("m", REAL_SHAPE_MS)
 def test_gpu_real_shapes(candidate, n, k, m, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
-    x, q, s, b = _inputs(m, n, k, torch.float16, "cuda", seed=m + n, bias=True)
-    y = w8a16_gemm(x, q, s, b)
-    ref = w8a16_gemm_ref(x, q, s, b)
-    # dequant_matmul rounds each weight q·s to fp16 before the product; tiled scales the fp32 accumulator
-    check = assert_close_dequantized if candidate == "dequant_matmul" else assert_close
-    check(y, ref, name=f"{candidate} {m}x{n}x{k}")
+    check_real_shape(OP, candidate, n, k, m, monkeypatch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k", [(4096, 4096), (6144, 4096)])
-@pytest.mark.parametrize("m", [2, 16, 33, 64, 300, 1024])
+@pytest.mark.parametrize("n,k", INVARIANCE_SHAPES)
+@pytest.mark.parametrize("m", INVARIANCE_MS)
 def test_gpu_batch_invariance_tiled(n, k, m, monkeypatch):
-    """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", "tiled")
-    x, q, s, b = _inputs(m, n, k, torch.float16, "cuda", seed=m, bias=True)
-    full = w8a16_gemm(x, q, s, b)
-    for i in sorted({0, m // 2, m - 1}):
-        alone = w8a16_gemm(x[i : i + 1], q, s, b)
-        assert torch.equal(full[i : i + 1], alone), f"row {i} of M={m} differs from M=1"
+    check_batch_invariance(OP, n, k, m, monkeypatch)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096])
+@pytest.mark.parametrize("m", TUNING_SPACE_MS)
 def test_tuning_space_fits_the_m_bucket(m):
     from angel_kernels.gemm.w8a16 import BLOCK_K, tuning_space
-    from angel_kernels.tuning import m_bucket
 
     space = tuning_space(W8A16Problem(m, 4096, 4096, torch.float16, torch.device("cpu")))
-    assert space, "empty tuning space"
-    assert all(c.BLOCK_K == BLOCK_K for c in space)  # one K reduction for every M (batch invariance)
-    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
-    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
+    check_tuning_space_fits_the_m_bucket(space, m)
+    assert {c.BLOCK_K for c in space} == {BLOCK_K}
 
 
 def test_dequantize_int8_matches_torch(device):

@@ -1,0 +1,85 @@
+"""Cases both weight-only GEMMs (w8a16, w4a16) must pass, written once.
+
+Each test file describes its op as a ``WeightOnlyGemm`` (how to build a quantized layer, which env var forces a
+candidate, which candidates keep the weights exact) and keeps its own parametrization; the bodies live here:
+every candidate against the fp32 reference, real Llama shapes on the GPU, and bitwise batch invariance of the
+tiled kernel (a row's result must not depend on how many rows share the launch).
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from angel_kernels.testing import assert_close, assert_close_dequantized
+from angel_kernels.tuning import m_bucket
+
+# M values of the CPU-tier candidate sweep: 1, tiny, primes, one past a power of two, a non-power above 64.
+EVERY_CANDIDATE_MS = [1, 2, 3, 7, 16, 33, 100]
+# Llama-3 8B projections as (N, K): qkv, o, gate_up, down.
+LLAMA_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+REAL_SHAPE_CANDIDATES = ["tiled", "dequant_matmul"]
+REAL_SHAPE_MS = [1, 16, 64, 257, 1024]
+# Batch invariance: both split-K shapes (split 4), every M regime of the tiled kernel up to LARGE_M.
+INVARIANCE_SHAPES = [(4096, 4096), (6144, 4096)]
+INVARIANCE_MS = [2, 16, 33, 64, 300, 1024]
+TUNING_SPACE_MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 4096]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A quantized layer with N outputs: activations ``x`` and, for any activations, the op and its reference."""
+
+    x: torch.Tensor
+    n: int
+    run: Callable[[torch.Tensor], torch.Tensor]
+    ref: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WeightOnlyGemm:
+    """What the shared cases need to know about one op.
+
+    ``layer(m, n, k, dtype, device, seed, *, bias, **variant) -> Layer``; ``force_env`` forces a candidate;
+    ``exact_weight_candidates``: those that apply the scales to the fp32 accumulator (the weights are never
+    rounded, so the plain tolerance holds); the others round each dequantized weight to the activation dtype and
+    are held to ``assert_close_dequantized``.
+    """
+
+    name: str
+    force_env: str
+    layer: Callable[..., Layer]
+    exact_weight_candidates: tuple = ()
+
+    def close(self, candidate: str) -> Callable:
+        return assert_close if candidate in self.exact_weight_candidates else assert_close_dequantized
+
+
+def check_candidate(op: WeightOnlyGemm, candidate: str, layer: Layer, monkeypatch, *, name: str) -> None:
+    """The forced candidate's output has x's dtype, shape [M, N], and matches the fp32 reference."""
+    monkeypatch.setenv(op.force_env, candidate)
+    y = layer.run(layer.x)
+    assert y.dtype == layer.x.dtype and y.shape == (layer.x.shape[0], layer.n)
+    assert_close(y, layer.ref(layer.x), name=f"{candidate} {name}")
+
+
+def check_real_shape(op: WeightOnlyGemm, candidate: str, n: int, k: int, m: int, monkeypatch, **variant) -> None:
+    monkeypatch.setenv(op.force_env, candidate)
+    layer = op.layer(m, n, k, torch.float16, "cuda", seed=m + n, bias=True, **variant)
+    op.close(candidate)(layer.run(layer.x), layer.ref(layer.x), name=f"{candidate} {m}x{n}x{k}")
+
+
+def check_batch_invariance(op: WeightOnlyGemm, n: int, k: int, m: int, monkeypatch, **variant) -> None:
+    """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
+    monkeypatch.setenv(op.force_env, "tiled")
+    layer = op.layer(m, n, k, torch.float16, "cuda", seed=m, bias=True, **variant)
+    full = layer.run(layer.x)
+    for i in sorted({0, m // 2, m - 1}):
+        alone = layer.run(layer.x[i : i + 1])
+        assert torch.equal(full[i : i + 1], alone), f"{op.name}: row {i} of M={m} differs from M=1"
+
+
+def check_tuning_space_fits_the_m_bucket(space: list, m: int) -> None:
+    assert space, "empty tuning space"
+    assert len({c.BLOCK_K for c in space}) == 1  # one K reduction for every M (batch invariance)
+    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
+    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
