@@ -443,3 +443,69 @@ def paged_attention(
     cand = PAGED_PREFILL.select(p, force="reference" if reference_forced() else None)
     return cand.run(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
                     sliding_window, soft_cap)
+
+
+# --------------------------------------------------------------------------------------------------- tuning
+def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
+    """Query-tile rows × KV-tile width × warps × stages. The store keys configs by model shape only, and a
+    sequence's programs never read another sequence, so any winner keeps outputs batch-invariant."""
+    from itertools import product
+
+    configs = []
+    for bm, bn, warps, stages in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        # shared memory: the Q tile + `stages` K and V tiles (fp16 after conversion), ≤ ~200 KB of an H100's 227
+        smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * 2
+        if smem > 200 * 1024 or (bm == 128 and warps == 4 and p.head_dim > 128):
+            continue
+        configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages))
+    return configs
+
+
+TUNE_CASES = ((1, 4096, 0), (4, 1024, 0), (1, 512, 3584))  # (batch, new tokens, cached prefix)
+
+
+def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16, kv_dtype=torch.int8,
+         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None, configs=None):
+    """Warm-up step: time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (shuffled block tables),
+    check each config against the heuristic config's output (relative error ≤ 1e-3), record the fastest.
+    Returns (best config, {config: µs})."""
+    from ..testing import relative_error
+    from ..tuning import tune_kernel
+
+    device = torch.device(device)
+    p = PagedPrefillProblem(num_q_heads, num_kv_heads, head_dim, block_size, dtype, kv_dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = []  # prefill is compute-bound: one input set (its K/V re-reads come from L2 in real use too)
+    for batch, new, prefix in cases:
+        L = new + prefix
+        blocks = -(-L // block_size)
+        nb = batch * blocks
+        table = torch.randperm(nb, device=device, generator=gen).reshape(batch, blocks).to(torch.int32)
+        lens = torch.full((batch,), L, dtype=torch.int32, device=device)
+        qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
+        q = torch.randn(batch * new, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
+        shape = (nb, block_size, num_kv_heads, head_dim)
+        if kv_dtype == torch.int8:
+            kc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
+            vc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
+            ks = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
+            vs = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
+        else:
+            kc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
+            vc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
+            ks = vs = None
+        inputs.append((q, kc, vc, table, lens, qsl, head_dim ** -0.5, ks, vs))
+
+    def make_call(cfg):
+        return lambda: [launch_paged_varlen(*args, cfg=cfg) for args in inputs]
+
+    baseline = make_call(heuristic_config(p))()
+
+    def check(outs):
+        for out, ref in zip(outs, baseline):
+            err = relative_error(out, ref)
+            if not err <= 1e-3:
+                raise ValueError(f"relative error {err} vs the default config")
+
+    return tune_kernel(store or default_store(), KERNEL_NAME, p.key(), configs or tuning_space(p), make_call,
+                       device, check=check, bench=bench)
