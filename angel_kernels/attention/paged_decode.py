@@ -292,12 +292,12 @@ def num_sms(device: torch.device) -> int:
     return INTERPRETER_SMS
 
 
-def max_splits_for(num_kv_heads: int, device: torch.device) -> int:
-    """Splits of one long sequence: ~PROGRAMS_PER_SM programs per SM across its KV heads, a power of two.
+def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+    """Splits of one long sequence: ~programs_per_sm programs per SM across its KV heads, a power of two.
 
-    H100 SXM (132 SMs), 8 KV heads: 32 splits → 256 programs for a single 32k-token sequence.
+    H100 SXM (132 SMs), 8 KV heads, 2 per SM: 32 splits → 256 programs for a single 32k-token sequence.
     """
-    target = max(1, PROGRAMS_PER_SM * num_sms(device) // num_kv_heads)
+    target = max(1, programs_per_sm * num_sms(device) // num_kv_heads)
     return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1))
 
 
@@ -329,7 +329,9 @@ def config_for(p: PagedDecodeProblem) -> KernelConfig:
 
 def split_policy(p: PagedDecodeProblem, cfg: Optional[KernelConfig] = None) -> SplitPolicy:
     cfg = cfg or config_for(p)
-    return SplitPolicy(cfg.BLOCK_N, dict(cfg.extra)["MIN_SPLIT_TILES"], max_splits_for(p.num_kv_heads, p.device))
+    extra = dict(cfg.extra)
+    per_sm = extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM)
+    return SplitPolicy(cfg.BLOCK_N, extra["MIN_SPLIT_TILES"], max_splits_for(p.num_kv_heads, p.device, per_sm))
 
 
 def launch_paged_attention(
@@ -535,16 +537,18 @@ def paged_decode_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
-    """Tile width × warps × stages × smallest split (128–512 tokens). Every config is a valid partition, and the
+    """Tile width × warps × stages × smallest split (128–512 tokens) × programs per SM for one long sequence
+    (the largest split count: 2 or 4 per SM). Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
 
     configs = []
-    for bn, warps, stages, min_tokens in product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (128, 256, 512)):
+    for bn, warps, stages, min_tokens, per_sm in product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (128, 256, 512),
+                                                         (2, 4)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
-                                    extra=(("MIN_SPLIT_TILES", min_tokens // bn),)))
+                                    extra=(("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))))
     return configs
 
 
@@ -552,9 +556,10 @@ TUNE_CASES = ((1, 32768), (8, 4096), (64, 16384))  # (batch, context): latency-b
 
 
 def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16, kv_dtype=torch.int8,
-         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None) -> KernelConfig:
-    """Warm-up step: time ``tuning_space`` on the sum of ``cases`` (shuffled block tables, full contexts), check
-    each config against the heuristic config's output (relative error ≤ 1e-3), record the fastest.
+         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None, configs=None):
+    """Warm-up step: time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (shuffled block tables, full
+    contexts), check each config against the heuristic config's output (relative error ≤ 1e-3), record the
+    fastest. Returns (best config, {config: µs}).
 
     Timed over rotating input sets, each holding every case, until together they exceed twice the L2 size (the
     default cases hold 2.3 GB of int8 KV for Llama-3-8B heads: one set); set 0 is the checked one.
@@ -594,7 +599,7 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
     sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(device)))]
 
     def make_call(cfg):
-        policy = SplitPolicy(cfg.BLOCK_N, dict(cfg.extra)["MIN_SPLIT_TILES"], max_splits_for(num_kv_heads, device))
+        policy = split_policy(p, cfg)
 
         def run(inputs):
             return [launch_paged_attention(*args, cfg=cfg, policy=policy) for args in inputs]
@@ -609,6 +614,5 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
             if not err <= 1e-3:
                 raise ValueError(f"relative error {err} vs the default config")
 
-    best, _ = tune_kernel(store or default_store(), KERNEL_NAME, p.key(), tuning_space(p), make_call, device,
-                          check=check, bench=bench)
-    return best
+    return tune_kernel(store or default_store(), KERNEL_NAME, p.key(), configs or tuning_space(p), make_call, device,
+                       check=check, bench=bench)
