@@ -382,5 +382,6 @@ def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
     monkeypatch.setattr("angel_kernels.attention.paged_decode.tuning_space", lambda p: space[::len(space) // 3])
     store = TunedConfigStore(tmp_path)
     ticks = iter(range(10_000, 0, -1))  # each config "faster" than the one before
-    best = tune(4, 2, 64, cases=((2, 40),), device="cpu", store=store, bench=lambda call: float(next(ticks)))
-    assert store.lookup(KERNEL_NAME, p.key(), "cpu") == best
+    best, timings = tune(4, 2, 64, cases=((2, 40),), device="cpu", store=store,
+                         bench=lambda call: float(next(ticks)))
+    assert store.lookup(KERNEL_NAME, p.key(), "cpu") == best and timings[best] == min(timings.values())

@@ -187,3 +187,19 @@ def test_gpu_long_prompts(cache_dtype, head_dim):
     out = _run(c)
     torch.cuda.synchronize()
     assert_close(out, _ref(c), name=f"{cache_dtype} D={head_dim}")
+
+
+def test_tuning_space_and_tune_record_a_config(tmp_path):
+    """The warm-up entry point runs end to end (tiny cases, a fake clock) and records under the shape-only key."""
+    from angel_kernels.attention.paged_prefill import KERNEL_NAME, PagedPrefillProblem, tune, tuning_space
+    from angel_kernels.tuning import KernelConfig, TunedConfigStore
+
+    p = PagedPrefillProblem(4, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    assert len(tuning_space(p)) >= 20
+    configs = [KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=64, num_warps=4, num_stages=1) for bn in (16, 32)]
+    store = TunedConfigStore(tmp_path)
+    ticks = iter(range(10_000, 0, -1))  # each config "faster" than the one before
+    best, timings = tune(4, 2, 64, cases=((2, 20, 0), (1, 5, 30)), device="cpu", store=store, configs=configs,
+                         bench=lambda calls: float(next(ticks)))
+    assert best == configs[-1] and set(timings) == set(configs)
+    assert store.lookup(KERNEL_NAME, p.key(), "cpu") == best
