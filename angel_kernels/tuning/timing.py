@@ -10,15 +10,16 @@ two events is measured; L2 is defeated by cycling over input sets whose total si
 1. warm up eagerly (compiles and autotunes outside the capture), then estimate the per-call time from one eager
    pass with CUDA events (an upper bound: it includes the host launch overhead);
 2. capture whole passes over the sets into one CUDA graph, ``TARGET_REPLAY_US`` of calls by that estimate. Eager
-   launches are queued asynchronously, so the estimate is about max(kernel time, host launch time): exact for
-   kernels that outlast their launch, and a replay of the 10–50 µs kernels lasts ~1–2 ms, long enough that the
-   graph's own launch (a few µs) stays below 1 % of a sample. Kernels shorter than their launch get shorter
-   replays (at most ``MAX_CALLS_PER_REPLAY`` calls);
+   launches are queued asynchronously, so the estimate is max(kernel time, host launch time): exact for kernels
+   that outlast their launch, too high for shorter ones (a 13 µs w4a16 decode kernel launches in ~50 µs on H100),
+   whose first graph is then timed once and captured again with enough passes. A replay thus lasts ~1–2 ms
+   (at most ``MAX_CALLS_PER_REPLAY`` calls), so the graph's own launch (a few µs) stays near 0.5 % of a sample;
 3. replay once more, then time ``samples`` replays with events (``TARGET_TOTAL_MS`` in all, 5 to 50 of them) and
    report median / p20 / p80 µs per call.
 A call that cannot be captured (it synchronizes with the host, say) raises ``GraphCaptureError``, unless
 ``eager_fallback=True`` asks for event timing of the same eager call sequence instead (host overhead included;
-``method`` says which).
+``method`` says which). Either way the CUDA random generator is left usable (a failed capture would otherwise
+break every later random op).
 
 Nothing here runs at import time; timing refuses the Triton interpreter (it would time Python) and machines
 without CUDA.
@@ -55,7 +56,13 @@ MIN_SAMPLES, MAX_SAMPLES = 5, 50
 
 
 class GraphCaptureError(RuntimeError):
-    """The calls could not be captured into a CUDA graph (host synchronization, pinned allocation, ...)."""
+    """The calls could not be captured into a CUDA graph (host synchronization, pinned allocation, ...).
+    ``reason``: the underlying error as "Type: message"."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"CUDA graph capture failed ({reason}); a call that synchronizes with the host (.item(), "
+                         ".cpu(), a data-dependent shape) cannot be graph-timed")
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +180,30 @@ def capture_graph(body: Callable[[], None]) -> "torch.cuda.CUDAGraph":
     return g
 
 
+def _reset_after_failed_capture() -> None:
+    """A capture that fails never runs torch's capture epilogue, so the default CUDA generator stays in capture
+    mode and every later random op outside a graph fails ("Offset increment outside graph capture encountered
+    unexpectedly"): a trivial capture that completes runs the epilogue and clears it."""
+    try:
+        torch.cuda.synchronize()
+        x = torch.zeros(1, device="cuda")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            x.add_(1)
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 - best effort: the capture's own error is the one worth reporting
+        pass
+
+
+def capture_or_raise(body: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    """``capture_graph``, with any failure cleaned up and raised as ``GraphCaptureError``."""
+    try:
+        return capture_graph(body)
+    except Exception as e:  # noqa: BLE001 - any capture failure is reported the same way
+        _reset_after_failed_capture()
+        raise GraphCaptureError(f"{type(e).__name__}: {str(e)[:200]}") from e
+
+
 def _elapsed_us(fn: Callable[[], None]) -> float:
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
@@ -216,18 +247,20 @@ def time_calls(
     method, note, replay = "eager", "", None
     if use_graph:
         try:
-            graph = capture_graph(lambda: run_seq(per_replay))
-        except Exception as e:  # noqa: BLE001 - any capture failure is reported the same way
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001 - the capture's own error is the one worth reporting
-                pass
-            reason = f"{type(e).__name__}: {str(e)[:200]}"
+            graph = capture_or_raise(lambda: run_seq(per_replay))
+            graph.replay()
+            replay_us = _elapsed_us(graph.replay)
+            # Launch-bound calls: the eager estimate was the host launch time (~50 µs for a 13 µs w4a16 decode
+            # kernel on H100): re-size from the graph's own time so a replay lasts ~target_replay_us.
+            resized = calls_per_replay(replay_us / per_replay, n, target_replay_us, max_calls)
+            if replay_us < 0.5 * target_replay_us and resized > per_replay:
+                del graph
+                per_replay = resized
+                graph = capture_or_raise(lambda: run_seq(per_replay))
+        except GraphCaptureError as e:
             if not eager_fallback:
-                raise GraphCaptureError(
-                    f"CUDA graph capture failed ({reason}); a call that synchronizes with the host (.item(), "
-                    f".cpu(), a data-dependent shape) cannot be graph-timed") from e
-            note = f"graph capture failed ({reason}); eager timing"
+                raise
+            note = f"graph capture failed ({e.reason}); eager timing"
         else:
             replay = graph.replay
             method = "graph"
