@@ -121,8 +121,13 @@ def _shards(src: Path) -> list[str]:
     return files
 
 
-def _plan(src: Path, shards: list[str], group_size: int) -> tuple[dict[str, list[str]], list[str]]:
-    """Every tensor name per shard, and the names to quantize; all shape/dtype problems raised before writing."""
+def _plan(src: Path, shards: list[str], group_size: int, quant_cfg) -> tuple[dict[str, list[str]], list[str]]:
+    """Every tensor name per shard, and the names to quantize; all shape/dtype problems raised before writing.
+
+    ``quant_cfg``: the source config's quantization_config, if any. It only means "already quantized" when the
+    tensors say so too: transformers writes {"quant_method": "gguf"} into the config of a model it dequantized
+    from a GGUF file, whose safetensors are plain floats.
+    """
     from safetensors import safe_open
 
     names_by_shard: dict[str, list[str]] = {}
@@ -138,7 +143,9 @@ def _plan(src: Path, shards: list[str], group_size: int) -> tuple[dict[str, list
                 sl = f.get_slice(name)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                 if dtype not in ("F16", "BF16", "F32"):
-                    problems.append(f"{name}: dtype {dtype} (expected F16, BF16 or F32: is it already quantized?)")
+                    said = f"; config.json says quant_method={quant_cfg.get('quant_method')!r}" if quant_cfg else ""
+                    problems.append(f"{name}: dtype {dtype} (expected F16, BF16 or F32: is it already quantized?"
+                                    f"{said})")
                     continue
                 if len(shape) != 2:
                     problems.append(f"{name}: shape {shape} is not 2-D [out_features, in_features]")
@@ -156,6 +163,9 @@ def _plan(src: Path, shards: list[str], group_size: int) -> tuple[dict[str, list
     if problems:
         raise ValueError(f"cannot export a GPTQ checkpoint with group_size={group_size}:\n  " + "\n  ".join(problems))
     if not to_quantize:
+        if quant_cfg:
+            raise ValueError(f"{src} is already quantized (quantization_config quant_method="
+                             f"{quant_cfg.get('quant_method')!r}; no float decoder linear weights)")
         raise ValueError(f"no decoder linear weight (layers.<i>.self_attn.q_proj.weight, ...) found in {src}")
     return names_by_shard, to_quantize
 
@@ -173,6 +183,9 @@ def export_gptq_checkpoint(
     ValueError lists the layers and the group sizes that would fit). ``symmetric``: zero point 8 everywhere
     (``sym: true``), else one zero point per group. ``dst_dir`` must not exist or be empty; the checkpoint is
     written to a sibling temporary folder and renamed into place, so a failed export leaves nothing behind.
+    A ``quantization_config`` already in the source config.json is replaced when every decoder linear weight is
+    a float tensor (a model dequantized from GGUF by transformers keeps ``{"quant_method": "gguf"}`` there);
+    otherwise the source is refused as already quantized.
     Returns ``dst_dir`` as a ``Path``.
     """
     from safetensors import safe_open
@@ -190,11 +203,10 @@ def export_gptq_checkpoint(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not an empty folder")
     config = json.loads(config_path.read_text())
-    if config.get("quantization_config") or config.get("compression_config"):
-        raise ValueError(f"{src} is already quantized (its config.json has a quantization_config)")
-
+    stale = [config.pop(key, None) for key in ("quantization_config", "compression_config")]
+    stale = stale[0] or stale[1]
     shards = _shards(src)
-    names_by_shard, to_quantize = _plan(src, shards, group_size)
+    names_by_shard, to_quantize = _plan(src, shards, group_size, stale)
     quantize = set(to_quantize)
 
     dst.parent.mkdir(parents=True, exist_ok=True)

@@ -194,6 +194,21 @@ def test_folder_errors(tmp_path):
         export_gptq_checkpoint(dst, tmp_path / "again", group_size=64)
 
 
+def test_stale_quantization_config_of_a_float_checkpoint_is_replaced(tmp_path):
+    # transformers keeps {"quant_method": "gguf"} in the config of a model it dequantized from a GGUF file
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    tensors, config = _make_checkpoint(src, layers=1)
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "model.Q4_1.gguf", "dequantize": False}
+    (src / "config.json").write_text(json.dumps(config))
+    export_gptq_checkpoint(src, dst, group_size=64)
+    assert json.loads((dst / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    # a quantized tensor where a float weight is expected is refused, and the message names the config's method
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(256, 128, dtype=torch.int8)
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"up_proj.weight: dtype I8 .*already quantized.*quant_method='gguf'"):
+        export_gptq_checkpoint(src, tmp_path / "dst2", group_size=64)
+
+
 def test_checkpoint_without_decoder_linears_is_refused(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
