@@ -132,7 +132,7 @@ def _plan(src: Path, shards: list[str], group_size: int, quant_cfg) -> tuple[dic
 
     names_by_shard: dict[str, list[str]] = {}
     to_quantize: list[str] = []
-    problems: list[str] = []
+    problems: dict[str, list[str]] = {}  # what is wrong -> the tensors it is wrong for
     for shard in shards:
         with safe_open(str(src / shard), framework="pt") as f:
             names = list(f.keys())
@@ -144,24 +144,25 @@ def _plan(src: Path, shards: list[str], group_size: int, quant_cfg) -> tuple[dic
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
                 if dtype not in ("F16", "BF16", "F32"):
                     said = f"; config.json says quant_method={quant_cfg.get('quant_method')!r}" if quant_cfg else ""
-                    problems.append(f"{name}: dtype {dtype} (expected F16, BF16 or F32: is it already quantized?"
-                                    f"{said})")
+                    problems.setdefault(f"dtype {dtype} (expected F16, BF16 or F32: is it already quantized?"
+                                        f"{said})", []).append(name)
                     continue
                 if len(shape) != 2:
-                    problems.append(f"{name}: shape {shape} is not 2-D [out_features, in_features]")
+                    problems.setdefault(f"shape {shape} is not 2-D [out_features, in_features]", []).append(name)
                     continue
                 n, k = shape
                 g = k if group_size == -1 else group_size
                 if k % g or k % INT4_PACK:
                     fitting = [s for s in INT4_GROUP_SIZES if k % s == 0] + [-1]
-                    problems.append(f"{name}: in_features K={k} is not a multiple of group_size={g} "
-                                    f"(group sizes that divide K: {fitting})")
+                    problems.setdefault(f"in_features K={k} is not a multiple of group_size={g} "
+                                        f"(group sizes that divide K: {fitting})", []).append(name)
                 if n % INT4_PACK:
-                    problems.append(f"{name}: out_features N={n} is not a multiple of 8 (GPTQ packs 8 zero points "
-                                    f"per int32 word)")
+                    problems.setdefault(f"out_features N={n} is not a multiple of 8 (GPTQ packs 8 zero points "
+                                        f"per int32 word)", []).append(name)
                 to_quantize.append(name)
     if problems:
-        raise ValueError(f"cannot export a GPTQ checkpoint with group_size={group_size}:\n  " + "\n  ".join(problems))
+        lines = [f"{what}: {len(names)} tensor(s), e.g. {', '.join(names[:3])}" for what, names in problems.items()]
+        raise ValueError(f"cannot export a GPTQ checkpoint with group_size={group_size}:\n  " + "\n  ".join(lines))
     if not to_quantize:
         if quant_cfg:
             raise ValueError(f"{src} is already quantized (quantization_config quant_method="
