@@ -38,11 +38,11 @@ __all__ = [
     "QuantizeMethodBase",
     "RowvLLMParameter",
     "UnquantizedLinearMethod",
+    "checkpoint_modules",
     "ct_layer_is_ignored",
     "ct_layer_is_targeted",
     "gptq_layer_is_quantized",
     "is_layer_skipped",
-    "quantized_modules_in_checkpoint",
     "register_quantization_method",
     "replace_parameter",
     "set_weight_attrs",
@@ -90,13 +90,14 @@ def gptq_layer_is_quantized(prefix: str, quantized_modules, fused_mapping) -> bo
     return is_layer_gptq_quantized(prefix, quantized_modules, fused_mapping)
 
 
-def quantized_modules_in_checkpoint(model: str, revision=None) -> list[str]:
-    """Module names that hold a non-float tensor in the checkpoint's safetensors headers (no tensor is read)."""
+def checkpoint_modules(model: str, revision=None) -> tuple[list[str], list[str]]:
+    """(every module, modules holding a non-float tensor) from the checkpoint's safetensors headers (no tensor
+    is read)."""
     from vllm.transformers_utils.config import get_safetensors_params_metadata
 
     floats = ("F16", "BF16", "F32", "F64")  # safetensors header dtype names
     metadata = get_safetensors_params_metadata(model, revision=revision)
-    return sorted({
-        name.rsplit(".", 1)[0] for name, info in metadata.items()
-        if (dtype := info.get("dtype")) and dtype not in floats
-    })
+    modules = {name.rsplit(".", 1)[0] for name in metadata}
+    quantized = {name.rsplit(".", 1)[0] for name, info in metadata.items()
+                 if (dtype := info.get("dtype")) and dtype not in floats}
+    return sorted(modules), sorted(quantized)

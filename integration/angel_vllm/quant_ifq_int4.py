@@ -52,11 +52,11 @@ from ._compat import (
     QuantizeMethodBase,
     RowvLLMParameter,
     UnquantizedLinearMethod,
+    checkpoint_modules,
     ct_layer_is_ignored,
     ct_layer_is_targeted,
     gptq_layer_is_quantized,
     is_layer_skipped,
-    quantized_modules_in_checkpoint,
     register_quantization_method,
     weights_mapper,
 )
@@ -267,10 +267,15 @@ class IfqInt4Config(QuantizationConfig):
         self.scheme.only = hf_to_vllm_mapper.apply_list(self.scheme.only)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
-        # GPTQ checkpoints may leave layers unquantized without listing the others; as vLLM's own gptq method,
-        # read which modules hold int32 tensors from the safetensors headers.
-        if self.scheme.fmt == "gptq" and not self.scheme.only:
-            self.scheme.only = quantized_modules_in_checkpoint(model_name, revision)
+        # GPTQ and AWQ checkpoints may leave layers unquantized without saying so; as vLLM's own methods, read
+        # which modules hold int32 tensors from the safetensors headers when the config lists none.
+        s = self.scheme
+        if (s.fmt == "gptq" and not s.only) or (s.fmt == "awq" and not s.skip):
+            modules, quantized = checkpoint_modules(model_name, revision)
+            if s.fmt == "gptq":
+                s.only = quantized
+            else:
+                s.skip = sorted(set(modules) - set(quantized))
 
 
 # --------------------------------------------------------------------------------------------- linear method

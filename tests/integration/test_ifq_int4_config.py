@@ -198,7 +198,8 @@ def test_layers_left_unquantized_by_the_checkpoint_load_unquantized(hf_cfg, quan
     assert cfg.get_quant_method(nn.Embedding(4, 4), prefix="model.embed_tokens") is None  # not a LinearBase
 
 
-def test_gptq_reads_quantized_modules_from_the_safetensors_headers(tmp_path):
+def test_unlisted_unquantized_layers_are_read_from_the_safetensors_headers(tmp_path):
+    # as vLLM's own gptq and awq methods: modules holding int32 tensors are the quantized ones
     from safetensors.torch import save_file
 
     from angel_vllm.quant_ifq_int4 import IfqInt4Config
@@ -209,9 +210,17 @@ def test_gptq_reads_quantized_modules_from_the_safetensors_headers(tmp_path):
         "model.layers.0.self_attn.q_proj.scales": torch.zeros(1, 8, dtype=torch.float16),
         "model.layers.0.mlp.down_proj.weight": torch.zeros(8, 8, dtype=torch.bfloat16),
     }, str(tmp_path / "model.safetensors"))
-    cfg = IfqInt4Config.from_config(GPTQ)
-    cfg.maybe_update_config(str(tmp_path))
-    assert cfg.scheme.only == ["model.layers.0.self_attn.q_proj"]
+    gptq = IfqInt4Config.from_config(GPTQ)
+    gptq.maybe_update_config(str(tmp_path))
+    assert gptq.scheme.only == ["model.layers.0.self_attn.q_proj"]
+    down, q = "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"
+    assert [type(gptq.get_quant_method(_linear(), p)).__name__ for p in (q, down)] == [
+        "IfqInt4LinearMethod", "UnquantizedLinearMethod"]
+    awq = IfqInt4Config.from_config(AWQ)
+    awq.maybe_update_config(str(tmp_path))
+    assert awq.scheme.skip == ["model.embed_tokens", down]
+    assert [type(awq.get_quant_method(_linear(), p)).__name__ for p in (q, down)] == [
+        "IfqInt4LinearMethod", "UnquantizedLinearMethod"]
     explicit = IfqInt4Config.from_config({**GPTQ, "modules_in_block_to_quantize": ["self_attn.q_proj"]})
     explicit.maybe_update_config(str(tmp_path))
     assert explicit.scheme.only == ["self_attn.q_proj"]  # the checkpoint's own list wins
