@@ -20,5 +20,13 @@ __all__ = [
     "__version__", "w8a16_gemm", "quantize_weight_int8", "w4a16_gemm", "quantize_weight_int4", "Int4Weight",
     "repack_gptq", "repack_awq", "repack_compressed_tensors",
 ]
-from .attention import inline_scale_views, paged_attention, paged_decode_attention, write_kv_cache  # noqa: E402  (paged KV cache)
-__all__ += ["write_kv_cache", "paged_decode_attention", "paged_attention", "inline_scale_views"]
+from .attention import (  # noqa: E402  (paged KV cache)
+    inline_scale_views,
+    int8_page_bytes,
+    int8_page_views,
+    paged_attention,
+    paged_decode_attention,
+    write_kv_cache,
+)
+__all__ += ["write_kv_cache", "paged_decode_attention", "paged_attention", "inline_scale_views", "int8_page_views",
+            "int8_page_bytes"]

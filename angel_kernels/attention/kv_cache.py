@@ -9,6 +9,13 @@ vLLM 0.32's ``int8_per_token_head`` cache is one int8 tensor per layer, logicall
 ``[num_blocks, num_kv_heads, block_size, 2 * (head_dim + 4)]``; each (block, head, slot) row holds
 ``K (head_dim bytes) | K scale (fp32) | V (head_dim bytes) | V scale (fp32)``. ``inline_scale_views`` cuts the
 four views above out of that tensor without copying; separate plain tensors serve the same kernels.
+
+That packed layout leaves V rows 4-byte aligned (after K's data and scale), which limits the kernels' loads to
+4-byte vectors: on an H100, decode at batch 64 × 16k took 2028 µs there against 1360 µs on 16-byte aligned
+rows (same kernel and config). ``int8_page_views`` cuts the same four views out of a page of the same size
+(``int8_page_bytes``, so vLLM's page accounting is unchanged) laid out head-major and region by region:
+``K [H, block, D] | V [H, block, D] | K scales [H, block] | V scales [H, block]``: 16-byte aligned rows, and a KV
+head's rows of one block contiguous (2 KB at head 128, block 16).
 """
 from typing import Optional
 
@@ -52,6 +59,43 @@ def inline_scale_views(
     k_scale = rows[..., head_dim:padded].view(torch.float32)[..., 0]
     v_scale = rows[..., padded + head_dim :].view(torch.float32)[..., 0]
     return key_cache, value_cache, k_scale, v_scale
+
+
+def int8_page_bytes(block_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """Bytes of one int8 cache block: data and an fp32 scale per (token, head), for K and V."""
+    return 2 * block_size * num_kv_heads * (head_dim + INLINE_SCALE_BYTES)
+
+
+def int8_page_views(
+    pages: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key_cache, value_cache, k_scale, v_scale) views of int8 pages in the head-major region layout.
+
+    pages: int8 [num_blocks, int8_page_bytes(...)] (any tensor whose rows are the blocks, contiguous within a
+    row, 16-byte aligned). Returns int8 [num_blocks, block_size, num_kv_heads, head_dim] ×2 and fp32
+    [num_blocks, block_size, num_kv_heads] ×2, all aliasing ``pages``.
+    """
+    check_tensor("pages", pages, dtypes=(torch.int8,), dim=2)
+    page = int8_page_bytes(block_size, num_kv_heads, head_dim)
+    if pages.shape[1] != page:
+        raise ValueError(
+            f"pages must have {page} bytes per block (2 * block_size * num_kv_heads * (head_dim + 4)) for"
+            f" block_size {block_size}, {num_kv_heads} KV heads, head_dim {head_dim}; got {pages.shape[1]}"
+        )
+    if pages.stride(1) != 1 or pages.stride(0) % 16 or pages.data_ptr() % 16 or head_dim % 16:
+        raise ValueError("int8 pages must be contiguous within a block, 16-byte aligned, and head_dim a multiple of 16")
+    nb, bs, h, d = pages.shape[0], block_size, num_kv_heads, head_dim
+    data = bs * h * d  # bytes of K (or V) data in a block
+
+    def data_view(offset):  # [nb, bs, h, d] over a head-major [h, bs, d] region
+        return pages.as_strided((nb, bs, h, d), (pages.stride(0), d, bs * d, 1), pages.storage_offset() + offset)
+
+    f32 = pages.view(torch.float32)  # [nb, page / 4]: the scale regions, in fp32 units
+
+    def scale_view(offset):  # [nb, bs, h] over a head-major [h, bs] region
+        return f32.as_strided((nb, bs, h), (f32.stride(0), 1, bs), f32.storage_offset() + offset // 4)
+
+    return data_view(0), data_view(data), scale_view(2 * data), scale_view(2 * data + bs * h * 4)
 
 
 def check_kv_caches(
