@@ -384,17 +384,23 @@ def prepare_angel_fp16(c, device):
     return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv16", tol=1e-2)
 
 
-def prepare_angel_int8(c, device):
-    """vLLM 0.32's packed int8_per_token_head cache (inline scales), filled by our write kernel."""
+def prepare_angel_int8(c, device, layout: str = "pages"):
+    """Our int8 page layout (``int8_page_views``, what the plugin allocates), or vLLM 0.32's packed
+    int8_per_token_head cache (inline scales, ``layout="vllm"``); filled by our write kernel."""
     import angel_kernels
+    import torch
 
     b, l, hq, hkv, d, bs = _dims(c)
     fn, scale = _angel_fn(c)
 
     def make(i):
         bt, nb, q, _out, _cu, seq = _common_inputs(c, device)
-        kv, _k, _v, _ks, _vs = int8_inline_cache(nb, bs, hkv, d, device)
-        kc, vc, ks, vs = angel_kernels.inline_scale_views(kv.transpose(1, 2), d)
+        if layout == "vllm":
+            kv, _k, _v, _ks, _vs = int8_inline_cache(nb, bs, hkv, d, device)
+            kc, vc, ks, vs = angel_kernels.inline_scale_views(kv.transpose(1, 2), d)
+        else:
+            pages = torch.empty(nb, angel_kernels.int8_page_bytes(bs, hkv, d), dtype=torch.int8, device=device)
+            kc, vc, ks, vs = angel_kernels.int8_page_views(pages, bs, hkv, d)
         fill_int8_cache(c, device, bt, q, scale, state if i == 0 else None,
                         lambda k16, v16, slots: angel_kernels.write_kv_cache(k16, v16, kc, vc, slots, ks, vs))
         ref = (lambda: paged_attention_ref(q, int8_loader(kc, vc, ks, vs, d), bt, seq.tolist(), scale, bs))
@@ -402,8 +408,9 @@ def prepare_angel_int8(c, device):
 
     state = {}
     sets, ref = H.build_sets(make)
-    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv8", tol=1e-2,
-                      note="vLLM's packed int8_per_token_head layout, written by our write kernel",
+    note = ("vLLM's packed int8_per_token_head layout" if layout == "vllm" else "int8_page_views layout") + \
+        ", written by our write kernel"
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="kv8", tol=1e-2, note=note,
                       extra_refs={"vs_fp16_kv": state["vs_fp16"]})
 
 
@@ -420,7 +427,10 @@ def providers() -> H.ProviderRegistry:
     reg.add(P("angel_fp16", prepare_angel_fp16, available=available_angel, floor_kind="kv16", kind="ours",
               description="angel_kernels.paged_decode_attention, fp16 KV"))
     reg.add(P("angel_int8", prepare_angel_int8, available=available_angel, floor_kind="kv8", kind="ours",
-              description="angel_kernels.paged_decode_attention, int8 KV (vLLM packed layout)"))
+              description="angel_kernels.paged_decode_attention, int8 KV (int8_page_views layout)"))
+    reg.add(P("angel_int8_vllm_layout", lambda c, dev: prepare_angel_int8(c, dev, "vllm"), available=available_angel,
+              floor_kind="kv8", kind="ours",
+              description="angel_kernels.paged_decode_attention, int8 KV in vLLM's packed layout"))
     return reg
 
 

@@ -121,8 +121,9 @@ def available_angel():
     return True, ""
 
 
-def prepare_angel(c, device, quant: bool):
+def prepare_angel(c, device, quant: bool, layout: str = "pages"):
     import angel_kernels
+    import torch
 
     b, new, prefix, hq, hkv, d, bs = _dims(c)
     scale = 1.0 / math.sqrt(d)
@@ -132,9 +133,13 @@ def prepare_angel(c, device, quant: bool):
 
     def make(i):
         bt, nb, q, qsl, seq = _paged_inputs(c, device)
-        if quant:
+        if quant and layout == "vllm":
             kv, *_views = A.int8_inline_cache(nb, bs, hkv, d, device)
             kc, vc, ks, vs = angel_kernels.inline_scale_views(kv.transpose(1, 2), d)
+        elif quant:
+            pages = torch.empty(nb, angel_kernels.int8_page_bytes(bs, hkv, d), dtype=torch.int8, device=device)
+            kc, vc, ks, vs = angel_kernels.int8_page_views(pages, bs, hkv, d)
+        if quant:
             _write_random(c, device, bt, lambda k, v, s: angel_kernels.write_kv_cache(k, v, kc, vc, s, ks, vs))
         else:
             kc, vc = _fp16_cache(c, device, nb)
@@ -142,7 +147,8 @@ def prepare_angel(c, device, quant: bool):
         return (q, kc, vc, bt, seq, qsl, ks, vs), _ref(q, kc, vc, bt, seq, qsl, ks, vs, scale)
 
     sets, ref = H.build_sets(make)
-    note = "vLLM's packed int8_per_token_head layout, written by our write kernel" if quant else ""
+    note = ((("vLLM's packed int8_per_token_head layout" if layout == "vllm" else "int8_page_views layout")
+             + ", written by our write kernel") if quant else "")
     return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="int8" if quant else "fp16", tol=1e-2, note=note)
 
 
@@ -240,7 +246,9 @@ def providers() -> H.ProviderRegistry:
     reg.add(P("angel_fp16", lambda c, dev: prepare_angel(c, dev, False), available=available_angel,
               floor_kind="fp16", kind="ours", description="angel_kernels.paged_attention, fp16 paged KV"))
     reg.add(P("angel_int8", lambda c, dev: prepare_angel(c, dev, True), available=available_angel,
-              floor_kind="int8", kind="ours", description="angel_kernels.paged_attention, int8 KV (vLLM layout)"))
+              floor_kind="int8", kind="ours", description="angel_kernels.paged_attention, int8 KV (int8_page_views)"))
+    reg.add(P("angel_int8_vllm_layout", lambda c, dev: prepare_angel(c, dev, True, "vllm"), available=available_angel,
+              floor_kind="int8", kind="ours", description="angel_kernels.paged_attention, int8 KV in vLLM's layout"))
     return reg
 
 
