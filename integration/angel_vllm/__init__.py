@@ -13,6 +13,7 @@ logger = logging.getLogger("angel_vllm")
 REGISTRATIONS = (
     (".quant_ifq", "register_ifq", "quantization method 'ifq'"),
     (".quant_ifq_int4", "register_ifq_int4", "quantization method 'ifq_int4'"),
+    (".attention_backend", "register_int8_kv_backend", "int8_per_token_head KV cache backend"),
 )
 
 _REGISTERED = False

@@ -1,5 +1,5 @@
 """The int8 KV attention backend piece by piece: cache page, kernel block sizes, configuration checks, registration,
-and the impl's cache write + attention on vLLM's packed cache against the pure-torch references.
+and the impl's cache write + attention on the int8 cache pages against the pure-torch references.
 
 In the CPU tier (``TRITON_INTERPRET=1``) the impl runs our Triton kernels under the interpreter.
 """
@@ -26,7 +26,7 @@ def _spec(dtype, quant_mode_name, block_size=32, head_size=64, num_kv_heads=2):
                              kv_quant_mode=KVQuantMode[quant_mode_name])
 
 
-def test_int8_page_is_vllms_packed_layout_and_other_dtypes_are_untouched():
+def test_int8_page_size_is_vllms_and_other_dtypes_are_untouched():
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
 
@@ -35,7 +35,7 @@ def test_int8_page_is_vllms_packed_layout_and_other_dtypes_are_untouched():
     int8 = _spec(torch.int8, "INT8_PER_TOKEN_HEAD")
     for backend in (AngelCPUAttentionBackend, AngelTritonAttentionBackend):
         page = backend.customize_spec(int8).page_size_bytes
-        # per (KV head, slot): K 64 B | fp32 scale | V 64 B | fp32 scale, the layout vLLM's Triton backend packs
+        # per (KV head, slot): K 64 B, V 64 B and an fp32 scale each: the page size of vLLM's Triton backend
         assert page == 2 * 32 * 2 * (64 + 4) == TritonAttentionBackend.customize_spec(int8).page_size_bytes
         assert backend.get_supported_kernel_block_sizes(int8) == list(SUPPORTED_BLOCK_SIZES)
     bf16 = _spec(torch.bfloat16, "NONE")
@@ -125,13 +125,14 @@ def _impl(model_dir, kv_cache_dtype=INT8, head_size=64, model_dtype="bfloat16", 
 
 
 @pytest.mark.parametrize("window,cap", [(None, None), (9, 30.0)])
-def test_impl_writes_the_packed_cache_and_attends_like_the_references(model_dir, window, cap):
-    """A mixed batch on vLLM's packed cache (physical [blocks, heads, slots, 2·(D+4)] as vLLM's CPU layout):
+def test_impl_writes_the_cache_pages_and_attends_like_the_references(model_dir, window, cap):
+    """A mixed batch on vLLM's cache tensor (logical [blocks, heads, slots, 2·(D+4)] as vLLM's CPU layout, each
+    block's bytes arranged by int8_page_views):
     seq 0 has 21 cached tokens and 5 new ones (a prefix hit or a later chunk), seq 1 decodes at position 34,
     seq 2 is a fresh 7-token prefill."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
 
-    from angel_kernels import inline_scale_views
+    from angel_kernels import int8_page_views
 
     impl = _impl(model_dir, sliding_window=window, logits_soft_cap=cap)
     g = torch.Generator().manual_seed(0)
@@ -172,7 +173,7 @@ def test_impl_writes_the_packed_cache_and_attends_like_the_references(model_dir,
     all_slots = torch.cat([slots(b, range(lens[b])) for b in range(3)])
     all_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
     write_kv_cache_ref(key[all_rows], value[all_rows], kc, vc, all_slots, ks, vs)
-    views = inline_scale_views(kv_cache, D)
+    views = int8_page_views(kv_cache.view(nb, -1), bs, Hkv, D)
     used = all_slots // bs, all_slots % bs
     for mine, ref in zip(views, (kc, vc, ks, vs)):  # the write is bit-exact with the reference quantizer
         assert torch.equal(mine[used], ref[used])

@@ -59,7 +59,7 @@ def test_bf16_kv_is_vllms_own_path_with_our_registration(results):
 @pytest.mark.parametrize("run", ["ours_int8", "ours_int8_ifq"])
 def test_int8_kv_greedy_tokens_agree_with_bf16_kv(results, run):
     r = results[run]
-    # our kernels served every layer, on vLLM's packed cache: [blocks, KV heads, slots, 2 * (64 + 4)] int8
+    # our kernels served every layer, on vLLM's int8 cache tensor: [blocks, KV heads, slots, 2 * (64 + 4)]
     assert all(row[:3] == ["AngelCPUAttentionImpl", True, "torch.int8"] and row[3][1:] == [2, 128, 136]
                for row in r["attn"]), r["attn"]
     assert REFERENCE_PATH <= set(r["served"]), r["served"]

@@ -1,6 +1,6 @@
 """End to end with our Triton kernels: ``kv_cache_dtype="int8_per_token_head"`` in vLLM with the cache write,
 varlen and decode attention kernels run by the Triton interpreter (``int8_kv_engine_run.py triton`` under
-``TRITON_INTERPRET=1``), i.e. the kernels' strided reads and writes of vLLM's packed cache, which the other
+``TRITON_INTERPRET=1``), i.e. the kernels' strided reads and writes of the int8 cache pages, which the other
 engine tests exercise through the references. 4 prompts, ~25-35 s on a 2-core CPU machine.
 """
 import pytest
