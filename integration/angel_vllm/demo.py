@@ -100,6 +100,11 @@ QUICK_SETTINGS = Settings(n_prompts=2, context_tokens=256, max_tokens=16, ppl_wi
 # count per position fell from 41% (1st) to 14% (8th), while every proposed token costs verification compute.
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
 INT8_KV_DTYPE = "int8_per_token_head"
+# Where the plugin's int8 KV backend sits, per vLLM platform, and the LLM(...) arguments that select it there:
+# vLLM's CPU platform always takes CPU_ATTN (which the plugin overrides); on CUDA the plugin provides CUSTOM,
+# which is chosen explicitly.
+INT8_KV_BACKEND_SLOT = {"cpu": "CPU_ATTN", "cuda": "CUSTOM"}
+INT8_KV_PLATFORM_KWARGS: dict[str, dict[str, Any]] = {"cuda": {"attention_config": {"backend": "CUSTOM"}}}
 
 # --------------------------------------------------------------------------------------------------------------
 # Modes: data
@@ -189,11 +194,23 @@ def unavailable_reason(mode: Mode, info: EngineInfo) -> Optional[str]:
     q = mode.quantization
     if q is not None and q not in info.quantization_methods:
         return f'quantization="{q}" is not registered by the angel_vllm plugin'
-    if mode.int8_kv and not info.attention_backends:
-        # Not vLLM's own backend instead: on CPU it treats every quantized KV dtype as fp8 and silently computes
-        # garbage with int8_per_token_head.
-        return "no int8 KV attention backend is registered by the angel_vllm plugin"
+    if mode.int8_kv:
+        slot = INT8_KV_BACKEND_SLOT.get(info.platform)
+        if slot is None:
+            return f"the int8 KV backend serves CPU and CUDA, not {info.platform}"
+        if slot not in info.attention_backends:
+            # Not vLLM's own backend instead: on CPU it treats every quantized KV dtype as fp8 and silently
+            # computes garbage with int8_per_token_head.
+            return f"no int8 KV attention backend is registered by the angel_vllm plugin (as {slot})"
     return None
+
+
+def engine_kwargs(mode: Mode, platform: str) -> dict[str, Any]:
+    """The mode's ``LLM(...)`` arguments on ``platform``."""
+    kw = dict(mode.llm_kwargs)
+    if mode.int8_kv:
+        kw.update(INT8_KV_PLATFORM_KWARGS.get(platform, {}))
+    return kw
 
 
 def probe_engine() -> EngineInfo:
@@ -830,7 +847,8 @@ def run_demo(
                 log(f"[{i}/{len(modes)}] {label} ...")
                 t = time.perf_counter()
                 spec = {
-                    "model": str(folder), "dtype": dtype, "platform": info.platform, "llm_kwargs": dict(mode.llm_kwargs),
+                    "model": str(folder), "dtype": dtype, "platform": info.platform,
+                    "llm_kwargs": engine_kwargs(mode, info.platform),
                     "max_model_len": max_len, "kv_cache_memory_bytes": kv_bytes, "max_tokens": settings.max_tokens,
                     "prompts": prompts, "windows": windows,
                     "reference": None if mode.key == BASELINE_KEY else results.get(BASELINE_KEY, {}).get("outputs"),

@@ -67,7 +67,9 @@ def test_mode_kwargs_are_vllm_engine_arguments():
     vllm_args = pytest.importorskip("vllm.engine.arg_utils")
     fields = {f.name for f in dataclasses.fields(vllm_args.EngineArgs)}
     for m in MODES:
-        assert set(m.llm_kwargs) <= fields, (m.key, set(m.llm_kwargs) - fields)
+        for platform in ("cpu", "cuda"):
+            kw = demo.engine_kwargs(m, platform)
+            assert set(kw) <= fields, (m.key, platform, set(kw) - fields)
     # and the int8 KV dtype is one vLLM 0.32 accepts
     from vllm.config.cache import CacheDType
     from typing import get_args
@@ -114,6 +116,19 @@ def test_a_missing_piece_makes_exactly_its_modes_unavailable(missing, info, reas
             assert reason and reason_part in reason, (m.key, reason)
         else:
             assert reason is None, (m.key, reason)
+
+
+def test_int8_kv_needs_the_platforms_backend_slot():
+    kv8 = next(m for m in MODES if m.int8_kv)
+    # vLLM's CPU platform always takes CPU_ATTN; on CUDA the plugin's backend is CUSTOM, selected explicitly
+    assert unavailable_reason(kv8, _info(platform="cuda", attention_backends=("CPU_ATTN",))) is not None
+    assert unavailable_reason(kv8, _info(platform="cuda", attention_backends=("CUSTOM",))) is None
+    assert unavailable_reason(kv8, _info(platform="cpu", attention_backends=("CUSTOM",))) is not None
+    assert unavailable_reason(kv8, _info(platform="xpu")) is not None
+    assert demo.engine_kwargs(kv8, "cuda")["attention_config"] == {"backend": "CUSTOM"}
+    assert "attention_config" not in demo.engine_kwargs(kv8, "cpu")
+    ifq = next(m for m in MODES if m.key == "ifq")
+    assert demo.engine_kwargs(ifq, "cuda") == {"quantization": "ifq"}
 
 
 def test_probe_sees_what_the_installed_plugin_registers():
