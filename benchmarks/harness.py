@@ -95,7 +95,14 @@ def gpu_slug(name: Optional[str] = None) -> str:
 
 
 def git_sha(root: Path = REPO_ROOT) -> str:
-    """`git rev-parse HEAD` when the tree is a checkout, else $ANGEL_GIT_SHA, else "unknown"."""
+    """$ANGEL_GIT_SHA when set, else `git rev-parse HEAD` when the tree is a checkout, else "unknown".
+
+    The variable wins: a tree copied to another machine may carry a stale .git whose HEAD is not the code that
+    runs (rows of one GPU run were stamped with a commit seven commits old that way).
+    """
+    env = os.environ.get("ANGEL_GIT_SHA", "").strip()
+    if env:
+        return env
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         sha = out.stdout.strip()
@@ -103,7 +110,7 @@ def git_sha(root: Path = REPO_ROOT) -> str:
             return sha
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("ANGEL_GIT_SHA", "").strip() or "unknown"
+    return "unknown"
 
 
 def utc_now() -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import bench_attention as A
 from benchmarks import bench_gemm as G
+from benchmarks import bench_prefill as PF
 from benchmarks import harness as H
 from benchmarks import plot as P
 
@@ -27,6 +28,7 @@ def test_slug(name, slug):
 def test_git_sha_falls_back_to_env(tmp_path, monkeypatch):
     monkeypatch.setenv("ANGEL_GIT_SHA", "abc123")
     assert H.git_sha(tmp_path) == "abc123"  # tmp_path is no git checkout
+    assert H.git_sha() == "abc123"  # the variable wins over a checkout too (a copied tree's .git may be stale)
     monkeypatch.delenv("ANGEL_GIT_SHA")
     assert H.git_sha(tmp_path) == "unknown"
 
@@ -326,7 +328,12 @@ def test_plan_lists_providers_and_skips():
     assert set(avail) == {"cublas_fp16", "torch_int_mm"}
     assert any("M=1: cublas_fp16, torch_int_mm (skip:" in x for x in lines)
     assert "angel_w8a16" in G.providers().names()
-    assert A.providers().names() == ["vllm_fp16", "vllm_int8", "sdpa_dense_fp16", "angel_fp16", "angel_int8"]
+    assert A.providers().names() == ["vllm_fp16", "vllm_int8", "sdpa_dense_fp16", "angel_fp16", "angel_int8",
+                                     "angel_int8_vllm_layout"]
+    assert PF.providers().names() == ["sdpa_flash_fp16", "vllm_fp16", "vllm_int8", "angel_fp16", "angel_int8",
+                                     "angel_int8_vllm_layout"]
+    assert [PF.case_str(c) for c in PF.build_cases()][-1] == "B=1 new=512 prefix=3584"
+    assert PF.visible_pairs(4, 0) == 10 and PF.visible_pairs(2, 3) == 2 * 3 + 3
     assert "angel_w4a16" in G.providers().names()
     with pytest.raises(ValueError):
         G.providers().select(["nope"])
