@@ -145,7 +145,7 @@ def _paged_attn_split_kernel(
     GROUP: tl.constexpr, NUM_QUERIES: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr,
     QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, D_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -160,11 +160,18 @@ def _paged_attn_split_kernel(
     row_ok = rows < GROUP * NUM_QUERIES
     t = rows // GROUP
     qh = kvh * GROUP + rows % GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + t[:, None] * stride_qt + qh[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    # D_SPLIT = 2: the head dim in two halves, each with its own K/V operand and accumulator, so only half of
+    # the int8 → fp16 operands is live at a time (a full 128-wide int8 tile needed all 255 registers and spilled)
+    PART: tl.constexpr = HEAD_DIM // D_SPLIT
+    dims = tl.arange(0, PART)
+    q_rows = q_ptr + b * stride_qb + t[:, None] * stride_qt + qh[:, None] * stride_qh
+    q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
+    if D_SPLIT == 2:
+        q2 = tl.load(q_rows + PART + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if DOT_FP32:
+            q2 = q2.to(tl.float32)
     # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
     row_hi = L - (NUM_QUERIES - 1) + t
     if HAS_WINDOW:
@@ -175,8 +182,10 @@ def _paged_attn_split_kernel(
 
     if num_splits == 0:  # nothing to attend to (seq_len 0): zeros, written once
         if pid_s == 0:
-            tl.store(o_rows, tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32).to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            zeros = tl.zeros((BLOCK_M, PART), dtype=tl.float32).to(out_ptr.dtype.element_ty)
+            tl.store(o_rows, zeros, mask=row_ok[:, None])
+            if D_SPLIT == 2:
+                tl.store(o_rows + PART, zeros, mask=row_ok[:, None])
 
     bt_row = bt_ptr + b * stride_btb
     for split in range(pid_s, num_splits, grid_splits):
@@ -184,7 +193,9 @@ def _paged_attn_split_kernel(
         tile_hi = tl.minimum(tile_lo + tiles_per_split, end_tile)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
+        if D_SPLIT == 2:
+            acc2 = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         for tile in range(tile_lo, tile_hi):
             pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             pos_ok = pos < L
@@ -193,13 +204,21 @@ def _paged_attn_split_kernel(
             # row starts, with the alignment the launcher proved (vector loads / cp.async need it spelled out:
             # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
             k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
-            kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
+            kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [PART, BLOCK_N]
             if MAGIC:  # int8 cache, fp16 queries
                 kt = int8_to_fp16(kt, True)
             if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
                 s = tl.dot(q, kt.to(tl.float32))
             else:
                 s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+            if D_SPLIT == 2:
+                kt = tl.load(k_tok[None, :] + PART + dims[:, None], mask=pos_ok[None, :], other=0)
+                if MAGIC:
+                    kt = int8_to_fp16(kt, True)
+                if DOT_FP32:
+                    s = tl.dot(q2, kt.to(tl.float32), s)
+                else:
+                    s = tl.dot(q2, kt.to(q.dtype), s)
             if QUANT:
                 k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
                                mask=pos_ok, other=0.0)
@@ -217,31 +236,44 @@ def _paged_attn_split_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-            v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, PART]
             if QUANT:
                 v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
                                mask=pos_ok, other=0.0)
                 v_max = tl.max(v_sc, axis=0)
                 v_max = tl.where(v_max > 0, v_max, 1.0)
                 p = p * (v_sc / v_max)[None, :]
+            if not DOT_FP32:
+                p = p.to(q.dtype)
             if MAGIC:
                 v = int8_to_fp16(v, True)
-            if DOT_FP32:
-                pv = tl.dot(p, v.to(tl.float32))
-            else:
-                pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+            pv = tl.dot(p, v.to(p.dtype))
             if QUANT:
                 pv = pv * v_max
             acc = acc * alpha[:, None] + pv
+            if D_SPLIT == 2:
+                v = tl.load(v_tok[:, None] + PART + dims[None, :], mask=pos_ok[:, None], other=0)
+                if MAGIC:
+                    v = int8_to_fp16(v, True)
+                pv = tl.dot(p, v.to(p.dtype))
+                if QUANT:
+                    pv = pv * v_max
+                acc2 = acc2 * alpha[:, None] + pv
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
+        if D_SPLIT == 2:
+            o2 = acc2 / l_safe[:, None]
         if num_splits == 1:
             tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            if D_SPLIT == 2:
+                tl.store(o_rows + PART, o2.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             part = b * stride_pob + t * stride_pot + qh * stride_poh + split * stride_pos  # [BLOCK_M]
             tl.store(po_ptr + part[:, None] + dims[None, :], o, mask=row_ok[:, None])
+            if D_SPLIT == 2:
+                tl.store(po_ptr + part[:, None] + PART + dims[None, :], o2, mask=row_ok[:, None])
             tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
 
 
@@ -392,6 +424,7 @@ def launch_paged_attention(
         QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
         MAGIC=quant and q.dtype == torch.float16 and bool(dict(cfg.extra).get("MAGIC", 1)),
         K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
+        D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
     if max_ns > 1:
@@ -538,17 +571,20 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps × stages × smallest split (128–512 tokens) × programs per SM for one long sequence
-    (the largest split count: 2 or 4 per SM). Every config is a valid partition, and the
+    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT). Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
 
     configs = []
-    for bn, warps, stages, min_tokens, per_sm in product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (128, 256, 512),
-                                                         (2, 4)):
+    for bn, warps, stages, min_tokens, per_sm, d_split in product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4),
+                                                                  (128, 256, 512), (2, 4), (1, 2)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
+        if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
+            continue
         configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
-                                    extra=(("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))))
+                                    extra=(("D_SPLIT", d_split), ("MIN_SPLIT_TILES", min_tokens // bn),
+                                           ("PROGRAMS_PER_SM", per_sm))))  # sorted, as the store reads them
     return configs
 
 

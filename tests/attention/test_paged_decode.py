@@ -71,6 +71,24 @@ def test_batch_invariance_bitwise(cache_dtype, device):
         assert torch.equal(_run(alone), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone"
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_head_dim_halves(cache_dtype, device):
+    """D_SPLIT = 2 (two half-width operands and accumulators) computes the same attention, with windows and
+    soft-cap, one split and several."""
+    from angel_kernels.tuning import KernelConfig
+
+    c = build_case([300, 1, 17, 0, 40], head_dim=128, cache_dtype=cache_dtype, seed=21, device=device)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
+        outs = []
+        for d_split in (1, 2):
+            cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
+                               extra=(("MIN_SPLIT_TILES", 1), ("D_SPLIT", d_split)))
+            outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0])
+        assert_close(outs[1], _ref(c, **kw), name=f"D_SPLIT=2 {cache_dtype} {kw}")
+        assert_close(outs[1], outs[0], name="halves vs whole")
+
+
 def test_grid_split_mapping_does_not_change_bits(device):
     """The grid's split dimension (batch-dependent) only decides which program computes a split."""
     c = build_case([300, 77], seed=4, device=device)
