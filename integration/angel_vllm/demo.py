@@ -11,7 +11,7 @@ What it does
    decoding. A mode whose piece the installed plugin does not provide is reported as
    "unavailable: <reason>"; it runs as soon as the piece is installed.
 4. Each mode's engine runs in a fresh subprocess (``python -m angel_vllm.demo --run-mode SPEC OUT``): vLLM's CPU
-   worker binds threads and opens a process group, and a freed engine does not return all of its memory.
+   worker binds threads and opens a process group, and nothing of one mode's engine should reach the next.
    The subprocess also checks that the mode's piece was really used (linear layers on an angel_vllm method,
    attention on an angel_vllm backend) and reports the mode unavailable otherwise, never a silent fallback.
 

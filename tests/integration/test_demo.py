@@ -24,7 +24,6 @@ from angel_vllm.demo import (
     MODES,
     PREPARATIONS,
     EngineInfo,
-    Mode,
     accepted_per_step,
     format_table,
     next_token_agreement,
