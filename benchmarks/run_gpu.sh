@@ -4,10 +4,11 @@
 #   bash benchmarks/run_gpu.sh OUT
 #
 # Needs .peers/ and .whl/ from benchmarks/stage_peers.sh (carried along). Writes at most 5 files:
-#   OUT/tests.log  OUT/bench.log  OUT/<gpu-slug>/{gemm,attention,prefill,floors}.json
-# Each step has its own timeout, so one hang cannot eat the run (worst case ≈ 9 min, typically ≈ 6).
+#   OUT/tests.log  OUT/bench.log  OUT/<gpu-slug>/{gemm,attention,prefill,kv_write,floors}.json
+# Each step has its own timeout, so one hang cannot eat the run (worst case ≈ 12.5 min, typically ≈ 8: lower the
+# T_* limits or pass --quick through the *_ARGS to fit a 10-minute call).
 # Environment: ANGEL_GIT_SHA (commit recorded in the rows; default: .peers/GIT_SHA written when staging),
-# GEMM_ARGS / ATTN_ARGS / PREFILL_ARGS (extra arguments, e.g. GEMM_ARGS=--quick), PYTHON (default python3).
+# GEMM_ARGS / ATTN_ARGS / PREFILL_ARGS / WRITE_ARGS (extra arguments, e.g. GEMM_ARGS=--quick), PYTHON (default python3).
 set -u
 OUT=${1:?usage: bash benchmarks/run_gpu.sh OUT}
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ T_TESTS=${T_TESTS:-120}  # GPU test tier
 T_GEMM=${T_GEMM:-270}   # bench_gemm stops starting cases after its 220 s budget (GEMM_ARGS=--budget-s N)
 T_ATTN=${T_ATTN:-130}   # bench_attention: 90 s budget
 T_PREFILL=${T_PREFILL:-130}  # bench_prefill: 90 s budget
+T_WRITE=${T_WRITE:-100}  # bench_kv_write: 60 s budget
 
 export PYTHONUNBUFFERED=1
 if [ -z "${ANGEL_GIT_SHA:-}" ] && [ -s .peers/GIT_SHA ]; then
@@ -87,11 +89,13 @@ bench "$T_GEMM" benchmarks/bench_gemm.py ${GEMM_ARGS:-}
 bench "$T_ATTN" benchmarks/bench_attention.py ${ATTN_ARGS:-}
 # shellcheck disable=SC2086
 bench "$T_PREFILL" benchmarks/bench_prefill.py ${PREFILL_ARGS:-}
+# shellcheck disable=SC2086
+bench "$T_WRITE" benchmarks/bench_kv_write.py ${WRITE_ARGS:-}
 
 # 3. The tables, last (from the JSON files, so they show whatever was measured before any timeout).
 log "done (status $status); tables:"
 shopt -s nullglob
-files=("$OUT"/*/gemm.json "$OUT"/*/attention.json "$OUT"/*/prefill.json)
+files=("$OUT"/*/gemm.json "$OUT"/*/attention.json "$OUT"/*/prefill.json "$OUT"/*/kv_write.json)
 if [ ${#files[@]} -gt 0 ]; then
   "$PY" benchmarks/harness.py table --metric us "${files[@]}"  # the % of floor tables are in bench.log
 fi

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import bench_attention as A
 from benchmarks import bench_gemm as G
+from benchmarks import bench_kv_write as W
 from benchmarks import bench_prefill as PF
 from benchmarks import harness as H
 from benchmarks import plot as P
@@ -334,6 +335,9 @@ def test_plan_lists_providers_and_skips():
                                      "angel_int8_vllm_layout"]
     assert [PF.case_str(c) for c in PF.build_cases()][-1] == "B=1 new=512 prefix=3584"
     assert PF.visible_pairs(4, 0) == 10 and PF.visible_pairs(2, 3) == 2 * 3 + 3
+    assert W.providers().names() == ["vllm_fp16", "vllm_int8", "angel_fp16", "angel_int8", "angel_int8_vllm_layout"]
+    # int8 write: read 2 fp16 tensors + slots, write 2 int8 tensors + 2 fp32 scales per (token, head)
+    assert W.floor_model(W.make_case(2))["int8"][0] == 2 * 2048 * 2 + 16 + 2 * 2048 + 2 * 2 * 8 * 4
     assert "angel_w4a16" in G.providers().names()
     with pytest.raises(ValueError):
         G.providers().select(["nope"])
