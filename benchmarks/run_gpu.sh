@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/run_gpu.sh OUT
 #
-# Needs .peers/ and .whl/ from benchmarks/stage_peers.sh (carried along). Writes at most 5 files:
+# Needs .peers/ and .whl/ from benchmarks/stage_peers.sh (carried along). Writes:
 #   OUT/tests.log  OUT/bench.log  OUT/<gpu-slug>/{gemm,attention,prefill,kv_write,floors}.json
 # Each step has its own timeout, so one hang cannot eat the run (worst case ≈ 12.5 min, typically ≈ 8: lower the
 # T_* limits or pass --quick through the *_ARGS to fit a 10-minute call).
