@@ -142,7 +142,7 @@ def providers() -> H.ProviderRegistry:
     reg = H.ProviderRegistry(FAMILY)
     reg.add(P("vllm_fp16", lambda c, dev: prepare(c, dev, "vllm", False), available=A.available_vllm,
               floor_kind="fp16", description="vLLM 0.32 triton_reshape_and_cache_flash, fp16 cache"))
-    reg.add(P("vllm_int8", lambda c, dev: prepare(c, dev, "vllm", True), available=A.available_vllm,
+    reg.add(P("vllm_int8", lambda c, dev: prepare(c, dev, "vllm", True, "vllm"), available=A.available_vllm,
               floor_kind="int8", description="vLLM 0.32 per-token-head int8 write, packed layout"))
     reg.add(P("angel_fp16", lambda c, dev: prepare(c, dev, "angel", False), available=available_angel,
               floor_kind="fp16", kind="ours", description="angel_kernels.write_kv_cache, fp16 cache"))
