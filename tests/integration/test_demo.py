@@ -356,8 +356,10 @@ def _demo_packages_installed():
 @pytest.mark.skipif(not _demo_packages_installed(), reason="demo packages not installed (make demo installs them)")
 def test_quick_demo_end_to_end(tmp_path, request):
     pytest.importorskip("vllm")
-    # The converted model is kept between test sessions (in .pytest_cache): the conversion costs ~30 s.
-    cache = request.config.cache.mkdir("angel-kernels-demo")
+    # The converted model is kept between test sessions (in .pytest_cache): the conversion costs ~30 s. Without
+    # pytest's cache plugin (-p no:cacheprovider) it goes to this test's tmp dir.
+    cache_plugin = getattr(request.config, "cache", None)
+    cache = cache_plugin.mkdir("angel-kernels-demo") if cache_plugin is not None else tmp_path / "cache"
     exe = Path(sys.executable).with_name("angel-kernels")
     out_json = tmp_path / "demo.json"
     env = dict(os.environ, ANGEL_KERNELS_CACHE=str(cache))
