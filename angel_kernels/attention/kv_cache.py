@@ -17,6 +17,7 @@ rows (same kernel and config). ``int8_page_views`` cuts the same four views out 
 ``K [H, block, D] | V [H, block, D] | K scales [H, block] | V scales [H, block]``: 16-byte aligned rows, and a KV
 head's rows of one block contiguous (2 KB at head 128, block 16).
 """
+import math
 from typing import Optional
 
 import torch
@@ -156,3 +157,74 @@ def check_query_dtype(name: str, t, cache_dtype: torch.dtype) -> None:
     check_tensor(name, t, dtypes=ACT_DTYPES)
     if cache_dtype != torch.int8 and cache_dtype != t.dtype:
         raise TypeError(f"{name} is {t.dtype} but the cache is {cache_dtype}: an fp cache must match (or be int8)")
+
+
+# --------------------------------------------------------------------------- validation shared by the attention ops
+def check_attention_inputs(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens, *,
+                           q_layout: str) -> tuple[int, int]:
+    """q [rows, H_q, D] against the caches; block_table int32 [B, max_blocks] and seq_lens int32 [B] (one row per
+    sequence). ``q_layout`` names q's dims in messages. Returns (num_seqs, num_q_heads)."""
+    _nb, _bs, heads_kv, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale)
+    check_query_dtype("q", q, key_cache.dtype)
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [{q_layout}, num_q_heads, head_dim], got shape {tuple(q.shape)}")
+    _rows, Hq, D = q.shape
+    if D != head_dim:
+        raise ValueError(f"q has head_dim {D} but the cache has {head_dim}")
+    if Hq % heads_kv:
+        raise ValueError(f"num_q_heads {Hq} must be a multiple of num_kv_heads {heads_kv}")
+    if q.stride(-1) != 1:
+        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
+    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
+    if block_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError(
+            f"block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} need one row per sequence"
+        )
+    if block_table.shape[1] < 1:
+        raise ValueError("block_table needs at least one column [num_seqs, max_blocks]")
+    check_same_device(q=q, key_cache=key_cache, block_table=block_table, seq_lens=seq_lens)
+    return seq_lens.shape[0], Hq
+
+
+def check_attention_options(scale, sliding_window, soft_cap) -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+        raise ValueError(
+            f"sliding_window must be None or an int >= 1 (tokens seen, the current one included), got {sliding_window!r}"
+        )
+    if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and math.isfinite(soft_cap) and soft_cap > 0):
+        raise ValueError(f"soft_cap must be None or a finite positive float, got {soft_cap!r}")
+
+
+def check_block_table_on_host(block_table, seq_lens, num_blocks: int, block_size: int) -> None:
+    """Only for CPU tensors (no device sync): lengths ≥ 0 that fit the block table, used block ids that exist."""
+    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
+        return
+    lens = seq_lens.to(torch.int64)
+    if int(lens.min()) < 0:
+        raise ValueError(f"seq_lens must be >= 0, got {int(lens.min())}")
+    capacity = block_table.shape[1] * block_size
+    if int(lens.max()) > capacity:
+        b = int(lens.argmax())
+        raise ValueError(
+            f"block_table is too short: sequence {b} has {int(lens[b])} tokens but {block_table.shape[1]} blocks"
+            f" of {block_size} hold {capacity}"
+        )
+    used = torch.arange(block_table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    ids = block_table[used]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the cached tokens")
+
+
+def random_kv_caches(shape, kv_dtype, device, generator):
+    """Random caches for tuning: int8 data in [-127, 127] with fp32 scales in [1e-3, 2.1e-2], or N(0, 1) in an fp
+    dtype. shape: [num_blocks, block_size, num_kv_heads, head_dim]. Returns (kc, vc, k_scale, v_scale)."""
+    if kv_dtype == torch.int8:
+        kc, vc = (torch.randint(-127, 128, shape, device=device, generator=generator, dtype=torch.int8)
+                  for _ in range(2))
+        ks, vs = (torch.rand(shape[:3], device=device, generator=generator) * 0.02 + 1e-3 for _ in range(2))
+        return kc, vc, ks, vs
+    kc, vc = (torch.randn(shape, device=device, generator=generator).to(kv_dtype) for _ in range(2))
+    return kc, vc, None, None

@@ -29,7 +29,6 @@ Candidates (``ANGEL_KERNELS_FORCE_PAGED_DECODE`` / ``ANGEL_KERNELS_DISABLE=paged
 ``split_kv`` (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
 """
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,13 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_same_device, check_tensor
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
-from .kv_cache import check_kv_caches, check_query_dtype
+from .kv_cache import (check_attention_inputs, check_attention_options, check_block_table_on_host,
+                       random_kv_caches)
 
 KERNEL_NAME = "paged_decode.split_kv"
 LOG2E = 1.4426950408889634
@@ -462,53 +461,11 @@ PAGED_DECODE: KernelFamily[PagedDecodeProblem] = KernelFamily(
 
 # ----------------------------------------------------------------------------------------------- validation
 def _validate(q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale, sliding_window, soft_cap):
-    _nb, _bs, heads_kv, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale)
-    check_query_dtype("q", q, key_cache.dtype)
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [batch, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    B, Hq, D = q.shape
-    if D != head_dim:
-        raise ValueError(f"q has head_dim {D} but the cache has {head_dim}")
-    if Hq % heads_kv:
-        raise ValueError(f"num_q_heads {Hq} must be a multiple of num_kv_heads {heads_kv}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
-    check_tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
-    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
-    if block_table.shape[0] != B or seq_lens.shape[0] != B:
-        raise ValueError(
-            f"block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} need one row per"
-            f" sequence (batch {B})"
-        )
-    if block_table.shape[1] < 1:
-        raise ValueError("block_table needs at least one column [batch, max_blocks]")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive float, got {scale!r}")
-    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
-        raise ValueError(f"sliding_window must be None or an int >= 1 (tokens seen, the current one included), got {sliding_window!r}")
-    if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and math.isfinite(soft_cap) and soft_cap > 0):
-        raise ValueError(f"soft_cap must be None or a finite positive float, got {soft_cap!r}")
-    check_same_device(q=q, key_cache=key_cache, block_table=block_table, seq_lens=seq_lens)
-
-
-def _check_lengths_on_host(block_table, seq_lens, num_blocks: int, block_size: int) -> None:
-    """Only for CPU tensors (no device sync): lengths fit the block table, the used block ids exist."""
-    if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
-        return
-    lens = seq_lens.to(torch.int64)
-    if int(lens.min()) < 0:
-        raise ValueError(f"seq_lens must be >= 0, got {int(lens.min())}")
-    capacity = block_table.shape[1] * block_size
-    if int(lens.max()) > capacity:
-        b = int(lens.argmax())
-        raise ValueError(
-            f"block_table is too short: sequence {b} has {int(lens[b])} tokens but {block_table.shape[1]} blocks"
-            f" of {block_size} hold {capacity}"
-        )
-    used = torch.arange(block_table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
-    ids = block_table[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the cached tokens")
+    num_seqs, _ = check_attention_inputs(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens,
+                                         q_layout="batch")
+    if q.shape[0] != num_seqs:
+        raise ValueError(f"q has {q.shape[0]} rows but block_table and seq_lens {num_seqs}: one query per sequence")
+    check_attention_options(scale, sliding_window, soft_cap)
 
 
 def _decode_fake(q, key_cache, value_cache, block_table, seq_lens, k_scale=None, v_scale=None, *,
@@ -560,7 +517,7 @@ def paged_decode_attention(
     Registered as ``torch.ops.angel_kernels.paged_decode_attention``.
     """
     _validate(q, key_cache, value_cache, block_table, seq_lens, scale, k_scale, v_scale, sliding_window, soft_cap)
-    _check_lengths_on_host(block_table, seq_lens, key_cache.shape[0], key_cache.shape[1])
+    check_block_table_on_host(block_table, seq_lens, key_cache.shape[0], key_cache.shape[1])
     p = PagedDecodeProblem(q.shape[1], key_cache.shape[2], q.shape[2], key_cache.shape[1], q.dtype,
                            key_cache.dtype, q.device)
     cand = PAGED_DECODE.select(p, force="reference" if reference_forced() else None)
@@ -618,15 +575,7 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
             lens = torch.full((batch,), context, dtype=torch.int32, device=device)
             q = torch.randn(batch, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
             shape = (nb, block_size, num_kv_heads, head_dim)
-            if kv_dtype == torch.int8:
-                kc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
-                vc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
-                ks = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
-                vs = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
-            else:
-                kc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
-                vc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
-                ks = vs = None
+            kc, vc, ks, vs = random_kv_caches(shape, kv_dtype, device, gen)
             inputs.append((q[:, None], kc, vc, table, lens, head_dim ** -0.5, ks, vs))
         return inputs
 

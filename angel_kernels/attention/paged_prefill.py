@@ -23,7 +23,6 @@ the KV split across SMs. No split-KV here: prefill has ``cdiv(Q_b, BLOCK_Q) · H
 Candidates (``ANGEL_KERNELS_FORCE_PAGED_PREFILL`` / ``ANGEL_KERNELS_DISABLE=paged_prefill.<name>``): ``varlen``
 (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
 """
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +36,8 @@ from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_varlen_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
-from .kv_cache import check_kv_caches, check_query_dtype
+from .kv_cache import (check_attention_inputs, check_attention_options, check_block_table_on_host,
+                       random_kv_caches)
 from .paged_decode import LOG2E, LOG2E_C, int8_to_fp16, paged_decode_attention, row_alignment
 
 KERNEL_NAME = "paged_prefill.varlen"
@@ -310,45 +310,23 @@ PAGED_PREFILL: KernelFamily[PagedPrefillProblem] = KernelFamily(
 # ----------------------------------------------------------------------------------------------- validation
 def _validate(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale, v_scale, scale,
               max_query_len, sliding_window, soft_cap):
-    _nb, _bs, heads_kv, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale)
-    check_query_dtype("q", q, key_cache.dtype)
-    if q.dim() != 3:
-        raise ValueError(f"q must be 3-D [num_tokens, num_q_heads, head_dim], got shape {tuple(q.shape)}")
-    _T, Hq, D = q.shape
-    if D != head_dim:
-        raise ValueError(f"q has head_dim {D} but the cache has {head_dim}")
-    if Hq % heads_kv:
-        raise ValueError(f"num_q_heads {Hq} must be a multiple of num_kv_heads {heads_kv}")
-    if q.stride(-1) != 1:
-        raise ValueError(f"q must be contiguous in its last (head) dim, got strides {q.stride()}")
-    check_tensor("block_table", block_table, dtypes=(torch.int32,), dim=2)
-    check_tensor("seq_lens", seq_lens, dtypes=(torch.int32,), dim=1)
+    num_seqs, _ = check_attention_inputs(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens,
+                                         q_layout="num_tokens")
     check_tensor("query_start_loc", query_start_loc, dtypes=(torch.int32,), dim=1)
-    B = seq_lens.shape[0]
-    if block_table.shape[0] != B:
-        raise ValueError(f"block_table {tuple(block_table.shape)} needs one row per sequence ({B} in seq_lens)")
-    if query_start_loc.shape[0] != B + 1:
+    if query_start_loc.shape[0] != num_seqs + 1:
         raise ValueError(
-            f"query_start_loc must have num_seqs + 1 = {B + 1} entries (cumulative query lengths), got"
+            f"query_start_loc must have num_seqs + 1 = {num_seqs + 1} entries (cumulative query lengths), got"
             f" {query_start_loc.shape[0]}"
         )
-    if block_table.shape[1] < 1:
-        raise ValueError("block_table needs at least one column [num_seqs, max_blocks]")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive float, got {scale!r}")
+    check_same_device(q=q, query_start_loc=query_start_loc)
     if not (isinstance(max_query_len, int) and max_query_len >= 1):
         raise ValueError(f"max_query_len must be an int >= 1 (the longest query in the batch), got {max_query_len!r}")
-    if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
-        raise ValueError(f"sliding_window must be None or an int >= 1 (tokens seen, the current one included), got {sliding_window!r}")
-    if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and math.isfinite(soft_cap) and soft_cap > 0):
-        raise ValueError(f"soft_cap must be None or a finite positive float, got {soft_cap!r}")
-    check_same_device(q=q, key_cache=key_cache, block_table=block_table, seq_lens=seq_lens,
-                      query_start_loc=query_start_loc)
+    check_attention_options(scale, sliding_window, soft_cap)
 
 
 def _check_on_host(q, block_table, seq_lens, query_start_loc, max_query_len, num_blocks, block_size) -> None:
-    """Only for CPU tensors (no device sync): cumulative query lengths consistent with q, the lengths and the
-    block table."""
+    """Only for CPU tensors (no device sync): cumulative query lengths consistent with q and the lengths; the
+    block table as for decode."""
     if seq_lens.device.type != "cpu" or seq_lens.numel() == 0:
         return
     starts = query_start_loc.to(torch.int64)
@@ -359,25 +337,14 @@ def _check_on_host(q, block_table, seq_lens, query_start_loc, max_query_len, num
         )
     if int(q_lens.max()) > max_query_len:
         raise ValueError(f"max_query_len {max_query_len} is below the longest query ({int(q_lens.max())} tokens)")
-    lens = seq_lens.to(torch.int64)
-    short = (lens < q_lens).nonzero()
+    short = (seq_lens.to(torch.int64) < q_lens).nonzero()
     if short.numel():
         b = int(short[0])
         raise ValueError(
-            f"sequence {b} has {int(q_lens[b])} query tokens but only {int(lens[b])} cached tokens: seq_lens counts"
-            " the cached context including the new tokens"
+            f"sequence {b} has {int(q_lens[b])} query tokens but only {int(seq_lens[b])} cached tokens: seq_lens"
+            " counts the cached context including the new tokens"
         )
-    capacity = block_table.shape[1] * block_size
-    if int(lens.max()) > capacity:
-        b = int(lens.argmax())
-        raise ValueError(
-            f"block_table is too short: sequence {b} has {int(lens[b])} tokens but {block_table.shape[1]} blocks"
-            f" of {block_size} hold {capacity}"
-        )
-    used = torch.arange(block_table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
-    ids = block_table[used]
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
-        raise ValueError(f"block_table holds block ids outside [0, {num_blocks}) for the cached tokens")
+    check_block_table_on_host(block_table, seq_lens, num_blocks, block_size)
 
 
 def _fake(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale=None, v_scale=None, *,
@@ -485,15 +452,7 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
         q = torch.randn(batch * new, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
         shape = (nb, block_size, num_kv_heads, head_dim)
-        if kv_dtype == torch.int8:
-            kc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
-            vc = torch.randint(-127, 128, shape, device=device, generator=gen, dtype=torch.int8)
-            ks = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
-            vs = torch.rand(shape[:3], device=device, generator=gen) * 0.02 + 1e-3
-        else:
-            kc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
-            vc = torch.randn(shape, device=device, generator=gen).to(kv_dtype)
-            ks = vs = None
+        kc, vc, ks, vs = random_kv_caches(shape, kv_dtype, device, gen)
         inputs.append((q, kc, vc, table, lens, qsl, head_dim ** -0.5, ks, vs))
 
     def make_call(cfg):
