@@ -66,14 +66,18 @@ def write_kv_cache_ref(
 def gather_kv_ref(
     cache: torch.Tensor, scale: Optional[torch.Tensor], block_table_row: torch.Tensor, length: int
 ) -> torch.Tensor:
-    """The first ``length`` tokens of one sequence, dequantized to fp32: [length, H_kv, D]."""
+    """The first ``length`` tokens of one sequence, dequantized to fp32: [length, H_kv, D].
+
+    Whole blocks are gathered (one ``index_select`` over the block dim) and then cut to ``length``: per-token
+    advanced indexing cost ~5 ms for 1100 tokens × 3 heads × 64 on a 2-core CPU, which made the CPU engine's decode
+    step take seconds.
+    """
     block_size = cache.shape[1]
-    pos = torch.arange(length, device=cache.device)
-    blocks = block_table_row.to(device=cache.device, dtype=torch.int64)[pos // block_size]
-    offs = pos % block_size
-    rows = cache[blocks, offs].to(torch.float32)
+    num_blocks = -(-length // block_size)
+    blocks = block_table_row[:num_blocks].to(device=cache.device, dtype=torch.int64)
+    rows = cache.index_select(0, blocks).to(torch.float32).flatten(0, 1)[:length]
     if scale is not None:
-        rows = rows * scale[blocks, offs].to(torch.float32)[..., None]
+        rows = rows * scale.index_select(0, blocks).to(torch.float32).flatten(0, 1)[:length, :, None]
     return rows
 
 
