@@ -18,6 +18,7 @@ rows (same kernel and config). ``int8_page_views`` cuts the same four views out 
 head's rows of one block contiguous (2 KB at head 128, block 16).
 """
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,6 +30,28 @@ SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
 KV_CACHE_DTYPES = (torch.int8, torch.float16, torch.bfloat16)
 # bytes of the inline fp32 scale that follows each head's int8 data in vLLM's packed cache
 INLINE_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class PagedAttentionProblem:
+    """What the paged attention kernels' configs depend on: the model's heads and the cache, never the batch."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype  # of q / output
+    kv_dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def key(self) -> str:
+        # no batch size and no lengths: the config (and with it the decode split partition) never follows them
+        kv = "int8" if self.kv_dtype == torch.int8 else "fp"
+        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
 
 
 def inline_scale_views(

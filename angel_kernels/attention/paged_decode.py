@@ -41,8 +41,8 @@ from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
-from .kv_cache import (check_attention_inputs, check_attention_options, check_block_table_on_host,
-                       random_kv_caches)
+from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
+                       check_block_table_on_host, random_kv_caches)
 
 KERNEL_NAME = "paged_decode.split_kv"
 LOG2E = 1.4426950408889634
@@ -56,24 +56,7 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4
                                   extra=(("MIN_SPLIT_TILES", 1),))
 
 
-@dataclass(frozen=True)
-class PagedDecodeProblem:
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype  # of q / output
-    kv_dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    def key(self) -> str:
-        # no batch size and no context length: the config (and with it the split partition) never follows them
-        kv = "int8" if self.kv_dtype == torch.int8 else "fp"
-        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
+PagedDecodeProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
 
 
 @dataclass(frozen=True)

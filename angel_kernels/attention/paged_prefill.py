@@ -23,7 +23,6 @@ the KV split across SMs. No split-KV here: prefill has ``cdiv(Q_b, BLOCK_Q) · H
 Candidates (``ANGEL_KERNELS_FORCE_PAGED_PREFILL`` / ``ANGEL_KERNELS_DISABLE=paged_prefill.<name>``): ``varlen``
 (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -36,8 +35,8 @@ from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_varlen_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
-from .kv_cache import (check_attention_inputs, check_attention_options, check_block_table_on_host,
-                       random_kv_caches)
+from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
+                       check_block_table_on_host, random_kv_caches)
 from .paged_decode import LOG2E, LOG2E_C, int8_to_fp16, paged_decode_attention, row_alignment
 
 KERNEL_NAME = "paged_prefill.varlen"
@@ -45,23 +44,7 @@ KERNEL_NAME = "paged_prefill.varlen"
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4, num_stages=1)
 
 
-@dataclass(frozen=True)
-class PagedPrefillProblem:
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-    kv_dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def group(self) -> int:
-        return self.num_q_heads // self.num_kv_heads
-
-    def key(self) -> str:
-        kv = "int8" if self.kv_dtype == torch.int8 else "fp"
-        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
+PagedPrefillProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
