@@ -102,14 +102,59 @@ def _dequant_pair(w, j: tl.constexpr, zc, off, s, MAGIC: tl.constexpr, MAGIC_BIT
     return (lo - off) * s, (hi - off) * s
 
 
+def _word_dequant_ptx(bf16: bool, zeros: bool) -> str:
+    """PTX for one word: 8 nibbles → 8 values (q − z) · s in fp16/bf16, two per 32-bit op: 3 shifts, 4 LOP3
+    (AND the lane masks, OR the magic bits; asymmetric adds zc first), 4 packed subtracts, 4 packed multiplies.
+    Operands: $0…$7 the values of nibbles 0…7, $8 the word, $9 zc, $10 the scale, $11 the offset to subtract.
+    The same operations as the Triton path below, rounded the same way (the products are exact in fp32, so one
+    rounding either way), which the compiler does not schedule as tightly (~3 instructions per weight, SASS)."""
+    ty = "bf16x2" if bf16 else "f16x2"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    lines = [".reg .b32 t<4>, c, s2;", "mov.b32 c, {$11, $11};", "mov.b32 s2, {$10, $10};"]
+    for j in range(4):
+        src = "$8" if j == 0 else f"t{j}"
+        if j:
+            lines.append(f"shr.u32 t{j}, $8, {4 * j};")
+        if zeros:
+            lines += [f"and.b32 t{j}, {src}, 0x000F000F;", f"add.u32 t{j}, t{j}, $9;", f"or.b32 t{j}, t{j}, {magic};"]
+        else:
+            lines.append(f"lop3.b32 t{j}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        lines += [f"sub.{ty} t{j}, t{j}, c;", f"mul.{ty} t{j}, t{j}, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PTX_F16 = tl.constexpr(_word_dequant_ptx(False, False))
+_PTX_F16_ZEROS = tl.constexpr(_word_dequant_ptx(False, True))
+_PTX_BF16 = tl.constexpr(_word_dequant_ptx(True, False))
+_PTX_BF16_ZEROS = tl.constexpr(_word_dequant_ptx(True, True))
+
+
+@triton.jit
+def _dequant_word_asm(w, zc, s, off, BF16: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    if BF16:
+        return tl.inline_asm_elementwise(
+            asm=_PTX_BF16_ZEROS if HAS_ZEROS else _PTX_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,h,h",
+            args=[w, zc, s, off], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_PTX_F16_ZEROS if HAS_ZEROS else _PTX_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,h,h",
+            args=[w, zc, s, off], dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+        )
+
+
 @triton.jit
 def _dequant_interleaved(w, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
-                         CT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         CT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False,
+                         HAS_ZEROS: tl.constexpr = False):
     """Words w [BLOCK_N, BLOCK_K // 8] (each loaded once) → dequantized [BLOCK_N, BLOCK_K] in CT, K-minor."""
-    lo0, hi0 = _dequant_pair(w, 0, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
-    lo1, hi1 = _dequant_pair(w, 1, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
-    lo2, hi2 = _dequant_pair(w, 2, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
-    lo3, hi3 = _dequant_pair(w, 3, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+    if ASM:  # MAGIC with x.dtype arithmetic on a GPU: the PTX above
+        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _dequant_word_asm(w, zc, s, off, DT == tl.bfloat16, HAS_ZEROS)
+    else:
+        lo0, hi0 = _dequant_pair(w, 0, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+        lo1, hi1 = _dequant_pair(w, 1, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+        lo2, hi2 = _dequant_pair(w, 2, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
+        lo3, hi3 = _dequant_pair(w, 3, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
     # join appends an axis of 2; after three joins [BN, R, a, b, c] holds nibble 4a + 2b + c, so the row-major
     # reshape puts nibble j of word r at column 8r + j.
     t = tl.join(tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2)), tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3)))
@@ -125,6 +170,9 @@ def _w4a16_gemm_kernel(
     BF16: tl.constexpr,  # activations are bf16 (selects the magic constant)
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
     MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,  # MAGIC + INTERLEAVE on a GPU: dequantize each word with the PTX of _word_dequant_ptx
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight and x tiles
+    GROUP: tl.constexpr,  # the group size as a constant (0: channel-wise, one scale row): no division per K-block
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ, as w8a16.
@@ -169,13 +217,18 @@ def _w4a16_gemm_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
         mask_k = offs_k < K - k0  # only channel-wise K has a tail; K is a multiple of 8
+        if EVEN:
+            mask_k = tl.full((BLOCK_K,), 1, tl.int1)
         if HAS_PERM:  # act-order: packed row k pairs with x column perm[k]
             cols = tl.load(perm_ptr + k0 + offs_k, mask=mask_k, other=0).to(tl.int64)
         else:
             cols = k0 + offs_k
         x = tl.load(x_cols + cols[:, None] * stride_xk, mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
         # BLOCK_K <= group_size and divides it: the whole K-block shares one scale (and zero) row.
-        g = (k0 // group_size).to(tl.int64)
+        if GROUP:  # (a Python int under the interpreter: widen through an int64 zero)
+            g = (tl.full((), 0, tl.int64) + k0) // GROUP
+        else:
+            g = (k0 // group_size).to(tl.int64)
         s = tl.load(s_ptrs + g * stride_sg, mask=mask_n, other=0.0).to(CT)
         # MAGIC: zc = 16 − z is added to each 16-bit lane before the magic bits are OR-ed in, so the lane reads
         # base + 16 + q − z (0..31 above the base: exact) and one constant `off` = base + 16 remains to subtract.
@@ -192,9 +245,12 @@ def _w4a16_gemm_kernel(
             zc = tl.full((BLOCK_N,), 0, tl.int32)
             off = tl.full((BLOCK_N,), BASE + 8.0, CT)
         if INTERLEAVE:
-            w = tl.load(qw_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 8)[None, :], other=0)
+            if EVEN:
+                w = tl.load(qw_ptrs)
+            else:
+                w = tl.load(qw_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 8)[None, :], other=0)
             a = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT,
-                                     BLOCK_N, BLOCK_K)
+                                     BLOCK_N, BLOCK_K, ASM and MAGIC and CT == DT, HAS_ZEROS)
         else:
             w = tl.load(qw_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
             a = _dequant_gather(w, shifts, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT)
@@ -223,8 +279,9 @@ def _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-def _modes(magic: int = 1, interleave: int = 1, group_n: int = 8) -> tuple[tuple[str, int], ...]:
-    return (("GROUP_N", group_n), ("INTERLEAVE", interleave), ("MAGIC", magic))
+def _modes(magic: int = 1, interleave: int = 1, group_n: int = 8, ptx: int = 1) -> tuple[tuple[str, int], ...]:
+    modes = (("GROUP_N", group_n), ("INTERLEAVE", interleave), ("MAGIC", magic))
+    return modes if ptx else modes + (("PTX", 0),)  # PTX=1 is the default (stored configs do not name it)
 
 
 def interpreter_config(group_size: int) -> KernelConfig:
@@ -281,6 +338,7 @@ def launch_tiled(
     else:
         partials = counters = y  # unused
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
+    ptx = meta.pop("PTX", 1)
     _w4a16_gemm_kernel[(num_tiles, split_k)](
         x2, qweight, scales,
         zeros if zeros is not None else qweight, perm if perm is not None else qweight,
@@ -293,6 +351,9 @@ def launch_tiled(
         BF16=x2.dtype == torch.bfloat16,
         DOT_FP32=x2.device.type == "cpu",
         SPLIT_K=split_k,
+        ASM=bool(ptx) and x2.device.type == "cuda",
+        EVEN=M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0,
+        GROUP=group_size if group_size in GROUP_SIZES else 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
@@ -462,7 +523,9 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
     from ..tuning import prune_configs
 
     bk = block_k_for(p.group_size)
-    modes = ((1, 1), (1, 0))  # (MAGIC, INTERLEAVE); MAGIC=0 is the plain control, timed by the benchmarks
+    # (MAGIC, INTERLEAVE): the gather mode (each word loaded 8 times) never won a tuning run; the benchmarks time
+    # the plain MAGIC=0 control
+    modes = ((1, 1),)
     token_tiles = {32: (16, 32), 64: (32, 64), 128: (64, 128)}.get(m_bucket(p.M), (128, 256))
     if p.M <= 16:
         token_tiles = (16,)  # the smallest MMA N tile (buckets 1-8 would otherwise fall through to 128/256)

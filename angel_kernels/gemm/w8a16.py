@@ -47,6 +47,9 @@ def _w8a16_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
     MAGIC: tl.constexpr,  # fp16 activations: int8 → fp16 by integer add + bitcast instead of I2F (see below)
+    WORDS: tl.constexpr,  # w_ptr is the weight viewed as int32 words of 4 int8, converted a word at a time
+    ASM: tl.constexpr,  # WORDS: convert with PTX byte permutes (GPU); off: the same values in Triton integer ops
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: the weight and x tiles need no masks
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
@@ -68,16 +71,38 @@ def _w8a16_gemm_kernel(
     k_start = pid_k * K_PER_SPLIT
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
+        offs_r = tl.arange(0, BLOCK_K // 4)
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start // 4 + offs_r)[None, :]
+    else:
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk  # [BLOCK_K, BLOCK_M]
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
-        mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
+        if EVEN:
+            x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+        else:
+            mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
+            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        if WORDS:
+            if EVEN:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
+        elif EVEN:
+            w = tl.load(w_ptrs)
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
-        if DOT_FP32:
+        if WORDS:
+            wf = _int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
+            if DOT_FP32:
+                acc = tl.dot(wf, x.to(tl.float32), acc)
+            else:
+                acc = tl.dot(wf, x, acc)
+        elif DOT_FP32:
             acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
         elif MAGIC:
             # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
@@ -87,7 +112,7 @@ def _w8a16_gemm_kernel(
             acc = tl.dot(w16, x, acc)
         else:
             acc = tl.dot(w.to(x.dtype), x, acc)
-        w_ptrs += BLOCK_K * stride_wk
+        w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
 
     if SPLIT_K > 1:
@@ -99,6 +124,76 @@ def _w8a16_gemm_kernel(
     else:
         _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
                         stride_ym, stride_yn, HAS_BIAS)
+
+
+# int8 → float a 32-bit word (4 weights) at a time. Why: loaded as int8, the tile's conversion is hoisted by the
+# compiler into the MMA operand layout, where each thread holds 2-byte pairs: 32 two-byte shared-memory loads and
+# ~160 byte permutes per 64×128 K-block (409 instructions per K-block, SASS of sm_90a). As words, the tile is
+# converted in the load layout (16-byte loads) and moved to the MMA layout as fp16 (16-byte stores, ldmatrix):
+# 262 instructions. u = b + 128 (XOR 0x80 per byte) is 0..255:
+# - fp16: PRMT puts two bytes under the high byte 0x64 (fp16 0x64XX = 1024 + XX, exact), one f16x2 subtract of
+#   1152 per pair: 5 instructions per 4 weights.
+# - bf16 (7-bit mantissa: no exponent holds 256 consecutive integers): PRMT builds fp32 0x4B0000XX = 2^23 + XX,
+#   subtract 2^23 + 128, pack pairs to bf16x2 (exact: |b| <= 127 has 7 significant bits): 11 per 4 weights.
+_WORD_TO_F16 = tl.constexpr("""{
+    .reg .b32 u, c, lo, hi;
+    xor.b32 u, $4, 0x80808080;
+    mov.b32 c, 0x64806480;
+    prmt.b32 lo, u, 0x64646464, 0x4140;
+    prmt.b32 hi, u, 0x64646464, 0x4342;
+    sub.f16x2 lo, lo, c;
+    sub.f16x2 hi, hi, c;
+    mov.b32 {$0, $1}, lo;
+    mov.b32 {$2, $3}, hi;
+}""")
+_WORD_TO_BF16 = tl.constexpr("""{
+    .reg .b32 u, f0, f1, f2, f3, lo, hi;
+    xor.b32 u, $4, 0x80808080;
+    prmt.b32 f0, u, 0x4B000000, 0x7540;
+    prmt.b32 f1, u, 0x4B000000, 0x7541;
+    prmt.b32 f2, u, 0x4B000000, 0x7542;
+    prmt.b32 f3, u, 0x4B000000, 0x7543;
+    sub.f32 f0, f0, 0f4B000080;
+    sub.f32 f1, f1, 0f4B000080;
+    sub.f32 f2, f2, 0f4B000080;
+    sub.f32 f3, f3, 0f4B000080;
+    cvt.rn.bf16x2.f32 lo, f1, f0;
+    cvt.rn.bf16x2.f32 hi, f3, f2;
+    mov.b32 {$0, $1}, lo;
+    mov.b32 {$2, $3}, hi;
+}""")
+
+
+@triton.jit
+def _int8_words_to_float(w, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """w [BLOCK_N, BLOCK_K // 4] int32 words → [BLOCK_N, BLOCK_K] fp16 / bf16 (fp32 if FP32), byte j of word r at
+    column 4r + j. ASM: the PTX above; otherwise the same values with Triton integer ops (the interpreter)."""
+    DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    if ASM and BF16:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            asm=_WORD_TO_BF16, constraints="=h,=h,=h,=h,r", args=[w],
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=1,
+        )
+    elif ASM:
+        b0, b1, b2, b3 = tl.inline_asm_elementwise(
+            asm=_WORD_TO_F16, constraints="=h,=h,=h,=h,r", args=[w],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1,
+        )
+    else:
+        b0 = _byte_to_float(w, 0, FP32, DT)
+        b1 = _byte_to_float(w, 1, FP32, DT)
+        b2 = _byte_to_float(w, 2, FP32, DT)
+        b3 = _byte_to_float(w, 3, FP32, DT)
+    # join appends an axis of 2: [.., r, i, j] holds byte 2i + j, so the row-major reshape puts it at 4r + 2i + j
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _byte_to_float(w, j: tl.constexpr, FP32: tl.constexpr, DT: tl.constexpr):
+    u = ((w >> (8 * j)) & 0xFF) ^ 0x80  # b + 128
+    v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + u − (2^23 + 128) = b, exact
+    return v if FP32 else v.to(DT)
 
 
 @triton.jit
@@ -146,7 +241,11 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
         split_k = split_k_for(N, K, cfg.BLOCK_K)  # from the weight shape only
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
-    magic = meta.pop("MAGIC", 0)  # configs tuned before MAGIC existed used the plain conversion
+    magic = meta.pop("MAGIC", 1)  # MAGIC=0 (plain conversion) is the tests' control; every mode gives the same bits
+    # WORDS (default on): the same values, fewer instructions; needs 4-byte-aligned rows of a K-contiguous weight
+    words = meta.pop("WORDS", 1) and _word_view_ok(qweight)
+    w_arg = qweight.view(torch.int32) if words else qweight
+    even = M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     if split_k > 1:
@@ -155,17 +254,27 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     else:
         partials = counters = y  # unused
     _w8a16_gemm_kernel[(num_tiles, split_k)](
-        x2, qweight, scales, bias if bias is not None else scales, y, partials, counters,
+        x2, w_arg, scales, bias if bias is not None else scales, y, partials, counters,
         M, N, K, k_per_split,
-        x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), y.stride(0), y.stride(1),
+        x2.stride(0), x2.stride(1), w_arg.stride(0), w_arg.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None,
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
+        WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
         SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
     return y
+
+
+def _word_view_ok(qweight: torch.Tensor) -> bool:
+    """The int8 weight can be read as int32 words: K-contiguous rows, K and the row stride multiples of 4, and
+    a 4-byte-aligned start."""
+    return (
+        qweight.stride(1) == 1 and qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0
+        and qweight.data_ptr() % 4 == 0
+    )
 
 
 def _run_tiled(p, x2, qweight, scales, bias):
@@ -276,12 +385,12 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
     if p.M <= 16:
         token_tiles = (16,)  # the smallest MMA N tile
     if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
-        space = product(token_tiles, (64, 128), (BLOCK_K,), (4, 8), (3, 4, 5, 6), (1,), (0, 1))
+        space = product(token_tiles, (64, 128), (BLOCK_K,), (4, 8), (3, 4, 5, 6), (1,))
     else:
-        space = product(token_tiles, (64, 128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,), (0, 1))
+        space = product(token_tiles, (64, 128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,))
+    # the conversion is not tuned: WORDS (the default) has the fewest instructions and the same bits as the others
     configs = [
-        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g), ("MAGIC", mg)))
-        for bm, bn, bk, w, s, g, mg in space
+        KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g),)) for bm, bn, bk, w, s, g in space
     ]
     return prune_configs(configs, K=p.K, a_bytes=p.dtype.itemsize, b_bytes=1)
 

@@ -117,6 +117,9 @@ def test_dequant_modes_are_bitwise_identical(dtype, sym, device):
         outs.append(y)
     for (magic, inter), y in zip(MODES[1:], outs[1:]):
         assert torch.equal(y, outs[0]), f"MAGIC={magic} INTERLEAVE={inter} differs from MAGIC=1 INTERLEAVE=1"
+    # PTX=0: the Triton dequantization instead of the PTX one (the same path under the interpreter)
+    cfg = KernelConfig(32, 64, block_k_for(64), extra=_modes(1, 1, ptx=0))
+    assert torch.equal(launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, cfg), outs[0])
 
 
 @pytest.mark.parametrize("magic,inter", MODES)
@@ -366,6 +369,9 @@ def test_gpu_dequant_modes(magic, inter, dtype, m):
     cfg = KernelConfig(bm, bn, 128, num_warps=warps, num_stages=stages, extra=_modes(magic, inter))
     y = launch_tiled(x, w.qweight, w.scales, w.zeros, 128, b, None, cfg)
     assert_close_dequantized(y, _ref(x, w, b), name=f"MAGIC={magic} INTERLEAVE={inter} {dtype} M={m}")
+    if (magic, inter) == (1, 1):  # the PTX dequantization against the Triton one: bit for bit
+        no_ptx = KernelConfig(bm, bn, 128, num_warps=warps, num_stages=stages, extra=_modes(1, 1, ptx=0))
+        assert torch.equal(launch_tiled(x, w.qweight, w.scales, w.zeros, 128, b, None, no_ptx), y)
 
 
 @pytest.mark.gpu

@@ -255,13 +255,39 @@ def test_dequantize_int8_matches_torch(device):
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_magic_conversion_is_bit_identical_to_plain(m, device):
-    """int8 → fp16 by integer add + bitcast gives exactly the plain conversion's results (every value -127..127)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(64, 256), (80, 200)], ids=["even", "ragged"])
+def test_conversions_are_bit_identical_to_plain(m, dtype, n, k, device):
+    """int8 → float by integer add + bitcast (MAGIC, fp16) and a word at a time (WORDS: PTX byte permutes on a
+    GPU, integer ops under the interpreter) give exactly the plain conversion's results, every value -127..127,
+    with and without tile masks (ragged N and K)."""
     from dataclasses import replace
 
-    x, q, s, b = _inputs(m, 64, 256, torch.float16, device, seed=m, bias=True)
-    q[0, :255] = torch.arange(-127, 128, dtype=torch.int8)  # every int8 weight value appears
-    plain = launch_tiled(x, q, s, b, replace(INTERPRETER_CONFIG, extra=(("GROUP_N", 8), ("MAGIC", 0))))
-    magic = launch_tiled(x, q, s, b, replace(INTERPRETER_CONFIG, extra=(("GROUP_N", 8), ("MAGIC", 1))))
-    assert torch.equal(plain, magic)
-    assert_close(magic, w8a16_gemm_ref(x, q, s, b))
+    x, q, s, b = _inputs(m, n, k, dtype, device, seed=m, bias=True)
+    q[0, :255 if k >= 255 else k] = torch.arange(-127, 128, dtype=torch.int8)[:k]
+    q[1, : max(0, 255 - k)] = torch.arange(-127, 128, dtype=torch.int8)[k:]  # every int8 weight value appears
+    outs = {
+        modes: launch_tiled(x, q, s, b, replace(INTERPRETER_CONFIG, extra=(("GROUP_N", 8), *modes)))
+        for modes in [(("MAGIC", 0), ("WORDS", 0)), (("MAGIC", 1), ("WORDS", 0)), (("MAGIC", 1), ("WORDS", 1))]
+    }
+    plain, *others = outs.values()
+    for modes, y in list(outs.items())[1:]:
+        assert torch.equal(plain, y), f"{modes} differs from the plain conversion"
+    assert_close(plain, w8a16_gemm_ref(x, q, s, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 64, 257])
+def test_gpu_word_conversion_at_real_configs(dtype, m):
+    """WORDS (PTX) against the plain conversion at the heuristic config of each M regime: bit for bit."""
+    from dataclasses import replace
+
+    from angel_kernels.gemm.w8a16 import heuristic_config
+
+    x, q, s, b = _inputs(m, 4096, 4096, dtype, "cuda", seed=m, bias=True)
+    cfg = heuristic_config(W8A16Problem(m, 4096, 4096, dtype, x.device))
+    plain = launch_tiled(x, q, s, b, replace(cfg, extra=(("GROUP_N", 8), ("MAGIC", 0), ("WORDS", 0))))
+    words = launch_tiled(x, q, s, b, replace(cfg, extra=(("GROUP_N", 8), ("WORDS", 1))))
+    assert torch.equal(plain, words)
+    assert_close(words, w8a16_gemm_ref(x, q, s, b))
