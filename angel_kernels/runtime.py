@@ -6,6 +6,7 @@ imported; the test suite's conftest does that on machines without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,3 +33,15 @@ def triton_runnable_on(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda" or (device.type == "cpu" and interpreter_active()):
         return True, ""
     return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors on {device})"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device, default: int) -> int:
+    """Streaming multiprocessors of a CUDA device; ``default`` elsewhere (the interpreter has none)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return default

@@ -28,7 +28,6 @@ bounds); ``seq_lens[b] == 0`` gives zeros.
 Candidates (``ANGEL_KERNELS_FORCE_PAGED_DECODE`` / ``ANGEL_KERNELS_DISABLE=paged_decode.<name>``):
 ``split_kv`` (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
 """
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -40,6 +39,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
 from ..runtime import interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
@@ -295,15 +295,8 @@ def _paged_attn_reduce_kernel(
 
 
 # ------------------------------------------------------------------------------------------------- launching
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return INTERPRETER_SMS
+    return runtime_num_sms(device, INTERPRETER_SMS)
 
 
 def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:

@@ -5,30 +5,37 @@ each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one 
 sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
 its counter for the next launch.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-# Split K until a decode launch has ~256 programs (2 per SM on 132-SM H100s) with 64-row weight tiles: N=4096
-# alone gives 64 programs, half the SMs idle (w8a16 4096×14336 M=1: 65.8 µs unsplit, 3.3× the int8 floor).
-SPLIT_TARGET_PROGRAMS = 256
+# Split K so that a decode launch has >= ~2 programs per SM (N=4096 alone gives 64 programs of 64-row tiles: half
+# the SMs idle; w8a16 4096×14336 M=1 took 65.8 µs unsplit, 3.3× the int8 floor) and its last wave is full:
+# 448 tiles of 28672×4096 on 132 SMs are 3.39 per SM, so some SMs stream 4 tiles while others stream 3 (85 %
+# of the bandwidth used at the end); split in 2, 896 programs are 6.79 per SM (97 %).
+MIN_PROGRAMS_PER_SM = 2
 MAX_SPLIT_K = 8
 MIN_K_PER_SPLIT = 1024  # input features per split: at least 8 K-blocks of 128
+SPLIT_SCORE_SLACK = 0.05  # the smallest split within this of the best score wins (partials cost traffic at large M)
+DEFAULT_SMS = 132  # H100 / H200; used off-GPU (the interpreter) so CPU tests split as the GPU does
 
 
-def split_k_for(n: int, k: int, block_k: int) -> int:
-    """Split count from the weight shape (and the kernel's BLOCK_K) alone, never from M (batch invariance)."""
+def split_k_for(n: int, k: int, block_k: int, sms: int = DEFAULT_SMS) -> int:
+    """Split count from the weight shape, the kernel's BLOCK_K and the GPU's SM count, never from M (batch
+    invariance). Score of a split s with u = programs per SM: u / ceil(u) (fullness of the last wave) times
+    min(1, u / MIN_PROGRAMS_PER_SM)."""
     tiles = triton.cdiv(n, 64)
     steps = triton.cdiv(k, block_k)
-    split = 1
-    while (
-        tiles * split < SPLIT_TARGET_PROGRAMS
-        and split * 2 <= MAX_SPLIT_K
-        and steps % (split * 2) == 0
-        and k // (split * 2) >= MIN_K_PER_SPLIT
-    ):
-        split *= 2
-    return split
+
+    def score(s: int) -> float:
+        u = tiles * s / sms
+        return u / math.ceil(u) * min(1.0, u / MIN_PROGRAMS_PER_SM)
+
+    splits = [1] + [s for s in (2, 4, 8) if s <= MAX_SPLIT_K and steps % s == 0 and k // s >= MIN_K_PER_SPLIT]
+    best = max(score(s) for s in splits)
+    return min(s for s in splits if score(s) >= best - SPLIT_SCORE_SLACK)
 
 
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
