@@ -11,11 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Split K so that a decode launch has >= ~2 programs per SM (N=4096 alone gives 64 programs of 64-row tiles: half
-# the SMs idle; w8a16 4096×14336 M=1 took 65.8 µs unsplit, 3.3× the int8 floor) and its last wave is full:
-# 448 tiles of 28672×4096 on 132 SMs are 3.39 per SM, so some SMs stream 4 tiles while others stream 3 (85 %
-# of the bandwidth used at the end); split in 2, 896 programs are 6.79 per SM (97 %).
-MIN_PROGRAMS_PER_SM = 2
+# Split K so that a decode launch has ~4 programs per SM and a full last wave. Why 4: one program is one
+# warpgroup stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200:
+# 20 % of warp slots active, stalls per issued instruction: barrier 1.8, short scoreboard 1.6, long scoreboard
+# 1.2), so an SM needs several programs' worth of independent work: 4096×14336 at M=1 on an H200 took 72.7 µs
+# in 64 programs, 26.1 in 256, 22.5 in 512 (w8a16; w4a16 61.3 / 25.5 / 20.9). Full last wave: 448 tiles of
+# 28672×4096 on 132 SMs are 3.39 per SM (some SMs stream 4 tiles, others 3); split in 2, 6.79 per SM.
+MIN_PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 8
 MIN_K_PER_SPLIT = 1024  # input features per split: at least 8 K-blocks of 128
 SPLIT_SCORE_SLACK = 0.05  # the smallest split within this of the best score wins (partials cost traffic at large M)
