@@ -5,39 +5,39 @@ each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one 
 sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
 its counter for the next launch.
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-# Split K so that a decode launch has ~4 programs per SM and a full last wave. Why 4: one program is one
-# warpgroup stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200:
-# 20 % of warp slots active, stalls per issued instruction: barrier 1.8, short scoreboard 1.6, long scoreboard
-# 1.2), so an SM needs several programs' worth of independent work: 4096×14336 at M=1 on an H200 took 72.7 µs
-# in 64 programs, 26.1 in 256, 22.5 in 512 (w8a16; w4a16 61.3 / 25.5 / 20.9). Full last wave: 448 tiles of
-# 28672×4096 on 132 SMs are 3.39 per SM (some SMs stream 4 tiles, others 3); split in 2, 6.79 per SM.
-MIN_PROGRAMS_PER_SM = 4
+# Split K until a decode launch has PROGRAMS_PER_SM programs per SM. Why several: a program is one warpgroup
+# stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200: 20 % of warp
+# slots active; stalls per issued instruction: barrier 1.8, short scoreboard 1.6, long scoreboard 1.2), so an
+# SM needs several programs' worth of independent work. Measured (H100, CUDA graphs, M=1, µs):
+#   w8a16 4096×14336: 256 programs 26.5, 512 25.9;  28672×4096: 448 programs 47.5, 896 51.0
+#   w4a16 4096×14336: 256 programs 25.2, 512 20.9;  28672×4096: 448 programs 40.4, 896 36.0;
+#         28672×8192: 448 programs 76.6, 896 66.4
+# The int4 kernel's programs are lighter (72 registers, 29 KB of shared memory: 7 fit an SM; w8a16's 128-row
+# tiles take 127 registers and 53 KB: 4), so it wants more of them.
+PROGRAMS_PER_SM = {"w8a16": 3, "w4a16": 3.5}
 MAX_SPLIT_K = 8
 MIN_K_PER_SPLIT = 1024  # input features per split: at least 8 K-blocks of 128
-SPLIT_SCORE_SLACK = 0.05  # the smallest split within this of the best score wins (partials cost traffic at large M)
 DEFAULT_SMS = 132  # H100 / H200; used off-GPU (the interpreter) so CPU tests split as the GPU does
 
 
-def split_k_for(n: int, k: int, block_k: int, sms: int = DEFAULT_SMS) -> int:
+def split_k_for(n: int, k: int, block_k: int, sms: int = DEFAULT_SMS, programs_per_sm: float = 3) -> int:
     """Split count from the weight shape, the kernel's BLOCK_K and the GPU's SM count, never from M (batch
-    invariance). Score of a split s with u = programs per SM: u / ceil(u) (fullness of the last wave) times
-    min(1, u / MIN_PROGRAMS_PER_SM)."""
+    invariance): the smallest power of two giving ``programs_per_sm`` programs of 64-row tiles per SM."""
     tiles = triton.cdiv(n, 64)
     steps = triton.cdiv(k, block_k)
-
-    def score(s: int) -> float:
-        u = tiles * s / sms
-        return u / math.ceil(u) * min(1.0, u / MIN_PROGRAMS_PER_SM)
-
-    splits = [1] + [s for s in (2, 4, 8) if s <= MAX_SPLIT_K and steps % s == 0 and k // s >= MIN_K_PER_SPLIT]
-    best = max(score(s) for s in splits)
-    return min(s for s in splits if score(s) >= best - SPLIT_SCORE_SLACK)
+    split = 1
+    while (
+        tiles * split < programs_per_sm * sms
+        and split * 2 <= MAX_SPLIT_K
+        and steps % (split * 2) == 0
+        and k // (split * 2) >= MIN_K_PER_SPLIT
+    ):
+        split *= 2
+    return split
 
 
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
-from ._splitk import DEFAULT_SMS, grouped_tile, reduce_split_k, split_k_for, tile_counters
+from ._splitk import DEFAULT_SMS, PROGRAMS_PER_SM, grouped_tile, reduce_split_k, split_k_for, tile_counters
 from ._weight_only import weight_only_family
 from ..dispatch import KernelFamily
 from ..reference import w8a16_gemm_ref
@@ -238,7 +238,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     M, K = x2.shape
     N = qweight.shape[0]
     if split_k is None:
-        split_k = split_k_for(N, K, cfg.BLOCK_K, num_sms(x2.device, DEFAULT_SMS))  # weight shape and GPU, never M
+        split_k = split_k_for(N, K, cfg.BLOCK_K, num_sms(x2.device, DEFAULT_SMS), PROGRAMS_PER_SM["w8a16"])  # weight shape and GPU, never M
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
     magic = meta.pop("MAGIC", 1)  # MAGIC=0 (plain conversion) is the tests' control; every mode gives the same bits

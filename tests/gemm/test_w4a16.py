@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from angel_kernels import quantize_weight_int4, w4a16_gemm
-from angel_kernels.gemm._splitk import tile_counters
+from angel_kernels.gemm._splitk import PROGRAMS_PER_SM, tile_counters
 from angel_kernels.gemm.w4a16 import (
     W4A16,
     W4A16Problem,
@@ -181,13 +181,16 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, group, k,
 
 
 def test_split_k_depends_on_weight_shape_only():
-    assert split_k_for(28672, 4096, 128) == 2  # 448 tiles: 3.39 per SM; 896: 6.79 (a fuller last wave)
-    assert split_k_for(28672, 4096, 128, sms=112) == 1  # 448 tiles on 112 SMs: 4 each
-    assert split_k_for(4096, 14336, 128) == 8  # 64 tiles: 512 programs, 3.9 per SM
-    assert split_k_for(6144, 4096, 128) == 4
-    assert split_k_for(4096, 4096, 32) == 4  # group 32: same split, more K-blocks per split
-    assert split_k_for(8192, 28672, 64) == 4
-    assert split_k_for(64, 1024, 128) == 1  # too few K values to split
+    def split(n, k, block_k=128, sms=132):
+        return split_k_for(n, k, block_k, sms, PROGRAMS_PER_SM["w4a16"])
+
+    assert split(28672, 4096) == 2  # 448 tiles of 64 rows: 3.4 per SM, short of 3.5
+    assert split(28672, 4096, sms=112) == 1  # 4 per SM
+    assert split(4096, 14336) == 8  # 64 tiles: 512 programs
+    assert split(6144, 4096) == 4
+    assert split(4096, 4096, 32) == 4  # group 32: same split, more K-blocks per split
+    assert split(8192, 28672, 64) == 4
+    assert split(64, 1024) == 1  # too few K values to split
 
 
 def test_dequantize_packed_matches_reference(device):

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from angel_kernels import quantize_weight_int8, w8a16_gemm
-from angel_kernels.gemm._splitk import split_k_for, tile_counters
+from angel_kernels.gemm._splitk import PROGRAMS_PER_SM, split_k_for, tile_counters
 from angel_kernels.gemm.w8a16 import INTERPRETER_CONFIG, W8A16, W8A16Problem, launch_tiled
 from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
 from angel_kernels.testing import assert_close, make_generator, randn
@@ -86,13 +86,16 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, device):
 
 
 def test_split_k_depends_on_weight_shape_only():
-    assert split_k_for(28672, 4096, 128) == 2  # 448 tiles: 3.39 per SM; 896: 6.79 (a fuller last wave)
-    assert split_k_for(28672, 4096, 128, sms=112) == 1  # 448 tiles on 112 SMs: 4 each
-    assert split_k_for(4096, 14336, 128) == 8  # 64 tiles: 512 programs, 3.9 per SM
-    assert split_k_for(6144, 4096, 128) == 4
-    assert split_k_for(8192, 28672, 128) == 4
-    assert split_k_for(4096, 4096, 128) == 4
-    assert split_k_for(64, 1024, 128) == 1  # too few K steps to split
+    def split(n, k, sms=132):
+        return split_k_for(n, k, 128, sms, PROGRAMS_PER_SM["w8a16"])
+
+    assert split(28672, 4096) == 1  # 448 tiles of 64 rows: 3.4 per SM already
+    assert split(28672, 4096, sms=160) == 2
+    assert split(4096, 14336) == 8  # 64 tiles: 512 programs
+    assert split(6144, 4096) == 4  # 8 would leave 512 K values per split
+    assert split(8192, 28672) == 4
+    assert split(4096, 4096) == 4
+    assert split(64, 1024) == 1  # too few K steps to split
 
 
 @given(
