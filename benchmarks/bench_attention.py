@@ -22,7 +22,6 @@ Usage: python benchmarks/bench_attention.py [--out OUT] [--quick] [--dry-run] [-
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -347,13 +346,7 @@ def prepare_sdpa(c, device):
 # Ours: angel_kernels attention ops get their providers here once the package provides them (lazy import, hasattr).
 # ------------------------------------------------------------------------------------------------------------------
 def available_angel():
-    try:
-        import angel_kernels
-    except Exception as e:  # noqa: BLE001
-        return False, f"angel_kernels not importable ({H.short_exc(e)})"
-    if not all(hasattr(angel_kernels, n) for n in ("paged_decode_attention", "write_kv_cache", "inline_scale_views")):
-        return False, "angel_kernels has no paged_decode_attention / write_kv_cache yet"
-    return True, ""
+    return H.angel_has("paged_decode_attention", "write_kv_cache", "inline_scale_views")
 
 
 def _angel_fn(c):
@@ -439,13 +432,7 @@ def family(quick=False, smoke=False) -> H.Family:
 
 
 def main(argv=None) -> int:
-    H.setup_paths()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.budget_s is None and not args.quick and not args.smoke:
-        args.budget_s = DEFAULT_BUDGET_S
-    return H.main_family(family(args.quick, args.smoke), args)
+    return H.run_family_cli(__doc__.splitlines()[0], family, DEFAULT_BUDGET_S, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Usage: python benchmarks/bench_kv_write.py [--out OUT] [--quick] [--dry-run] [--
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 try:
@@ -130,11 +129,7 @@ def prepare(c, device, who: str, quant: bool, layout: str = "pages"):
 
 
 def available_angel():
-    try:
-        import angel_kernels
-    except Exception as e:  # noqa: BLE001
-        return False, f"angel_kernels not importable ({H.short_exc(e)})"
-    return (True, "") if hasattr(angel_kernels, "int8_page_views") else (False, "no int8_page_views")
+    return H.angel_has("int8_page_views")
 
 
 def providers() -> H.ProviderRegistry:
@@ -160,13 +155,7 @@ def family(quick=False, smoke=False) -> H.Family:
 
 
 def main(argv=None) -> int:
-    H.setup_paths()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.budget_s is None and not args.quick and not args.smoke:
-        args.budget_s = DEFAULT_BUDGET_S
-    return H.main_family(family(args.quick, args.smoke), args)
+    return H.run_family_cli(__doc__.splitlines()[0], family, DEFAULT_BUDGET_S, argv)
 
 
 if __name__ == "__main__":

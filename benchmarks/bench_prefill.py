@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_prefill.py [--out OUT] [--quick] [--dry-run] [--s
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
@@ -112,13 +111,7 @@ def _write_random(c, device, bt, write):
 
 # ---------------------------------------------------------------------------------------------------------- ours
 def available_angel():
-    try:
-        import angel_kernels
-    except Exception as e:  # noqa: BLE001
-        return False, f"angel_kernels not importable ({H.short_exc(e)})"
-    if not hasattr(angel_kernels, "paged_attention"):
-        return False, "angel_kernels has no paged_attention"
-    return True, ""
+    return H.angel_has("paged_attention")
 
 
 def prepare_angel(c, device, quant: bool, layout: str = "pages"):
@@ -257,13 +250,7 @@ def family(quick=False, smoke=False) -> H.Family:
 
 
 def main(argv=None) -> int:
-    H.setup_paths()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    H.add_common_args(ap)
-    args = ap.parse_args(argv)
-    if args.budget_s is None and not args.quick and not args.smoke:
-        args.budget_s = DEFAULT_BUDGET_S
-    return H.main_family(family(args.quick, args.smoke), args)
+    return H.run_family_cli(__doc__.splitlines()[0], family, DEFAULT_BUDGET_S, argv)
 
 
 if __name__ == "__main__":

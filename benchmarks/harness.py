@@ -864,6 +864,29 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
                          "refcheck and result files; not a benchmark")
 
 
+def angel_has(*names: str) -> tuple[bool, str]:
+    """Availability of an angel-kernels provider: the package imports and exports ``names``."""
+    try:
+        import angel_kernels
+    except Exception as e:  # noqa: BLE001
+        return False, f"angel_kernels not importable ({short_exc(e)})"
+    missing = [n for n in names if not hasattr(angel_kernels, n)]
+    return (False, f"angel_kernels has no {', '.join(missing)}") if missing else (True, "")
+
+
+def run_family_cli(description: str, make_family: Callable[[bool, bool], Family], default_budget_s: float,
+                   argv=None) -> int:
+    """Command line of a family without options of its own: the common arguments, then ``main_family``
+    (``make_family(quick, smoke)``); a full run stops starting cases after ``default_budget_s``."""
+    setup_paths()
+    ap = argparse.ArgumentParser(description=description)
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    if args.budget_s is None and not args.quick and not args.smoke:
+        args.budget_s = default_budget_s
+    return main_family(make_family(args.quick, args.smoke), args)
+
+
 def main_family(family: Family, args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     import torch
 

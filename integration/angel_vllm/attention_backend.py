@@ -213,6 +213,46 @@ def _check_builder_spec(spec: AttentionSpec, vllm_config) -> None:
         )
 
 
+class _Int8KVBackendMixin:
+    """What both backends add to the stock backend they extend (listed first among the bases)."""
+
+    @classmethod
+    def get_supported_kernel_block_sizes(cls, kv_cache_spec=None):
+        if _is_int8_spec(kv_cache_spec):
+            return list(SUPPORTED_BLOCK_SIZES)
+        return super().get_supported_kernel_block_sizes(kv_cache_spec)
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
+                             use_mm_prefix, device_capability):
+        reason = super().supports_combination(head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
+                                              use_sparse, use_mm_prefix, device_capability)
+        if reason is None and kv_cache_dtype == INT8_KV_CACHE_DTYPE:
+            reason = _int8_combination_reason(head_size, dtype, block_size, has_sink, use_mm_prefix)
+        return reason
+
+
+class _Int8KVImplMixin:
+    """What both attention impls add: an int8_per_token_head layer keeps a ``_Int8KVAttention`` and writes its
+    cache with it; other layers are the stock impl's."""
+
+    _angel: Optional[_Int8KVAttention] = None
+
+    def _init_int8(self, kv_cache_dtype, *, head_size, scale, alibi_slopes, sliding_window, logits_soft_cap,
+                   attn_type, sinks) -> None:
+        self._angel = None
+        if kv_cache_dtype == INT8_KV_CACHE_DTYPE:
+            self._angel = _Int8KVAttention(
+                head_size=head_size, scale=scale, alibi_slopes=alibi_slopes, sliding_window=sliding_window,
+                logits_soft_cap=logits_soft_cap, attn_type=attn_type, sinks=sinks,
+            )
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        if self._angel is None:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self._angel.write(key, value, kv_cache, slot_mapping)
+
+
 # ---------------------------------------------------------------------------------------------------------- CPU
 class AngelCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """vLLM's CPU builder for every dtype but int8; for int8 the fields our kernels read, nothing else.
@@ -250,7 +290,7 @@ class AngelCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         )
 
 
-class AngelCPUAttentionImpl(CPUAttentionBackendImpl):
+class AngelCPUAttentionImpl(_Int8KVImplMixin, CPUAttentionBackendImpl):
     """vLLM's CPU attention, except that an int8_per_token_head layer runs on angel-kernels."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
@@ -258,12 +298,9 @@ class AngelCPUAttentionImpl(CPUAttentionBackendImpl):
                  sinks=None) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
-        self._angel = None
-        if kv_cache_dtype == INT8_KV_CACHE_DTYPE:
-            self._angel = _Int8KVAttention(
-                head_size=head_size, scale=scale, alibi_slopes=alibi_slopes, sliding_window=sliding_window,
-                logits_soft_cap=logits_soft_cap, attn_type=attn_type, sinks=sinks,
-            )
+        self._init_int8(kv_cache_dtype, head_size=head_size, scale=scale, alibi_slopes=alibi_slopes,
+                        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, attn_type=attn_type,
+                        sinks=sinks)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
@@ -275,13 +312,8 @@ class AngelCPUAttentionImpl(CPUAttentionBackendImpl):
             return output
         return self._angel.attend(query, kv_cache, attn_metadata, output)
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if self._angel is None:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._angel.write(key, value, kv_cache, slot_mapping)
 
-
-class AngelCPUAttentionBackend(CPUAttentionBackend):
+class AngelCPUAttentionBackend(_Int8KVBackendMixin, CPUAttentionBackend):
     """``CPU_ATTN`` with ``int8_per_token_head`` served by angel-kernels; every other dtype is vLLM's own."""
 
     supported_kv_cache_dtypes = [*CPUAttentionBackend.supported_kv_cache_dtypes, INT8_KV_CACHE_DTYPE]
@@ -290,21 +322,6 @@ class AngelCPUAttentionBackend(CPUAttentionBackend):
     def customize_spec(cls, spec):
         spec = super().customize_spec(spec)
         return _int8_page_spec(spec) if _is_int8_spec(spec) else spec
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None):
-        if _is_int8_spec(kv_cache_spec):
-            return list(SUPPORTED_BLOCK_SIZES)
-        return CPUAttentionBackend.get_supported_kernel_block_sizes(kv_cache_spec)
-
-    @classmethod
-    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
-                             use_mm_prefix, device_capability):
-        reason = super().supports_combination(head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
-                                              use_sparse, use_mm_prefix, device_capability)
-        if reason is None and kv_cache_dtype == INT8_KV_CACHE_DTYPE:
-            reason = _int8_combination_reason(head_size, dtype, block_size, has_sink, use_mm_prefix)
-        return reason
 
     @staticmethod
     def get_impl_cls():
@@ -333,7 +350,7 @@ class AngelTritonMetadataBuilder(TritonAttentionMetadataBuilder):
             _check_builder_spec(kv_cache_spec, vllm_config)
 
 
-class AngelTritonAttentionImpl(TritonAttentionImpl):
+class AngelTritonAttentionImpl(_Int8KVImplMixin, TritonAttentionImpl):
     """vLLM's Triton attention, except that an int8_per_token_head layer runs on angel-kernels."""
 
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
@@ -342,14 +359,12 @@ class AngelTritonAttentionImpl(TritonAttentionImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks, use_alibi_sqrt,
                          chunk_lookback)
-        self._angel = None
-        if kv_cache_dtype == INT8_KV_CACHE_DTYPE:
-            if chunk_lookback > -1:
-                raise ValueError(f"kv_cache_dtype={INT8_KV_CACHE_DTYPE!r} does not support chunked attention")
-            self._angel = _Int8KVAttention(
-                head_size=head_size, scale=scale, alibi_slopes=alibi_slopes, sliding_window=sliding_window,
-                logits_soft_cap=logits_soft_cap, attn_type=attn_type, sinks=sinks,
-            )
+        if kv_cache_dtype == INT8_KV_CACHE_DTYPE and chunk_lookback > -1:
+            raise ValueError(f"kv_cache_dtype={INT8_KV_CACHE_DTYPE!r} does not support chunked attention")
+        self._init_int8(kv_cache_dtype, head_size=head_size, scale=scale, alibi_slopes=alibi_slopes,
+                        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, attn_type=attn_type,
+                        sinks=sinks)
+        if self._angel is not None:
             self.supports_quant_query_input = False  # our kernels take fp16/bf16 queries
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
@@ -366,16 +381,11 @@ class AngelTritonAttentionImpl(TritonAttentionImpl):
             raise ValueError(f"kv_cache_dtype={INT8_KV_CACHE_DTYPE!r} supports causal decoder attention only")
         return self._angel.attend(query, kv_cache, attn_metadata, output)
 
-    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-        if self._angel is None:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        self._angel.write(key, value, kv_cache, slot_mapping)
-
     def fused_rope_kvcache_supported(self):
         return False if self._angel is not None else super().fused_rope_kvcache_supported()
 
 
-class AngelTritonAttentionBackend(TritonAttentionBackend):
+class AngelTritonAttentionBackend(_Int8KVBackendMixin, TritonAttentionBackend):
     """``CUSTOM`` on CUDA: vLLM's Triton backend with ``int8_per_token_head`` served by angel-kernels.
 
     The page size comes from ``TritonAttentionBackend.customize_spec`` (the same bytes per block).
@@ -384,21 +394,6 @@ class AngelTritonAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"  # Attention looks the name up in AttentionBackendEnum
-
-    @staticmethod
-    def get_supported_kernel_block_sizes(kv_cache_spec=None):
-        if _is_int8_spec(kv_cache_spec):
-            return list(SUPPORTED_BLOCK_SIZES)
-        return TritonAttentionBackend.get_supported_kernel_block_sizes(kv_cache_spec)
-
-    @classmethod
-    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
-                             use_mm_prefix, device_capability):
-        reason = super().supports_combination(head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink,
-                                              use_sparse, use_mm_prefix, device_capability)
-        if reason is None and kv_cache_dtype == INT8_KV_CACHE_DTYPE:
-            reason = _int8_combination_reason(head_size, dtype, block_size, has_sink, use_mm_prefix)
-        return reason
 
     @staticmethod
     def get_impl_cls():

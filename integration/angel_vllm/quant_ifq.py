@@ -42,7 +42,19 @@ __all__ = ["IFQ_NAME", "IfqConfig", "IfqLinearMethod", "register_ifq"]
 IFQ_NAME = "ifq"
 
 
-class IfqConfig(QuantizationConfig):
+class WeightOnlyConfig(QuantizationConfig):
+    """What the weight-only methods (ifq, ifq_int4) share: fp16/bf16 activations, Ampere or newer on CUDA."""
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]  # what w8a16_gemm / w4a16_gemm accept
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # bf16 tensor-core dots (Triton's tl.dot on bf16) need Ampere; vLLM skips this check on CPU.
+        return 80
+
+
+class IfqConfig(WeightOnlyConfig):
     """Online int8 weight-only quantization. No checkpoint file and no arguments: vLLM builds it as ``IfqConfig()``.
 
     Module-level (not defined inside ``register``) so that it unpickles in vLLM's worker processes.
@@ -56,14 +68,6 @@ class IfqConfig(QuantizationConfig):
 
     def get_name(self) -> str:
         return IFQ_NAME
-
-    def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.float16, torch.bfloat16]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        # bf16 tensor-core dots (Triton's tl.dot on bf16) need Ampere; vLLM skips this check on CPU.
-        return 80
 
     @staticmethod
     def get_config_filenames() -> list[str]:

@@ -51,7 +51,6 @@ from ._compat import (
     LinearMethodBase,
     PackedColumnParameter,
     PackedvLLMParameter,
-    QuantizationConfig,
     QuantizeMethodBase,
     RowvLLMParameter,
     UnquantizedLinearMethod,
@@ -63,6 +62,7 @@ from ._compat import (
     register_quantization_method,
     weights_mapper,
 )
+from .quant_ifq import WeightOnlyConfig
 
 __all__ = ["IFQ_INT4_NAME", "IfqInt4Config", "IfqInt4LinearMethod", "register_ifq_int4"]
 
@@ -189,7 +189,7 @@ def _checkpoint_method(cfg: dict) -> str:
     return str(cfg.get("quant_method", "")).lower()
 
 
-class IfqInt4Config(QuantizationConfig):
+class IfqInt4Config(WeightOnlyConfig):
     """int4 weight-only layers from a GPTQ / AWQ / compressed-tensors checkpoint (see module doc).
 
     Module-level (not defined inside ``register``) so that it unpickles in vLLM's worker processes. Built by
@@ -213,14 +213,6 @@ class IfqInt4Config(QuantizationConfig):
 
     def get_name(self) -> str:
         return IFQ_INT4_NAME
-
-    def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.float16, torch.bfloat16]
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        # bf16 tensor-core dots (Triton's tl.dot on bf16) need Ampere; vLLM skips this check on CPU.
-        return 80
 
     @staticmethod
     def get_config_filenames() -> list[str]:

@@ -89,6 +89,41 @@ def test_head_dim_halves(cache_dtype, device):
         assert_close(outs[1], outs[0], name="halves vs whole")
 
 
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_words_path_is_bitwise_identical(layout, dtype, device):
+    """WORDS (int8 rows read as int32 words, converted a word at a time: PTX on a GPU, integer ops in the
+    interpreter) gives the element path's results (bits on a GPU): both head-dim halves, windows and soft-cap,
+    ragged lengths, 16-byte rows and vLLM's packed rows (4-byte aligned)."""
+    from angel_kernels.tuning import KernelConfig
+
+    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
+    c = build_case(lens, head_dim=D, dtype=dtype, seed=23, device=device)
+    if layout == "packed":
+        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
+        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
+        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
+        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+        assert row_alignment(kc) < 16  # not 16-byte aligned rows, as in vLLM
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
+        for d_split in (1, 2):
+            outs = []
+            for words in (0, 1):
+                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
+                                   extra=(("D_SPLIT", d_split), ("MIN_SPLIT_TILES", 1), ("WORDS", words)))
+                outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0])
+            name = f"{layout} {dtype} D_SPLIT={d_split} {kw}"
+            if device.type == "cuda":
+                assert torch.equal(outs[0], outs[1]), name
+            else:  # the same operands, but the interpreter's dot (numpy) may sum a transposed operand in another
+                # order: one rounding step of the output at most (a wrong word offset would be far off)
+                ulp = 2**-10 if dtype == torch.float16 else 2**-7
+                torch.testing.assert_close(outs[1], outs[0], rtol=ulp, atol=1e-5, msg=name)
+    assert_close(outs[1], _ref(c, sliding_window=33, soft_cap=20.0), name=f"WORDS {layout} {dtype}")
+
+
 def test_grid_split_mapping_does_not_change_bits(device):
     """The grid's split dimension (batch-dependent) only decides which program computes a split."""
     c = build_case([300, 77], seed=4, device=device)
@@ -370,6 +405,25 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
         for name in ("q", "block_table", "seq_lens"):
             eight[name] = c[name][max(0, b - 7) : b + 1]
         assert torch.equal(_run(eight)[-1:], full[b : b + 1]), f"sequence {b} differs in a batch of 8"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_int8_words_at_the_tuned_config(dtype):
+    """WORDS (the PTX conversion) against the element path at the shipped int8 config: bit for bit."""
+    from dataclasses import replace
+
+    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, dtype=dtype, seed=9, device="cuda")
+    p = PagedDecodeProblem(32, 8, 128, c["key_cache"].shape[1], dtype, torch.int8, torch.device("cuda"))
+    cfg = config_for(p)
+    extra = {**dict(cfg.extra)}
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    outs = []
+    for words in (0, 1):
+        extra["WORDS"] = words
+        outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=tuple(sorted(extra.items())))))
+    assert torch.equal(outs[0], outs[1])
+    assert_close(outs[1][:, 0], _ref(c))
 
 
 @pytest.mark.gpu

@@ -73,6 +73,26 @@ def test_tiled_handles_strided_x_and_writes_every_element(device):
     assert_close(y, w8a16_gemm_ref(wide, q, s))
 
 
+@pytest.mark.parametrize("view", ["row_stride", "offset", "k_stride"])
+def test_weight_views_that_are_not_word_aligned(view, device):
+    """The word path needs 4-byte-aligned, K-contiguous rows; other weight views take the element path (same
+    results)."""
+    from angel_kernels.gemm.w8a16 import _word_view_ok
+
+    x, q, s, _ = _inputs(3, 48, 96, torch.float16, device, seed=5)
+    if view == "row_stride":  # rows 99 bytes apart
+        w = torch.zeros(48, 99, dtype=torch.int8, device=device)[:, :96]
+    elif view == "offset":  # starts one byte into its storage
+        w = torch.zeros(48, 97, dtype=torch.int8, device=device)[:, 1:]
+    else:  # K not contiguous
+        w = torch.zeros(48, 192, dtype=torch.int8, device=device)[:, ::2]
+    w.copy_(q)
+    assert not _word_view_ok(w) and _word_view_ok(q)
+    cfg = W8A16.get("tiled")
+    p = W8A16Problem(3, 48, 96, torch.float16, torch.device(device))
+    assert torch.equal(cfg.run(p, x, w, s, None), cfg.run(p, x, q, s, None))
+
+
 @pytest.mark.parametrize("split_k", [2, 3, 4])
 def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, device):
     from angel_kernels.gemm import w8a16 as mod
