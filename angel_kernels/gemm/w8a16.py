@@ -5,7 +5,9 @@ Candidates (``ANGEL_KERNELS_FORCE_W8A16`` / ``ANGEL_KERNELS_DISABLE=w8a16.<name>
   ``_weight_only``; rows stop being batch-invariant there), where the GEMM is compute-bound and the extra
   3 bytes/weight of traffic are a small fraction.
 - ``tiled``: Triton tiled GEMM that loads int8 tiles, converts in registers (int8 → fp16 is exact for
-  [-127, 127]) and applies the scale to the fp32 accumulator once at the end.
+  [-127, 127]) and applies the scale to the fp32 accumulator once at the end. The tile is read as int32 words and
+  converted a word at a time (``_int8_words``; ``WORDS`` in a config's extras, on by default), and split-K is
+  chosen from N, K and the GPU's SM count (``_splitk``), never from M.
 - ``reference``: the fp32 pure-torch reference (CPU path).
 """
 from dataclasses import dataclass
