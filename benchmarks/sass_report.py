@@ -8,6 +8,7 @@ that ends in a backward branch). Useful before spending GPU time: a register or 
 instructions a K-block costs, shows here in seconds.
 
     python benchmarks/sass_report.py decode --kv int8 [--block-n 128 --warps 4 --stages 2 --d-split 2 --words 1]
+    python benchmarks/sass_report.py prefill --kv fp16 [--block-m 128 --block-n 64 --warps 8 --stages 3]
     python benchmarks/sass_report.py w8a16 --n 28672 --k 4096 --m 1 [--block-n 64 --warps 4 --stages 3]
     python benchmarks/sass_report.py w4a16 --n 28672 --k 4096 --m 1
 
@@ -189,6 +190,28 @@ def _decode_launch(args):
         decode.num_sms = sms
 
 
+def _prefill_launch(args):
+    from angel_kernels.attention.kv_cache import int8_page_bytes, int8_page_views
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen
+    from angel_kernels.tuning import KernelConfig
+
+    # 4 prompts × 1024 tokens, Llama-3-8B heads, block 16
+    B, L, Hq, Hkv, D, page = 4, 1024, 32, 8, 128, 16
+    blocks = B * L // page
+    if args.kv == "int8":
+        pages = torch.zeros(blocks, int8_page_bytes(page, Hkv, D), dtype=torch.int8)
+        kc, vc, ks, vs = int8_page_views(pages, page, Hkv, D)
+    else:
+        kc = vc = torch.zeros(blocks, page, Hkv, D, dtype=torch.float16)
+        ks = vs = None
+    block_table = torch.arange(blocks, dtype=torch.int32).reshape(B, L // page)
+    seq_lens = torch.full((B,), L, dtype=torch.int32)
+    qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
+    q = torch.randn(B * L, Hq, D, dtype=torch.float16)
+    cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages)
+    return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
+
+
 def _gemm_launch(args):
     from angel_kernels.gemm import w4a16, w8a16
     from angel_kernels.tuning import KernelConfig
@@ -208,12 +231,13 @@ def _gemm_launch(args):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("decode", "w8a16", "w4a16"))
+    ap.add_argument("kernel", choices=("decode", "prefill", "w8a16", "w4a16"))
     ap.add_argument("--kv", choices=("int8", "fp16"), default="int8")
     ap.add_argument("--n", type=int, default=28672)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--block-n", type=int, default=None)
+    ap.add_argument("--block-m", type=int, default=128, help="prefill: query rows per tile")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--d-split", type=int, default=2)
@@ -224,6 +248,10 @@ def main(argv=None) -> int:
         args.block_n = args.block_n or 128
         args.stages = args.stages or 2
         launches = _decode_launch(args)
+    elif args.kernel == "prefill":
+        args.block_n = args.block_n or 64
+        args.stages = args.stages or 3
+        launches = _prefill_launch(args)
     else:
         args.block_n = args.block_n or 64
         args.stages = args.stages or 3

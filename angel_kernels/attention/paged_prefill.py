@@ -95,10 +95,13 @@ def _attend_kv_tile(
         s = tl.dot(q, kt.to(tl.float32))
     else:
         s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+    # Plain fp caches keep s = q·k unscaled: the scale (> 0, checked) goes into the max once per row and into the
+    # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop)
+    FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
     if QUANT:
         k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=pos_ok, other=0.0)
         s = s * (k_sc * qk_scale)[None, :]
-    else:
+    elif not FOLD:
         s = s * qk_scale
     if HAS_SOFTCAP:  # s holds scale · q·k here; cap · tanh(s / cap), tanh via exp, then to base 2
         e = tl.exp(2.0 * s / soft_cap)
@@ -106,10 +109,16 @@ def _attend_kv_tile(
     if MASKED:
         visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    if FOLD:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
+    else:
+        p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if MASKED:
         v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
