@@ -484,17 +484,7 @@ def prepare_gemlite_a8w8(case, device):
 # Ours: angel_kernels ops, each added only when the package provides it (imported lazily, never at module import).
 # ------------------------------------------------------------------------------------------------------------------
 def _angel(*names):
-    def check():
-        try:
-            import angel_kernels
-        except Exception as e:  # noqa: BLE001
-            return False, f"import angel_kernels failed ({H.short_exc(e)})"
-        missing = [n for n in names if not hasattr(angel_kernels, n)]
-        if missing:
-            return False, f"angel_kernels has no {', '.join(missing)} yet"
-        return True, ""
-
-    return check
+    return lambda: H.angel_has(*names)
 
 
 def prepare_angel_w8a16(case, device):

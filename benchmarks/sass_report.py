@@ -133,8 +133,8 @@ def report(launch: Launch, dump: str | None = None) -> str:
         ptxas = ""
         # Triton's PTX version decides which bundled ptxas reads it (3.9 writes PTX 9.4: the CUDA 13 one)
         for tool in ("ptxas", "ptxas-blackwell"):
-            run = subprocess.run([_tool(tool), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
-                                 capture_output=True, text=True)
+            run = subprocess.run([_tool(tool), "-v", "--gpu-name", "sm_90a", str(ptx), "-o",
+                                  str(Path(tmp) / "v.cubin")], capture_output=True, text=True)
             if run.returncode == 0:
                 ptxas = run.stderr
                 break
@@ -217,15 +217,12 @@ def _gemm_launch(args):
     from angel_kernels.tuning import KernelConfig
 
     x = torch.randn(args.m, args.k, dtype=torch.float16)
+    cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=(("GROUP_N", 1),))
     if args.kernel == "w8a16":
         q = torch.randint(-127, 128, (args.n, args.k), dtype=torch.int8)
-        s = torch.rand(args.n)
-        cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages,
-                           extra=(("GROUP_N", 1),))
-        return capture_launches(w8a16.launch_tiled, x, q, s, None, cfg)
+        return capture_launches(w8a16.launch_tiled, x, q, torch.rand(args.n), None, cfg)
     qw = torch.zeros(args.k // 8, args.n, dtype=torch.int32)
     sc = torch.ones(args.k // 128, args.n, dtype=torch.float16)
-    cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=(("GROUP_N", 1),))
     return capture_launches(w4a16.launch_tiled, x, qw, sc, None, 128, None, None, cfg)
 
 

@@ -115,13 +115,27 @@ def int8_to_fp16(x, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _kv_words(tok_ptrs, first_dim: tl.constexpr, pos_ok, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr,
-              FP32: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr):
-    """Dims [first_dim, first_dim + PART) of BLOCK_N int8 cache rows (one pointer per token, ALIGN-byte aligned,
-    ALIGN >= 4) → [BLOCK_N, PART] fp16 / bf16 (fp32 if FP32), read as int32 words."""
-    words = tl.multiple_of((tok_ptrs + first_dim).to(tl.pointer_type(tl.int32)), ALIGN)
-    w = tl.load(words[:, None] + tl.arange(0, PART // 4)[None, :], mask=pos_ok[:, None], other=0)
-    return int8_words_to_float(w, BF16, ASM, FP32, BLOCK_N, PART)
+def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
+             MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
+             BLOCK_N: tl.constexpr, PART: tl.constexpr):
+    """Dims [first_dim, first_dim + PART) of BLOCK_N cache rows (one pointer per token, ALIGN-byte aligned) as
+    [BLOCK_N, PART], or [PART, BLOCK_N] with TRANS (keys, for q·kᵀ). int8 rows: WORDS reads int32 words (ALIGN >= 4)
+    and converts them a word at a time (fp32 if FP32); otherwise MAGIC converts element by element (fp16 queries).
+    Other rows come back as stored."""
+    if WORDS:
+        words = tl.multiple_of((tok_ptrs + first_dim).to(tl.pointer_type(tl.int32)), ALIGN)
+        w = tl.load(words[:, None] + tl.arange(0, PART // 4)[None, :], mask=pos_ok[:, None], other=0)
+        t = int8_words_to_float(w, BF16, ASM, FP32, BLOCK_N, PART)
+        if TRANS:
+            t = tl.trans(t)
+    else:
+        if TRANS:
+            t = tl.load(tok_ptrs[None, :] + first_dim + dims[:, None], mask=pos_ok[None, :], other=0)
+        else:
+            t = tl.load(tok_ptrs[:, None] + first_dim + dims[None, :], mask=pos_ok[:, None], other=0)
+        if MAGIC:
+            t = int8_to_fp16(t, True)
+    return t
 
 
 @triton.jit
@@ -200,23 +214,14 @@ def _paged_attn_split_kernel(
             # row starts, with the alignment the launcher proved (vector loads / cp.async need it spelled out:
             # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
             k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
-            if WORDS:  # [BLOCK_N, PART] from int32 words, transposed for the dot
-                kt = tl.trans(_kv_words(k_tok, 0, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART))
-            else:
-                kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [PART, BLOCK_N]
-                if MAGIC:  # int8 cache, fp16 queries
-                    kt = int8_to_fp16(kt, True)
+            kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
             if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
                 s = tl.dot(q, kt.to(tl.float32))
             else:
                 s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
             if D_SPLIT == 2:
-                if WORDS:
-                    kt = tl.trans(_kv_words(k_tok, PART, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART))
-                else:
-                    kt = tl.load(k_tok[None, :] + PART + dims[:, None], mask=pos_ok[None, :], other=0)
-                    if MAGIC:
-                        kt = int8_to_fp16(kt, True)
+                kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                              PART)
                 if DOT_FP32:
                     s = tl.dot(q2, kt.to(tl.float32), s)
                 else:
@@ -238,10 +243,7 @@ def _paged_attn_split_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-            if WORDS:
-                v = _kv_words(v_tok, 0, pos_ok, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-            else:
-                v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, PART]
+            v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
             if QUANT:
                 v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
                                mask=pos_ok, other=0.0)
@@ -250,19 +252,13 @@ def _paged_attn_split_kernel(
                 p = p * (v_sc / v_max)[None, :]
             if not DOT_FP32:
                 p = p.to(q.dtype)
-            if MAGIC and not WORDS:
-                v = int8_to_fp16(v, True)
             pv = tl.dot(p, v.to(p.dtype))
             if QUANT:
                 pv = pv * v_max
             acc = acc * alpha[:, None] + pv
             if D_SPLIT == 2:
-                if WORDS:
-                    v = _kv_words(v_tok, PART, pos_ok, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-                else:
-                    v = tl.load(v_tok[:, None] + PART + dims[None, :], mask=pos_ok[:, None], other=0)
-                    if MAGIC:
-                        v = int8_to_fp16(v, True)
+                v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                             PART)
                 pv = tl.dot(p, v.to(p.dtype))
                 if QUANT:
                     pv = pv * v_max
@@ -409,6 +405,7 @@ def launch_paged_attention(
     consts = dict(BLOCK_N=policy.block_n, MIN_SPLIT_TILES=policy.min_split_tiles, MAX_SPLITS=policy.max_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
+    k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, out, partial_o, partial_lse,
@@ -424,10 +421,9 @@ def launch_paged_attention(
         GROUP=group, NUM_QUERIES=Q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page,
         QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
         MAGIC=quant and q.dtype == torch.float16 and bool(dict(cfg.extra).get("MAGIC", 1)),
-        K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
+        K_ALIGN=k_align, V_ALIGN=v_align,
         D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
-        WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(row_alignment(key_cache),
-                                                                       row_alignment(value_cache)) >= 4,
+        WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
         ASM=q.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..runtime import num_sms
+
 # Split K until a decode launch has PROGRAMS_PER_SM programs per SM. Why several: a program is one warpgroup
 # stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200: 20 % of warp
 # slots active; stalls per issued instruction: barrier 1.8, short scoreboard 1.6, long scoreboard 1.2), so an
@@ -38,6 +40,11 @@ def split_k_for(n: int, k: int, block_k: int, sms: int = DEFAULT_SMS, programs_p
     ):
         split *= 2
     return split
+
+
+def split_k_on(device: torch.device, kernel: str, n: int, k: int, block_k: int) -> int:
+    """``split_k_for`` with the device's SM count and the kernel's PROGRAMS_PER_SM (``"w8a16"`` / ``"w4a16"``)."""
+    return split_k_for(n, k, block_k, num_sms(device, DEFAULT_SMS), PROGRAMS_PER_SM[kernel])
 
 
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch

@@ -42,11 +42,11 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
-from ._splitk import DEFAULT_SMS, PROGRAMS_PER_SM, grouped_tile, reduce_split_k, split_k_for, tile_counters
+from ._splitk import grouped_tile, reduce_split_k, split_k_on, tile_counters
 from ._weight_only import weight_only_family
 from ..dispatch import KernelFamily
 from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
-from ..runtime import interpreter_active, num_sms, reference_forced
+from ..runtime import interpreter_active, reference_forced
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w4a16.tiled"
@@ -328,7 +328,7 @@ def launch_tiled(
     if group_size != K and group_size % cfg.BLOCK_K:  # channel-wise (one scale row) takes any BLOCK_K
         raise ValueError(f"BLOCK_K={cfg.BLOCK_K} must divide group_size={group_size}: a K-block needs one scale row")
     if split_k is None:
-        split_k = split_k_for(N, K, cfg.BLOCK_K, num_sms(x2.device, DEFAULT_SMS), PROGRAMS_PER_SM["w4a16"])
+        split_k = split_k_on(x2.device, "w4a16", N, K, cfg.BLOCK_K)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)

@@ -19,12 +19,12 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
-from ._splitk import DEFAULT_SMS, PROGRAMS_PER_SM, grouped_tile, reduce_split_k, split_k_for, tile_counters
+from ._splitk import grouped_tile, reduce_split_k, split_k_on, tile_counters
 from ._weight_only import weight_only_family
 from .._int8_words import int8_words_to_float
 from ..dispatch import KernelFamily
 from ..reference import w8a16_gemm_ref
-from ..runtime import interpreter_active, num_sms, reference_forced
+from ..runtime import interpreter_active, reference_forced
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w8a16.tiled"
@@ -89,13 +89,10 @@ def _w8a16_gemm_kernel(
         else:
             mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        if WORDS:
-            if EVEN:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
-        elif EVEN:
+        if EVEN:
             w = tl.load(w_ptrs)
+        elif WORDS:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
@@ -171,7 +168,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     M, K = x2.shape
     N = qweight.shape[0]
     if split_k is None:
-        split_k = split_k_for(N, K, cfg.BLOCK_K, num_sms(x2.device, DEFAULT_SMS), PROGRAMS_PER_SM["w8a16"])  # weight shape and GPU, never M
+        split_k = split_k_on(x2.device, "w8a16", N, K, cfg.BLOCK_K)  # weight shape and GPU, never M
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
     magic = meta.pop("MAGIC", 1)  # MAGIC=0 (plain conversion) is the tests' control; every mode gives the same bits

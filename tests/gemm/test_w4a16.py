@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from angel_kernels import quantize_weight_int4, w4a16_gemm
-from angel_kernels.gemm._splitk import PROGRAMS_PER_SM, tile_counters
+from angel_kernels.gemm._splitk import PROGRAMS_PER_SM, split_k_for, tile_counters
 from angel_kernels.gemm.w4a16 import (
     W4A16,
     W4A16Problem,
@@ -16,7 +16,6 @@ from angel_kernels.gemm.w4a16 import (
     dequantize_packed,
     interpreter_config,
     launch_tiled,
-    split_k_for,
     tune,
     tuning_space,
 )
