@@ -7,7 +7,7 @@ registers per thread, spill bytes, shared memory, and the instruction mix of its
 that ends in a backward branch). Useful before spending GPU time: a register or spill change, or how many
 instructions a K-block costs, shows here in seconds.
 
-    python benchmarks/sass_report.py decode --kv int8 [--block-n 128 --warps 4 --stages 2 --d-split 2 --words 1]
+    python benchmarks/sass_report.py decode --kv int8 [--block-n 128 --warps 4 --stages 2 --d-split 2 --words 1 --qk-int8 1]
     python benchmarks/sass_report.py prefill --kv fp16 [--block-m 128 --block-n 64 --warps 8 --stages 3]
     python benchmarks/sass_report.py w8a16 --n 28672 --k 4096 --m 1 [--block-n 64 --warps 4 --stages 3]
     python benchmarks/sass_report.py w4a16 --n 28672 --k 4096 --m 1
@@ -178,7 +178,8 @@ def _decode_launch(args):
     block_table = torch.arange(blocks, dtype=torch.int32).reshape(B, L // page)
     seq_lens = torch.full((B,), L, dtype=torch.int32)
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16)
-    extra = (("D_SPLIT", args.d_split), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2), ("WORDS", args.words))
+    extra = (("D_SPLIT", args.d_split), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2), ("QK_INT8", args.qk_int8),
+             ("WORDS", args.words))
     cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=extra)
     kc, vc, ks, vs = caches
     import angel_kernels.attention.paged_decode as decode
@@ -239,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--d-split", type=int, default=2)
     ap.add_argument("--words", type=int, default=0, help="decode: read the int8 cache as int32 words")
+    ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)
     if args.kernel == "decode":

@@ -5,9 +5,13 @@ configs (CUDA-graph medians, ``angel_kernels.tuning.timing``) on the kernel's tu
 the heuristic config's output, and print the heuristic's time next to the five fastest. Writes
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
-Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16] [--small]
+Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
+       [--space full|small|focus] [--cases 1x1024,64x16384]
+(--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short session can tune on the
+large cases and then print the top configs of a small one.)
 """
 import argparse
+import logging
 import time
 
 import torch
@@ -19,9 +23,18 @@ HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
 def small_decode_space(p):
-    """The decode space's 4/8-warp, 256-token-split, 2-4-stage slice (36 of ~200 configs): a short GPU session."""
+    """The decode space's 4/8-warp, 256-token-split, 2-4-stage slice (60 fp16 / 240 int8 configs)."""
     return [c for c in paged_decode.tuning_space(p)
             if c.num_warps in (4, 8) and dict(c.extra)["MIN_SPLIT_TILES"] * c.BLOCK_N == 256 and c.num_stages > 1]
+
+
+def focus_decode_space(p):
+    """Around the configs that led earlier tunes: 4 warps, 2 programs per SM, BLOCK_N 128 at 2 stages or 64 at 2-3,
+    splits from 64 tokens, with and without the head-dim halves and (int8) the word path and int8 q·kᵀ
+    (64 int8 / 16 fp16 configs)."""
+    return [c for c in paged_decode.tuning_space(p)
+            if c.num_warps == 4 and (c.BLOCK_N, c.num_stages) in ((128, 2), (64, 2), (64, 3))
+            and dict(c.extra)["PROGRAMS_PER_SM"] == 2 and dict(c.extra)["MIN_SPLIT_TILES"] * c.BLOCK_N <= 256]
 
 
 def main():
@@ -29,8 +42,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernels", default="decode,prefill")
     ap.add_argument("--kv", default="int8,fp16")
-    ap.add_argument("--small", action="store_true", help="a slice of the decode space (short sessions)")
+    ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
+                    help="decode: the whole space, the 36-config slice, or the ~100 configs that led earlier tunes")
+    ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time as it is measured
     dev = torch.device("cuda")
     store = TunedConfigStore(args.out)
     for kernel in args.kernels.split(","):
@@ -40,11 +56,14 @@ def main():
             t0 = time.time()
             if kernel == "decode":
                 p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
-                configs = small_decode_space(p) if args.small else paged_decode.tuning_space(p)
+                spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space}
+                configs = spaces[args.space](p)
                 configs = [paged_decode.heuristic_config(p)] + [c for c in configs
                                                                 if c != paged_decode.heuristic_config(p)]
+                cases = paged_decode.TUNE_CASES if args.cases is None else tuple(
+                    tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
                 best, timings = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
-                                                  store=store, configs=configs)
+                                                  store=store, configs=configs, cases=cases)
             else:
                 p = paged_prefill.PagedPrefillProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype,
                                                       dev)
@@ -55,7 +74,7 @@ def main():
             heur = mod.heuristic_config(p)
             print(f"\n## {kernel} kv={kv} {p.key()}: {len(timings)}/{len(configs)} configs timed in"
                   f" {time.time() - t0:.0f} s; heuristic {timings.get(heur, float('nan')):.1f} µs")
-            for cfg, us in sorted(timings.items(), key=lambda kv_: kv_[1])[:5]:
+            for cfg, us in sorted(timings.items(), key=lambda kv_: kv_[1])[:8]:
                 print(f"  {us:9.1f} µs  {cfg.as_dict()}")
             store.save(dev)
     print(f"\nwrote {args.out}/{gpu_slug(dev)}.json")

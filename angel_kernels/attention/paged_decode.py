@@ -115,6 +115,16 @@ def int8_to_fp16(x, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _split_q(q, step):
+    """q [M, D] fp → (hi, lo) int8 with q ≈ step · (hi + lo / 254) per row: hi = round(q / step) in [-127, 127],
+    the remainder (|r| ≤ 1/2) scaled by 254 and rounded again, so lo is in [-127, 127] too."""
+    y = q.to(tl.float32) / step[:, None]
+    hi = tl.floor(y + 0.5)
+    lo = tl.floor((y - hi) * 254.0 + 0.5)
+    return hi.to(tl.int8), lo.to(tl.int8)
+
+
+@triton.jit
 def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
              MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
              BLOCK_N: tl.constexpr, PART: tl.constexpr):
@@ -155,6 +165,7 @@ def _paged_attn_split_kernel(
     MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, D_SPLIT: tl.constexpr,
     WORDS: tl.constexpr = False,  # int8 cache read as int32 words, converted a word at a time (_int8_words)
     ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
+    QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 tensor cores, q split in two int8 parts (_split_q)
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -182,6 +193,17 @@ def _paged_attn_split_kernel(
         q2 = tl.load(q_rows + PART + dims[None, :], mask=row_ok[:, None], other=0.0)
         if DOT_FP32:
             q2 = q2.to(tl.float32)
+    if QK_INT8:
+        # q = step · (hi + lo / 254) to within step / 508 (step = row absmax / 127): 2^-16 of the row's largest
+        # element, finer than q's own fp16 rounding; the keys stay int8 and go to the MMA as loaded
+        amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
+        if D_SPLIT == 2:
+            amax = tl.maximum(amax, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
+        q_step = tl.where(amax > 0, amax / 127.0, 1.0)
+        q_hi, q_lo = _split_q(q, q_step)
+        if D_SPLIT == 2:
+            q2_hi, q2_lo = _split_q(q2, q_step)
+        q_row_scale = q_step / 254.0
     # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
     row_hi = L - (NUM_QUERIES - 1) + t
     if HAS_WINDOW:
@@ -214,18 +236,30 @@ def _paged_attn_split_kernel(
             # row starts, with the alignment the launcher proved (vector loads / cp.async need it spelled out:
             # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
             k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
-            kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-            if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
-                s = tl.dot(q, kt.to(tl.float32))
-            else:
-                s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
-            if D_SPLIT == 2:
-                kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+            if QK_INT8:
+                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
                               PART)
-                if DOT_FP32:
-                    s = tl.dot(q2, kt.to(tl.float32), s)
+                s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)  # int32, exact: |hi·k| ≤ 127² · HEAD_DIM, · 254 < 2^31 up to HEAD_DIM 256
+                s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
+                if D_SPLIT == 2:
+                    kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32,
+                                  BLOCK_N, PART)
+                    s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
+                    s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
+                s = (s_hi * 254 + s_lo).to(tl.float32) * q_row_scale[:, None]
+            else:
+                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+                if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
+                    s = tl.dot(q, kt.to(tl.float32))
                 else:
-                    s = tl.dot(q2, kt.to(q.dtype), s)
+                    s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+                if D_SPLIT == 2:
+                    kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
+                                  BLOCK_N, PART)
+                    if DOT_FP32:
+                        s = tl.dot(q2, kt.to(tl.float32), s)
+                    else:
+                        s = tl.dot(q2, kt.to(q.dtype), s)
             if QUANT:
                 k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
                                mask=pos_ok, other=0.0)
@@ -425,6 +459,7 @@ def launch_paged_attention(
         D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
         ASM=q.device.type == "cuda",
+        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
     )
     if max_ns > 1:
@@ -528,24 +563,29 @@ def paged_decode_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
-    """Tile width × warps × stages × smallest split (128–512 tokens) × programs per SM for one long sequence
-    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT). Every config is a valid partition, and the
+    """Tile width × warps × stages × smallest split (64–512 tokens) × programs per SM for one long sequence
+    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path and
+    int8 q·kᵀ (WORDS, QK_INT8). Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
 
     configs = []
     # WORDS (int8 caches): fewer instructions per tile and no spills at BLOCK_N 128 / D_SPLIT 2 (sm_90a SASS:
     # 2220 → 1781 per tile, 48 B of spills → 0), one more shared-memory pass; timing decides
-    words_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
-    for bn, warps, stages, min_tokens, per_sm, d_split, words in product(
-            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (128, 256, 512), (2, 4), (1, 2), words_options):
+    # QK_INT8 (int8 caches): keys straight from shared memory into int8 MMAs, no conversion (sm_90a SASS at BLOCK_N
+    # 128 / D_SPLIT 2 with WORDS: 1781 → 1538 per tile)
+    int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
+    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8 in product(
+            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512), (2, 4), (1, 2), int8_options, int8_options):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
             continue
         extra = (("D_SPLIT", d_split), ("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))
+        if qk_int8:
+            extra += (("QK_INT8", 1),)  # sorted, as the store reads them
         if words:
-            extra += (("WORDS", 1),)  # sorted, as the store reads them
+            extra += (("WORDS", 1),)
         configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))
     return configs

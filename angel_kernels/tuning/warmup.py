@@ -5,6 +5,7 @@ Call it once per deployment (or offline per GPU, then ship the JSON) with the sh
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence, Union
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from .prune import KernelConfig
 from .store import TunedConfigStore
 from .timing import check_calls, check_timer_usable, graph_median_us
+
+_log = logging.getLogger(__name__)
 
 Call = Callable[[], object]
 # make_call(cfg): one call, or one call per rotating input set (same work, different tensors: see timing.py)
@@ -60,8 +63,10 @@ def tune_kernel(
             us = float(bench(calls))
         except Exception as e:  # a config that does not compile, is wrong or cannot be timed does not compete
             failures[cfg] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            _log.warning("%s %s: %s does not compete: %s", kernel, key, cfg.as_dict(), failures[cfg])
             continue
         timings[cfg] = us
+        _log.info("%s %s: %.1f µs %s", kernel, key, us, cfg.as_dict())
     if not timings:
         shown = "; ".join(f"{cfg.as_dict()} -> {why}" for cfg, why in list(failures.items())[:_REASONS_SHOWN])
         more = f" (and {len(failures) - _REASONS_SHOWN} more)" if len(failures) > _REASONS_SHOWN else ""

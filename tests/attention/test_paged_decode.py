@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, strategies as st
 
 from angel_kernels.attention import PAGED_DECODE, inline_scale_views, paged_decode_attention, write_kv_cache
@@ -11,6 +13,7 @@ from angel_kernels.attention.paged_decode import (
     INTERPRETER_CONFIG,
     PagedDecodeProblem,
     SplitPolicy,
+    _split_q,
     config_for,
     launch_paged_attention,
     max_splits_for,
@@ -122,6 +125,68 @@ def test_int8_words_path_is_bitwise_identical(layout, dtype, device):
                 ulp = 2**-10 if dtype == torch.float16 else 2**-7
                 torch.testing.assert_close(outs[1], outs[0], rtol=ulp, atol=1e-5, msg=name)
     assert_close(outs[1], _ref(c, sliding_window=33, soft_cap=20.0), name=f"WORDS {layout} {dtype}")
+
+
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
+    """QK_INT8 (q split into two int8 parts, q·kᵀ on int8 MMAs) against the fp32 reference: both head-dim halves,
+    element and word paths for V, windows and soft-cap, ragged lengths, 16-byte and vLLM's packed rows; and within
+    a few output roundings of the fp path (q is carried to 2^-16 of each row's largest element)."""
+    from angel_kernels.tuning import KernelConfig
+
+    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
+    c = build_case(lens, head_dim=D, dtype=dtype, seed=29, device=device)
+    c["q"] = c["q"] * 8.0  # larger logits: a q-quantization error would show in peaked softmax rows
+    if layout == "packed":
+        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
+        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
+        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
+        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    ulp = 2**-10 if dtype == torch.float16 else 2**-7
+    for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
+        for d_split, words in ((1, 0), (2, 1)):
+            outs = []
+            for qk_int8 in (0, 1):
+                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
+                                   extra=(("D_SPLIT", d_split), ("MIN_SPLIT_TILES", 1), ("QK_INT8", qk_int8),
+                                          ("WORDS", words)))
+                outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0])
+            name = f"{layout} {dtype} D_SPLIT={d_split} WORDS={words} {kw}"
+            assert_close(outs[1], _ref(c, **kw), name=name)
+            torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
+
+
+@triton.jit
+def _split_q_kernel(q_ptr, hi_ptr, lo_ptr, step_ptr, M: tl.constexpr, D: tl.constexpr):
+    offs = tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]
+    q = tl.load(q_ptr + offs)
+    amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
+    step = tl.where(amax > 0, amax / 127.0, 1.0)
+    hi, lo = _split_q(q, step)
+    tl.store(hi_ptr + offs, hi)
+    tl.store(lo_ptr + offs, lo)
+    tl.store(step_ptr + tl.arange(0, M), step)
+
+
+def test_split_q_carries_q_to_sixteen_bits(device):
+    """_split_q's two int8 parts: within [-127, 127], and step · (hi + lo / 254) within step / 508 of q."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(16, 64, generator=gen) * torch.logspace(-4, 4, 16)[:, None]
+    q[3] = 0.0
+    q[5, 7] = 1e4  # one outlier sets the row's step
+    q = q.half().to(device)
+    hi = torch.empty(16, 64, dtype=torch.int8, device=device)
+    lo = torch.empty(16, 64, dtype=torch.int8, device=device)
+    step = torch.empty(16, device=device)
+    _split_q_kernel[(1,)](q, hi, lo, step, 16, 64)
+    q, hi, lo, step = q.cpu(), hi.cpu(), lo.cpu(), step.cpu()
+    assert hi.abs().max() <= 127 and lo.abs().max() <= 127
+    back = step[:, None].double() * (hi.double() + lo.double() / 254)
+    assert ((back - q.double()).abs() <= step[:, None].double() / 508 * 1.001).all()
+    assert (hi[3] == 0).all() and (lo[3] == 0).all()
 
 
 def test_grid_split_mapping_does_not_change_bits(device):
@@ -424,6 +489,28 @@ def test_gpu_int8_words_at_the_tuned_config(dtype):
         outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=tuple(sorted(extra.items())))))
     assert torch.equal(outs[0], outs[1])
     assert_close(outs[1][:, 0], _ref(c))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("words", [0, 1])
+def test_gpu_int8_qk_at_the_tuned_config(dtype, words):
+    """QK_INT8 (int8 q·kᵀ) at the shipped int8 config, Llama-3-8B heads: against the fp32 reference, and within a
+    few output roundings of the fp16/bf16 q·kᵀ path."""
+    from dataclasses import replace
+
+    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, dtype=dtype, seed=10, device="cuda")
+    c["q"] = c["q"] * 4.0  # peaked rows
+    p = PagedDecodeProblem(32, 8, 128, c["key_cache"].shape[1], dtype, torch.int8, torch.device("cuda"))
+    cfg = config_for(p)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    outs = []
+    for qk_int8 in (0, 1):
+        extra = {**dict(cfg.extra), "WORDS": words, "QK_INT8": qk_int8}
+        outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=tuple(sorted(extra.items())))))
+    assert_close(outs[1][:, 0], _ref(c), name="QK_INT8")
+    ulp = 2**-10 if dtype == torch.float16 else 2**-7
+    torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3)
 
 
 @pytest.mark.gpu
