@@ -71,6 +71,8 @@ def _specialize(launch: Launch):
     kw = dict(launch.kwargs)
     kw.update({k: v for k, v in GPU_SWITCHES.items() if k in kw})
     options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
+    if "maxnreg" in kw:
+        options["maxnreg"] = kw.pop("maxnreg")
     params = launch.fn.params
     values = dict(zip((p.name for p in params), launch.args))
     values.update(kw)
@@ -149,9 +151,11 @@ def report(launch: Launch, dump: str | None = None) -> str:
     regs = re.search(r"Used (\d+) registers", ptxas)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
     loop = hottest_loop(sass)
-    consts = {k: GPU_SWITCHES.get(k, v) for k, v in launch.kwargs.items() if k not in ("num_warps", "num_stages")}
+    consts = {k: GPU_SWITCHES.get(k, v) for k, v in launch.kwargs.items()
+              if k not in ("num_warps", "num_stages", "maxnreg")}
     lines = [
-        f"{name}  warps={options['num_warps']} stages={options['num_stages']} {consts}",
+        f"{name}  warps={options['num_warps']} stages={options['num_stages']}"
+        f"{' maxnreg=%d' % options['maxnreg'] if 'maxnreg' in options else ''} {consts}",
         f"  registers/thread {regs.group(1) if regs else '?'}, spill stores/loads "
         f"{spills.group(1) if spills else '?'}/{spills.group(2) if spills else '?'} B, "
         f"shared memory {kernel.metadata.shared} B",
@@ -179,7 +183,7 @@ def _decode_launch(args):
     seq_lens = torch.full((B,), L, dtype=torch.int32)
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16)
     extra = (("D_SPLIT", args.d_split), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2), ("QK_INT8", args.qk_int8),
-             ("WORDS", args.words))
+             ("WORDS", args.words)) + ((("MAX_REGS", args.max_regs),) if args.max_regs else ())
     cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=extra)
     kc, vc, ks, vs = caches
     import angel_kernels.attention.paged_decode as decode
@@ -240,6 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--d-split", type=int, default=2)
     ap.add_argument("--words", type=int, default=0, help="decode: read the int8 cache as int32 words")
+    ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)

@@ -6,13 +6,15 @@ the heuristic config's output, and print the heuristic's time next to the five f
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
-       [--space full|small|focus] [--cases 1x1024,64x16384]
+       [--space full|small|focus] [--cases 1x1024,64x16384] [--ship]
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short session can tune on the
 large cases and then print the top configs of a small one.)
 """
 import argparse
+import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,18 +25,37 @@ HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
 def small_decode_space(p):
-    """The decode space's 4/8-warp, 256-token-split, 2-4-stage slice (60 fp16 / 240 int8 configs)."""
+    """The decode space's 4/8-warp, 256-token-split, 2-4-stage slice (60 fp16 / 360 int8 configs)."""
     return [c for c in paged_decode.tuning_space(p)
             if c.num_warps in (4, 8) and dict(c.extra)["MIN_SPLIT_TILES"] * c.BLOCK_N == 256 and c.num_stages > 1]
 
 
 def focus_decode_space(p):
-    """Around the configs that led earlier tunes: 4 warps, 2 programs per SM, BLOCK_N 128 at 2 stages or 64 at 2-3,
-    splits from 64 tokens, with and without the head-dim halves and (int8) the word path and int8 q·kᵀ
-    (64 int8 / 16 fp16 configs)."""
-    return [c for c in paged_decode.tuning_space(p)
-            if c.num_warps == 4 and (c.BLOCK_N, c.num_stages) in ((128, 2), (64, 2), (64, 3))
-            and dict(c.extra)["PROGRAMS_PER_SM"] == 2 and dict(c.extra)["MIN_SPLIT_TILES"] * c.BLOCK_N <= 256]
+    """Around the configs that led earlier tunes: 4 warps, 2 programs per SM, splits of 128 or 256 tokens, with
+    and without the head-dim halves; int8: BLOCK_N 128 at 2-3 stages, the word path, int8 q·kᵀ and the register
+    cap; fp16: BLOCK_N 128 at 2 stages or 64 at 2-3, splits from 64 tokens (64 int8 / 16 fp16 configs)."""
+    def keep(c):
+        x = dict(c.extra)
+        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2:
+            return False
+        tokens = x["MIN_SPLIT_TILES"] * c.BLOCK_N
+        if p.kv_dtype == torch.int8:
+            return c.BLOCK_N == 128 and c.num_stages in (2, 3) and tokens <= 256
+        return (c.BLOCK_N, c.num_stages) in ((128, 2), (64, 2), (64, 3)) and tokens <= 256
+
+    return [c for c in paged_decode.tuning_space(p) if keep(c)]
+
+
+def ship(tuned_json: Path) -> None:
+    """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
+    shipped = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs" / tuned_json.name
+    table = json.loads(shipped.read_text()) if shipped.exists() else {"kernels": {}, "meta": {}}
+    tuned = json.loads(tuned_json.read_text())
+    for kernel, entries in tuned["kernels"].items():
+        table["kernels"].setdefault(kernel, {}).update(entries)
+    table["meta"] = table["meta"] or tuned["meta"]
+    shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"shipped into {shipped}")
 
 
 def main():
@@ -44,6 +65,7 @@ def main():
     ap.add_argument("--kv", default="int8,fp16")
     ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
                     help="decode: the whole space, the 36-config slice, or the ~100 configs that led earlier tunes")
+    ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
     ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time as it is measured
@@ -78,6 +100,8 @@ def main():
                 print(f"  {us:9.1f} µs  {cfg.as_dict()}")
             store.save(dev)
     print(f"\nwrote {args.out}/{gpu_slug(dev)}.json")
+    if args.ship:
+        ship(Path(args.out) / f"{gpu_slug(dev)}.json")
 
 
 if __name__ == "__main__":

@@ -351,6 +351,13 @@ def _paged_attn_reduce_kernel(
 
 
 # ------------------------------------------------------------------------------------------------- launching
+def register_cap(cfg: KernelConfig) -> dict:
+    """Launch options for the config's MAX_REGS (ptxas register cap, 0 = none): at 4 warps, ≤ 168 registers let
+    3 programs share an SM, ≤ 128 four (the int8 tile with WORDS and head-dim halves needs 248 uncapped)."""
+    regs = int(dict(cfg.extra).get("MAX_REGS", 0))
+    return {"maxnreg": regs} if regs else {}
+
+
 def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
@@ -460,7 +467,7 @@ def launch_paged_attention(
         WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
     if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
@@ -564,8 +571,8 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps × stages × smallest split (64–512 tokens) × programs per SM for one long sequence
-    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path and
-    int8 q·kᵀ (WORDS, QK_INT8). Every config is a valid partition, and the
+    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path,
+    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS). Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
 
@@ -574,16 +581,25 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     # 2220 → 1781 per tile, 48 B of spills → 0), one more shared-memory pass; timing decides
     # QK_INT8 (int8 caches): keys straight from shared memory into int8 MMAs, no conversion (sm_90a SASS at BLOCK_N
     # 128 / D_SPLIT 2 with WORDS: 1781 → 1538 per tile)
-    int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
-    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8 in product(
-            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512), (2, 4), (1, 2), int8_options, int8_options):
+    # MAX_REGS 168 (int8, 4 warps): 3 programs per SM where the uncapped tile needs more (D_SPLIT 2 with WORDS:
+    # 248 registers uncapped, 168 with 40 B of spills)
+    int8 = p.kv_dtype == torch.int8
+    int8_options = (0, 1) if int8 else (0,)
+    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs in product(
+            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512), (2, 4), (1, 2), int8_options, int8_options,
+            (0, 168) if int8 else (0,)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
+            continue
+        if max_regs and warps != 4:
             continue
         if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
             continue
-        extra = (("D_SPLIT", d_split), ("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))
+        extra = (("D_SPLIT", d_split),)
+        if max_regs:
+            extra += (("MAX_REGS", max_regs),)  # sorted by name, as the store reads them
+        extra += (("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))
         if qk_int8:
-            extra += (("QK_INT8", 1),)  # sorted, as the store reads them
+            extra += (("QK_INT8", 1),)
         if words:
             extra += (("WORDS", 1),)
         configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
