@@ -6,13 +6,15 @@ the heuristic config's output, and print the heuristic's time next to the five f
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
-       [--space full|small|focus] [--cases 1x1024,64x16384] [--ship]
+       [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short session can tune on the
 large cases and then print the top configs of a small one.)
 """
 import argparse
 import json
 import logging
+import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +34,12 @@ def small_decode_space(p):
 
 def focus_decode_space(p):
     """Around the configs that led earlier tunes: 4 warps, 2 programs per SM, splits of 128 or 256 tokens, with
-    and without the head-dim halves; int8: BLOCK_N 128 at 2-3 stages, the word path, int8 q·kᵀ and the register
-    cap; fp16: BLOCK_N 128 at 2 stages or 64 at 2-3, splits from 64 tokens (64 int8 / 16 fp16 configs)."""
+    and without the head-dim halves; int8: BLOCK_N 128 at 2-3 stages, the word path and int8 q·kᵀ, no register
+    cap (on the H100 it never led: 1075 vs 1056 µs over the tuning cases); fp16: BLOCK_N 128 at 2 stages or 64 at
+    2-3, splits from 64 tokens (32 int8 / 16 fp16 configs)."""
     def keep(c):
         x = dict(c.extra)
-        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2:
+        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2 or "MAX_REGS" in x:
             return False
         tokens = x["MIN_SPLIT_TILES"] * c.BLOCK_N
         if p.kv_dtype == torch.int8:
@@ -58,15 +61,38 @@ def ship(tuned_json: Path) -> None:
     print(f"shipped into {shipped}")
 
 
+def tune_decode_per_case(p, configs, cases, store, scratch):
+    """Time the configs on each case alone and keep the one with the best geometric mean of (time / the case's
+    fastest time): a 10 µs case weighs as much as a 1 ms one (the summed time of ``paged_decode.tune`` follows the
+    largest case only). Returns (best, {config: score}); prints the leaders' per-case times."""
+    per_case = {}
+    for case in cases:
+        _, per_case[case] = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=p.kv_dtype,
+                                              store=TunedConfigStore(scratch), configs=configs, cases=(case,))
+    common = [c for c in configs if all(c in t for t in per_case.values())]
+    fastest = {case: min(t.values()) for case, t in per_case.items()}
+    score = {c: math.exp(sum(math.log(per_case[case][c] / fastest[case]) for case in cases) / len(cases))
+             for c in common}
+    best = min(score, key=score.__getitem__)
+    store.record(paged_decode.KERNEL_NAME, p.key(), best, p.device)
+    print(f"\n## decode {p.key()} per case (µs), ranked by the geometric mean of time / fastest:")
+    print("  score  " + "  ".join(f"{b}x{c}" for b, c in cases))
+    for c in sorted(score, key=score.__getitem__)[:8]:
+        print(f"  {score[c]:.3f}  " + "  ".join(f"{per_case[case][c]:.1f}" for case in cases) + f"  {c.as_dict()}")
+    return best, score
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernels", default="decode,prefill")
     ap.add_argument("--kv", default="int8,fp16")
     ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
-                    help="decode: the whole space, the 36-config slice, or the ~100 configs that led earlier tunes")
+                    help="decode: the whole space, a 4/8-warp slice, or the configs around earlier leaders")
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
     ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
+    ap.add_argument("--per-case", action="store_true",
+                    help="decode: time each case alone, keep the best geometric mean of time / the case's fastest")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time as it is measured
     dev = torch.device("cuda")
@@ -84,6 +110,11 @@ def main():
                                                                 if c != paged_decode.heuristic_config(p)]
                 cases = paged_decode.TUNE_CASES if args.cases is None else tuple(
                     tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
+                if args.per_case:
+                    with tempfile.TemporaryDirectory() as scratch:
+                        tune_decode_per_case(p, configs, cases, store, scratch)
+                    store.save(dev)
+                    continue
                 best, timings = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
                                                   store=store, configs=configs, cases=cases)
             else:
