@@ -33,32 +33,20 @@ def small_decode_space(p):
 
 
 def focus_decode_space(p):
-    """Around the configs that led earlier tunes: 4 warps, 2 programs per SM, splits of 128 or 256 tokens, with
-    and without the head-dim halves; int8: BLOCK_N 128 at 2-3 stages, the word path and int8 q·kᵀ, no register
-    cap (on the H100 it never led: 1075 vs 1056 µs over the tuning cases); fp16: BLOCK_N 128 at 2 stages or 64 at
-    2-3, splits from 64 tokens (32 int8 / 16 fp16 configs)."""
+    """Around the configs that led the H100 tunes (4 warps, 2 programs per SM, splits of 64-256 tokens, with and
+    without the short-context floor of 8 splits); int8: BLOCK_N 128, whole head dim, the word path, 2-3 stages,
+    with and without int8 q·kᵀ (the head-dim halves, the element path and the register cap never led); fp16:
+    BLOCK_N 64 with the head-dim halves, 2-3 stages (16 int8 / 12 fp16 configs)."""
     def keep(c):
         x = dict(c.extra)
-        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2 or "MAX_REGS" in x:
+        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2 or "MAX_REGS" in x or c.num_stages not in (2, 3):
             return False
         tokens = x["MIN_SPLIT_TILES"] * c.BLOCK_N
         if p.kv_dtype == torch.int8:
-            return c.BLOCK_N == 128 and c.num_stages in (2, 3) and tokens <= 256
-        return (c.BLOCK_N, c.num_stages) in ((128, 2), (64, 2), (64, 3)) and tokens <= 256
+            return c.BLOCK_N == 128 and x["D_SPLIT"] == 1 and x.get("WORDS") == 1 and tokens <= 256
+        return c.BLOCK_N == 64 and x["D_SPLIT"] == 2 and tokens <= 256
 
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
-
-
-def ship(tuned_json: Path) -> None:
-    """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
-    shipped = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs" / tuned_json.name
-    table = json.loads(shipped.read_text()) if shipped.exists() else {"kernels": {}, "meta": {}}
-    tuned = json.loads(tuned_json.read_text())
-    for kernel, entries in tuned["kernels"].items():
-        table["kernels"].setdefault(kernel, {}).update(entries)
-    table["meta"] = table["meta"] or tuned["meta"]
-    shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"shipped into {shipped}")
 
 
 def tune_decode_per_case(p, configs, cases, store, scratch):

@@ -200,12 +200,13 @@ def test_grid_split_mapping_does_not_change_bits(device):
     assert_close(outs[0][:, 0], _ref(c))
 
 
-@pytest.mark.parametrize("max_splits,min_tiles", [(1, 1), (2, 1), (4, 2), (16, 1)])
-def test_every_split_policy_is_correct(max_splits, min_tiles, device):
+@pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (4, 2, 1), (16, 1, 1), (16, 4, 8),
+                                                            (4, 8, 3)])
+def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device):
     c = build_case([300, 33], seed=6, device=device)
     p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, c["q"].device)
     cfg = config_for(p)
-    policy = SplitPolicy(cfg.BLOCK_N, min_tiles, max_splits)
+    policy = SplitPolicy(cfg.BLOCK_N, min_tiles, max_splits, min_splits)
     out = launch_paged_attention(c["q"][:, None], *(c[a] for a in ARGS[1:5]), c["scale"], c["k_scale"],
                                  c["v_scale"], cfg=cfg, policy=policy)[:, 0]
     assert_close(out, _ref(c), name=f"policy {policy}")
@@ -221,6 +222,14 @@ def test_split_policy_depends_on_length_only():
         assert ns <= pol.max_num_splits(n) <= pol.max_num_splits(131072)
     # a window only moves the first tile: 4096 visible tokens of a 32k context cut like a 4k context (+1 tile)
     assert pol.num_splits(32768, sliding_window=4096) in (pol.num_splits(4096), pol.num_splits(4096 + 64))
+    # the short-context floor: 8 splits while they hold fewer than min_split_tiles tiles, then min_split_tiles
+    short = SplitPolicy(block_n=128, min_split_tiles=2, max_splits=32, min_splits=8)
+    assert [short.num_splits(n) for n in (0, 1, 500, 1024, 2048, 4096, 16384, 32768)] == [0, 1, 4, 8, 8, 16, 32, 32]
+    for n in range(0, 70000, 997):
+        first, tiles, per, ns = short.split_tiles(n)
+        assert ns <= short.max_num_splits(n) <= short.max_num_splits(70000)
+        assert ns == 0 or (ns - 1) * per < tiles <= ns * per
+    assert SplitPolicy(128, 2, 32, 1).num_splits(1024) == 4  # without the floor
     # H100 SXM, Llama-3-8B: 32 splits per sequence; the KV-head count is a model constant, not a batch size
     assert max_splits_for(8, torch.device("cpu")) == 1  # the interpreter's pretend 4-SM device: 8 // 8
 
