@@ -49,6 +49,18 @@ def focus_decode_space(p):
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
 
 
+def ship(tuned_json: Path) -> None:
+    """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
+    shipped = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs" / tuned_json.name
+    table = json.loads(shipped.read_text()) if shipped.exists() else {"kernels": {}, "meta": {}}
+    tuned = json.loads(tuned_json.read_text())
+    for kernel, entries in tuned["kernels"].items():
+        table["kernels"].setdefault(kernel, {}).update(entries)
+    table["meta"] = table["meta"] or tuned["meta"]
+    shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"shipped into {shipped}")
+
+
 def tune_decode_per_case(p, configs, cases, store, scratch):
     """Time the configs on each case alone and keep the one with the best geometric mean of (time / the case's
     fastest time): a 10 µs case weighs as much as a 1 ms one (the summed time of ``paged_decode.tune`` follows the
