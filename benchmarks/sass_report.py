@@ -213,7 +213,8 @@ def _prefill_launch(args):
     seq_lens = torch.full((B,), L, dtype=torch.int32)
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
-    cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages)
+    cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
+                       extra=(("WORDS", args.words),))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
 
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--d-split", type=int, default=2)
-    ap.add_argument("--words", type=int, default=0, help="decode: read the int8 cache as int32 words")
+    ap.add_argument("--words", type=int, default=0, help="decode, prefill: read the int8 cache as int32 words")
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")

@@ -49,6 +49,13 @@ def focus_decode_space(p):
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
 
 
+def focus_prefill_space(p):
+    """Around the H100 leaders (int8 64×128 / 4 warps, fp16 128×64 / 8 warps): 64×128 / 4 warps and 128×64 /
+    8 warps at 2-3 stages, 64×64 / 4 warps at 2, each int8 one with and without the word path."""
+    shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
+    return [c for c in paged_prefill.tuning_space(p) if (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes]
+
+
 def ship(tuned_json: Path) -> None:
     """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
     shipped = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs" / tuned_json.name
@@ -88,7 +95,7 @@ def main():
     ap.add_argument("--kernels", default="decode,prefill")
     ap.add_argument("--kv", default="int8,fp16")
     ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
-                    help="decode: the whole space, a 4/8-warp slice, or the configs around earlier leaders")
+                    help="the whole space, a 4/8-warp decode slice, or the configs around earlier leaders")
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
     ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
     ap.add_argument("--per-case", action="store_true",
@@ -120,7 +127,8 @@ def main():
             else:
                 p = paged_prefill.PagedPrefillProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype,
                                                       dev)
-                configs = [paged_prefill.heuristic_config(p)] + [c for c in paged_prefill.tuning_space(p)
+                space = focus_prefill_space(p) if args.space == "focus" else paged_prefill.tuning_space(p)
+                configs = [paged_prefill.heuristic_config(p)] + [c for c in space
                                                                  if c != paged_prefill.heuristic_config(p)]
                 best, timings = paged_prefill.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
                                                    store=store, configs=configs)

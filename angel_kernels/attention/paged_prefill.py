@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import LOG2E, LOG2E_C, int8_to_fp16, paged_decode_attention, row_alignment
+from .paged_decode import LOG2E, LOG2E_C, _kv_tile, int8_to_fp16, paged_decode_attention, row_alignment
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -70,7 +70,7 @@ def _attend_kv_tile(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
-    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position."""
@@ -80,17 +80,21 @@ def _attend_kv_tile(
         pos_ok = pos < L
         blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
     else:
-        pos_ok = pos >= 0  # all true
+        pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # all true (a constant: the loads below drop their masks)
         blk = tl.load(bt_row + (pos // PAGE) * stride_btn).to(tl.int64)
     slot = pos % PAGE
     k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
     v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-    if MASKED:
-        kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
+    BF16: tl.constexpr = q.dtype == tl.bfloat16
+    if WORDS:  # int8 rows as int32 words, converted a word at a time (paged_decode's _kv_tile)
+        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, True, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, HEAD_DIM)
     else:
-        kt = tl.load(k_tok[None, :] + dims[:, None])
-    if MAGIC:  # int8 cache, fp16 queries: integer add + bitcast instead of I2F (see paged_decode)
-        kt = int8_to_fp16(kt, True)
+        if MASKED:
+            kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
+        else:
+            kt = tl.load(k_tok[None, :] + dims[:, None])
+        if MAGIC:  # int8 cache, fp16 queries: integer add + bitcast instead of I2F (see paged_decode)
+            kt = int8_to_fp16(kt, True)
     if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
         s = tl.dot(q, kt.to(tl.float32))
     else:
@@ -120,7 +124,9 @@ def _attend_kv_tile(
     else:
         p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if MASKED:
+    if WORDS:
+        v = _kv_tile(v_tok, 0, dims, pos_ok, False, True, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, HEAD_DIM)
+    elif MASKED:
         v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
     else:
         v = tl.load(v_tok[:, None] + dims[None, :])
@@ -129,7 +135,7 @@ def _attend_kv_tile(
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
-    if MAGIC:
+    if MAGIC and not WORDS:
         v = int8_to_fp16(v, True)
     if DOT_FP32:
         pv = tl.dot(p, v.to(tl.float32))
@@ -154,6 +160,8 @@ def _paged_varlen_kernel(
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
     MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
+    WORDS: tl.constexpr = False,  # int8 cache read as int32 words (see paged_decode)
+    ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
 ):
     tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -202,14 +210,16 @@ def _paged_varlen_kernel(
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN)
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
+                ASM)
         for n0 in range(n_full, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_kv_tile(
                 acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN)
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
+                ASM)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         tl.store(out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :],
@@ -256,6 +266,7 @@ def launch_paged_varlen(
     quant = key_cache.dtype == torch.int8
     has_softcap = soft_cap is not None
     grid = (T // block_q + B, Hkv)
+    k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
     _paged_varlen_kernel[grid](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, query_start_loc, out,
@@ -270,7 +281,9 @@ def launch_paged_varlen(
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page, BLOCK_N=cfg.BLOCK_N,
         QUANT=quant, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
         DOT_FP32=q.device.type == "cpu", MAGIC=quant and q.dtype == torch.float16,
-        K_ALIGN=row_alignment(key_cache), V_ALIGN=row_alignment(value_cache),
+        K_ALIGN=k_align, V_ALIGN=v_align,
+        WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
+        ASM=q.device.type == "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -411,12 +424,15 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     from itertools import product
 
     configs = []
-    for bm, bn, warps, stages in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+    # WORDS (int8 caches): the decode kernel's word-at-a-time conversion
+    for bm, bn, warps, stages, words in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4),
+                                                (0, 1) if p.kv_dtype == torch.int8 else (0,)):
         # shared memory: the Q tile + `stages` K and V tiles (fp16 after conversion), ≤ ~200 KB of an H100's 227
         smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * 2
         if smem > 200 * 1024 or (bm == 128 and warps == 4 and p.head_dim > 128):
             continue
-        configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages))
+        configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
+                                    extra=(("WORDS", 1),) if words else ()))
     return configs
 
 

@@ -174,6 +174,41 @@ def test_bad_input(mutate, match):
         _run(c)
 
 
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_words_path(layout, dtype, device):
+    """WORDS (int8 rows read as int32 words, converted a word at a time) gives the element path's results: bits on
+    a GPU, one output rounding under the interpreter (its dot sums a transposed operand in another order); masked
+    and unmasked tiles, windows and soft-cap, 16-byte rows and vLLM's packed rows (4-byte aligned V)."""
+    from angel_kernels.attention.paged_decode import row_alignment
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen
+    from angel_kernels.tuning import KernelConfig
+
+    lens, q_lens = zip(*MIXED)
+    c = varlen_case(lens, q_lens, cache_dtype=torch.int8, dtype=dtype, seed=12, device=device)
+    if layout == "packed":
+        head_dim, heads_kv, block_size = c["key_cache"].shape[3], c["key_cache"].shape[2], c["key_cache"].shape[1]
+        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], block_size, heads_kv, head_dim,
+                                                   device=device)
+        kc, vc, ks, vs = inline_scale_views(kv_cache, head_dim)
+        slots = slot_mapping_for(c["block_table"].cpu(), lens, block_size).to(device)
+        write_kv_cache_ref(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+        assert row_alignment(vc) == 4
+    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
+    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
+        outs = [launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=1,
+                                                            extra=(("WORDS", words),)), **kw) for words in (0, 1)]
+        name = f"{layout} {dtype} {kw}"
+        if device.type == "cuda":
+            assert torch.equal(outs[0], outs[1]), name
+        else:
+            ulp = 2**-10 if dtype == torch.float16 else 2**-7
+            torch.testing.assert_close(outs[1], outs[0], rtol=ulp, atol=1e-5, msg=name)
+        assert_close(outs[1], _ref(c, **kw), name=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16, torch.bfloat16])
