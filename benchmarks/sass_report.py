@@ -214,7 +214,7 @@ def _prefill_launch(args):
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
     cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
-                       extra=(("WORDS", args.words),))
+                       extra=(("D_SPLIT", args.d_split), ("WORDS", args.words)))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
 

@@ -51,7 +51,7 @@ def focus_decode_space(p):
 
 def focus_prefill_space(p):
     """Around the H100 leaders (int8 64×128 / 4 warps, fp16 128×64 / 8 warps): 64×128 / 4 warps and 128×64 /
-    8 warps at 2-3 stages, 64×64 / 4 warps at 2, each int8 one with and without the word path."""
+    8 warps at 2-3 stages, 64×64 / 4 warps at 2, with and without the head-dim halves and (int8) the word path."""
     shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
     return [c for c in paged_prefill.tuning_space(p) if (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes]
 

@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import LOG2E, LOG2E_C, _kv_tile, int8_to_fp16, paged_decode_attention, row_alignment
+from .paged_decode import LOG2E, LOG2E_C, _kv_tile, paged_decode_attention, row_alignment
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -64,17 +64,19 @@ def _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_kv_tile(
-    acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+    acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
     kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
-    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr,
+    K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, D_SPLIT: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
-    before every row's first query position."""
-    dims = tl.arange(0, HEAD_DIM)
+    before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
+    the second halves; unused scalars otherwise)."""
+    PART: tl.constexpr = HEAD_DIM // D_SPLIT
+    dims = tl.arange(0, PART)
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         pos_ok = pos < L
@@ -86,19 +88,18 @@ def _attend_kv_tile(
     k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
     v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
     BF16: tl.constexpr = q.dtype == tl.bfloat16
-    if WORDS:  # int8 rows as int32 words, converted a word at a time (paged_decode's _kv_tile)
-        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, True, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, HEAD_DIM)
-    else:
-        if MASKED:
-            kt = tl.load(k_tok[None, :] + dims[:, None], mask=pos_ok[None, :], other=0)  # [HEAD_DIM, BLOCK_N]
-        else:
-            kt = tl.load(k_tok[None, :] + dims[:, None])
-        if MAGIC:  # int8 cache, fp16 queries: integer add + bitcast instead of I2F (see paged_decode)
-            kt = int8_to_fp16(kt, True)
+    # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
+    kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
     if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
         s = tl.dot(q, kt.to(tl.float32))
     else:
         s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+    if D_SPLIT == 2:
+        kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        if DOT_FP32:
+            s = tl.dot(q2, kt.to(tl.float32), s)
+        else:
+            s = tl.dot(q2, kt.to(q.dtype), s)
     # Plain fp caches keep s = q·k unscaled: the scale (> 0, checked) goes into the max once per row and into the
     # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop)
     FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
@@ -124,27 +125,25 @@ def _attend_kv_tile(
     else:
         p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if WORDS:
-        v = _kv_tile(v_tok, 0, dims, pos_ok, False, True, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, HEAD_DIM)
-    elif MASKED:
-        v = tl.load(v_tok[:, None] + dims[None, :], mask=pos_ok[:, None], other=0)  # [BLOCK_N, HEAD_DIM]
-    else:
-        v = tl.load(v_tok[:, None] + dims[None, :])
+    v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
     if QUANT:
         v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
-    if MAGIC and not WORDS:
-        v = int8_to_fp16(v, True)
-    if DOT_FP32:
-        pv = tl.dot(p, v.to(tl.float32))
-    else:
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype))
+    if not DOT_FP32:
+        p = p.to(q.dtype)
+    pv = tl.dot(p, v.to(p.dtype))
     if QUANT:
         pv = pv * v_max
     acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
+    if D_SPLIT == 2:
+        v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        pv = tl.dot(p, v.to(p.dtype))
+        if QUANT:
+            pv = pv * v_max
+        acc2 = acc2 * alpha[:, None] + pv
+    return acc, acc2, m_new, l_i
 
 
 @triton.jit
@@ -162,6 +161,7 @@ def _paged_varlen_kernel(
     MAGIC: tl.constexpr, K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr,
     WORDS: tl.constexpr = False,  # int8 cache read as int32 words (see paged_decode)
     ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
+    D_SPLIT: tl.constexpr = 1,  # head-dim halves (see _attend_kv_tile)
 ):
     tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -178,12 +178,21 @@ def _paged_varlen_kernel(
         tok = q_tile * BLOCK_Q + rows // GROUP  # query token within the sequence
         row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
         qh = kvh * GROUP + rows % GROUP
-        dims = tl.arange(0, HEAD_DIM)
+        PART: tl.constexpr = HEAD_DIM // D_SPLIT
+        dims = tl.arange(0, PART)
         q_rows = (q_start + tok).to(tl.int64)
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + dims[None, :],
-                    mask=row_ok[:, None], other=0.0)
+        q_ptrs = q_ptr + q_rows[:, None] * stride_qt + qh[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         if DOT_FP32:
             q = q.to(tl.float32)
+        if D_SPLIT == 2:
+            q2 = tl.load(q_ptrs + PART, mask=row_ok[:, None], other=0.0)
+            if DOT_FP32:
+                q2 = q2.to(tl.float32)
+            acc2 = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
+        else:
+            q2 = 0.0  # unused
+            acc2 = 0.0
         row_hi = ctx + tok + 1  # keys [row_lo, row_hi) are visible to the row
         if HAS_WINDOW:
             row_lo = tl.maximum(row_hi - window, 0)
@@ -202,28 +211,29 @@ def _paged_varlen_kernel(
             n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N  # tiles ending at or before first_q + 1: unmasked
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         bt_row = bt_ptr + b64 * stride_btb
         for n0 in range(n_lo, n_full, BLOCK_N):
-            acc, m_i, l_i = _attend_kv_tile(
-                acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+            acc, acc2, m_i, l_i = _attend_kv_tile(
+                acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                ASM)
+                ASM, D_SPLIT)
         for n0 in range(n_full, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend_kv_tile(
-                acc, m_i, l_i, q, n0, L, row_lo, row_hi, bt_row, stride_btn,
+            acc, acc2, m_i, l_i = _attend_kv_tile(
+                acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                ASM)
+                ASM, D_SPLIT)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
-        tl.store(out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if D_SPLIT == 2:
+            tl.store(o_ptrs + PART, (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -283,7 +293,7 @@ def launch_paged_varlen(
         DOT_FP32=q.device.type == "cpu", MAGIC=quant and q.dtype == torch.float16,
         K_ALIGN=k_align, V_ALIGN=v_align,
         WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
-        ASM=q.device.type == "cuda",
+        ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -419,20 +429,25 @@ def paged_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
-    """Query-tile rows × KV-tile width × warps × stages. The store keys configs by model shape only, and a
+    """Query-tile rows × KV-tile width × warps × stages × head-dim halves (× the int8 word path). The store keys configs by model shape only, and a
     sequence's programs never read another sequence, so any winner keeps outputs batch-invariant."""
     from itertools import product
 
     configs = []
-    # WORDS (int8 caches): the decode kernel's word-at-a-time conversion
-    for bm, bn, warps, stages, words in product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4),
-                                                (0, 1) if p.kv_dtype == torch.int8 else (0,)):
+    # WORDS (int8 caches): the decode kernel's word-at-a-time conversion. D_SPLIT 2 (head dim ≥ 128): q, K, V and
+    # the accumulator in halves (sm_90a: int8 64×128 tiles spill ~400 B with the whole head dim, ~250 B in halves;
+    # fp16 128×64 / 8 warps: 904 → 727 instructions per tile, 228 → 172 registers)
+    for bm, bn, warps, stages, words, d_split in product(
+            (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (0, 1) if p.kv_dtype == torch.int8 else (0,),
+            (1, 2) if p.head_dim >= 128 else (1,)):
         # shared memory: the Q tile + `stages` K and V tiles (fp16 after conversion), ≤ ~200 KB of an H100's 227
         smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * 2
         if smem > 200 * 1024 or (bm == 128 and warps == 4 and p.head_dim > 128):
             continue
+        extra = (("D_SPLIT", 2),) if d_split == 2 else ()
+        extra += (("WORDS", 1),) if words else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
-                                    extra=(("WORDS", 1),) if words else ()))
+                                    extra=extra))
     return configs
 
 

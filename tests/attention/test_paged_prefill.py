@@ -209,6 +209,33 @@ def test_int8_words_path(layout, dtype, device):
         assert_close(outs[1], _ref(c, **kw), name=name)
 
 
+@pytest.mark.parametrize("cache_dtype,words", [(torch.int8, 0), (torch.int8, 1), (torch.float16, 0),
+                                               (torch.bfloat16, 0)])
+def test_head_dim_halves(cache_dtype, words, device):
+    """D_SPLIT 2 (q, K, V and the accumulator in head-dim halves) against the reference and the whole-dim path:
+    masked and unmasked tiles, a window with soft-cap, both output halves written."""
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen
+    from angel_kernels.tuning import KernelConfig
+
+    dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float16
+    lens, q_lens = zip(*MIXED)
+    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, dtype=dtype, seed=14, device=device)
+    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
+    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
+        outs = []
+        for d_split in (1, 2):
+            cfg = KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=1,
+                               extra=(("D_SPLIT", d_split), ("WORDS", words)))
+            out = launch_paged_varlen(*args, cfg=cfg, **kw)
+            assert not out.isnan().any()
+            outs.append(out)
+        name = f"{cache_dtype} WORDS={words} {kw}"
+        assert_close(outs[1], _ref(c, **kw), name=name)
+        ulp = 2**-10 if dtype == torch.float16 else 2**-7
+        torch.testing.assert_close(outs[1], outs[0], rtol=2 * ulp, atol=1e-4, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16, torch.bfloat16])
