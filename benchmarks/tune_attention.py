@@ -36,7 +36,7 @@ def focus_decode_space(p):
     """Around the configs that led the H100 tunes (4 warps, 2 programs per SM, splits of 64-256 tokens, with and
     without the short-context floor of 8 splits); int8: BLOCK_N 128, whole head dim, the word path, 2-3 stages,
     with and without int8 q·kᵀ (the head-dim halves, the element path and the register cap never led); fp16:
-    BLOCK_N 64 with the head-dim halves, 2-3 stages (16 int8 / 12 fp16 configs)."""
+    BLOCK_N 64 with the head-dim halves, 2-3 stages, also 1024-token splits (16 int8 / 16 fp16 configs)."""
     def keep(c):
         x = dict(c.extra)
         if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2 or "MAX_REGS" in x or c.num_stages not in (2, 3):
@@ -44,7 +44,8 @@ def focus_decode_space(p):
         tokens = x["MIN_SPLIT_TILES"] * c.BLOCK_N
         if p.kv_dtype == torch.int8:
             return c.BLOCK_N == 128 and x["D_SPLIT"] == 1 and x.get("WORDS") == 1 and tokens <= 256
-        return c.BLOCK_N == 64 and x["D_SPLIT"] == 2 and tokens <= 256
+        # 1024-token splits: 16 instead of 32 splits at 16k (half the partials; B=64×16k trails vLLM's fp16 kernel)
+        return c.BLOCK_N == 64 and x["D_SPLIT"] == 2 and (tokens <= 256 or tokens == 1024)
 
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
 

@@ -246,7 +246,8 @@ def _paged_attn_split_kernel(
             if QK_INT8:
                 kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
                               PART)
-                s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)  # int32, exact: |hi·k| ≤ 127² · HEAD_DIM, · 254 < 2^31 up to HEAD_DIM 256
+                # int32, exact: |hi·k| ≤ 127² · HEAD_DIM, and · 254 stays below 2^31 up to HEAD_DIM 256
+                s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)
                 s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
                 if D_SPLIT == 2:
                     kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32,
@@ -581,7 +582,7 @@ def paged_decode_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
-    """Tile width × warps × stages × smallest split (64–512 tokens) × programs per SM for one long sequence
+    """Tile width × warps × stages × smallest split (64–1024 tokens) × programs per SM for one long sequence
     (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path,
     int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1 or 8).
     Every config is a valid partition, and the
@@ -598,8 +599,8 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     int8 = p.kv_dtype == torch.int8
     int8_options = (0, 1) if int8 else (0,)
     for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits in product(
-            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512), (2, 4), (1, 2), int8_options, int8_options,
-            (0, 168) if int8 else (0,), (1, 8)):
+            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 4), (1, 2), int8_options,
+            int8_options, (0, 168) if int8 else (0,), (1, 8)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         if max_regs and warps != 4:

@@ -429,8 +429,9 @@ def paged_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
-    """Query-tile rows × KV-tile width × warps × stages × head-dim halves (× the int8 word path). The store keys configs by model shape only, and a
-    sequence's programs never read another sequence, so any winner keeps outputs batch-invariant."""
+    """Query-tile rows × KV-tile width × warps × stages × head-dim halves (× the int8 word path). The store keys
+    configs by model shape only, and a sequence's programs never read another sequence, so any winner keeps outputs
+    batch-invariant."""
     from itertools import product
 
     configs = []

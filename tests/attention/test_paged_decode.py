@@ -515,8 +515,8 @@ def test_gpu_int8_qk_at_the_tuned_config(dtype, words):
     args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
     outs = []
     for qk_int8 in (0, 1):
-        extra = {**dict(cfg.extra), "WORDS": words, "QK_INT8": qk_int8}
-        outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=tuple(sorted(extra.items())))))
+        extra = tuple(sorted({**dict(cfg.extra), "WORDS": words, "QK_INT8": qk_int8}.items()))
+        outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=extra)))
     assert_close(outs[1][:, 0], _ref(c), name="QK_INT8")
     ulp = 2**-10 if dtype == torch.float16 else 2**-7
     torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3)
