@@ -92,6 +92,21 @@ def test_head_dim_halves(cache_dtype, device):
         assert_close(outs[1], outs[0], name="halves vs whole")
 
 
+def _int8_layout_case(layout, dtype, seed, device):
+    """Ragged int8 sequences (300, 1, 17, 0, 40 tokens; 2 KV heads of 64) in separate tensors (16-byte rows) or in
+    vLLM's packed layout (scales inline: 8- and 4-byte aligned rows)."""
+    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
+    c = build_case(lens, head_dim=D, dtype=dtype, seed=seed, device=device)
+    if layout == "packed":
+        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
+        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
+        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
+        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+        assert row_alignment(kc) < 16
+    return c
+
+
 @pytest.mark.parametrize("layout", ["separate", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int8_words_path_is_bitwise_identical(layout, dtype, device):
@@ -100,15 +115,7 @@ def test_int8_words_path_is_bitwise_identical(layout, dtype, device):
     ragged lengths, 16-byte rows and vLLM's packed rows (4-byte aligned)."""
     from angel_kernels.tuning import KernelConfig
 
-    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
-    c = build_case(lens, head_dim=D, dtype=dtype, seed=23, device=device)
-    if layout == "packed":
-        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
-        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
-        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
-        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
-        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
-        assert row_alignment(kc) < 16  # not 16-byte aligned rows, as in vLLM
+    c = _int8_layout_case(layout, dtype, 23, device)
     args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
     for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
         for d_split in (1, 2):
@@ -135,15 +142,8 @@ def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
     a few output roundings of the fp path (q is carried to 2^-16 of each row's largest element)."""
     from angel_kernels.tuning import KernelConfig
 
-    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
-    c = build_case(lens, head_dim=D, dtype=dtype, seed=29, device=device)
+    c = _int8_layout_case(layout, dtype, 29, device)
     c["q"] = c["q"] * 8.0  # larger logits: a q-quantization error would show in peaked softmax rows
-    if layout == "packed":
-        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
-        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
-        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
-        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
-        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
     args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
     ulp = 2**-10 if dtype == torch.float16 else 2**-7
     for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
