@@ -57,9 +57,12 @@ def focus_prefill_space(p):
     return [c for c in paged_prefill.tuning_space(p) if (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes]
 
 
-def ship(tuned_json: Path) -> None:
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs"
+
+
+def ship(tuned_json: Path, configs_dir: Path = PACKAGE_CONFIGS) -> None:
     """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
-    shipped = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs" / tuned_json.name
+    shipped = Path(configs_dir) / Path(tuned_json).name
     table = json.loads(shipped.read_text()) if shipped.exists() else {"kernels": {}, "meta": {}}
     tuned = json.loads(tuned_json.read_text())
     for kernel, entries in tuned["kernels"].items():
