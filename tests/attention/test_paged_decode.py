@@ -537,6 +537,23 @@ def test_gpu_other_head_dims_and_blocks(head_dim, block_size):
     assert_close(_run(c), _ref(c))
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_head_dim_128_default_configs(cache_dtype, device):
+    """The untuned defaults for head dim 128 (the H100 winners: int8 word path on the whole head dim, fp16 halves,
+    the short-context split floor) against the reference, window and soft-cap included."""
+    from angel_kernels.attention.paged_decode import heuristic_config
+
+    c = build_case([700, 1, 129, 40], heads_q=8, heads_kv=2, head_dim=128, cache_dtype=cache_dtype, seed=31,
+                   device=device)
+    p = PagedDecodeProblem(8, 2, 128, 16, c["q"].dtype, cache_dtype, c["q"].device)
+    cfg = heuristic_config(p)
+    assert dict(cfg.extra).get("WORDS", 0) == (cache_dtype == torch.int8)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0}):
+        out = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0]
+        assert_close(out, _ref(c, **kw), name=f"{cache_dtype} {kw}")
+
+
 def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
     """The warm-up entry point runs end to end (tiny cases, a fake clock) and records under the shape-only key."""
     from angel_kernels.attention.paged_decode import KERNEL_NAME, tune, tuning_space
