@@ -7,7 +7,7 @@ the heuristic config's output, and print the heuristic's time next to the five f
 
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
        [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
-(--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short session can tune on the
+(--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
 large cases and then print the top configs of a small one.)
 """
 import argparse
