@@ -394,7 +394,8 @@ def row_alignment(cache: torch.Tensor) -> int:
 
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. Head dim 128: the H100 winners (per-case tuning, Llama-3-8B heads), which also serve
-    untuned GPUs (on the H100 they take 1059 vs 1950 µs over the tuning cases for int8): int8 128-token tiles on
+    untuned GPUs (on the H100, over the int8 tuning cases, the previous default took 1950 µs and the word-path
+    configs around this one 1056–1064): int8 128-token tiles on
     the whole head dim with the word path, 3 stages, 256-token splits with a floor of 8 splits; fp16 64-token
     tiles in head-dim halves, 64-token splits. Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
     16 KB (fp16) for D = 64, and 256-token splits, whose partial output (4 query heads × D fp32, written and read
