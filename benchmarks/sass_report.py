@@ -7,7 +7,8 @@ registers per thread, spill bytes, shared memory, and the instruction mix of its
 that ends in a backward branch). Useful before spending GPU time: a register or spill change, or how many
 instructions a K-block costs, shows here in seconds.
 
-    python benchmarks/sass_report.py decode --kv int8 [--block-n 128 --warps 4 --stages 2 --d-split 2 --words 1 --qk-int8 1]
+    python benchmarks/sass_report.py decode --kv int8 [--block-n 128 --warps 4 --stages 2 --d-split 2 --words 1]
+        [--qk-int8 1 --max-regs 168]
     python benchmarks/sass_report.py prefill --kv fp16 [--block-m 128 --block-n 64 --warps 8 --stages 3]
     python benchmarks/sass_report.py w8a16 --n 28672 --k 4096 --m 1 [--block-n 64 --warps 4 --stages 3]
     python benchmarks/sass_report.py w4a16 --n 28672 --k 4096 --m 1
@@ -182,8 +183,9 @@ def _decode_launch(args):
     block_table = torch.arange(blocks, dtype=torch.int32).reshape(B, L // page)
     seq_lens = torch.full((B,), L, dtype=torch.int32)
     q = torch.randn(B, 1, Hq, D, dtype=torch.float16)
-    extra = (("D_SPLIT", args.d_split), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2), ("QK_INT8", args.qk_int8),
-             ("WORDS", args.words)) + ((("MAX_REGS", args.max_regs),) if args.max_regs else ())
+    extra = (("D_SPLIT", args.d_split or 2), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
+             ("QK_INT8", args.qk_int8), ("WORDS", args.words))
+    extra += (("MAX_REGS", args.max_regs),) if args.max_regs else ()
     cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=extra)
     kc, vc, ks, vs = caches
     import angel_kernels.attention.paged_decode as decode
@@ -214,7 +216,7 @@ def _prefill_launch(args):
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
     cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
-                       extra=(("D_SPLIT", args.d_split), ("WORDS", args.words)))
+                       extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words)))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
 
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-m", type=int, default=128, help="prefill: query rows per tile")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=None)
-    ap.add_argument("--d-split", type=int, default=2)
+    ap.add_argument("--d-split", type=int, default=None, help="head-dim halves (default: decode 2, prefill 1)")
     ap.add_argument("--words", type=int, default=0, help="decode, prefill: read the int8 cache as int32 words")
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")

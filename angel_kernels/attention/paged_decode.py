@@ -368,6 +368,12 @@ def register_cap(cfg: KernelConfig) -> dict:
     return {"maxnreg": regs} if regs else {}
 
 
+def words_path(cfg: KernelConfig, quant: bool, k_align: int, v_align: int) -> bool:
+    """Whether a launch reads the int8 cache as int32 words: the config asks for it (WORDS) and every K and V row
+    starts on a 4-byte boundary (``row_alignment`` in elements = bytes for int8)."""
+    return quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4
+
+
 def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
@@ -487,7 +493,7 @@ def launch_paged_attention(
         MAGIC=quant and q.dtype == torch.float16 and bool(dict(cfg.extra).get("MAGIC", 1)),
         K_ALIGN=k_align, V_ALIGN=v_align,
         D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
-        WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
+        WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),

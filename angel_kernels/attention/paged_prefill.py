@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import LOG2E, LOG2E_C, _kv_tile, paged_decode_attention, row_alignment
+from .paged_decode import LOG2E, LOG2E_C, _kv_tile, paged_decode_attention, row_alignment, words_path
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -292,7 +292,7 @@ def launch_paged_varlen(
         QUANT=quant, HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=has_softcap,
         DOT_FP32=q.device.type == "cpu", MAGIC=quant and q.dtype == torch.float16,
         K_ALIGN=k_align, V_ALIGN=v_align,
-        WORDS=quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4,
+        WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

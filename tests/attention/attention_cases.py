@@ -1,6 +1,7 @@
 """Builders shared by the attention tests: paged caches with shuffled block tables, vLLM's packed int8 layout."""
 import torch
 
+from angel_kernels.attention import inline_scale_views
 from angel_kernels.reference.attention import write_kv_cache_ref
 from angel_kernels.testing import make_generator, poison, randn
 
@@ -110,3 +111,15 @@ def vllm_packed_int8_cache(num_blocks, block_size, heads_kv, head_dim, *, physic
     v_scale = scale_view(padded + head_dim)
     key_half, value_half = kv_cache.transpose(1, 2).split(padded, dim=-1)
     return raw, kv_cache, key_half[..., :head_dim], value_half[..., :head_dim], k_scale, v_scale
+
+
+def with_vllm_packed_cache(c, lens, device="cpu"):
+    """``c`` (a build_case int8 case of sequences ``lens``) with its K/V rewritten by the reference writer into
+    vLLM's packed int8_per_token_head cache (NHD), read through ``inline_scale_views`` (8- and 4-byte aligned
+    rows)."""
+    num_blocks, block_size, heads_kv, head_dim = c["key_cache"].shape
+    _raw, kv_cache, *_ = vllm_packed_int8_cache(num_blocks, block_size, heads_kv, head_dim, device=device)
+    kc, vc, ks, vs = inline_scale_views(kv_cache, head_dim)
+    slots = slot_mapping_for(c["block_table"].cpu(), lens, block_size).to(device)
+    write_kv_cache_ref(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
+    return dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)

@@ -23,7 +23,7 @@ from angel_kernels.attention.paged_decode import (
 from angel_kernels.reference.attention import paged_attention_ref, paged_decode_attention_ref
 from angel_kernels.testing import assert_close, make_generator, randn, relative_error
 
-from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache
+from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache, with_vllm_packed_cache
 
 CANDIDATES = PAGED_DECODE.names()
 ARGS = ("q", "key_cache", "value_cache", "block_table", "seq_lens", "k_scale", "v_scale")
@@ -95,15 +95,11 @@ def test_head_dim_halves(cache_dtype, device):
 def _int8_layout_case(layout, dtype, seed, device):
     """Ragged int8 sequences (300, 1, 17, 0, 40 tokens; 2 KV heads of 64) in separate tensors (16-byte rows) or in
     vLLM's packed layout (scales inline: 8- and 4-byte aligned rows)."""
-    lens, bs, H, D = [300, 1, 17, 0, 40], 16, 2, 64
-    c = build_case(lens, head_dim=D, dtype=dtype, seed=seed, device=device)
+    lens = [300, 1, 17, 0, 40]
+    c = build_case(lens, head_dim=64, dtype=dtype, seed=seed, device=device)
     if layout == "packed":
-        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], bs, H, D, device=device)
-        kc, vc, ks, vs = inline_scale_views(kv_cache, D)
-        slots = slot_mapping_for(c["block_table"].cpu(), lens, bs).to(device)
-        write_kv_cache(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
-        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
-        assert row_alignment(kc) < 16
+        c = with_vllm_packed_cache(c, lens, device)
+        assert row_alignment(c["key_cache"]) < 16
     return c
 
 

@@ -12,7 +12,7 @@ from angel_kernels.attention.paged_prefill import block_q_for
 from angel_kernels.reference.attention import paged_varlen_attention_ref, write_kv_cache_ref
 from angel_kernels.testing import assert_close, make_generator, randn
 
-from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache
+from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache, with_vllm_packed_cache
 
 CANDIDATES = PAGED_PREFILL.names()
 ARGS = ("q", "key_cache", "value_cache", "block_table", "seq_lens", "query_start_loc", "k_scale", "v_scale")
@@ -187,14 +187,8 @@ def test_int8_words_path(layout, dtype, device):
     lens, q_lens = zip(*MIXED)
     c = varlen_case(lens, q_lens, cache_dtype=torch.int8, dtype=dtype, seed=12, device=device)
     if layout == "packed":
-        head_dim, heads_kv, block_size = c["key_cache"].shape[3], c["key_cache"].shape[2], c["key_cache"].shape[1]
-        raw, kv_cache, *_ = vllm_packed_int8_cache(c["key_cache"].shape[0], block_size, heads_kv, head_dim,
-                                                   device=device)
-        kc, vc, ks, vs = inline_scale_views(kv_cache, head_dim)
-        slots = slot_mapping_for(c["block_table"].cpu(), lens, block_size).to(device)
-        write_kv_cache_ref(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
-        c = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
-        assert row_alignment(vc) == 4
+        c = with_vllm_packed_cache(c, lens, device)
+        assert row_alignment(c["value_cache"]) == 4
     args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
     block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
     for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
