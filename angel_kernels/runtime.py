@@ -41,7 +41,8 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def num_sms(device: torch.device, default: int) -> int:
-    """Streaming multiprocessors of a CUDA device; ``default`` elsewhere (the interpreter has none)."""
-    if device.type == "cuda":
+    """Streaming multiprocessors of a CUDA device; ``default`` elsewhere (the interpreter has none, and a config
+    space can be listed for a CUDA device on a machine without one)."""
+    if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return default

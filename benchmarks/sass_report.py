@@ -215,7 +215,7 @@ def _prefill_launch(args):
     seq_lens = torch.full((B,), L, dtype=torch.int32)
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
-    cfg = KernelConfig(args.block_m, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
+    cfg = KernelConfig(args.block_m or 128, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
                        extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words)))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
@@ -225,7 +225,8 @@ def _gemm_launch(args):
     from angel_kernels.tuning import KernelConfig
 
     x = torch.randn(args.m, args.k, dtype=torch.float16)
-    cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=(("GROUP_N", 1),))
+    cfg = KernelConfig(args.block_m or 16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages,
+                       extra=(("GROUP_N", 1),))
     if args.kernel == "w8a16":
         q = torch.randint(-127, 128, (args.n, args.k), dtype=torch.int8)
         return capture_launches(w8a16.launch_tiled, x, q, torch.rand(args.n), None, cfg)
@@ -242,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--m", type=int, default=1)
     ap.add_argument("--block-n", type=int, default=None)
-    ap.add_argument("--block-m", type=int, default=128, help="prefill: query rows per tile")
+    ap.add_argument("--block-m", type=int, default=None,
+                    help="prefill: query rows per tile (default 128); w8a16/w4a16: token tile (default 16)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=None)
     ap.add_argument("--d-split", type=int, default=None, help="head-dim halves (default: decode 2, prefill 1)")

@@ -5,6 +5,8 @@ each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one 
 sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
 its counter for the next launch.
 """
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,20 @@ def split_k_for(n: int, k: int, block_k: int, sms: int = DEFAULT_SMS, programs_p
 def split_k_on(device: torch.device, kernel: str, n: int, k: int, block_k: int) -> int:
     """``split_k_for`` with the device's SM count and the kernel's PROGRAMS_PER_SM (``"w8a16"`` / ``"w4a16"``)."""
     return split_k_for(n, k, block_k, num_sms(device, DEFAULT_SMS), PROGRAMS_PER_SM[kernel])
+
+
+def serial_by_default(device: torch.device, split_k: int, num_tiles: int) -> bool:
+    """Run a split launch's ranges one after the other in one program per tile (same bits, see the kernels'
+    SERIAL) once the tiles alone fill the GPU: the fp32 partials grow with M (M · N · SPLIT_K · 8 bytes written
+    and read), the weight does not. A config's ``SERIAL`` extra overrides this."""
+    return split_k > 1 and num_tiles >= num_sms(device, DEFAULT_SMS)
+
+
+def with_serial_choices(configs: list, split_k: int) -> list:
+    """Tuning: each config both ways (``SERIAL`` 0 and 1) where the weight shape splits K; else as given."""
+    if split_k <= 1:
+        return configs
+    return [replace(c, extra=c.extra + (("SERIAL", serial),)) for serial in (0, 1) for c in configs]
 
 
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch

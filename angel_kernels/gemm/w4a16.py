@@ -42,7 +42,9 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
-from ._splitk import grouped_tile, reduce_split_k, split_k_on, tile_counters
+from ._splitk import (
+    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_serial_choices,
+)
 from ._weight_only import weight_only_family
 from ..dispatch import KernelFamily
 from ..reference.int4 import INT4_PACK, w4a16_gemm_ref
@@ -170,6 +172,7 @@ def _w4a16_gemm_kernel(
     BF16: tl.constexpr,  # activations are bf16 (selects the magic constant)
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
     MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, SPLIT_K: tl.constexpr,
+    SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself
     ASM: tl.constexpr,  # MAGIC + INTERLEAVE on a GPU: dequantize each word with the PTX of _word_dequant_ptx
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight and x tiles
     GROUP: tl.constexpr,  # the group size as a constant (0: channel-wise, one scale row): no division per K-block
@@ -182,6 +185,51 @@ def _w4a16_gemm_kernel(
     SPLIT_K > 1 each program writes an fp32 partial; the last of a tile's SPLIT_K programs to finish (an acq_rel
     counter) sums the partials in split order 0, 1, … (deterministic), applies the epilogue, resets the counter.
     """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    if SERIAL:  # one program sums the split ranges in order, as reduce_split_k does (w8a16's SERIAL)
+        acc = _w4a16_k_range(
+            x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
+            group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+            HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+        for s in range(1, SPLIT_K):
+            acc += _w4a16_k_range(
+                x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K,
+                K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
+                stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N,
+                BLOCK_K)
+    else:
+        acc = _w4a16_k_range(
+            x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K,
+            K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
+            stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N,
+            BLOCK_K)
+
+    if SPLIT_K > 1 and not SERIAL:
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+                                      mask_n, mask_m, M, N, SPLIT_K)
+        if is_last:
+            _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    else:
+        _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _w4a16_k_range(
+    x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, k_start, K, K_PER_SPLIT,
+    group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
+    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, BF16: tl.constexpr, DOT_FP32: tl.constexpr,
+    MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
+    k_start is a multiple of BLOCK_K, so every K-block stays inside one scale group."""
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     # (q − z) · s is computed in x.dtype (CT = DT); the interpreter's bf16 casts and arithmetic are wrong, so
     # there it is computed in fp32 (the values are the same; only the bf16 rounding of the weight is skipped).
@@ -193,16 +241,7 @@ def _w4a16_gemm_kernel(
     ZERO_BIAS: tl.constexpr = 16  # keeps 16 + q − z >= 0 for zeros up to 16
     BLOCK_R: tl.constexpr = BLOCK_K // 8  # packed word rows per K-block
 
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
-    k_start = pid_k * K_PER_SPLIT  # a multiple of BLOCK_K, so every K-block stays inside one scale group
     # int64 row offsets: M·K and M·N can exceed 2^31 elements for long prefills of wide layers.
     x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # [1, BLOCK_M]
     if INTERLEAVE:
@@ -261,13 +300,7 @@ def _w4a16_gemm_kernel(
             acc = tl.dot(a, x, acc)
         qw_ptrs += BLOCK_R * stride_qk
 
-    if SPLIT_K > 1:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
-                                      mask_n, mask_m, M, N, SPLIT_K)
-        if is_last:
-            _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
-    else:
-        _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
+    return acc
 
 
 @triton.jit
@@ -332,14 +365,15 @@ def launch_tiled(
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-    if split_k > 1:
+    meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
+    ptx = meta.pop("PTX", 1)
+    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
     else:
         partials = counters = y  # unused
-    meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
-    ptx = meta.pop("PTX", 1)
-    _w4a16_gemm_kernel[(num_tiles, split_k)](
+    _w4a16_gemm_kernel[(num_tiles, 1 if serial else split_k)](
         x2, qweight, scales,
         zeros if zeros is not None else qweight, perm if perm is not None else qweight,
         bias if bias is not None else scales, y, partials, counters,
@@ -350,7 +384,7 @@ def launch_tiled(
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         BF16=x2.dtype == torch.bfloat16,
         DOT_FP32=x2.device.type == "cpu",
-        SPLIT_K=split_k,
+        SPLIT_K=split_k, SERIAL=serial,
         ASM=bool(ptx) and x2.device.type == "cuda",
         EVEN=M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0,
         GROUP=group_size if group_size in GROUP_SIZES else 0,
@@ -537,6 +571,8 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=_modes(magic, inter, gn))
         for bm, bn, w, s, gn, (magic, inter) in space
     ]
+    if p.M > 16:  # batches: the split ranges in one program (SERIAL) or the split launch, where K is split
+        configs = with_serial_choices(configs, split_k_on(p.device, "w4a16", p.N, p.K, bk))
     group = p.group_size if p.group_size in GROUP_SIZES else None  # channel-wise: one scale row, any BLOCK_K
     kept = []
     for cfg in configs:

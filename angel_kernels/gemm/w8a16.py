@@ -19,7 +19,9 @@ import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
-from ._splitk import grouped_tile, reduce_split_k, split_k_on, tile_counters
+from ._splitk import (
+    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_serial_choices,
+)
 from ._weight_only import weight_only_family
 from .._int8_words import int8_words_to_float
 from ..dispatch import KernelFamily
@@ -54,6 +56,7 @@ def _w8a16_gemm_kernel(
     ASM: tl.constexpr,  # WORDS: convert with PTX byte permutes (GPU); off: the same values in Triton integer ops
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: the weight and x tiles need no masks
     SPLIT_K: tl.constexpr,
+    SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself (see below)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
@@ -62,6 +65,7 @@ def _w8a16_gemm_kernel(
     tokens its N side (16 is the smallest tile). With SPLIT_K > 1, each program writes an fp32 partial; the
     last of the SPLIT_K programs of a tile to finish (an acq_rel counter) sums the partials in split order
     0, 1, … (deterministic, no float atomics), applies the epilogue and resets the counter for the next call.
+    With SERIAL, the grid has one program per tile and it computes the same split ranges one after the other.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -71,7 +75,44 @@ def _w8a16_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
     mask_m = offs_m < M
-    k_start = pid_k * K_PER_SPLIT
+    if SERIAL:
+        # One program walks the SPLIT_K ranges in order, each from a zero accumulator, and sums them as
+        # reduce_split_k does: the same bits as the split launch without the fp32 partials' round trip
+        # (at M = 256 on 4096×14336, split 8: 34 MB written and read again).
+        acc = _w8a16_k_range(
+            x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
+            stride_xm, stride_xk, stride_wn, stride_wk,
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+        for s in range(1, SPLIT_K):
+            acc += _w8a16_k_range(
+                x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
+                stride_xm, stride_xk, stride_wn, stride_wk,
+                DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _w8a16_k_range(
+            x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
+            stride_xm, stride_xk, stride_wn, stride_wk,
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    if SPLIT_K > 1 and not SERIAL:
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+                                      mask_n, mask_m, M, N, SPLIT_K)
+        if is_last:
+            _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
+                        stride_ym, stride_yn, HAS_BIAS)
+    else:
+        _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
+                        stride_ym, stride_yn, HAS_BIAS)
+
+
+@triton.jit
+def _w8a16_k_range(
+    x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, k_start, K, K_PER_SPLIT,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
     if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
@@ -115,15 +156,7 @@ def _w8a16_gemm_kernel(
         w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
 
-    if SPLIT_K > 1:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
-                                      mask_n, mask_m, M, N, SPLIT_K)
-        if is_last:
-            _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
-                        stride_ym, stride_yn, HAS_BIAS)
-    else:
-        _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
-                        stride_ym, stride_yn, HAS_BIAS)
+    return acc
 
 
 @triton.jit
@@ -178,12 +211,13 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     even = M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-    if split_k > 1:
+    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
     else:
         partials = counters = y  # unused
-    _w8a16_gemm_kernel[(num_tiles, split_k)](
+    _w8a16_gemm_kernel[(num_tiles, 1 if serial else split_k)](
         x2, w_arg, scales, bias if bias is not None else scales, y, partials, counters,
         M, N, K, k_per_split,
         x2.stride(0), x2.stride(1), w_arg.stride(0), w_arg.stride(1), y.stride(0), y.stride(1),
@@ -191,7 +225,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
         WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
-        SPLIT_K=split_k,
+        SPLIT_K=split_k, SERIAL=serial,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
@@ -322,6 +356,8 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
     configs = [
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g),)) for bm, bn, bk, w, s, g in space
     ]
+    if p.M > 16:  # batches: the split ranges in one program (SERIAL) or the split launch, where K is split
+        configs = with_serial_choices(configs, split_k_on(p.device, "w8a16", p.N, p.K, BLOCK_K))
     return prune_configs(configs, K=p.K, a_bytes=p.dtype.itemsize, b_bytes=1)
 
 

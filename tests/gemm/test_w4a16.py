@@ -1,6 +1,7 @@
 """w4a16 GEMM: every candidate against the fp32 reference, every group size, sym/asym, fp16/bf16, act-order,
 both dequantization modes of the tiled kernel, awkward shapes, and input validation."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -177,6 +178,9 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, group, k,
         y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, cfg, split_k=split_k)
         assert_close(y, _ref(x, w, b, perm), name=f"split_k={split_k}")
     assert int(tile_counters(x.device, 1).abs().sum()) == 0
+    # SERIAL: one program per tile walks the same split ranges in order: the same bits, no partials
+    serial = replace(cfg, extra=cfg.extra + (("SERIAL", 1),))
+    assert torch.equal(launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, serial, split_k=split_k), y)
 
 
 def test_split_k_depends_on_weight_shape_only():

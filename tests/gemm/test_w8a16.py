@@ -1,4 +1,6 @@
 """w8a16 GEMM: every candidate against the fp32 reference, on awkward shapes, plus input validation."""
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -103,6 +105,8 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, device):
         y = launch_tiled(x, q, s, b, cfg, split_k=split_k)
         assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"split_k={split_k}")
     assert int(tile_counters(x.device, 1).abs().sum()) == 0
+    # SERIAL: one program per tile walks the same split ranges in order: the same bits, no partials
+    assert torch.equal(launch_tiled(x, q, s, b, replace(cfg, extra=cfg.extra + (("SERIAL", 1),)), split_k=split_k), y)
 
 
 def test_split_k_depends_on_weight_shape_only():
