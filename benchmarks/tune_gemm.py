@@ -57,7 +57,11 @@ def main():
     rows = []
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
-        m1_cfg = None
+        # --invariant without M=1 in the list: rows are checked against the shipped (or default) M=1 config
+        if args.kernel == "w8a16":
+            m1_cfg = W.config_for(W.W8A16Problem(1, n, k, torch.float16, dev))
+        else:
+            m1_cfg = W.config_for(W.W4A16Problem(1, n, k, args.group, torch.float16, dev))
         for m in (int(v) for v in args.m.split(",")):
             if time.time() - t0 > args.budget_s:
                 print(f"budget reached before {name} M={m}")

@@ -63,6 +63,12 @@ def with_serial_choices(configs: list, split_k: int) -> list:
     return [replace(c, extra=c.extra + (("SERIAL", serial),)) for serial in (0, 1) for c in configs]
 
 
+def with_dot_t_choices(configs: list) -> list:
+    """Tuning: configs of 64 or more tokens per tile also with ``DOT_T`` (tokens on the MMA's M side, the
+    converted weight from shared memory); smaller token tiles would fall back to mma.sync there."""
+    return configs + [replace(c, extra=c.extra + (("DOT_T", 1),)) for c in configs if c.BLOCK_M >= 64]
+
+
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
 # leaves the counters it used at zero (launches on one stream never overlap).
 _COUNTERS: dict = {}

@@ -43,7 +43,8 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_serial_choices,
+    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_dot_t_choices,
+    with_serial_choices,
 )
 from ._weight_only import weight_only_family
 from ..dispatch import KernelFamily
@@ -173,6 +174,7 @@ def _w4a16_gemm_kernel(
     DOT_FP32: tl.constexpr,  # the interpreter's bf16 dot is wrong: compute the dot in fp32 there
     MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, SPLIT_K: tl.constexpr,
     SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself
+    DOT_T: tl.constexpr,  # tokens on the MMA's M side, the dequantized weight from shared memory (batches)
     ASM: tl.constexpr,  # MAGIC + INTERLEAVE on a GPU: dequantize each word with the PTX of _word_dequant_ptx
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks on the weight and x tiles
     GROUP: tl.constexpr,  # the group size as a constant (0: channel-wise, one scale row): no division per K-block
@@ -197,19 +199,19 @@ def _w4a16_gemm_kernel(
         acc = _w4a16_k_range(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
             group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-            HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N, BLOCK_K)
+            HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
         for s in range(1, SPLIT_K):
             acc += _w4a16_k_range(
                 x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K,
                 K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
-                stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N,
-                BLOCK_K)
+                stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M,
+                BLOCK_N, BLOCK_K)
     else:
         acc = _w4a16_k_range(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K,
             K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
-            stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, BLOCK_M, BLOCK_N,
-            BLOCK_K)
+            stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M,
+            BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
@@ -226,10 +228,11 @@ def _w4a16_k_range(
     group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
     HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, BF16: tl.constexpr, DOT_FP32: tl.constexpr,
     MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
-    k_start is a multiple of BLOCK_K, so every K-block stays inside one scale group."""
+    k_start is a multiple of BLOCK_K, so every K-block stays inside one scale group. DOT_T: the MMA computes
+    accᵀ = x · wᵀ with the dequantized weight from shared memory (asynchronous wgmma; see w8a16)."""
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     # (q − z) · s is computed in x.dtype (CT = DT); the interpreter's bf16 casts and arithmetic are wrong, so
     # there it is computed in fp32 (the values are the same; only the bf16 rounding of the weight is skipped).
@@ -253,7 +256,10 @@ def _w4a16_k_range(
     s_ptrs = scale_ptr + offs_n * stride_sn
     z_ptrs = zero_ptr + offs_n * stride_zn
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if DOT_T:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
         mask_k = offs_k < K - k0  # only channel-wise K has a tail; K is a multiple of 8
         if EVEN:
@@ -295,12 +301,19 @@ def _w4a16_k_range(
             a = _dequant_gather(w, shifts, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT)
         # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
         if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), x.to(tl.float32), acc)
+            a = a.to(tl.float32)
+            x = x.to(tl.float32)
+        if DOT_T:
+            acc = tl.dot(tl.trans(x), tl.trans(a), acc)
         else:
             acc = tl.dot(a, x, acc)
         qw_ptrs += BLOCK_R * stride_qk
 
-    return acc
+    if DOT_T:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    return out
 
 
 @triton.jit
@@ -368,6 +381,7 @@ def launch_tiled(
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
     ptx = meta.pop("PTX", 1)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    dot_t = bool(meta.pop("DOT_T", 0))
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
@@ -384,7 +398,7 @@ def launch_tiled(
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         BF16=x2.dtype == torch.bfloat16,
         DOT_FP32=x2.device.type == "cpu",
-        SPLIT_K=split_k, SERIAL=serial,
+        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
         ASM=bool(ptx) and x2.device.type == "cuda",
         EVEN=M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0,
         GROUP=group_size if group_size in GROUP_SIZES else 0,
@@ -573,6 +587,7 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
     ]
     if p.M > 16:  # batches: the split ranges in one program (SERIAL) or the split launch, where K is split
         configs = with_serial_choices(configs, split_k_on(p.device, "w4a16", p.N, p.K, bk))
+        configs = with_dot_t_choices(configs)
     group = p.group_size if p.group_size in GROUP_SIZES else None  # channel-wise: one scale row, any BLOCK_K
     kept = []
     for cfg in configs:

@@ -20,7 +20,8 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_serial_choices,
+    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_dot_t_choices,
+    with_serial_choices,
 )
 from ._weight_only import weight_only_family
 from .._int8_words import int8_words_to_float
@@ -57,6 +58,7 @@ def _w8a16_gemm_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: the weight and x tiles need no masks
     SPLIT_K: tl.constexpr,
     SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself (see below)
+    DOT_T: tl.constexpr,  # WORDS: tokens on the MMA's M side, the converted weight from shared memory (batches)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
@@ -82,17 +84,17 @@ def _w8a16_gemm_kernel(
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
         for s in range(1, SPLIT_K):
             acc += _w8a16_k_range(
                 x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
                 stride_xm, stride_xk, stride_wn, stride_wk,
-                DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
@@ -110,9 +112,13 @@ def _w8a16_k_range(
     x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, k_start, K, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk,
     DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero."""
+    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
+
+    DOT_T (batches): the MMA computes accᵀ = x · wᵀ, tokens on its M side. The converted weight is then the B
+    operand, which wgmma reads from shared memory, and the MMAs run asynchronously; as the A operand (from
+    registers) every wgmma waits for the one before (sm_90a SASS: WARPGROUP.DEPBAR after each HGMMA)."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
     if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
@@ -122,7 +128,10 @@ def _w8a16_k_range(
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk  # [BLOCK_K, BLOCK_M]
 
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if DOT_T:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
         # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
         if EVEN:
@@ -140,7 +149,9 @@ def _w8a16_k_range(
         if WORDS:
             wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
             if DOT_FP32:
-                acc = tl.dot(wf, x.to(tl.float32), acc)
+                x = x.to(tl.float32)
+            if DOT_T:
+                acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
             else:
                 acc = tl.dot(wf, x, acc)
         elif DOT_FP32:
@@ -156,7 +167,11 @@ def _w8a16_k_range(
         w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
 
-    return acc
+    if DOT_T:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    return out
 
 
 @triton.jit
@@ -212,6 +227,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
@@ -225,7 +241,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
         WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
-        SPLIT_K=split_k, SERIAL=serial,
+        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
@@ -358,6 +374,7 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
     ]
     if p.M > 16:  # batches: the split ranges in one program (SERIAL) or the split launch, where K is split
         configs = with_serial_choices(configs, split_k_on(p.device, "w8a16", p.N, p.K, BLOCK_K))
+        configs = with_dot_t_choices(configs)
     return prune_configs(configs, K=p.K, a_bytes=p.dtype.itemsize, b_bytes=1)
 
 

@@ -181,6 +181,11 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, group, k,
     # SERIAL: one program per tile walks the same split ranges in order: the same bits, no partials
     serial = replace(cfg, extra=cfg.extra + (("SERIAL", 1),))
     assert torch.equal(launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, serial, split_k=split_k), y)
+    # DOT_T (tokens on the MMA's M side): the same sums in the transposed product
+    for extra in ((("DOT_T", 1),), (("DOT_T", 1), ("SERIAL", 1))):
+        y_t = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, replace(cfg, extra=cfg.extra + extra),
+                           split_k=split_k)
+        assert_close(y_t, _ref(x, w, b, perm), name=f"split_k={split_k} {extra}")
 
 
 def test_split_k_depends_on_weight_shape_only():
