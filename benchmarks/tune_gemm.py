@@ -12,6 +12,7 @@ Usage: python benchmarks/tune_gemm.py --kernel w8a16|w4a16 --out OUT [--shapes 8
        [--group 128] [--invariant]
 """
 import argparse
+import logging
 import time
 
 import torch
@@ -43,6 +44,7 @@ def main():
     ap.add_argument("--invariant", action="store_true", help="admit only configs batch-invariant with M=1")
     ap.add_argument("--budget-s", type=float, default=1e9)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time, and why one did not compete
     W = w8a16 if args.kernel == "w8a16" else w4a16
     extra = {} if args.kernel == "w8a16" else {"group_size": args.group, "sym": True}
 
