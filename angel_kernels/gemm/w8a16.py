@@ -59,6 +59,7 @@ def _w8a16_gemm_kernel(
     SPLIT_K: tl.constexpr,
     SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself (see below)
     DOT_T: tl.constexpr,  # WORDS: tokens on the MMA's M side, the converted weight from shared memory (batches)
+    AHEAD: tl.constexpr,  # WORDS: each K-block's weight is converted during the previous block's MMAs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
@@ -84,17 +85,17 @@ def _w8a16_gemm_kernel(
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
         for s in range(1, SPLIT_K):
             acc += _w8a16_k_range(
                 x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
                 stride_xm, stride_xk, stride_wn, stride_wk,
-                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
@@ -112,7 +113,7 @@ def _w8a16_k_range(
     x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, k_start, K, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk,
     DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
-    DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_T: tl.constexpr, AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
 
@@ -132,40 +133,61 @@ def _w8a16_k_range(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
-        # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
-        if EVEN:
-            x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
-        else:
-            mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
+    k_end = min(K, k_start + K_PER_SPLIT)
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    if AHEAD:  # WORDS: convert the next K-block's weight after issuing this block's MMAs
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (k_end - k_start) // 4)[None, :], other=0)
+        wf = int8_words_to_float(w, BF16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if AHEAD:
+            mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        if EVEN:
-            w = tl.load(w_ptrs)
-        elif WORDS:
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
-        else:
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
-        if WORDS:
-            wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
             if DOT_FP32:
                 x = x.to(tl.float32)
             if DOT_T:
                 acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
             else:
                 acc = tl.dot(wf, x, acc)
-        elif DOT_FP32:
-            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
-        elif MAGIC:
-            # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
-            # a 16-bit integer add, a bitcast and one fp16 subtract replace the int → float conversion, whose
-            # 16/clk/SM throughput is about what streaming int8 weights at 3 TB/s needs (13 per clk per SM).
-            w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-            acc = tl.dot(w16, x, acc)
+            w_ptrs += BLOCK_K // 4
+            x_ptrs += BLOCK_K * stride_xk
+            k1 = k0 + BLOCK_K
+            # past the range's last block the bound is ≤ 0: nothing is loaded
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (k_end - k1) // 4)[None, :], other=0)
+            wf = int8_words_to_float(w, BF16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
         else:
-            acc = tl.dot(w.to(x.dtype), x, acc)
-        w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
-        x_ptrs += BLOCK_K * stride_xk
+            # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
+            if EVEN:
+                x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+            else:
+                mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
+                x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+            if EVEN:
+                w = tl.load(w_ptrs)
+            elif WORDS:
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
+            else:
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+            # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
+            if WORDS:
+                wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
+                if DOT_FP32:
+                    x = x.to(tl.float32)
+                if DOT_T:
+                    acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
+                else:
+                    acc = tl.dot(wf, x, acc)
+            elif DOT_FP32:
+                acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
+            elif MAGIC:
+                # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
+                # a 16-bit integer add, a bitcast and one fp16 subtract replace the int → float conversion, whose
+                # 16/clk/SM throughput is about what streaming int8 weights at 3 TB/s needs (13 per clk per SM).
+                w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+                acc = tl.dot(w16, x, acc)
+            else:
+                acc = tl.dot(w.to(x.dtype), x, acc)
+            w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
 
     if DOT_T:
         out = tl.trans(acc)
@@ -228,6 +250,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
     dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
+    ahead = bool(meta.pop("AHEAD", 0)) and bool(words)
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
@@ -241,7 +264,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
         WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
-        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
+        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t, AHEAD=ahead,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
