@@ -226,8 +226,7 @@ def _gemm_launch(args):
 
     x = torch.randn(args.m, args.k, dtype=torch.float16)
     cfg = KernelConfig(args.block_m or 16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages,
-                       extra=(("GROUP_N", 1),) + ((("DOT_T", 1),) if args.dot_t else ())
-                       + ((("AHEAD", 1),) if args.ahead else ()))
+                       extra=(("GROUP_N", 1),) + ((("DOT_T", 1),) if args.dot_t else ()))
     if args.kernel == "w8a16":
         q = torch.randint(-127, 128, (args.n, args.k), dtype=torch.int8)
         return capture_launches(w8a16.launch_tiled, x, q, torch.rand(args.n), None, cfg)
@@ -253,7 +252,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dot-t", type=int, default=0, help="w8a16: tokens on the MMA's M side (batches)")
-    ap.add_argument("--ahead", type=int, default=0, help="w8a16: convert each K-block during the previous MMAs")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)
     if args.kernel == "decode":

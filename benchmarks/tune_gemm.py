@@ -9,7 +9,7 @@ Timings are CUDA-graph medians over input sets rotated past L2 (``angel_kernels.
 harness's method), for the tuned configs and for cuBLAS alike: comparable with the harness's rows.
 
 Usage: python benchmarks/tune_gemm.py --kernel w8a16|w4a16 --out OUT [--shapes 8b.qkv,...] [--m 1,16,...]
-       [--group 128] [--invariant]
+       [--group 128] [--invariant] [--space full|focus]
 """
 import argparse
 import logging
@@ -24,6 +24,21 @@ try:
     from .bench_gemm import SHAPES
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from bench_gemm import SHAPES
+
+
+# Batch tiles that led a run on the H100 (M = 128-512, 28672×4096 and 4096×14336; benchmarks/NOTES.md):
+# (token tile, weight tile, warps, stages, DOT_T)
+FOCUS_TILES = {(128, 128, 4, 2, 1), (128, 128, 4, 3, 1), (128, 128, 8, 3, 0), (128, 256, 8, 3, 0), (256, 128, 8, 3, 0),
+               (256, 128, 8, 2, 1), (64, 128, 4, 3, 1), (64, 128, 8, 3, 0)}
+
+
+def focus_space(configs):
+    """The batch configs with a FOCUS_TILES shape (both SERIAL choices where K is split); decode spaces whole."""
+    def shape(c):
+        return c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, dict(c.extra).get("DOT_T", 0)
+
+    batch = [c for c in configs if c.BLOCK_M >= 64]
+    return [c for c in batch if shape(c) in FOCUS_TILES] if batch else configs
 
 
 def cublas_us(n, k, m):
@@ -43,6 +58,8 @@ def main():
     ap.add_argument("--m", default=",".join(str(b) for b in M_BUCKETS if b != 2048))
     ap.add_argument("--invariant", action="store_true", help="admit only configs batch-invariant with M=1")
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--space", choices=("full", "focus"), default="full",
+                    help="focus: batch tiles around earlier leaders (FOCUS_TILES)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time, and why one did not compete
     W = w8a16 if args.kernel == "w8a16" else w4a16
@@ -70,7 +87,8 @@ def main():
                 break
             inv = m1_cfg if (args.invariant and m > 1) else None
             try:
-                best, timings = W.tune(n, k, m, device=dev, store=store, invariant_with=inv, **extra)
+                best, timings = W.tune(n, k, m, device=dev, store=store, invariant_with=inv,
+                                       space=focus_space if args.space == "focus" else None, **extra)
             except RuntimeError as e:
                 print(f"{name} M={m}: {e}")
                 rows.append((name, m, None, None, space_size(m, n, k), 0))

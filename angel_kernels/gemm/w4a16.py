@@ -580,7 +580,7 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
     if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
         space = product(token_tiles, (64, 128), (4,), (3, 4, 5, 6), (1,), modes)
     else:
-        space = product(token_tiles, (64, 128, 256), (4, 8), (3, 4), (8,), modes)
+        space = product(token_tiles, (64, 128, 256), (4, 8), (2, 3, 4), (8,), modes)
     configs = [
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=_modes(magic, inter, gn))
         for bm, bn, w, s, gn, (magic, inter) in space
@@ -609,8 +609,10 @@ def tune(
     store=None,
     invariant_with: Optional[KernelConfig] = None,
     bench=None,
+    space=None,
 ) -> tuple[KernelConfig, dict]:
-    """Warm-up step: time ``tuning_space`` for one (N, K, group, M bucket), check each result, record the fastest.
+    """Warm-up step: time ``tuning_space`` (or ``space(configs)``, a filter of it) for one (N, K, group, M bucket),
+    check each result, record the fastest.
 
     ``invariant_with``: a config for M=1; a candidate config is then admitted only if rows 0 and M-1 of its
     output equal, bitwise, the M=1 config's output for those rows alone (batch invariance).
@@ -656,7 +658,7 @@ def tune(
                     raise ValueError(f"row {i} differs from its M=1 result")
 
     return tune_kernel(
-        store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
+        store or default_store(), KERNEL_NAME, p.key(), space(tuning_space(p)) if space else tuning_space(p),
         lambda cfg: [partial(launch_tiled, xs, ws.qweight, ws.scales, ws.zeros, g, None, None, cfg)
                      for xs, ws in sets],
         device, check=check, bench=bench,

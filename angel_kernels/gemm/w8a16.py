@@ -59,7 +59,6 @@ def _w8a16_gemm_kernel(
     SPLIT_K: tl.constexpr,
     SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself (see below)
     DOT_T: tl.constexpr,  # WORDS: tokens on the MMA's M side, the converted weight from shared memory (batches)
-    AHEAD: tl.constexpr,  # WORDS: each K-block's weight is converted during the previous block's MMAs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
@@ -85,17 +84,17 @@ def _w8a16_gemm_kernel(
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
         for s in range(1, SPLIT_K):
             acc += _w8a16_k_range(
                 x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
                 stride_xm, stride_xk, stride_wn, stride_wk,
-                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = _w8a16_k_range(
             x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
             stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, AHEAD, BLOCK_M, BLOCK_N, BLOCK_K)
+            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
@@ -113,13 +112,16 @@ def _w8a16_k_range(
     x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, k_start, K, K_PER_SPLIT,
     stride_xm, stride_xk, stride_wn, stride_wk,
     DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
-    DOT_T: tl.constexpr, AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
 
     DOT_T (batches): the MMA computes accᵀ = x · wᵀ, tokens on its M side. The converted weight is then the B
-    operand, which wgmma reads from shared memory, and the MMAs run asynchronously; as the A operand (from
-    registers) every wgmma waits for the one before (sm_90a SASS: WARPGROUP.DEPBAR after each HGMMA)."""
+    operand, which wgmma reads from shared memory, and a K-block's 8 HGMMAs issue back to back with one wait; as
+    the A operand (from registers) each HGMMA waits for the one before (sm_90a SASS). Either way the conversion of
+    the next K-block waits for the MMAs (Triton keeps one buffer for the converted tile), so a program alternates
+    between converting and multiplying: at 28672×4096, M = 256 the 128×128 / 4-warp DOT_T tile takes 152 µs
+    (H100; the best swap-AB tile 163, cuBLAS fp16 107). Rows are bitwise those of the swap-AB kernel."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
     if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
@@ -133,61 +135,40 @@ def _w8a16_k_range(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    k_end = min(K, k_start + K_PER_SPLIT)
-    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
-    if AHEAD:  # WORDS: convert the next K-block's weight after issuing this block's MMAs
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (k_end - k_start) // 4)[None, :], other=0)
-        wf = int8_words_to_float(w, BF16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        if AHEAD:
-            mask_k = (k0 + tl.arange(0, BLOCK_K)) < K
+    for k0 in range(k_start, min(K, k_start + K_PER_SPLIT), BLOCK_K):
+        # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
+        if EVEN:
+            x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
+        else:
+            mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        if EVEN:
+            w = tl.load(w_ptrs)
+        elif WORDS:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
+        else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
+        if WORDS:
+            wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
             if DOT_FP32:
                 x = x.to(tl.float32)
             if DOT_T:
                 acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
             else:
                 acc = tl.dot(wf, x, acc)
-            w_ptrs += BLOCK_K // 4
-            x_ptrs += BLOCK_K * stride_xk
-            k1 = k0 + BLOCK_K
-            # past the range's last block the bound is ≤ 0: nothing is loaded
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (k_end - k1) // 4)[None, :], other=0)
-            wf = int8_words_to_float(w, BF16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
+        elif DOT_FP32:
+            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
+        elif MAGIC:
+            # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
+            # a 16-bit integer add, a bitcast and one fp16 subtract replace the int → float conversion, whose
+            # 16/clk/SM throughput is about what streaming int8 weights at 3 TB/s needs (13 per clk per SM).
+            w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+            acc = tl.dot(w16, x, acc)
         else:
-            # EVEN drops the masks: ~40 of the ~300 instructions per K-block of a 64×128 tile (SASS count).
-            if EVEN:
-                x = tl.load(x_ptrs, mask=mask_m[None, :], other=0.0)
-            else:
-                mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
-                x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-            if EVEN:
-                w = tl.load(w_ptrs)
-            elif WORDS:
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
-            else:
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-            # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
-            if WORDS:
-                wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
-                if DOT_FP32:
-                    x = x.to(tl.float32)
-                if DOT_T:
-                    acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
-                else:
-                    acc = tl.dot(wf, x, acc)
-            elif DOT_FP32:
-                acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
-            elif MAGIC:
-                # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
-                # a 16-bit integer add, a bitcast and one fp16 subtract replace the int → float conversion, whose
-                # 16/clk/SM throughput is about what streaming int8 weights at 3 TB/s needs (13 per clk per SM).
-                w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-                acc = tl.dot(w16, x, acc)
-            else:
-                acc = tl.dot(w.to(x.dtype), x, acc)
-            w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
-            x_ptrs += BLOCK_K * stride_xk
+            acc = tl.dot(w.to(x.dtype), x, acc)
+        w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
+        x_ptrs += BLOCK_K * stride_xk
 
     if DOT_T:
         out = tl.trans(acc)
@@ -224,7 +205,9 @@ def heuristic_config(p: W8A16Problem) -> KernelConfig:
         return KernelConfig(32, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
     if p.M <= 64:
         return KernelConfig(64, 128, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
-    return KernelConfig(128, 128, BLOCK_K, num_warps=8, num_stages=4, extra=(("GROUP_N", 8),))
+    # DOT_T (H100, 28672×4096, M = 128 / 256 / 512): 81.4 / 151.9 / 292.2 µs; swap-AB 128×128 / 8 warps:
+    # 89.5 / 178.6 / 307.8
+    return KernelConfig(128, 128, BLOCK_K, num_warps=4, num_stages=2, extra=(("DOT_T", 1), ("GROUP_N", 8)))
 
 
 def config_for(p: W8A16Problem) -> KernelConfig:
@@ -250,7 +233,6 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
     dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
-    ahead = bool(meta.pop("AHEAD", 0)) and bool(words)
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)
@@ -264,7 +246,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
         WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
-        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t, AHEAD=ahead,
+        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
@@ -390,7 +372,7 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
     if p.M <= 16:  # weight streaming: deep pipelines keep bytes in flight
         space = product(token_tiles, (64, 128), (BLOCK_K,), (4, 8), (3, 4, 5, 6), (1,))
     else:
-        space = product(token_tiles, (64, 128, 256), (BLOCK_K,), (4, 8), (3, 4), (8,))
+        space = product(token_tiles, (64, 128, 256), (BLOCK_K,), (4, 8), (2, 3, 4), (8,))
     # the conversion is not tuned: WORDS (the default) has the fewest instructions and the same bits as the others
     configs = [
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g),)) for bm, bn, bk, w, s, g in space
@@ -402,9 +384,11 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
 
 
 def tune(
-    n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None, invariant_with=None, bench=None
+    n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None, invariant_with=None, bench=None,
+    space=None,
 ) -> tuple[KernelConfig, dict]:
-    """Warm-up step: time ``tuning_space`` for one (N, K, M bucket), check each result, record the fastest.
+    """Warm-up step: time ``tuning_space`` (or ``space(configs)``, a filter of it) for one (N, K, M bucket), check
+    each result, record the fastest.
 
     ``invariant_with``: a config for M=1; a candidate config is then admitted only if rows 0 and M-1 of its
     output equal, bitwise, the M=1 config's output for those rows alone (batch invariance).
@@ -445,6 +429,6 @@ def tune(
                     raise ValueError(f"row {i} differs from its M=1 result")
 
     return tune_kernel(
-        store or default_store(), KERNEL_NAME, p.key(), tuning_space(p),
+        store or default_store(), KERNEL_NAME, p.key(), space(tuning_space(p)) if space else tuning_space(p),
         lambda cfg: [partial(launch_tiled, *xqs, None, cfg) for xqs in sets], device, check=check, bench=bench,
     )
