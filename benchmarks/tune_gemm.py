@@ -67,8 +67,10 @@ def main():
 
     def space_size(m, n, k):
         if args.kernel == "w8a16":
-            return len(W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev)))
-        return len(W.tuning_space(W.W4A16Problem(m, n, k, args.group, torch.float16, dev)))
+            space = W.tuning_space(W.W8A16Problem(m, n, k, torch.float16, dev))
+        else:
+            space = W.tuning_space(W.W4A16Problem(m, n, k, args.group, torch.float16, dev))
+        return len(focus_space(space) if args.space == "focus" else space)
 
     store = TunedConfigStore(args.out)
     dev = torch.device("cuda")
