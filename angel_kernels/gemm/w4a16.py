@@ -380,7 +380,7 @@ def launch_tiled(
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
     ptx = meta.pop("PTX", 1)
-    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w4a16", split_k, num_tiles))) and split_k > 1
     dot_t = bool(meta.pop("DOT_T", 0))
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)

@@ -231,7 +231,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     even = M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, split_k, num_tiles))) and split_k > 1
+    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w8a16", split_k, num_tiles))) and split_k > 1
     dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)

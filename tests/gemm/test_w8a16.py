@@ -323,3 +323,13 @@ def test_gpu_word_conversion_at_real_configs(dtype, m):
     words = launch_tiled(x, q, s, b, replace(cfg, extra=(("GROUP_N", 8), ("WORDS", 1))))
     assert torch.equal(plain, words)
     assert_close(words, w8a16_gemm_ref(x, q, s, b))
+
+
+def test_serial_splits_only_once_the_tiles_give_the_programs_the_split_is_for():
+    from angel_kernels.gemm._splitk import serial_by_default
+
+    cpu = torch.device("cpu")  # 132 SMs, as an H100
+    assert not serial_by_default(cpu, "w4a16", 2, 448)  # 28672×4096 at M = 1: the split's programs are needed
+    assert serial_by_default(cpu, "w4a16", 2, 462)
+    assert serial_by_default(cpu, "w8a16", 8, 396) and not serial_by_default(cpu, "w8a16", 8, 395)
+    assert not serial_by_default(cpu, "w8a16", 1, 10_000)  # nothing to serialize
