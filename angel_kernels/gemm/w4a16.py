@@ -373,10 +373,13 @@ def launch_tiled(
     N = qweight.shape[1]
     if group_size != K and group_size % cfg.BLOCK_K:  # channel-wise (one scale row) takes any BLOCK_K
         raise ValueError(f"BLOCK_K={cfg.BLOCK_K} must divide group_size={group_size}: a K-block needs one scale row")
+    # Splits are counted in the group's K-blocks (block_k_for) whatever the config's K-block, when it divides
+    # them (as w8a16: the same chain of k16 MMA steps, the same split ranges).
+    split_block = block_k_for(group_size) if block_k_for(group_size) % cfg.BLOCK_K == 0 else cfg.BLOCK_K
     if split_k is None:
-        split_k = split_k_on(x2.device, "w4a16", N, K, cfg.BLOCK_K)
+        split_k = split_k_on(x2.device, "w4a16", N, K, split_block)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), split_block) * split_block
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
     ptx = meta.pop("PTX", 1)

@@ -220,8 +220,11 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     """x2 [M, K] → y [M, N] with the Triton kernel and an explicit config (split-K from N, K unless given)."""
     M, K = x2.shape
     N = qweight.shape[0]
+    # Splits are counted in BLOCK_K = 128 blocks whatever the config's K-block (64 also divides them): a K-block
+    # of 64 runs the same chain of k16 MMA steps, so only the split ranges must not move with the config.
+    split_block = BLOCK_K if BLOCK_K % cfg.BLOCK_K == 0 else cfg.BLOCK_K
     if split_k is None:
-        split_k = split_k_on(x2.device, "w8a16", N, K, cfg.BLOCK_K)  # weight shape and GPU, never M
+        split_k = split_k_on(x2.device, "w8a16", N, K, split_block)  # weight shape and GPU, never M
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
     magic = meta.pop("MAGIC", 1)  # MAGIC=0 (plain conversion) is the tests' control; every mode gives the same bits
@@ -229,7 +232,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     words = meta.pop("WORDS", 1) and _word_view_ok(qweight)
     w_arg = qweight.view(torch.int32) if words else qweight
     even = M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), split_block) * split_block
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w8a16", split_k, num_tiles))) and split_k > 1
     dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
