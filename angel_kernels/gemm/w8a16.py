@@ -188,8 +188,9 @@ def _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mas
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
-# Batch invariance: a row's result must not depend on M, so the K reduction (BLOCK_K and the split-K count)
-# depends on N and K only; BLOCK_M/BLOCK_N, warps and stages vary with the M bucket.
+# Batch invariance: a row's result must not depend on M, so the K reduction (the split count and ranges, in
+# BLOCK_K blocks, and the chain of k16 MMA steps) depends on N and K only; BLOCK_M/BLOCK_N, warps, stages, DOT_T,
+# SERIAL and (on DOT_T tiles) K-blocks of BLOCK_K / 2 vary with the M bucket.
 BLOCK_K = 128
 # Under the interpreter cost grows with programs × K-steps: few, large blocks keep CPU tests fast.
 INTERPRETER_CONFIG = KernelConfig(

@@ -321,11 +321,12 @@ def test_reference_switch_routes_the_launcher_to_the_reference(monkeypatch):
 @pytest.mark.parametrize("m", [1, 16, 64, 1024])
 @pytest.mark.parametrize("group", GROUPS)
 def test_tuning_space_keeps_one_block_k_per_group(m, group):
-    """Batch invariance: every M bucket's configs share one BLOCK_K, and a K-block never straddles a group."""
+    """Batch invariance: every M bucket's configs take the group's K-block (DOT_T tiles also half of it), and a
+    K-block never straddles a group."""
     k = 4096
     g = k if group == -1 else group
     space = tuning_space(W4A16Problem(m, 4096, k, g, torch.float16, torch.device("cuda")))
-    assert space and {c.BLOCK_K for c in space} == {block_k_for(g)}
+    assert space and max(c.BLOCK_K for c in space) == block_k_for(g)
     assert all(g % c.BLOCK_K == 0 for c in space)
     assert {dict(c.extra)["MAGIC"] for c in space} == {1}
 

@@ -268,7 +268,7 @@ def test_tuning_space_fits_the_m_bucket(m):
 
     space = tuning_space(W8A16Problem(m, 4096, 4096, torch.float16, torch.device("cpu")))
     check_tuning_space_fits_the_m_bucket(space, m)
-    assert {c.BLOCK_K for c in space} == {BLOCK_K}
+    assert max(c.BLOCK_K for c in space) == BLOCK_K
 
 
 def test_dequantize_int8_matches_torch(device):
