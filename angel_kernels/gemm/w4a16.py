@@ -567,8 +567,7 @@ def tuning_space(p: W4A16Problem) -> list[KernelConfig]:
     """Configs worth timing for a problem's M regime (pruned for shared memory and scale groups before timing).
 
     BLOCK_K is the group's K-block (DOT_T tiles also half of it) and split-K comes from the weight shape (batch
-    invariance); token tiles follow
-    the M bucket, weight tiles start at 64 rows (wgmma's M side); both dequantization layouts compete.
+    invariance); token tiles follow the M bucket, weight tiles start at 64 rows (wgmma's M side).
     """
     from itertools import product
 
