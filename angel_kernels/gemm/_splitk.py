@@ -105,6 +105,16 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def tile_rows_and_tokens(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """This program's tile: (offs_n, offs_m, mask_n, mask_m, tile index for the split counters), weight rows n
+    and tokens m in ``grouped_tile`` order."""
+    pid_n, pid_m, num_pid_m = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_n, offs_m, offs_n < N, offs_m < M, pid_n * num_pid_m + pid_m
+
+
+@triton.jit
 def reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
                    SPLIT_K: tl.constexpr):
     """Store this split's partial; returns (the sum over splits, whether this program is the last to arrive).

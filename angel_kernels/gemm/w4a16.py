@@ -43,7 +43,7 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_dot_t_choices,
+    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_dot_t_choices,
     with_serial_choices,
 )
 from ._weight_only import weight_only_family
@@ -187,14 +187,8 @@ def _w4a16_gemm_kernel(
     SPLIT_K > 1 each program writes an fp32 partial; the last of a tile's SPLIT_K programs to finish (an acq_rel
     counter) sums the partials in split order 0, 1, … (deterministic), applies the epilogue, resets the counter.
     """
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
+    offs_n, offs_m, mask_n, mask_m, tile = tile_rows_and_tokens(M, N, BLOCK_M, BLOCK_N, GROUP_N)
     if SERIAL:  # one program sums the split ranges in order, as reduce_split_k does (w8a16's SERIAL)
         acc = _w4a16_k_range(
             x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
@@ -214,7 +208,7 @@ def _w4a16_gemm_kernel(
             BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
                                       mask_n, mask_m, M, N, SPLIT_K)
         if is_last:
             _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)

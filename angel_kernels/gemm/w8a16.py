@@ -20,7 +20,7 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    grouped_tile, reduce_split_k, serial_by_default, split_k_on, tile_counters, with_dot_t_choices,
+    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_dot_t_choices,
     with_serial_choices,
 )
 from ._weight_only import weight_only_family
@@ -69,14 +69,8 @@ def _w8a16_gemm_kernel(
     0, 1, … (deterministic, no float atomics), applies the epilogue and resets the counter for the next call.
     With SERIAL, the grid has one program per tile and it computes the same split ranges one after the other.
     """
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_n, pid_m, num_pid_m = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_N)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_n = offs_n < N
-    mask_m = offs_m < M
+    offs_n, offs_m, mask_n, mask_m, tile = tile_rows_and_tokens(M, N, BLOCK_M, BLOCK_N, GROUP_N)
     if SERIAL:
         # One program walks the SPLIT_K ranges in order, each from a zero accumulator, and sums them as
         # reduce_split_k does: the same bits as the split launch without the fp32 partials' round trip
@@ -97,7 +91,7 @@ def _w8a16_gemm_kernel(
             DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
 
     if SPLIT_K > 1 and not SERIAL:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, pid_n * num_pid_m + pid_m, pid_k, offs_n, offs_m,
+        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
                                       mask_n, mask_m, M, N, SPLIT_K)
         if is_last:
             _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
