@@ -76,6 +76,16 @@ def with_dot_t_choices(configs: list) -> list:
     return configs + dot_t + [replace(c, BLOCK_K=c.BLOCK_K // 2) for c in dot_t if c.BLOCK_K >= 128]
 
 
+def with_decode_dot_t_choices(configs: list) -> list:
+    """Decode tuning (M ≤ 16): also DOT_T tiles of 64 tokens (wgmma's smallest M side; the rows beyond M are
+    masked) at 4 warps, 2 and 3 stages. Same bits as the swap-AB tiles (DOT_T rows matched the M = 1 configs on
+    the H100), fewer instructions per K-block (sm_90a, 28672×4096, 64 weight rows: w8a16 257 → 191 at 2 stages,
+    w4a16 337 → 260: one shared-memory store of the converted tile instead of four STS / LDSM rounds, and no
+    wait after each HGMMA), but 16 KB of shared memory per stage for the mostly empty x tile."""
+    return configs + [replace(c, BLOCK_M=64, num_stages=stages, extra=c.extra + (("DOT_T", 1),))
+                      for c in configs if c.num_warps == 4 and c.num_stages == 3 for stages in (2, 3)]
+
+
 # Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
 # leaves the counters it used at zero (launches on one stream never overlap).
 _COUNTERS: dict = {}

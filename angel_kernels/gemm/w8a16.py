@@ -20,8 +20,8 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_dot_t_choices,
-    with_serial_choices,
+    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
+    with_dot_t_choices, with_serial_choices,
 )
 from ._weight_only import weight_only_family
 from .._int8_words import int8_words_to_float
@@ -375,6 +375,8 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
     configs = [
         KernelConfig(bm, bn, bk, num_warps=w, num_stages=s, extra=(("GROUP_N", g),)) for bm, bn, bk, w, s, g in space
     ]
+    if p.M <= 16:
+        configs = with_decode_dot_t_choices(configs)
     if p.M > 16:  # batches: the split ranges in one program (SERIAL) or the split launch, where K is split
         configs = with_serial_choices(configs, split_k_on(p.device, "w8a16", p.N, p.K, BLOCK_K))
         configs = with_dot_t_choices(configs)

@@ -84,5 +84,10 @@ def check_tuning_space_fits_the_m_bucket(space: list, m: int) -> None:
     # (the same chain of k16 MMA steps; the tuner's invariance check confirms each config on the GPU)
     full = max(c.BLOCK_K for c in space)
     assert all(c.BLOCK_K == full or (2 * c.BLOCK_K == full and dict(c.extra).get("DOT_T")) for c in space)
-    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16
-    assert all(16 <= c.BLOCK_M <= max(16, 2 * m_bucket(m)) for c in space), [c.BLOCK_M for c in space]
+    # no token tile larger than twice the bucket (wasted MMA work), none below the MMA minimum of 16; DOT_T tiles
+    # (tokens on wgmma's M side) take at least 64
+    def fits(c):
+        low = 64 if dict(c.extra).get("DOT_T") else 16
+        return low <= c.BLOCK_M <= max(low, 2 * m_bucket(m))
+
+    assert all(fits(c) for c in space), [(c.BLOCK_M, dict(c.extra)) for c in space if not fits(c)]
