@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--words", type=int, default=0, help="decode, prefill: read the int8 cache as int32 words")
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
-    ap.add_argument("--dot-t", type=int, default=0, help="w8a16: tokens on the MMA's M side (batches)")
+    ap.add_argument("--dot-t", type=int, default=0, help="w8a16, w4a16: tokens on the MMA's M side (DOT_T)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)
     if args.kernel == "decode":

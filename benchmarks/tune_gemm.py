@@ -33,7 +33,8 @@ FOCUS_TILES = {(128, 128, 4, 2, 1), (128, 128, 4, 3, 1), (128, 128, 4, 4, 1), (1
 
 
 def focus_space(configs):
-    """The batch configs with a FOCUS_TILES shape (both SERIAL choices where K is split); decode spaces whole."""
+    """The configs with a FOCUS_TILES shape (both SERIAL choices where K is split); spaces without 64-token
+    tiles (M ≤ 32) whole."""
     def shape(c):
         return c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages, dict(c.extra).get("DOT_T", 0)
 

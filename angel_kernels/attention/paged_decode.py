@@ -403,8 +403,8 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     untuned GPUs (on the H100, over the int8 tuning cases, the previous default took 1950 µs and the word-path
     configs around this one 1056–1064): int8 128-token tiles on
     the whole head dim with the word path, 3 stages, 256-token splits with a floor of 8 splits; fp16 64-token
-    tiles in head-dim halves, 1024-token splits with a floor of 8 splits (B=64×16k 1465 vs 1500 µs with 64-token
-    splits). Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
+    tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
+    with 64-token splits). Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
     16 KB (fp16) for D = 64, and 256-token splits, whose partial output (4 query heads × D fp32, written and read
     back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8:

@@ -53,16 +53,21 @@ def serial_by_default(device: torch.device, kernel: str, split_k: int, num_tiles
     """Run a split launch's ranges one after the other in one program per tile (same bits, see the kernels'
     SERIAL) once the tiles alone give the programs per SM that the split is there for: the fp32 partials grow
     with M (M · N · SPLIT_K · 8 bytes written and read), the weight does not. A config's ``SERIAL`` extra
-    overrides this. (One program per SM is not enough: w4a16 28672×4096 at M = 1, 448 tiles on 132 SMs, took
-    40.7 µs serial against 35.6 split in two.)"""
+    overrides this. (w4a16 28672×4096 at M = 1 has 448 tiles, 3.4 per SM on 132 SMs, below its 3.5: serial
+    it took 40.7 µs against 35.6 split in two.)"""
     return split_k > 1 and num_tiles >= PROGRAMS_PER_SM[kernel] * num_sms(device, DEFAULT_SMS)
+
+
+def _with_extra(c, name: str, value: int, **fields):
+    """c with one more extra (kept sorted, as KernelConfig.from_dict stores them) and other fields replaced."""
+    return replace(c, extra=tuple(sorted(c.extra + ((name, value),))), **fields)
 
 
 def with_serial_choices(configs: list, split_k: int) -> list:
     """Tuning: each config both ways (``SERIAL`` 0 and 1) where the weight shape splits K; else as given."""
     if split_k <= 1:
         return configs
-    return [replace(c, extra=c.extra + (("SERIAL", serial),)) for serial in (0, 1) for c in configs]
+    return [_with_extra(c, "SERIAL", serial) for serial in (0, 1) for c in configs]
 
 
 def with_dot_t_choices(configs: list) -> list:
@@ -72,7 +77,7 @@ def with_dot_t_choices(configs: list) -> list:
     rows' bits (H100: 128×128 / 4 warps / 4 stages, 28672×4096 M=128: 77.2 µs vs 84.3 at K-blocks of 128;
     two programs fit an SM). A swap-AB 128×128×64 / 8-warp tile gave other bits there, so the tuner's
     invariance check (--invariant) decides what is admitted."""
-    dot_t = [replace(c, extra=c.extra + (("DOT_T", 1),)) for c in configs if c.BLOCK_M >= 64]
+    dot_t = [_with_extra(c, "DOT_T", 1) for c in configs if c.BLOCK_M >= 64]
     return configs + dot_t + [replace(c, BLOCK_K=c.BLOCK_K // 2) for c in dot_t if c.BLOCK_K >= 128]
 
 
@@ -82,7 +87,7 @@ def with_decode_dot_t_choices(configs: list) -> list:
     the H100), fewer instructions per K-block (sm_90a, 28672×4096, 64 weight rows: w8a16 257 → 191 at 2 stages,
     w4a16 337 → 260: one shared-memory store of the converted tile instead of four STS / LDSM rounds, and no
     wait after each HGMMA), but 16 KB of shared memory per stage for the mostly empty x tile."""
-    return configs + [replace(c, BLOCK_M=64, num_stages=stages, extra=c.extra + (("DOT_T", 1),))
+    return configs + [_with_extra(c, "DOT_T", 1, BLOCK_M=64, num_stages=stages)
                       for c in configs if c.num_warps == 4 and c.num_stages == 3 for stages in (2, 3)]
 
 

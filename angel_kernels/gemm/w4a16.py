@@ -189,23 +189,21 @@ def _w4a16_gemm_kernel(
     """
     pid_k = tl.program_id(1)
     offs_n, offs_m, mask_n, mask_m, tile = tile_rows_and_tokens(M, N, BLOCK_M, BLOCK_N, GROUP_N)
-    if SERIAL:  # one program sums the split ranges in order, as reduce_split_k does (w8a16's SERIAL)
-        acc = _w4a16_k_range(
-            x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
-            group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn,
-            HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+    # SERIAL: one program sums the split ranges in order, as reduce_split_k does (w8a16's SERIAL)
+    acc = _w4a16_k_range(
+        x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m,
+        0 if SERIAL else pid_k * K_PER_SPLIT, K, K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn,
+        stride_sg, stride_sn, stride_zg, stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN,
+        GROUP, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+    if SERIAL:
         for s in range(1, SPLIT_K):
             acc += _w4a16_k_range(
                 x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K,
                 K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
                 stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M,
                 BLOCK_N, BLOCK_K)
-    else:
-        acc = _w4a16_k_range(
-            x_ptr, qw_ptr, scale_ptr, zero_ptr, perm_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K,
-            K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
-            stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M,
-            BLOCK_N, BLOCK_K)
+    if DOT_T:  # the ranges' sums are elementwise: one layout change, after them
+        acc = tl.trans(acc)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
@@ -224,9 +222,9 @@ def _w4a16_k_range(
     MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr, GROUP: tl.constexpr,
     DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
-    k_start is a multiple of BLOCK_K, so every K-block stays inside one scale group. DOT_T: the MMA computes
-    accᵀ = x · wᵀ with the dequantized weight from shared memory (asynchronous wgmma; see w8a16)."""
+    """acc [BLOCK_N, BLOCK_M] ([BLOCK_M, BLOCK_N] with DOT_T) over the K-blocks of [k_start, min(K, k_start +
+    K_PER_SPLIT)), from zero. k_start is a multiple of BLOCK_K, so every K-block stays inside one scale group.
+    DOT_T: the MMA computes accᵀ = x · wᵀ with the dequantized weight from shared memory (see w8a16)."""
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     # (q − z) · s is computed in x.dtype (CT = DT); the interpreter's bf16 casts and arithmetic are wrong, so
     # there it is computed in fp32 (the values are the same; only the bf16 rounding of the weight is skipped).
@@ -303,11 +301,7 @@ def _w4a16_k_range(
             acc = tl.dot(a, x, acc)
         qw_ptrs += BLOCK_R * stride_qk
 
-    if DOT_T:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    return out
+    return acc
 
 
 @triton.jit

@@ -58,7 +58,7 @@ def _w8a16_gemm_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: the weight and x tiles need no masks
     SPLIT_K: tl.constexpr,
     SERIAL: tl.constexpr,  # SPLIT_K > 1: one program per tile sums the split ranges itself (see below)
-    DOT_T: tl.constexpr,  # WORDS: tokens on the MMA's M side, the converted weight from shared memory (batches)
+    DOT_T: tl.constexpr,  # tokens on the MMA's M side, the converted weight from shared memory (batches)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     """Swap-AB tile: acc[BLOCK_N, BLOCK_M] = W[n-tile, :] · X[m-tile, :]ᵀ.
@@ -71,24 +71,20 @@ def _w8a16_gemm_kernel(
     """
     pid_k = tl.program_id(1)
     offs_n, offs_m, mask_n, mask_m, tile = tile_rows_and_tokens(M, N, BLOCK_M, BLOCK_N, GROUP_N)
+    # SERIAL: one program walks the SPLIT_K ranges in order, each from a zero accumulator, and sums them as
+    # reduce_split_k does: the same bits as the split launch without the fp32 partials' round trip (at M = 256
+    # on 4096×14336, split 8: 34 MB written and read again).
+    acc = _w8a16_k_range(
+        x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0 if SERIAL else pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
+        stride_xm, stride_xk, stride_wn, stride_wk, DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
     if SERIAL:
-        # One program walks the SPLIT_K ranges in order, each from a zero accumulator, and sums them as
-        # reduce_split_k does: the same bits as the split launch without the fp32 partials' round trip
-        # (at M = 256 on 4096×14336, split 8: 34 MB written and read again).
-        acc = _w8a16_k_range(
-            x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, 0, K, K_PER_SPLIT,
-            stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
         for s in range(1, SPLIT_K):
             acc += _w8a16_k_range(
                 x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
-                stride_xm, stride_xk, stride_wn, stride_wk,
-                DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        acc = _w8a16_k_range(
-            x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, pid_k * K_PER_SPLIT, K, K_PER_SPLIT,
-            stride_xm, stride_xk, stride_wn, stride_wk,
-            DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M, BLOCK_N, BLOCK_K)
+                stride_xm, stride_xk, stride_wn, stride_wk, DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M,
+                BLOCK_N, BLOCK_K)
+    if DOT_T:  # the ranges' sums are elementwise: one layout change, after them
+        acc = tl.trans(acc)
 
     if SPLIT_K > 1 and not SERIAL:
         acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
@@ -108,14 +104,16 @@ def _w8a16_k_range(
     DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, EVEN: tl.constexpr,
     DOT_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc [BLOCK_N, BLOCK_M] over the K-blocks of [k_start, min(K, k_start + K_PER_SPLIT)), from zero.
+    """acc [BLOCK_N, BLOCK_M] ([BLOCK_M, BLOCK_N] with DOT_T) over the K-blocks of [k_start, min(K, k_start +
+    K_PER_SPLIT)), from zero.
 
     DOT_T (batches): the MMA computes accᵀ = x · wᵀ, tokens on its M side. The converted weight is then the B
     operand, which wgmma reads from shared memory, and a K-block's 8 HGMMAs issue back to back with one wait; as
     the A operand (from registers) each HGMMA waits for the one before (sm_90a SASS). Either way the conversion of
     the next K-block waits for the MMAs (Triton keeps one buffer for the converted tile), so a program alternates
     between converting and multiplying: at 28672×4096, M = 256 the 128×128 / 4-warp DOT_T tile takes 152 µs
-    (H100; the best swap-AB tile 163, cuBLAS fp16 107). Rows are bitwise those of the swap-AB kernel."""
+    (H100, one run: the best swap-AB tile 163, cuBLAS fp16 107). Rows are bitwise those of the swap-AB kernel
+    (the tuner's invariance check on the H100)."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
     if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
@@ -142,33 +140,27 @@ def _w8a16_k_range(
             w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
         if WORDS:
             wf = int8_words_to_float(w, x.dtype == tl.bfloat16, ASM, DOT_FP32, BLOCK_N, BLOCK_K)
-            if DOT_FP32:
-                x = x.to(tl.float32)
-            if DOT_T:
-                acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
-            else:
-                acc = tl.dot(wf, x, acc)
         elif DOT_FP32:
-            acc = tl.dot(w.to(tl.float32), x.to(tl.float32), acc)
+            wf = w.to(tl.float32)
         elif MAGIC:
             # fp16 1152 + w has bits 0x6480 + w for w in [-127, 127] (exponent of [1024, 2048), mantissa w + 128):
             # a 16-bit integer add, a bitcast and one fp16 subtract replace the int → float conversion, whose
             # 16/clk/SM throughput is about what streaming int8 weights at 3 TB/s needs (13 per clk per SM).
-            w16 = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-            acc = tl.dot(w16, x, acc)
+            wf = (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
         else:
-            acc = tl.dot(w.to(x.dtype), x, acc)
+            wf = w.to(x.dtype)
+        if DOT_FP32:
+            x = x.to(tl.float32)
+        # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
+        if DOT_T:
+            acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
+        else:
+            acc = tl.dot(wf, x, acc)
         w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
-
-    if DOT_T:
-        out = tl.trans(acc)
-    else:
-        out = acc
-    return out
+    return acc
 
 
 @triton.jit
@@ -200,8 +192,8 @@ def heuristic_config(p: W8A16Problem) -> KernelConfig:
         return KernelConfig(32, 64, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
     if p.M <= 64:
         return KernelConfig(64, 128, BLOCK_K, num_warps=4, num_stages=4, extra=(("GROUP_N", 8),))
-    # DOT_T (H100, 28672×4096, M = 128 / 256 / 512): 81.4 / 151.9 / 292.2 µs; swap-AB 128×128 / 8 warps:
-    # 89.5 / 178.6 / 307.8
+    # DOT_T (H100, 28672×4096, M = 128 / 256 / 512): 81.4 / 151.9 / 292.2 µs; in the same run the swap-AB
+    # 128×128 / 8-warp tile 89.5 / 178.6 / 307.8
     return KernelConfig(128, 128, BLOCK_K, num_warps=4, num_stages=2, extra=(("DOT_T", 1), ("GROUP_N", 8)))
 
 
@@ -230,7 +222,7 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), split_block) * split_block
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w8a16", split_k, num_tiles))) and split_k > 1
-    dot_t = bool(meta.pop("DOT_T", 0)) and bool(words)
+    dot_t = bool(meta.pop("DOT_T", 0))
     if split_k > 1 and not serial:
         partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
         counters = tile_counters(x2.device, num_tiles)

@@ -174,18 +174,20 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, group, k,
                             act_order=True)
     p = W4A16Problem(19, 144, k, w.group_size, x.dtype, device)
     cfg = interpreter_config(w.group_size) if device.type == "cpu" else mod.heuristic_config(p)
+    cfg = replace(cfg, extra=tuple(kv for kv in cfg.extra if kv[0] not in ("SERIAL", "DOT_T")) + (("SERIAL", 0),))
     for _ in range(2):  # the second call proves the tile counters were reset by the first
         y = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, cfg, split_k=split_k)
         assert_close(y, _ref(x, w, b, perm), name=f"split_k={split_k}")
     assert int(tile_counters(x.device, 1).abs().sum()) == 0
     # SERIAL: one program per tile walks the same split ranges in order: the same bits, no partials
-    serial = replace(cfg, extra=cfg.extra + (("SERIAL", 1),))
+    serial = replace(cfg, extra=cfg.extra[:-1] + (("SERIAL", 1),))
     assert torch.equal(launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, serial, split_k=split_k), y)
-    # DOT_T (tokens on the MMA's M side): the same sums in the transposed product
-    for extra in ((("DOT_T", 1),), (("DOT_T", 1), ("SERIAL", 1))):
-        y_t = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm, replace(cfg, extra=cfg.extra + extra),
-                           split_k=split_k)
-        assert_close(y_t, _ref(x, w, b, perm), name=f"split_k={split_k} {extra}")
+    # DOT_T (tokens on the MMA's M side): the same sums in the transposed product (bitwise on the GPU: w8a16's
+    # test_gpu_dot_t_rows_are_the_swap_ab_rows)
+    for base in (cfg, serial):
+        y_t = launch_tiled(x, w.qweight, w.scales, w.zeros, w.group_size, b, perm,
+                           replace(base, extra=base.extra + (("DOT_T", 1),)), split_k=split_k)
+        assert_close(y_t, _ref(x, w, b, perm), name=f"split_k={split_k} {base.extra}")
 
 
 def test_split_k_depends_on_weight_shape_only():
@@ -416,3 +418,21 @@ def test_triton_dequantize_matches_torch_path(group, sym, device, monkeypatch):
 def test_tuning_space_fits_the_m_bucket(m):
     space = tuning_space(W4A16Problem(m, 4096, 4096, 128, torch.float16, torch.device("cpu")))
     check_tuning_space_fits_the_m_bucket(space, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,m", [(1000, 77), (4096, 130)])
+def test_gpu_dot_t_rows_are_the_swap_ab_rows(n, m):
+    """As w8a16's: DOT_T tiles (K-blocks of 128 and 64, split launch or SERIAL) give the swap-AB M=1 rows bit for
+    bit (zero points, N and M tails)."""
+    x, w, b, _ = _inputs(m, n, 4096, torch.float16, torch.device("cuda"), seed=m, sym=False, bias=True)
+    run = lambda xs, cfg: launch_tiled(xs, w.qweight, w.scales, w.zeros, w.group_size, b, None, cfg)  # noqa: E731
+    one = KernelConfig(16, 64, 128, num_warps=4, num_stages=3, extra=(("GROUP_N", 1),))
+    picks = (0, m // 2, m - 1)
+    rows = [run(x[i : i + 1], one) for i in picks]
+    for block_k, serial in ((128, 0), (128, 1), (64, 0), (64, 1)):
+        cfg = KernelConfig(128, 128, block_k, num_warps=4, num_stages=2,
+                           extra=(("DOT_T", 1), ("GROUP_N", 8), ("SERIAL", serial)))
+        y = run(x, cfg)
+        for i, row in zip(picks, rows):  # int16 views: bits, not values (−0 ≠ +0)
+            assert torch.equal(y[i : i + 1].view(torch.int16), row.view(torch.int16)), (block_k, serial, i)

@@ -93,6 +93,9 @@ def test_weight_views_that_are_not_word_aligned(view, device):
     cfg = W8A16.get("tiled")
     p = W8A16Problem(3, 48, 96, torch.float16, torch.device(device))
     assert torch.equal(cfg.run(p, x, w, s, None), cfg.run(p, x, q, s, None))
+    # DOT_T on the element path too (a batch config must not change its product with the weight's alignment)
+    dot_t = replace(INTERPRETER_CONFIG, extra=INTERPRETER_CONFIG.extra + (("DOT_T", 1),))
+    assert_close(launch_tiled(x, w, s, None, dot_t), w8a16_gemm_ref(x, q, s, None))
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 4])
@@ -101,16 +104,19 @@ def test_split_k_matches_reference_and_leaves_counters_zeroed(split_k, device):
 
     x, q, s, b = _inputs(19, 144, 400, torch.float16, device, seed=split_k, bias=True)  # K tail: 400 = 6·64 + 16
     cfg = INTERPRETER_CONFIG if device.type == "cpu" else mod.heuristic_config(W8A16Problem(19, 144, 400, x.dtype, device))
+    cfg = replace(cfg, extra=tuple(kv for kv in cfg.extra if kv[0] not in ("SERIAL", "DOT_T")) + (("SERIAL", 0),))
     for _ in range(2):  # the second call proves the tile counters were reset by the first
         y = launch_tiled(x, q, s, b, cfg, split_k=split_k)
         assert_close(y, w8a16_gemm_ref(x, q, s, b), name=f"split_k={split_k}")
     assert int(tile_counters(x.device, 1).abs().sum()) == 0
     # SERIAL: one program per tile walks the same split ranges in order: the same bits, no partials
-    assert torch.equal(launch_tiled(x, q, s, b, replace(cfg, extra=cfg.extra + (("SERIAL", 1),)), split_k=split_k), y)
-    # DOT_T (tokens on the MMA's M side): the same sums in the transposed product
-    for extra in ((("DOT_T", 1),), (("DOT_T", 1), ("SERIAL", 1))):
-        y_t = launch_tiled(x, q, s, b, replace(cfg, extra=cfg.extra + extra), split_k=split_k)
-        assert_close(y_t, w8a16_gemm_ref(x, q, s, b), name=f"split_k={split_k} {extra}")
+    serial = replace(cfg, extra=cfg.extra[:-1] + (("SERIAL", 1),))
+    assert torch.equal(launch_tiled(x, q, s, b, serial, split_k=split_k), y)
+    # DOT_T (tokens on the MMA's M side): the same sums in the transposed product (the same bits on the GPU, see
+    # test_gpu_dot_t_rows_are_the_swap_ab_rows; numpy may order a transposed product's sums differently)
+    for base in (cfg, serial):
+        y_t = launch_tiled(x, q, s, b, replace(base, extra=base.extra + (("DOT_T", 1),)), split_k=split_k)
+        assert_close(y_t, w8a16_gemm_ref(x, q, s, b), name=f"split_k={split_k} {base.extra}")
 
 
 def test_split_k_depends_on_weight_shape_only():
@@ -333,3 +339,23 @@ def test_serial_splits_only_once_the_tiles_give_the_programs_the_split_is_for():
     assert serial_by_default(cpu, "w4a16", 2, 462)
     assert serial_by_default(cpu, "w8a16", 8, 396) and not serial_by_default(cpu, "w8a16", 8, 395)
     assert not serial_by_default(cpu, "w8a16", 1, 10_000)  # nothing to serialize
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,m", [(1000, 4000, 77), (4096, 4096, 130)])
+def test_gpu_dot_t_rows_are_the_swap_ab_rows(n, k, m):
+    """Batch invariance across tile kinds: DOT_T tiles (K-blocks of 128 and 64, split launch or SERIAL) give the
+    rows of the swap-AB M=1 tile bit for bit, with N, K (4000 = 31·128 + 32, split 2) and M tails."""
+    from angel_kernels.tuning import KernelConfig
+
+    x, q, s, b = _inputs(m, n, k, torch.bfloat16 if m == 77 else torch.float16, torch.device("cuda"), seed=m,
+                         bias=True)
+    one = KernelConfig(16, 64, 128, num_warps=4, num_stages=3, extra=(("GROUP_N", 1),))
+    picks = (0, m // 2, m - 1)
+    rows = [launch_tiled(x[i : i + 1], q, s, b, one) for i in picks]
+    for block_k, serial in ((128, 0), (128, 1), (64, 0), (64, 1)):
+        cfg = KernelConfig(128, 128, block_k, num_warps=4, num_stages=2,
+                           extra=(("DOT_T", 1), ("GROUP_N", 8), ("SERIAL", serial)))
+        y = launch_tiled(x, q, s, b, cfg)
+        for i, row in zip(picks, rows):  # int16 views: bits, not values (−0 ≠ +0)
+            assert torch.equal(y[i : i + 1].view(torch.int16), row.view(torch.int16)), (block_k, serial, i)
