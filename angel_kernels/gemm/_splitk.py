@@ -130,6 +130,21 @@ def tile_rows_and_tokens(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
+def collect_tile(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
+                 SPLIT_K: tl.constexpr, SERIAL: tl.constexpr, DOT_T: tl.constexpr):
+    """The tile's sum over K as [BLOCK_N, BLOCK_M] (``acc`` is [BLOCK_M, BLOCK_N] with DOT_T), and whether this
+    program writes it: in a split launch only the last of the tile's programs (``reduce_split_k``), otherwise
+    every program (one per tile)."""
+    if DOT_T:  # the split ranges' sums are elementwise: one layout change, after them
+        acc = tl.trans(acc)
+    writes = tl.full((), 1, tl.int1)
+    if SPLIT_K > 1 and not SERIAL:
+        acc, writes = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
+                                     SPLIT_K)
+    return acc, writes
+
+
+@triton.jit
 def reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
                    SPLIT_K: tl.constexpr):
     """Store this split's partial; returns (the sum over splits, whether this program is the last to arrive).

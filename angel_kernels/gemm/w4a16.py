@@ -43,7 +43,7 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
+    collect_tile, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
     with_dot_t_choices, with_serial_choices,
 )
 from ._weight_only import weight_only_family
@@ -202,15 +202,9 @@ def _w4a16_gemm_kernel(
                 K_PER_SPLIT, group_size, stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_zg,
                 stride_zn, HAS_ZEROS, HAS_PERM, BF16, DOT_FP32, MAGIC, INTERLEAVE, ASM, EVEN, GROUP, DOT_T, BLOCK_M,
                 BLOCK_N, BLOCK_K)
-    if DOT_T:  # the ranges' sums are elementwise: one layout change, after them
-        acc = tl.trans(acc)
-
-    if SPLIT_K > 1 and not SERIAL:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
-                                      mask_n, mask_m, M, N, SPLIT_K)
-        if is_last:
-            _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
-    else:
+    acc, writes = collect_tile(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
+                               SPLIT_K, SERIAL, DOT_T)
+    if writes:
         _w4a16_epilogue(acc, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m, stride_ym, stride_yn, HAS_BIAS)
 
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    reduce_split_k, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
+    collect_tile, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
     with_dot_t_choices, with_serial_choices,
 )
 from ._weight_only import weight_only_family
@@ -83,16 +83,9 @@ def _w8a16_gemm_kernel(
                 x_ptr, w_ptr, offs_n, offs_m, mask_n, mask_m, s * K_PER_SPLIT, K, K_PER_SPLIT,
                 stride_xm, stride_xk, stride_wn, stride_wk, DOT_FP32, MAGIC, WORDS, ASM, EVEN, DOT_T, BLOCK_M,
                 BLOCK_N, BLOCK_K)
-    if DOT_T:  # the ranges' sums are elementwise: one layout change, after them
-        acc = tl.trans(acc)
-
-    if SPLIT_K > 1 and not SERIAL:
-        acc, is_last = reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m,
-                                      mask_n, mask_m, M, N, SPLIT_K)
-        if is_last:
-            _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
-                        stride_ym, stride_yn, HAS_BIAS)
-    else:
+    acc, writes = collect_tile(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n, mask_m, M, N,
+                               SPLIT_K, SERIAL, DOT_T)
+    if writes:
         _w8a16_epilogue(acc, scale_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask_n, mask_m,
                         stride_ym, stride_yn, HAS_BIAS)
 
