@@ -5,7 +5,7 @@ each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one 
 sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
 its counter for the next launch.
 """
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -56,6 +56,40 @@ def serial_by_default(device: torch.device, kernel: str, split_k: int, num_tiles
     overrides this. (w4a16 28672×4096 at M = 1 has 448 tiles, 3.4 per SM on 132 SMs, below its 3.5: serial
     it took 40.7 µs against 35.6 split in two.)"""
     return split_k > 1 and num_tiles >= PROGRAMS_PER_SM[kernel] * num_sms(device, DEFAULT_SMS)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a launch reduces K: ``split_k`` ranges of ``k_per_split`` (a multiple of the split block), summed by
+    one program per tile (``serial``) or by the last of ``split_k`` programs through ``partials``/``counters``."""
+    split_k: int
+    k_per_split: int
+    serial: bool
+    partials: torch.Tensor
+    counters: torch.Tensor
+
+    @property
+    def grid_k(self) -> int:
+        return 1 if self.serial else self.split_k
+
+
+def plan_split(device: torch.device, kernel: str, m: int, n: int, k: int, split_block: int, num_tiles: int,
+               out: torch.Tensor, split_k=None, serial=None) -> SplitPlan:
+    """The launch's K reduction. ``split_block``: the K granularity of the split ranges, the same for every M
+    (batch invariance); ``split_k``: forced (tests) or from the weight shape and the GPU; ``serial``: a config's
+    SERIAL or ``serial_by_default``. ``out`` stands in for the unused partials and counters."""
+    if split_k is None:
+        split_k = split_k_on(device, kernel, n, k, split_block)  # weight shape and GPU, never M
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), split_block) * split_block
+    if serial is None:
+        serial = serial_by_default(device, kernel, split_k, num_tiles)
+    serial = bool(serial) and split_k > 1
+    if split_k > 1 and not serial:
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
+        counters = tile_counters(device, num_tiles)
+    else:
+        partials = counters = out  # unused
+    return SplitPlan(split_k, k_per_split, serial, partials, counters)
 
 
 def _with_extra(c, name: str, value: int, **fields):

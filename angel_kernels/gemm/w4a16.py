@@ -43,8 +43,8 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    collect_tile, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
-    with_dot_t_choices, with_serial_choices,
+    collect_tile, plan_split, split_k_on, tile_rows_and_tokens, with_decode_dot_t_choices, with_dot_t_choices,
+    with_serial_choices,
 )
 from ._weight_only import weight_only_family
 from ..dispatch import KernelFamily
@@ -358,32 +358,24 @@ def launch_tiled(
     # Splits are counted in the group's K-blocks (block_k_for) whatever the config's K-block, when it divides
     # them (as w8a16: the same chain of k16 MMA steps, the same split ranges).
     split_block = block_k_for(group_size) if block_k_for(group_size) % cfg.BLOCK_K == 0 else cfg.BLOCK_K
-    if split_k is None:
-        split_k = split_k_on(x2.device, "w4a16", N, K, split_block)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device) if out is None else out
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), split_block) * split_block
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
     ptx = meta.pop("PTX", 1)
-    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w4a16", split_k, num_tiles))) and split_k > 1
+    plan = plan_split(x2.device, "w4a16", M, N, K, split_block, num_tiles, y, split_k, meta.pop("SERIAL", None))
     dot_t = bool(meta.pop("DOT_T", 0))
-    if split_k > 1 and not serial:
-        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
-        counters = tile_counters(x2.device, num_tiles)
-    else:
-        partials = counters = y  # unused
-    _w4a16_gemm_kernel[(num_tiles, 1 if serial else split_k)](
+    _w4a16_gemm_kernel[(num_tiles, plan.grid_k)](
         x2, qweight, scales,
         zeros if zeros is not None else qweight, perm if perm is not None else qweight,
-        bias if bias is not None else scales, y, partials, counters,
-        M, N, K, k_per_split, group_size,
+        bias if bias is not None else scales, y, plan.partials, plan.counters,
+        M, N, K, plan.k_per_split, group_size,
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         zeros.stride(0) if zeros is not None else 0, zeros.stride(1) if zeros is not None else 0,
         y.stride(0), y.stride(1),
         HAS_ZEROS=zeros is not None, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         BF16=x2.dtype == torch.bfloat16,
         DOT_FP32=x2.device.type == "cpu",
-        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
+        SPLIT_K=plan.split_k, SERIAL=plan.serial, DOT_T=dot_t,
         ASM=bool(ptx) and x2.device.type == "cuda",
         EVEN=M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0,
         GROUP=group_size if group_size in GROUP_SIZES else 0,

@@ -20,8 +20,8 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_tensor
 from .._registry import register_op
 from ._splitk import (
-    collect_tile, serial_by_default, split_k_on, tile_counters, tile_rows_and_tokens, with_decode_dot_t_choices,
-    with_dot_t_choices, with_serial_choices,
+    collect_tile, plan_split, split_k_on, tile_rows_and_tokens, with_decode_dot_t_choices, with_dot_t_choices,
+    with_serial_choices,
 )
 from ._weight_only import weight_only_family
 from .._int8_words import int8_words_to_float
@@ -203,8 +203,6 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     # Splits are counted in BLOCK_K = 128 blocks whatever the config's K-block (64 also divides them): a K-block
     # of 64 runs the same chain of k16 MMA steps, so only the split ranges must not move with the config.
     split_block = BLOCK_K if BLOCK_K % cfg.BLOCK_K == 0 else cfg.BLOCK_K
-    if split_k is None:
-        split_k = split_k_on(x2.device, "w8a16", N, K, split_block)  # weight shape and GPU, never M
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     meta = cfg.meta()
     magic = meta.pop("MAGIC", 1)  # MAGIC=0 (plain conversion) is the tests' control; every mode gives the same bits
@@ -212,24 +210,18 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     words = meta.pop("WORDS", 1) and _word_view_ok(qweight)
     w_arg = qweight.view(torch.int32) if words else qweight
     even = M > 0 and N % cfg.BLOCK_N == 0 and K % cfg.BLOCK_K == 0
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), split_block) * split_block
     num_tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
-    serial = bool(meta.pop("SERIAL", serial_by_default(x2.device, "w8a16", split_k, num_tiles))) and split_k > 1
+    plan = plan_split(x2.device, "w8a16", M, N, K, split_block, num_tiles, y, split_k, meta.pop("SERIAL", None))
     dot_t = bool(meta.pop("DOT_T", 0))
-    if split_k > 1 and not serial:
-        partials = torch.empty((split_k, M, N), dtype=torch.float32, device=x2.device)
-        counters = tile_counters(x2.device, num_tiles)
-    else:
-        partials = counters = y  # unused
-    _w8a16_gemm_kernel[(num_tiles, 1 if serial else split_k)](
-        x2, w_arg, scales, bias if bias is not None else scales, y, partials, counters,
-        M, N, K, k_per_split,
+    _w8a16_gemm_kernel[(num_tiles, plan.grid_k)](
+        x2, w_arg, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
+        M, N, K, plan.k_per_split,
         x2.stride(0), x2.stride(1), w_arg.stride(0), w_arg.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None,
         DOT_FP32=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
         MAGIC=bool(magic) and x2.dtype == torch.float16,
         WORDS=bool(words), ASM=x2.device.type == "cuda", EVEN=even,
-        SPLIT_K=split_k, SERIAL=serial, DOT_T=dot_t,
+        SPLIT_K=plan.split_k, SERIAL=plan.serial, DOT_T=dot_t,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **meta,
     )
