@@ -36,6 +36,7 @@ from weight_only_cases import (
     WeightOnlyGemm,
     check_batch_invariance,
     check_candidate,
+    check_dot_t_rows_match_swap_ab,
     check_real_shape,
     check_tuning_space_fits_the_m_bucket,
 )
@@ -426,13 +427,5 @@ def test_gpu_dot_t_rows_are_the_swap_ab_rows(n, m):
     """As w8a16's: DOT_T tiles (K-blocks of 128 and 64, split launch or SERIAL) give the swap-AB M=1 rows bit for
     bit (zero points, N and M tails)."""
     x, w, b, _ = _inputs(m, n, 4096, torch.float16, torch.device("cuda"), seed=m, sym=False, bias=True)
-    run = lambda xs, cfg: launch_tiled(xs, w.qweight, w.scales, w.zeros, w.group_size, b, None, cfg)  # noqa: E731
-    one = KernelConfig(16, 64, 128, num_warps=4, num_stages=3, extra=(("GROUP_N", 1),))
-    picks = (0, m // 2, m - 1)
-    rows = [run(x[i : i + 1], one) for i in picks]
-    for block_k, serial in ((128, 0), (128, 1), (64, 0), (64, 1)):
-        cfg = KernelConfig(128, 128, block_k, num_warps=4, num_stages=2,
-                           extra=(("DOT_T", 1), ("GROUP_N", 8), ("SERIAL", serial)))
-        y = run(x, cfg)
-        for i, row in zip(picks, rows):  # int16 views: bits, not values (−0 ≠ +0)
-            assert torch.equal(y[i : i + 1].view(torch.int16), row.view(torch.int16)), (block_k, serial, i)
+    check_dot_t_rows_match_swap_ab(
+        lambda xs, cfg: launch_tiled(xs, w.qweight, w.scales, w.zeros, w.group_size, b, None, cfg), x)

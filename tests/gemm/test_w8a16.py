@@ -22,6 +22,7 @@ from weight_only_cases import (
     WeightOnlyGemm,
     check_batch_invariance,
     check_candidate,
+    check_dot_t_rows_match_swap_ab,
     check_real_shape,
     check_tuning_space_fits_the_m_bucket,
 )
@@ -346,16 +347,6 @@ def test_serial_splits_only_once_the_tiles_give_the_programs_the_split_is_for():
 def test_gpu_dot_t_rows_are_the_swap_ab_rows(n, k, m):
     """Batch invariance across tile kinds: DOT_T tiles (K-blocks of 128 and 64, split launch or SERIAL) give the
     rows of the swap-AB M=1 tile bit for bit, with N, K (4000 = 31·128 + 32, split 2) and M tails."""
-    from angel_kernels.tuning import KernelConfig
-
     x, q, s, b = _inputs(m, n, k, torch.bfloat16 if m == 77 else torch.float16, torch.device("cuda"), seed=m,
                          bias=True)
-    one = KernelConfig(16, 64, 128, num_warps=4, num_stages=3, extra=(("GROUP_N", 1),))
-    picks = (0, m // 2, m - 1)
-    rows = [launch_tiled(x[i : i + 1], q, s, b, one) for i in picks]
-    for block_k, serial in ((128, 0), (128, 1), (64, 0), (64, 1)):
-        cfg = KernelConfig(128, 128, block_k, num_warps=4, num_stages=2,
-                           extra=(("DOT_T", 1), ("GROUP_N", 8), ("SERIAL", serial)))
-        y = launch_tiled(x, q, s, b, cfg)
-        for i, row in zip(picks, rows):  # int16 views: bits, not values (−0 ≠ +0)
-            assert torch.equal(y[i : i + 1].view(torch.int16), row.view(torch.int16)), (block_k, serial, i)
+    check_dot_t_rows_match_swap_ab(lambda xs, cfg: launch_tiled(xs, q, s, b, cfg), x)

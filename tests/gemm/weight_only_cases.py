@@ -91,3 +91,20 @@ def check_tuning_space_fits_the_m_bucket(space: list, m: int) -> None:
         return low <= c.BLOCK_M <= max(low, 2 * m_bucket(m))
 
     assert all(fits(c) for c in space), [(c.BLOCK_M, dict(c.extra)) for c in space if not fits(c)]
+
+
+def check_dot_t_rows_match_swap_ab(run: Callable, x: torch.Tensor) -> None:
+    """DOT_T tiles (K-blocks of 128 and 64, split launch or SERIAL) give the rows of the swap-AB M=1 tile bit for
+    bit (int16 views: −0 and +0 differ). ``run(x, cfg)`` launches the tiled kernel with a config."""
+    from angel_kernels.tuning import KernelConfig
+
+    m = x.shape[0]
+    one = KernelConfig(16, 64, 128, num_warps=4, num_stages=3, extra=(("GROUP_N", 1),))
+    picks = (0, m // 2, m - 1)
+    rows = [run(x[i : i + 1], one) for i in picks]
+    for block_k, serial in ((128, 0), (128, 1), (64, 0), (64, 1)):
+        cfg = KernelConfig(128, 128, block_k, num_warps=4, num_stages=2,
+                           extra=(("DOT_T", 1), ("GROUP_N", 8), ("SERIAL", serial)))
+        y = run(x, cfg)
+        for i, row in zip(picks, rows):
+            assert torch.equal(y[i : i + 1].view(torch.int16), row.view(torch.int16)), (block_k, serial, i)
