@@ -74,3 +74,14 @@ def _byte_to_float(w, j: tl.constexpr, FP32: tl.constexpr, DT: tl.constexpr):
     u = ((w >> (8 * j)) & 0xFF) ^ 0x80  # b + 128
     v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + u − (2^23 + 128) = b, exact
     return v if FP32 else v.to(DT)
+
+
+@triton.jit
+def mma_operand_fence(x):
+    """x unchanged, behind a side-effecting PTX move (ptxas removes the move). Triton picks an MMA operand's
+    register layout (kWidth) from the narrowest load it finds walking back through pure element-wise ops, and
+    halves it again for every join: a tile converted from int8 words comes out as if loaded 8 bits wide
+    (kWidth 4), which for the fp16 P·V product of decode attention costs register moves around every HMMA.
+    The walk stops here, so the product gets the 16-bit layout (kWidth 2)."""
+    return tl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r", args=[x], dtype=x.dtype,
+                                     is_pure=False, pack=2)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._int8_words import int8_words_to_float
+from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
@@ -151,6 +151,8 @@ def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexp
             t = tl.load(tok_ptrs[:, None] + first_dim + dims[None, :], mask=pos_ok[:, None], other=0)
         if MAGIC:
             t = int8_to_fp16(t, True)
+    if ASM and (WORDS or MAGIC):  # an int8 tile converted on a GPU: the MMA's 16-bit operand layout
+        t = mma_operand_fence(t)
     return t
 
 
