@@ -186,6 +186,7 @@ def _decode_launch(args):
     extra = (("D_SPLIT", args.d_split or 2), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
              ("QK_INT8", args.qk_int8), ("WORDS", args.words))
     extra += (("MAX_REGS", args.max_regs),) if args.max_regs else ()
+    extra += tuple((k, int(v)) for k, v in (kv.split("=") for kv in args.flag))
     cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=extra)
     kc, vc, ks, vs = caches
     import angel_kernels.attention.paged_decode as decode
@@ -252,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dot-t", type=int, default=0, help="w8a16, w4a16: tokens on the MMA's M side (DOT_T)")
+    ap.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE",
+                    help="decode: another config flag, e.g. PAGE_ADDR=1 or FENCE_V=1 (repeatable)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)
     if args.kernel == "decode":

@@ -133,11 +133,14 @@ def _split_q(q, step):
 @triton.jit
 def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
              MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
-             BLOCK_N: tl.constexpr, PART: tl.constexpr):
+             BLOCK_N: tl.constexpr, PART: tl.constexpr, FENCE: tl.constexpr = False, MASK: tl.constexpr = True):
     """Dims [first_dim, first_dim + PART) of BLOCK_N cache rows (one pointer per token, ALIGN-byte aligned) as
     [BLOCK_N, PART], or [PART, BLOCK_N] with TRANS (keys, for q·kᵀ). int8 rows: WORDS reads int32 words (ALIGN >= 4)
     and converts them a word at a time (fp32 if FP32); otherwise MAGIC converts element by element (fp16 queries).
-    Other rows come back as stored."""
+    Other rows come back as stored. FENCE: a converted int8 tile reaches the MMA with the 16-bit operand layout
+    (``mma_operand_fence``). MASK=False: rows past pos_ok are read too (their pointers must stay valid)."""
+    if not MASK:
+        pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # a constant: the loads drop their masks
     if WORDS:
         words = tl.multiple_of((tok_ptrs + first_dim).to(tl.pointer_type(tl.int32)), ALIGN)
         w = tl.load(words[:, None] + tl.arange(0, PART // 4)[None, :], mask=pos_ok[:, None], other=0)
@@ -151,9 +154,20 @@ def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexp
             t = tl.load(tok_ptrs[:, None] + first_dim + dims[None, :], mask=pos_ok[:, None], other=0)
         if MAGIC:
             t = int8_to_fp16(t, True)
-    if ASM and (WORDS or MAGIC):  # an int8 tile converted on a GPU: the MMA's 16-bit operand layout
+    if FENCE and ASM and (WORDS or MAGIC):
         t = mma_operand_fence(t)
     return t
+
+
+@triton.jit
+def _page_offset(blk, stride, ASM: tl.constexpr):
+    """blk · stride as int64 for block ids and a stride in [0, 2^31): one 32 × 32 → 64-bit multiply on a GPU (the
+    int64 product of the sign-extended values takes four instructions per token)."""
+    if ASM:
+        return tl.inline_asm_elementwise(asm="mul.wide.u32 $0, $1, $2;", constraints="=l,r,r",
+                                         args=[blk, blk * 0 + stride], dtype=tl.int64, is_pure=True, pack=1)
+    else:
+        return blk.to(tl.int64) * stride
 
 
 @triton.jit
@@ -175,6 +189,9 @@ def _paged_attn_split_kernel(
     WORDS: tl.constexpr = False,  # int8 cache read as int32 words, converted a word at a time (_int8_words)
     ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 tensor cores, q split in two int8 parts (_split_q)
+    FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
+    PAGE_ADDR: tl.constexpr = False,  # page and slot from the tile index, page offsets by a 32-bit wide multiply,
+    #                                   int8 K/V rows read unmasked (rows past the length read block 0)
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -240,38 +257,56 @@ def _paged_attn_split_kernel(
         for tile in range(tile_lo, tile_hi):
             pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             pos_ok = pos < L
-            blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
-            slot = pos % PAGE
+            if PAGE_ADDR:  # BLOCK_N and PAGE are powers of two: one divides the other
+                first = tile * BLOCK_N
+                blk = tl.load(bt_row + (first // PAGE + tl.arange(0, BLOCK_N) // PAGE) * stride_btn, mask=pos_ok,
+                              other=0)
+                slot = first % PAGE + tl.arange(0, BLOCK_N) % PAGE
+                k_page = _page_offset(blk, stride_kcb, ASM)
+                v_page = _page_offset(blk, stride_vcb, ASM)
+                ks_page = _page_offset(blk, stride_ksb, ASM)
+                vs_page = _page_offset(blk, stride_vsb, ASM)
+            else:
+                blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
+                slot = pos % PAGE
+                k_page = blk * stride_kcb
+                v_page = blk * stride_vcb
+                ks_page = blk * stride_ksb
+                vs_page = blk * stride_vsb
+            # int8 rows past the length (masked block ids: 0) are read unmasked with PAGE_ADDR; their scores are
+            # masked below and their int8 values are finite, so p = 0 removes them
+            KV_MASK: tl.constexpr = not (PAGE_ADDR and QUANT)
             # row starts, with the alignment the launcher proved (vector loads / cp.async need it spelled out:
             # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
-            k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
+            k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
             if QK_INT8:
                 kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                              PART)
+                              PART, MASK=KV_MASK)
                 # int32, exact: |hi·k| ≤ 127² · HEAD_DIM, and · 254 stays below 2^31 up to HEAD_DIM 256
                 s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)
                 s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
                 if D_SPLIT == 2:
                     kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32,
-                                  BLOCK_N, PART)
+                                  BLOCK_N, PART, MASK=KV_MASK)
                     s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
                     s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
                 s = (s_hi * 254 + s_lo).to(tl.float32) * q_row_scale[:, None]
             else:
-                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+                              MASK=KV_MASK)
                 if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
                     s = tl.dot(q, kt.to(tl.float32))
                 else:
                     s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
                 if D_SPLIT == 2:
                     kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
-                                  BLOCK_N, PART)
+                                  BLOCK_N, PART, MASK=KV_MASK)
                     if DOT_FP32:
                         s = tl.dot(q2, kt.to(tl.float32), s)
                     else:
                         s = tl.dot(q2, kt.to(q.dtype), s)
             if QUANT:
-                k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh,
+                k_sc = tl.load(ks_ptr + ks_page + slot * stride_kss + kvh * stride_ksh,
                                mask=pos_ok, other=0.0)
                 s = s * (k_sc * qk_scale)[None, :]
             else:
@@ -286,10 +321,11 @@ def _paged_attn_split_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-            v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+            v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
+            v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+                         FENCE_V, KV_MASK)
             if QUANT:
-                v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh,
+                v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh,
                                mask=pos_ok, other=0.0)
                 v_max = tl.max(v_sc, axis=0)
                 v_max = tl.where(v_max > 0, v_max, 1.0)
@@ -302,7 +338,7 @@ def _paged_attn_split_kernel(
             acc = acc * alpha[:, None] + pv
             if D_SPLIT == 2:
                 v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                             PART)
+                             PART, FENCE_V, KV_MASK)
                 pv = tl.dot(p, v.to(p.dtype))
                 if QUANT:
                     pv = pv * v_max
@@ -499,6 +535,8 @@ def launch_paged_attention(
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
+        FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
+        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
     if max_ns > 1:

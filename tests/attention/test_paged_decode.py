@@ -155,6 +155,32 @@ def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
             torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_page_addressing_is_bitwise_identical(block_size, cache_dtype, device):
+    """PAGE_ADDR (page and slot from the tile index, 32-bit wide page offsets, int8 rows past the length read
+    unmasked from block 0) and FENCE_V (a layout choice on a GPU) change no bit: pages smaller and larger than the
+    KV tile, ragged and empty sequences in poisoned caches, windows and soft-cap, one split and several, the word
+    path, int8 q·kᵀ and the head-dim halves."""
+    from angel_kernels.tuning import KernelConfig
+
+    c = build_case([300, 1, 17, 0, 40], head_dim=64, block_size=block_size, cache_dtype=cache_dtype, seed=31,
+                   device=device)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    int8 = cache_dtype == torch.int8
+    variants = ((("D_SPLIT", 1), ("WORDS", 1)), (("D_SPLIT", 2), ("QK_INT8", 1))) if int8 else ((("D_SPLIT", 2),),)
+    for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
+        for base in variants:
+            outs = []
+            for flags in ((), (("FENCE_V", 1), ("PAGE_ADDR", 1))):
+                extra = tuple(sorted(base + (("MIN_SPLIT_TILES", 2),) + flags))
+                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1, extra=extra)
+                outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0])
+            name = f"{cache_dtype} page {block_size} {dict(base)} {kw}"
+            assert torch.equal(outs[1], outs[0]), name
+            assert_close(outs[1], _ref(c, **kw), name=name)
+
+
 @triton.jit
 def _split_q_kernel(q_ptr, hi_ptr, lo_ptr, step_ptr, M: tl.constexpr, D: tl.constexpr):
     offs = tl.arange(0, M)[:, None] * D + tl.arange(0, D)[None, :]
@@ -475,6 +501,27 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
         for name in ("q", "block_table", "seq_lens"):
             eight[name] = c[name][max(0, b - 7) : b + 1]
         assert torch.equal(_run(eight)[-1:], full[b : b + 1]), f"sequence {b} differs in a batch of 8"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_gpu_page_addressing_at_the_tuned_config(cache_dtype):
+    """PAGE_ADDR (32-bit wide page offsets in PTX, unmasked int8 rows) at the shipped config, Llama-3-8B heads,
+    ragged lengths: the same bits; with FENCE_V too: within the reference tolerance."""
+    from dataclasses import replace
+
+    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, cache_dtype=cache_dtype, seed=19,
+                   device="cuda")
+    p = PagedDecodeProblem(32, 8, 128, c["key_cache"].shape[1], torch.float16, cache_dtype, torch.device("cuda"))
+    cfg = config_for(p)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    outs = []
+    for page_addr, fence in ((0, 0), (1, 0), (1, 1)):
+        extra = {**dict(cfg.extra), "PAGE_ADDR": page_addr, "FENCE_V": fence}
+        outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=replace(cfg, extra=tuple(sorted(extra.items())))))
+    assert torch.equal(outs[0], outs[1])  # addressing only
+    for out in outs[1:]:  # the fence may reorder the products inside an MMA
+        assert_close(out[:, 0], _ref(c))
 
 
 @pytest.mark.gpu
