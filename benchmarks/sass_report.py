@@ -217,7 +217,8 @@ def _prefill_launch(args):
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
     cfg = KernelConfig(args.block_m or 128, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
-                       extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words)))
+                       extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words))
+                       + tuple((k, int(v)) for k, v in (kv.split("=") for kv in args.flag)))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
 
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dot-t", type=int, default=0, help="w8a16, w4a16: tokens on the MMA's M side (DOT_T)")
     ap.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE",
-                    help="decode: another config flag, e.g. PAGE_ADDR=1 or FENCE_V=1 (repeatable)")
+                    help="decode, prefill: another config flag, e.g. PAGE_ADDR=1 or FENCE_V=1 (repeatable)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
     args = ap.parse_args(argv)
     if args.kernel == "decode":

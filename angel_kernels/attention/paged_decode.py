@@ -438,20 +438,22 @@ def row_alignment(cache: torch.Tensor) -> int:
 
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. Head dim 128: the H100 winners (per-case tuning, Llama-3-8B heads), which also serve
-    untuned GPUs (on the H100, over the int8 tuning cases, the previous default took 1950 µs and the word-path
-    configs around this one 1056–1064): int8 128-token tiles on
-    the whole head dim with the word path, 3 stages, 256-token splits with a floor of 8 splits; fp16 64-token
+    untuned GPUs (on the H100, over the int8 tuning cases, the default before the word path took 1950 µs and the
+    word-path configs 1056–1064): int8 128-token tiles on the whole head dim, q·kᵀ on int8 MMAs, V by the word
+    path with the 16-bit MMA layout (FENCE_V), page addressing (PAGE_ADDR), 2 stages, 256-token splits with a
+    floor of 8 splits (B=64×16k 919 vs 957 µs for the word path alone, B=1×32k 41.7 vs 46.4); fp16 64-token
     tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
-    with 64-token splits). Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
+    with 64-token splits), page addressing. Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
     16 KB (fp16) for D = 64, and 256-token splits, whose partial output (4 query heads × D fp32, written and read
     back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8:
-        return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3,
-                            extra=(("D_SPLIT", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
-                                   ("WORDS", 1)))
+        return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2,
+                            extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2),
+                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 2), ("QK_INT8", 1), ("WORDS", 1)))
     if p.head_dim == 128:
         return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2,
-                            extra=(("D_SPLIT", 2), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16), ("PROGRAMS_PER_SM", 2)))
+                            extra=(("D_SPLIT", 2), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16), ("PAGE_ADDR", 1),
+                                   ("PROGRAMS_PER_SM", 2)))
     block_n = 64 if p.head_dim <= 128 else 32
     return KernelConfig(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=p.head_dim, num_warps=4, num_stages=2,
                         extra=(("MIN_SPLIT_TILES", 256 // block_n),))
@@ -642,7 +644,8 @@ def paged_decode_attention(
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps × stages × smallest split (64–1024 tokens) × programs per SM for one long sequence
     (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path,
-    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1 or 8).
+    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1 or 8)
+    × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
     Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
@@ -656,20 +659,23 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     # 248 registers uncapped, 168 with 40 B of spills)
     int8 = p.kv_dtype == torch.int8
     int8_options = (0, 1) if int8 else (0,)
-    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits in product(
+    # PAGE_ADDR (page addressing) and, for int8, FENCE_V with it: sm_90a, int8 BLOCK_N 128 with WORDS and
+    # QK_INT8, 1808 → 1260 instructions per tile; the H100 winners use both (NOTES.md)
+    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits, page in product(
             (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 4), (1, 2), int8_options,
-            int8_options, (0, 168) if int8 else (0,), (1, 8)):
+            int8_options, (0, 168) if int8 else (0,), (1, 8), (0, 1)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         if max_regs and warps != 4:
             continue
         if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
             continue
-        extra = (("D_SPLIT", d_split),)
+        extra = (("D_SPLIT", d_split),) + ((("FENCE_V", 1),) if page and int8 else ())
         if max_regs:
             extra += (("MAX_REGS", max_regs),)  # sorted by name, as the store reads them
         extra += (("MIN_SPLITS", min_splits),) if min_splits > 1 else ()
-        extra += (("MIN_SPLIT_TILES", min_tokens // bn), ("PROGRAMS_PER_SM", per_sm))
+        extra += (("MIN_SPLIT_TILES", min_tokens // bn),) + ((("PAGE_ADDR", 1),) if page else ())
+        extra += (("PROGRAMS_PER_SM", per_sm),)
         if qk_int8:
             extra += (("QK_INT8", 1),)
         if words:

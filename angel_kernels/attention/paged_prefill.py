@@ -37,7 +37,8 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import LOG2E, LOG2E_C, _kv_tile, paged_decode_attention, row_alignment, words_path
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _page_offset, paged_decode_attention, row_alignment,
+                           words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -71,6 +72,7 @@ def _attend_kv_tile(
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
     K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, D_SPLIT: tl.constexpr,
+    PAGE_ADDR: tl.constexpr = False,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
@@ -80,13 +82,24 @@ def _attend_kv_tile(
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         pos_ok = pos < L
-        blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
     else:
         pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # all true (a constant: the loads below drop their masks)
-        blk = tl.load(bt_row + (pos // PAGE) * stride_btn).to(tl.int64)
-    slot = pos % PAGE
-    k_tok = tl.multiple_of(kc_ptr + blk * stride_kcb + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
-    v_tok = tl.multiple_of(vc_ptr + blk * stride_vcb + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
+    if PAGE_ADDR:  # as paged_decode's PAGE_ADDR (n0 is a multiple of BLOCK_N)
+        blk = tl.load(bt_row + (n0 // PAGE + tl.arange(0, BLOCK_N) // PAGE) * stride_btn, mask=pos_ok, other=0)
+        slot = n0 % PAGE + tl.arange(0, BLOCK_N) % PAGE
+        k_page = _page_offset(blk, stride_kcb, ASM)
+        v_page = _page_offset(blk, stride_vcb, ASM)
+        ks_page = _page_offset(blk, stride_ksb, ASM)
+        vs_page = _page_offset(blk, stride_vsb, ASM)
+    else:
+        blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
+        slot = pos % PAGE
+        k_page = blk * stride_kcb
+        v_page = blk * stride_vcb
+        ks_page = blk * stride_ksb
+        vs_page = blk * stride_vsb
+    k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
+    v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
     BF16: tl.constexpr = q.dtype == tl.bfloat16
     # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
     kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
@@ -104,7 +117,7 @@ def _attend_kv_tile(
     # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop)
     FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
     if QUANT:
-        k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + kvh * stride_ksh, mask=pos_ok, other=0.0)
+        k_sc = tl.load(ks_ptr + ks_page + slot * stride_kss + kvh * stride_ksh, mask=pos_ok, other=0.0)
         s = s * (k_sc * qk_scale)[None, :]
     elif not FOLD:
         s = s * qk_scale
@@ -127,7 +140,7 @@ def _attend_kv_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
     if QUANT:
-        v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
+        v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
@@ -162,6 +175,7 @@ def _paged_varlen_kernel(
     WORDS: tl.constexpr = False,  # int8 cache read as int32 words (see paged_decode)
     ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
     D_SPLIT: tl.constexpr = 1,  # head-dim halves (see _attend_kv_tile)
+    PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
 ):
     tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -220,7 +234,7 @@ def _paged_varlen_kernel(
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT)
+                ASM, D_SPLIT, PAGE_ADDR)
         for n0 in range(n_full, kv_end, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
@@ -228,7 +242,7 @@ def _paged_varlen_kernel(
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT)
+                ASM, D_SPLIT, PAGE_ADDR)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -294,6 +308,7 @@ def launch_paged_varlen(
         K_ALIGN=k_align, V_ALIGN=v_align,
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
+        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -429,23 +444,26 @@ def paged_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
-    """Query-tile rows × KV-tile width × warps × stages × head-dim halves (× the int8 word path). The store keys
-    configs by model shape only, and a sequence's programs never read another sequence, so any winner keeps outputs
-    batch-invariant."""
+    """Query-tile rows × KV-tile width × warps × stages × head-dim halves × page addressing (× the int8 word path).
+    The store keys configs by model shape only, and a sequence's programs never read another sequence, so any
+    winner keeps outputs batch-invariant."""
     from itertools import product
 
     configs = []
     # WORDS (int8 caches): the decode kernel's word-at-a-time conversion. D_SPLIT 2 (head dim ≥ 128): q, K, V and
     # the accumulator in halves (sm_90a: int8 64×128 tiles spill ~400 B with the whole head dim, ~250 B in halves;
     # fp16 128×64 / 8 warps: 904 → 727 instructions per tile, 228 → 172 registers)
-    for bm, bn, warps, stages, words, d_split in product(
+    # PAGE_ADDR: page offsets by a 32-bit wide multiply (sm_90a, int8 64×128 / 4 warps with WORDS 1888 → 1684
+    # instructions per tile, spills 388 → 252 B; fp16 128×64 / 8 warps in halves 684 → 591)
+    for bm, bn, warps, stages, words, d_split, page in product(
             (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (0, 1) if p.kv_dtype == torch.int8 else (0,),
-            (1, 2) if p.head_dim >= 128 else (1,)):
+            (1, 2) if p.head_dim >= 128 else (1,), (0, 1)):
         # shared memory: the Q tile + `stages` K and V tiles (fp16 after conversion), ≤ ~200 KB of an H100's 227
         smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * 2
         if smem > 200 * 1024 or (bm == 128 and warps == 4 and p.head_dim > 128):
             continue
         extra = (("D_SPLIT", 2),) if d_split == 2 else ()
+        extra += (("PAGE_ADDR", 1),) if page else ()
         extra += (("WORDS", 1),) if words else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))

@@ -203,6 +203,28 @@ def test_int8_words_path(layout, dtype, device):
         assert_close(outs[1], _ref(c, **kw), name=name)
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_page_addressing_is_bitwise_identical(cache_dtype, block_size, device):
+    """PAGE_ADDR (page and slot from the tile start, 32-bit wide page offsets) changes no bit: pages smaller and
+    larger than the KV tile, masked and unmasked tiles, a window with soft-cap, the int8 word path."""
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen
+    from angel_kernels.tuning import KernelConfig
+
+    lens, q_lens = zip(*MIXED)
+    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, block_size=block_size, seed=16, device=device)
+    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
+    words = int(cache_dtype == torch.int8)
+    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
+        outs = [launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=1,
+                                                            extra=(("PAGE_ADDR", on), ("WORDS", words))), **kw)
+                for on in (0, 1)]
+        name = f"{cache_dtype} page {block_size} {kw}"
+        assert torch.equal(outs[0], outs[1]), name
+        assert_close(outs[1], _ref(c, **kw), name=name)
+
+
 @pytest.mark.parametrize("cache_dtype,words", [(torch.int8, 0), (torch.int8, 1), (torch.float16, 0),
                                                (torch.bfloat16, 0)])
 def test_head_dim_halves(cache_dtype, words, device):
