@@ -43,6 +43,9 @@ class PagedAttentionProblem:
     dtype: torch.dtype  # of q / output
     kv_dtype: torch.dtype
     device: torch.device
+    # int8 rows not 16-byte aligned (vLLM's packed int8_per_token_head cache, scales inline): the decode kernel
+    # keys their configs apart (its winner on 16-byte rows takes twice as long on them)
+    packed_rows: bool = False
 
     @property
     def group(self) -> int:
@@ -51,7 +54,7 @@ class PagedAttentionProblem:
     def key(self) -> str:
         # no batch size and no lengths: the config (and with it the decode split partition) never follows them
         kv = "int8" if self.kv_dtype == torch.int8 else "fp"
-        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}"
+        return f"D={self.head_dim},G={self.group},page={self.block_size},kv={kv}" + (",rows=packed" * self.packed_rows)
 
 
 def inline_scale_views(

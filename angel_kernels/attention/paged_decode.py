@@ -412,6 +412,11 @@ def words_path(cfg: KernelConfig, quant: bool, k_align: int, v_align: int) -> bo
     return quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4
 
 
+def page_strides_fit(*caches) -> bool:
+    """PAGE_ADDR multiplies block ids by the per-block strides as 32-bit unsigned numbers: they must fit."""
+    return all(c.stride(0) < 2**31 for c in caches if c is not None)
+
+
 def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
@@ -446,6 +451,12 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     with 64-token splits), page addressing. Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
     16 KB (fp16) for D = 64, and 256-token splits, whose partial output (4 query heads × D fp32, written and read
     back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
+    if p.head_dim == 128 and p.kv_dtype == torch.int8 and p.packed_rows:
+        # vLLM's packed rows (4-byte aligned): the word path alone, as timed on them (H100, B=64×16k: 1705 µs;
+        # the 16-byte-row winner below took 3678 there)
+        return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3,
+                            extra=(("D_SPLIT", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
+                                   ("WORDS", 1)))
     if p.head_dim == 128 and p.kv_dtype == torch.int8:
         return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2,
                             extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2),
@@ -484,7 +495,10 @@ def launch_paged_attention(
     B, Q, Hq, D = q.shape
     Hkv = key_cache.shape[2]
     page = key_cache.shape[1]
-    p = PagedDecodeProblem(Hq, Hkv, D, page, q.dtype, key_cache.dtype, q.device)
+    k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
+    quant = key_cache.dtype == torch.int8
+    p = PagedDecodeProblem(Hq, Hkv, D, page, q.dtype, key_cache.dtype, q.device,
+                           packed_rows=quant and min(k_align, v_align) < 16)
     cfg = cfg or config_for(p)
     policy = policy or split_policy(p, cfg)
     if policy.block_n != cfg.BLOCK_N:
@@ -506,7 +520,6 @@ def launch_paged_attention(
         # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
-    quant = key_cache.dtype == torch.int8
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -516,7 +529,7 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
+    page_addr = bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and page_strides_fit(key_cache, value_cache, k_scale, v_scale)
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, out, partial_o, partial_lse,
@@ -538,7 +551,7 @@ def launch_paged_attention(
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
-        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)),
+        PAGE_ADDR=page_addr,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
     if max_ns > 1:

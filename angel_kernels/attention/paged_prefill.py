@@ -37,8 +37,8 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _page_offset, paged_decode_attention, row_alignment,
-                           words_path)
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _page_offset, page_strides_fit, paged_decode_attention,
+                           row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -308,7 +308,8 @@ def launch_paged_varlen(
         K_ALIGN=k_align, V_ALIGN=v_align,
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
-        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)),
+        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and page_strides_fit(key_cache, value_cache, k_scale,
+                                                                                 v_scale),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -444,9 +445,9 @@ def paged_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
-    """Query-tile rows × KV-tile width × warps × stages × head-dim halves × page addressing (× the int8 word path).
-    The store keys configs by model shape only, and a sequence's programs never read another sequence, so any
-    winner keeps outputs batch-invariant."""
+    """Query-tile rows × KV-tile width × warps × stages × head-dim halves × page addressing (× the int8 word
+    path). The store keys configs by model shape only, and a sequence's programs never read another sequence, so
+    any winner keeps outputs batch-invariant."""
     from itertools import product
 
     configs = []

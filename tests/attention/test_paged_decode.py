@@ -15,6 +15,7 @@ from angel_kernels.attention.paged_decode import (
     SplitPolicy,
     _split_q,
     config_for,
+    heuristic_config,
     launch_paged_attention,
     max_splits_for,
     row_alignment,
@@ -595,6 +596,17 @@ def test_head_dim_128_default_configs(cache_dtype, device):
     for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0}):
         out = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0]
         assert_close(out, _ref(c, **kw), name=f"{cache_dtype} {kw}")
+
+
+def test_packed_rows_have_their_own_key_and_default():
+    """vLLM's packed int8 rows (4-byte aligned) are keyed apart from 16-byte rows, and their head-dim-128 default
+    is the word path alone (the 16-byte-row default reads them with narrow loads)."""
+    rows16 = PagedDecodeProblem(32, 8, 128, 16, torch.float16, torch.int8, torch.device("cpu"))
+    packed = PagedDecodeProblem(32, 8, 128, 16, torch.float16, torch.int8, torch.device("cpu"), packed_rows=True)
+    assert packed.key() == rows16.key() + ",rows=packed"
+    extra = dict(heuristic_config(packed).extra)
+    assert extra.get("WORDS") == 1 and not extra.get("QK_INT8") and not extra.get("PAGE_ADDR")
+    assert dict(heuristic_config(rows16).extra).get("QK_INT8") == 1
 
 
 def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
