@@ -1,5 +1,6 @@
 """The int8 KV attention backend piece by piece: cache page, kernel block sizes, configuration checks, registration,
-and the impl's cache write + attention on the int8 cache pages against the pure-torch references.
+and the impl's cache write + attention on the int8 cache pages against the pure-torch references, for CPU_ATTN's impl
+and for the CUDA backend's (CUSTOM: its metadata builder and impl, driven with CPU tensors).
 
 In the CPU tier (``TRITON_INTERPRET=1``) the impl runs our Triton kernels under the interpreter.
 """
@@ -108,10 +109,11 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def _impl(model_dir, kv_cache_dtype=INT8, head_size=64, model_dtype="bfloat16", block_size=16, **kw):
+def _impl(model_dir, kv_cache_dtype=INT8, head_size=64, model_dtype="bfloat16", block_size=16, impl="cpu", **kw):
+    """The CPU impl, or (impl="cuda") the CUDA one, which needs no GPU to be built and driven with CPU tensors."""
     from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
 
-    from angel_vllm.attention_backend import AngelCPUAttentionImpl
+    from angel_vllm.attention_backend import AngelCPUAttentionImpl, AngelTritonAttentionImpl
 
     config = VllmConfig(
         model_config=ModelConfig(model=model_dir, dtype=model_dtype, skip_tokenizer_init=True),
@@ -121,20 +123,50 @@ def _impl(model_dir, kv_cache_dtype=INT8, head_size=64, model_dtype="bfloat16", 
                 sliding_window=None, kv_cache_dtype=kv_cache_dtype)
     args.update(kw)
     with set_current_vllm_config(config):
-        return AngelCPUAttentionImpl(**args)
+        return (AngelTritonAttentionImpl if impl == "cuda" else AngelCPUAttentionImpl)(**args)
 
 
+def _metadata(impl, model_dir, *, block_size, **fields):
+    """vLLM's metadata of the impl's backend: CPU_ATTN's, or what CUSTOM's builder (the CUDA backend's, built
+    here on the CPU) makes from vLLM's common metadata."""
+    if impl != "cuda":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+        return CPUAttentionMetadata(**fields, scheduler_metadata=None)
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.v1.attention.backend import AttentionCGSupport
+    from vllm.v1.attention.backends.utils import CommonAttentionMetadata
+
+    from angel_vllm.attention_backend import AngelTritonAttentionBackend, AngelTritonMetadataBuilder
+
+    config = VllmConfig(model_config=ModelConfig(model=model_dir, dtype="bfloat16", skip_tokenizer_init=True),
+                        cache_config=CacheConfig(cache_dtype=INT8, block_size=block_size))
+    spec = AngelTritonAttentionBackend.customize_spec(_spec(torch.int8, "INT8_PER_TOKEN_HEAD", block_size))
+    # a CUDA graph would freeze the host-side choice between the decode and the varlen kernel
+    assert (AngelTritonMetadataBuilder.get_cudagraph_support(config, spec)
+            == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE)
+    with set_current_vllm_config(config):
+        builder = AngelTritonMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config, torch.device("cpu"))
+    qsl = fields["query_start_loc"]
+    common = CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=fields["seq_lens"], num_reqs=qsl.shape[0] - 1,
+        num_actual_tokens=fields["num_actual_tokens"], max_query_len=fields["max_query_len"],
+        max_seq_len=fields["max_seq_len"], block_table_tensor=fields["block_table"],
+        slot_mapping=fields["slot_mapping"])
+    return builder.build(0, common)
+
+
+@pytest.mark.parametrize("impl_kind", ["cpu", "cuda"])
 @pytest.mark.parametrize("window,cap", [(None, None), (9, 30.0)])
-def test_impl_writes_the_cache_pages_and_attends_like_the_references(model_dir, window, cap):
+def test_impl_writes_the_cache_pages_and_attends_like_the_references(model_dir, window, cap, impl_kind):
     """A mixed batch on vLLM's cache tensor (logical [blocks, heads, slots, 2·(D+4)] as vLLM's CPU layout, each
     block's bytes arranged by int8_page_views):
     seq 0 has 21 cached tokens and 5 new ones (a prefix hit or a later chunk), seq 1 decodes at position 34,
-    seq 2 is a fresh 7-token prefill."""
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
-
+    seq 2 is a fresh 7-token prefill. Both impls: CPU_ATTN's and CUSTOM's (the CUDA backend's glue on vLLM's
+    Triton metadata, driven with CPU tensors)."""
     from angel_kernels import int8_page_views
 
-    impl = _impl(model_dir, sliding_window=window, logits_soft_cap=cap)
+    impl = _impl(model_dir, sliding_window=window, logits_soft_cap=cap, impl=impl_kind)
     g = torch.Generator().manual_seed(0)
     Hq, Hkv, D, bs, nb = 4, 2, 64, 16, 10
     ctx, new = [21, 34, 0], [5, 1, 7]
@@ -157,11 +189,9 @@ def test_impl_writes_the_cache_pages_and_attends_like_the_references(model_dir, 
     impl.do_kv_cache_update(None, key[new_rows], value[new_rows], kv_cache, new_slots)
 
     qsl = torch.tensor([0, 5, 6, 13], dtype=torch.int32)
-    meta = CPUAttentionMetadata(
-        num_actual_tokens=13, max_query_len=7, query_start_loc=qsl, max_seq_len=max(lens),
-        seq_lens=torch.tensor(lens, dtype=torch.int32), block_table=table, slot_mapping=new_slots,
-        scheduler_metadata=None,
-    )
+    meta = _metadata(impl_kind, model_dir, block_size=bs, num_actual_tokens=13, max_query_len=7,
+                     query_start_loc=qsl, max_seq_len=max(lens), seq_lens=torch.tensor(lens, dtype=torch.int32),
+                     block_table=table, slot_mapping=new_slots)
     output = torch.full((sum(new), Hq, D), float("nan"), dtype=torch.bfloat16)
     impl.forward(None, query, None, None, kv_cache, meta, output)
 
@@ -184,9 +214,10 @@ def test_impl_writes_the_cache_pages_and_attends_like_the_references(model_dir, 
     torch.testing.assert_close(output.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_impl_for_other_dtypes_is_vllms(model_dir):
-    impl = _impl(model_dir, kv_cache_dtype="auto")
-    assert impl._angel is None  # forward and do_kv_cache_update go straight to CPUAttentionBackendImpl
+@pytest.mark.parametrize("impl_kind", ["cpu", "cuda"])
+def test_impl_for_other_dtypes_is_vllms(model_dir, impl_kind):
+    impl = _impl(model_dir, kv_cache_dtype="auto", impl=impl_kind)
+    assert impl._angel is None  # forward and do_kv_cache_update go straight to vLLM's impl
 
 
 @pytest.mark.parametrize(
