@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._counters import launch_counters
 from ..runtime import num_sms
 
 # Split K until a decode launch has PROGRAMS_PER_SM programs per SM. Why several: a program is one warpgroup
@@ -125,17 +126,7 @@ def with_decode_dot_t_choices(configs: list) -> list:
                       for c in configs if c.num_warps == 4 and c.num_stages == 3 for stages in (2, 3)]
 
 
-# Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
-# leaves the counters it used at zero (launches on one stream never overlap).
-_COUNTERS: dict = {}
-
-
-def tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+tile_counters = launch_counters  # split-K tile counters (see angel_kernels._counters)
 
 
 @triton.jit
