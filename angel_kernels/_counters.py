@@ -1,6 +1,6 @@
-"""Zeroed int32 counters for kernels whose last program to finish does the final step (the split-K GEMM tiles,
-the decode attention splits): each program adds one with acq_rel semantics, the last to arrive reads the others'
-partials and sets the counter back to zero, so every launch leaves the counters it used at zero.
+"""Zeroed int32 counters for kernels whose last program to finish does the final step (the split-K GEMM tiles):
+each program adds one with acq_rel semantics, the last to arrive reads the others' partials and sets the counter
+back to zero, so every launch leaves the counters it used at zero.
 
 One buffer per device and stream, shared by the kernels and grown on demand: launches on one stream never
 overlap, launches on two streams (micro-batches overlapped on separate streams) may.

@@ -38,7 +38,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._counters import launch_counters
 from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
@@ -173,7 +172,7 @@ def _page_offset(blk, stride, ASM: tl.constexpr):
 
 @triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, count_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
@@ -193,8 +192,6 @@ def _paged_attn_split_kernel(
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
     PAGE_ADDR: tl.constexpr = False,  # page and slot from the tile index, page offsets by a 32-bit wide multiply,
     #                                   int8 K/V rows read unmasked (rows past the length read block 0)
-    FUSE_REDUCE: tl.constexpr = False,  # the last split of a (sequence, KV head) to finish combines the partials
-    SPLITS_PAD: tl.constexpr = 1,  # FUSE_REDUCE: the largest split count, as a power of two
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -362,19 +359,6 @@ def _paged_attn_split_kernel(
             if D_SPLIT == 2:
                 tl.store(po_ptr + part[:, None] + PART + dims[None, :], o2, mask=row_ok[:, None])
             tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
-            if FUSE_REDUCE:
-                # every thread's partial is stored before the count moves (barrier, then a release); the last
-                # split to arrive (acquire) combines all of them in split order, as the reduce kernel does
-                tl.debug_barrier()
-                arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-                if arrived == num_splits - 1:
-                    for r in range(GROUP * NUM_QUERIES):
-                        h = kvh * GROUP + r % GROUP
-                        _combine_splits(plse_ptr + b * stride_plb + (r // GROUP) * stride_plt + h * stride_plh,
-                                        po_ptr + b * stride_pob + (r // GROUP) * stride_pot + h * stride_poh,
-                                        out_ptr + b * stride_ob + (r // GROUP) * stride_ot + h * stride_oh,
-                                        num_splits, stride_pos, HEAD_DIM, SPLITS_PAD, min(SPLITS_PAD, 8))
-                    tl.store(count_ptr + pid, 0)  # zero for the next launch
 
 
 @triton.jit
@@ -397,32 +381,20 @@ def _paged_attn_reduce_kernel(
     _f, _e, _tps, num_splits = _split_range(L, window, NUM_QUERIES, HAS_WINDOW, BLOCK_N, MIN_SPLIT_TILES, MAX_SPLITS,
                                             MIN_SPLITS)
     if num_splits > 1:  # 0 and 1 split were written by the split kernel
-        _combine_splits(plse_ptr + b * stride_plb + t * stride_plt + h * stride_plh,
-                        po_ptr + b * stride_pob + t * stride_pot + h * stride_poh,
-                        out_ptr + b * stride_ob + t * stride_ot + h * stride_oh,
-                        num_splits, stride_pos, HEAD_DIM, SPLITS_PAD, SPLITS_PAD)
-
-
-@triton.jit
-def _combine_splits(lse_ptr, part_ptr, out_ptr, num_splits, stride_pos, HEAD_DIM: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr):
-    """One query head's output from its splits' partials (log-sum-exp weights), CHUNK splits at a time (fewer
-    registers in the split kernel's fused combine; CHUNK = SPLITS_PAD: all at once)."""
-    splits = tl.arange(0, SPLITS_PAD)
-    lse = tl.load(lse_ptr + splits, mask=splits < num_splits, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp2(lse - m), axis=0)
-    den = tl.where(den > 0, den, 1.0)
-    dims = tl.arange(0, HEAD_DIM)
-    o = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-    for first in range(0, num_splits, CHUNK):
-        chunk = first + tl.arange(0, CHUNK)
-        ok = chunk < num_splits
-        w = tl.exp2(tl.load(lse_ptr + chunk, mask=ok, other=float("-inf")) - m)
-        part = tl.load(part_ptr + chunk[:, None] * stride_pos + dims[None, :], mask=ok[:, None], other=0.0)
-        o += tl.sum(part * w[:, None], axis=0)
-    tl.store(out_ptr + dims, (o / den).to(out_ptr.dtype.element_ty))
+        splits = tl.arange(0, SPLITS_PAD)
+        ok = splits < num_splits
+        lse = tl.load(plse_ptr + b * stride_plb + t * stride_plt + h * stride_plh + splits, mask=ok,
+                      other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        dims = tl.arange(0, HEAD_DIM)
+        part = po_ptr + b * stride_pob + t * stride_pot + h * stride_poh
+        o = tl.load(part + splits[:, None] * stride_pos + dims[None, :], mask=ok[:, None], other=0.0)
+        den = tl.sum(w, axis=0)
+        den = tl.where(den > 0, den, 1.0)
+        o = tl.sum(o * w[:, None], axis=0) / den
+        tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
 
 
 
@@ -558,12 +530,9 @@ def launch_paged_attention(
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
     page_addr = bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and page_strides_fit(key_cache, value_cache, k_scale, v_scale)
-    # FUSE_REDUCE: the split kernel's last program per (sequence, KV head) combines (no reduce launch)
-    fuse = bool(dict(cfg.extra).get("FUSE_REDUCE", 0)) and max_ns > 1
-    counters = launch_counters(q.device, B * Hkv) if fuse else seq_lens
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
-        block_table, seq_lens, out, partial_o, partial_lse, counters,
+        block_table, seq_lens, out, partial_o, partial_lse,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
         window, capacity, Hkv, grid_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -582,10 +551,10 @@ def launch_paged_attention(
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
-        PAGE_ADDR=page_addr, FUSE_REDUCE=fuse, SPLITS_PAD=triton.next_power_of_2(max_ns) if fuse else 1,
+        PAGE_ADDR=page_addr,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
-    if max_ns > 1 and not fuse:
+    if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,
             window, capacity, Hq,

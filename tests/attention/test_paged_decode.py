@@ -223,32 +223,6 @@ def test_grid_split_mapping_does_not_change_bits(device):
     assert_close(outs[0][:, 0], _ref(c))
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_fused_reduce_combines_like_the_reduce_kernel(cache_dtype, device):
-    """FUSE_REDUCE (the last split of a sequence and KV head to finish combines the partials, 8 splits at a time,
-    no reduce launch) against the reduce kernel and the reference: several query tokens, windows, empty and
-    one-split sequences, up to 16 splits (two chunks), programs that loop over several splits; the counters end
-    at zero."""
-    from angel_kernels._counters import launch_counters
-    from angel_kernels.tuning import KernelConfig
-
-    c = build_case([300, 1, 0, 77, 16], seed=33, cache_dtype=cache_dtype, device=device)
-    g = make_generator(33)
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    for q, kw in ((c["q"][:, None], {}), (randn(5, 2, 4, 64, generator=g).to(device), {"sliding_window": 50})):
-        for grid_splits in (None, 2):
-            outs = []
-            for fuse in (0, 1):
-                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
-                                   extra=(("FUSE_REDUCE", fuse), ("MIN_SPLIT_TILES", 1)))
-                outs.append(launch_paged_attention(q, *args, cfg=cfg, policy=SplitPolicy(32, 1, 16, 1),
-                                                   grid_splits=grid_splits, **kw))
-            name = f"{cache_dtype} Q={q.shape[1]} grid_splits={grid_splits} {kw}"
-            assert_close(outs[1], paged_attention_ref(q, *args, **kw), name=name)
-            torch.testing.assert_close(outs[1], outs[0], rtol=2**-9, atol=1e-4, msg=name)
-            assert int(launch_counters(device, 1).abs().sum()) == 0, name
-
-
 @pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (4, 2, 1), (16, 1, 1), (16, 4, 8),
                                                             (4, 8, 3)])
 def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device):
