@@ -171,6 +171,24 @@ def _page_offset(blk, stride, ASM: tl.constexpr):
 
 
 @triton.jit
+def _tile_pages(bt_row, stride_btn, first, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb,
+                PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_ADDR: tl.constexpr, ASM: tl.constexpr):
+    """For the KV tile [first, first + BLOCK_N) (first a multiple of BLOCK_N): each token's slot in its page and
+    the int64 offsets of its page in the K, V, K-scale and V-scale caches (block ids past pos_ok read as 0).
+    PAGE_ADDR: page index and slot from the tile start (BLOCK_N and PAGE are powers of two: one divides the
+    other) and the offsets by ``_page_offset``."""
+    if PAGE_ADDR:
+        blk = tl.load(bt_row + (first // PAGE + tl.arange(0, BLOCK_N) // PAGE) * stride_btn, mask=pos_ok, other=0)
+        slot = first % PAGE + tl.arange(0, BLOCK_N) % PAGE
+        return (slot, _page_offset(blk, stride_kcb, ASM), _page_offset(blk, stride_vcb, ASM),
+                _page_offset(blk, stride_ksb, ASM), _page_offset(blk, stride_vsb, ASM))
+    else:
+        pos = first + tl.arange(0, BLOCK_N)
+        blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
+        return pos % PAGE, blk * stride_kcb, blk * stride_vcb, blk * stride_ksb, blk * stride_vsb
+
+
+@triton.jit
 def _paged_attn_split_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
@@ -257,22 +275,9 @@ def _paged_attn_split_kernel(
         for tile in range(tile_lo, tile_hi):
             pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             pos_ok = pos < L
-            if PAGE_ADDR:  # BLOCK_N and PAGE are powers of two: one divides the other
-                first = tile * BLOCK_N
-                blk = tl.load(bt_row + (first // PAGE + tl.arange(0, BLOCK_N) // PAGE) * stride_btn, mask=pos_ok,
-                              other=0)
-                slot = first % PAGE + tl.arange(0, BLOCK_N) % PAGE
-                k_page = _page_offset(blk, stride_kcb, ASM)
-                v_page = _page_offset(blk, stride_vcb, ASM)
-                ks_page = _page_offset(blk, stride_ksb, ASM)
-                vs_page = _page_offset(blk, stride_vsb, ASM)
-            else:
-                blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
-                slot = pos % PAGE
-                k_page = blk * stride_kcb
-                v_page = blk * stride_vcb
-                ks_page = blk * stride_ksb
-                vs_page = blk * stride_vsb
+            slot, k_page, v_page, ks_page, vs_page = _tile_pages(
+                bt_row, stride_btn, tile * BLOCK_N, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE,
+                BLOCK_N, PAGE_ADDR, ASM)
             # int8 rows past the length (masked block ids: 0) are read unmasked with PAGE_ADDR; their scores are
             # masked below and their int8 values are finite, so p = 0 removes them
             KV_MASK: tl.constexpr = not (PAGE_ADDR and QUANT)

@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _page_offset, page_strides_fit, paged_decode_attention,
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _tile_pages, page_strides_fit, paged_decode_attention,
                            row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
@@ -84,20 +84,8 @@ def _attend_kv_tile(
         pos_ok = pos < L
     else:
         pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # all true (a constant: the loads below drop their masks)
-    if PAGE_ADDR:  # as paged_decode's PAGE_ADDR (n0 is a multiple of BLOCK_N)
-        blk = tl.load(bt_row + (n0 // PAGE + tl.arange(0, BLOCK_N) // PAGE) * stride_btn, mask=pos_ok, other=0)
-        slot = n0 % PAGE + tl.arange(0, BLOCK_N) % PAGE
-        k_page = _page_offset(blk, stride_kcb, ASM)
-        v_page = _page_offset(blk, stride_vcb, ASM)
-        ks_page = _page_offset(blk, stride_ksb, ASM)
-        vs_page = _page_offset(blk, stride_vsb, ASM)
-    else:
-        blk = tl.load(bt_row + (pos // PAGE) * stride_btn, mask=pos_ok, other=0).to(tl.int64)
-        slot = pos % PAGE
-        k_page = blk * stride_kcb
-        v_page = blk * stride_vcb
-        ks_page = blk * stride_ksb
-        vs_page = blk * stride_vsb
+    slot, k_page, v_page, ks_page, vs_page = _tile_pages(
+        bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR, ASM)
     k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
     v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
     BF16: tl.constexpr = q.dtype == tl.bfloat16
