@@ -363,10 +363,12 @@ def launch_tiled(
     meta = {"GROUP_N": 8, "MAGIC": 1, "INTERLEAVE": 1, **cfg.meta()}
     ptx = meta.pop("PTX", 1)
     plan = plan_split(x2.device, "w4a16", M, N, K, split_block, num_tiles, y, split_k, meta.pop("SERIAL", None))
-    # DOT_T needs 16-element-aligned weight rows, scale rows and output rows: Triton 3.6 aborts compiling the
-    # transposed tile otherwise ("Illegal shared layout", sm_90a, N = 1000 or 1016). The swap-AB tile in its
-    # place gives the same bits (DOT_T rows are the swap-AB rows, a GPU test).
-    aligned = all(t is None or t.stride(0) % 16 == 0 for t in (qweight, scales, zeros, y))
+    # DOT_T needs 16-element-aligned rows and 16-byte-aligned data: Triton 3.6 aborts compiling the transposed
+    # tile otherwise ("Illegal shared layout", sm_90a, N = 1000 or 1016). The swap-AB tile of the same config runs
+    # in its place (its rows are DOT_T's at 4 warps, a GPU test; the tuner's batch-invariance check times and
+    # checks whichever tile runs).
+    aligned = all(t is None or (t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0)
+                  for t in (x2, qweight, scales, zeros, y))
     dot_t = bool(meta.pop("DOT_T", 0)) and aligned
     _w4a16_gemm_kernel[(num_tiles, plan.grid_k)](
         x2, qweight, scales,

@@ -160,9 +160,9 @@ def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_page_addressing_is_bitwise_identical(block_size, cache_dtype, device):
     """PAGE_ADDR (page and slot from the tile index, 32-bit wide page offsets, int8 rows past the length read
-    unmasked from block 0) and FENCE_V (a layout choice on a GPU) change no bit: pages smaller and larger than the
-    KV tile, ragged and empty sequences in poisoned caches, windows and soft-cap, one split and several, the word
-    path, int8 q·kᵀ and the head-dim halves."""
+    unmasked from block 0) changes no bit: pages smaller and larger than the KV tile, ragged and empty sequences in
+    poisoned caches, windows and soft-cap, one split and several, the word path, int8 q·kᵀ and the head-dim
+    halves. FENCE_V rides along: a no-op under the interpreter (a GPU layout choice, checked on the GPU)."""
     from angel_kernels.tuning import KernelConfig
 
     c = build_case([300, 1, 17, 0, 40], head_dim=64, block_size=block_size, cache_dtype=cache_dtype, seed=31,
@@ -505,14 +505,16 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_gpu_page_addressing_at_the_tuned_config(cache_dtype):
+def test_gpu_page_addressing_at_the_tuned_config(cache_dtype, block_size):
     """PAGE_ADDR (32-bit wide page offsets in PTX, unmasked int8 rows) at the shipped config, Llama-3-8B heads,
-    ragged lengths: the same bits; with FENCE_V too: within the reference tolerance."""
+    ragged lengths, pages smaller and larger than the KV tile: the same bits; with FENCE_V too: within the
+    reference tolerance."""
     from dataclasses import replace
 
-    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, cache_dtype=cache_dtype, seed=19,
-                   device="cuda")
+    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, block_size=block_size,
+                   cache_dtype=cache_dtype, seed=19, device="cuda")
     p = PagedDecodeProblem(32, 8, 128, c["key_cache"].shape[1], torch.float16, cache_dtype, torch.device("cuda"))
     cfg = config_for(p)
     args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
@@ -583,8 +585,9 @@ def test_gpu_other_head_dims_and_blocks(head_dim, block_size):
 
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_head_dim_128_default_configs(cache_dtype, device):
-    """The untuned defaults for head dim 128 (the H100 winners: int8 word path on the whole head dim, fp16 halves,
-    the short-context split floor) against the reference, window and soft-cap included."""
+    """The untuned defaults for head dim 128 (the H100 winners: int8 q·kᵀ on int8 MMAs with V by the word path,
+    FENCE_V and page addressing; fp16 halves with page addressing; the short-context split floor) against the
+    reference, window and soft-cap included."""
     from angel_kernels.attention.paged_decode import heuristic_config
 
     c = build_case([700, 1, 129, 40], heads_q=8, heads_kv=2, head_dim=128, cache_dtype=cache_dtype, seed=31,
@@ -596,6 +599,27 @@ def test_head_dim_128_default_configs(cache_dtype, device):
     for kw in ({}, {"sliding_window": 100, "soft_cap": 30.0}):
         out = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0]
         assert_close(out, _ref(c, **kw), name=f"{cache_dtype} {kw}")
+
+
+def test_launcher_keys_vllms_packed_rows_apart(monkeypatch, device):
+    """A launch on vLLM's packed int8 cache (4-byte aligned rows) looks its config up as ``rows=packed``; a launch
+    on separate 16-byte rows does not."""
+    import angel_kernels.attention.paged_decode as pd
+
+    keys = []
+
+    def recording_config_for(p):
+        keys.append(p.key())
+        return INTERPRETER_CONFIG
+
+    monkeypatch.setattr(pd, "config_for", recording_config_for)
+    lens = [40, 3]
+    c = build_case(lens, seed=5, device=device)
+    packed = with_vllm_packed_cache(c, lens, device)
+    for case in (c, packed):
+        args = [case[a] for a in ARGS[1:5]] + [case["scale"], case["k_scale"], case["v_scale"]]
+        launch_paged_attention(case["q"][:, None], *args)
+    assert not keys[0].endswith(",rows=packed") and keys[1].endswith(",rows=packed"), keys
 
 
 def test_packed_rows_have_their_own_key_and_default():

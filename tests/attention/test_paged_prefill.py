@@ -203,7 +203,7 @@ def test_int8_words_path(layout, dtype, device):
         assert_close(outs[1], _ref(c, **kw), name=name)
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_page_addressing_is_bitwise_identical(cache_dtype, block_size, device):
     """PAGE_ADDR (page and slot from the tile start, 32-bit wide page offsets) changes no bit: pages smaller and
