@@ -167,6 +167,11 @@ def report(launch: Launch, dump: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- cases
+def _flags(args) -> tuple:
+    """The --flag NAME=VALUE options as config extras."""
+    return tuple((name, int(value)) for name, value in (flag.split("=") for flag in args.flag))
+
+
 def _decode_launch(args):
     from angel_kernels.attention.kv_cache import int8_page_bytes, int8_page_views
     from angel_kernels.attention.paged_decode import launch_paged_attention
@@ -186,7 +191,7 @@ def _decode_launch(args):
     extra = (("D_SPLIT", args.d_split or 2), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
              ("QK_INT8", args.qk_int8), ("WORDS", args.words))
     extra += (("MAX_REGS", args.max_regs),) if args.max_regs else ()
-    extra += tuple((k, int(v)) for k, v in (kv.split("=") for kv in args.flag))
+    extra += _flags(args)
     cfg = KernelConfig(16, args.block_n, 128, num_warps=args.warps, num_stages=args.stages, extra=extra)
     kc, vc, ks, vs = caches
     import angel_kernels.attention.paged_decode as decode
@@ -217,8 +222,7 @@ def _prefill_launch(args):
     qsl = torch.arange(0, B * L + 1, L, dtype=torch.int32)
     q = torch.randn(B * L, Hq, D, dtype=torch.float16)
     cfg = KernelConfig(args.block_m or 128, args.block_n, D, num_warps=args.warps, num_stages=args.stages,
-                       extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words))
-                       + tuple((k, int(v)) for k, v in (kv.split("=") for kv in args.flag)))
+                       extra=(("D_SPLIT", args.d_split or 1), ("WORDS", args.words)) + _flags(args))
     return capture_launches(launch_paged_varlen, q, kc, vc, block_table, seq_lens, qsl, D**-0.5, ks, vs, cfg=cfg)
 
 

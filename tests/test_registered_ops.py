@@ -28,9 +28,13 @@ def _clone(v):
     return v.clone() if isinstance(v, torch.Tensor) else v
 
 
+def _copies(args, kwargs):
+    return tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}
+
+
 def _run(op, args, kwargs):
     """The op on fresh copies of the inputs: (result, the copies) so mutated inputs can be compared too."""
-    args, kwargs = tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}
+    args, kwargs = _copies(args, kwargs)
     return op(*args, **kwargs), args, kwargs
 
 
@@ -57,12 +61,12 @@ def test_gpu_op_under_torch_compile_and_cuda_graphs(name):
         compiled = torch.compile(lambda *a, **k: op(*a, **k), fullgraph=True, dynamic=False)
         _assert_same(_run(compiled, args, kwargs), eager, f"{name} under torch.compile")
 
-        c_args, c_kwargs = tuple(_clone(a) for a in args), {k: _clone(v) for k, v in kwargs.items()}
+        c_args, c_kwargs = _copies(args, kwargs)
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            op(*tuple(_clone(a) for a in args), **{k: _clone(v) for k, v in kwargs.items()})  # warm-up off-graph
+            _run(op, args, kwargs)  # warm-up off-graph
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(graph):
             out = op(*c_args, **c_kwargs)

@@ -417,9 +417,10 @@ def words_path(cfg: KernelConfig, quant: bool, k_align: int, v_align: int) -> bo
     return quant and bool(dict(cfg.extra).get("WORDS", 0)) and min(k_align, v_align) >= 4
 
 
-def page_strides_fit(*caches) -> bool:
-    """PAGE_ADDR multiplies block ids by the per-block strides as 32-bit unsigned numbers: they must fit."""
-    return all(c.stride(0) < 2**31 for c in caches if c is not None)
+def page_addressing(cfg: KernelConfig, *caches) -> bool:
+    """Whether a launch computes page offsets by 32-bit multiplies: the config asks for it (PAGE_ADDR) and every
+    cache's per-block stride (``caches``: K, V and the optional scale caches) fits 32 bits unsigned."""
+    return bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and all(c.stride(0) < 2**31 for c in caches if c is not None)
 
 
 def num_sms(device: torch.device) -> int:
@@ -534,7 +535,6 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    page_addr = bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and page_strides_fit(key_cache, value_cache, k_scale, v_scale)
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, out, partial_o, partial_lse,
@@ -556,7 +556,7 @@ def launch_paged_attention(
         ASM=q.device.type == "cuda",
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
-        PAGE_ADDR=page_addr,
+        PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
     if max_ns > 1:

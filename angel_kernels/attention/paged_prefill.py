@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _tile_pages, page_strides_fit, paged_decode_attention,
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _tile_pages, page_addressing, paged_decode_attention,
                            row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
@@ -296,8 +296,7 @@ def launch_paged_varlen(
         K_ALIGN=k_align, V_ALIGN=v_align,
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
-        PAGE_ADDR=bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and page_strides_fit(key_cache, value_cache, k_scale,
-                                                                                 v_scale),
+        PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
