@@ -427,13 +427,16 @@ def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
 
-def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM) -> int:
-    """Splits of one long sequence: ~programs_per_sm programs per SM across its KV heads, a power of two.
+def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
+                   pow2: bool = True) -> int:
+    """Splits of one long sequence: ~programs_per_sm programs per SM across its KV heads, a power of two (or,
+    with ``pow2`` off, the count itself).
 
-    H100 SXM (132 SMs), 8 KV heads, 2 per SM: 32 splits → 256 programs for a single 32k-token sequence.
+    H100 SXM (132 SMs), 8 KV heads, 2 per SM: 32 splits → 256 programs for a single 32k-token sequence; 3 per SM
+    without rounding: 49.
     """
     target = max(1, programs_per_sm * num_sms(device) // num_kv_heads)
-    return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1))
+    return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1) if pow2 else target)
 
 
 def row_alignment(cache: torch.Tensor) -> int:
@@ -486,8 +489,8 @@ def split_policy(p: PagedDecodeProblem, cfg: Optional[KernelConfig] = None) -> S
     cfg = cfg or config_for(p)
     extra = dict(cfg.extra)
     per_sm = extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM)
-    return SplitPolicy(cfg.BLOCK_N, extra["MIN_SPLIT_TILES"], max_splits_for(p.num_kv_heads, p.device, per_sm),
-                       extra.get("MIN_SPLITS", 1))
+    max_splits = max_splits_for(p.num_kv_heads, p.device, per_sm, pow2=not extra.get("EXACT_SPLITS", 0))
+    return SplitPolicy(cfg.BLOCK_N, extra["MIN_SPLIT_TILES"], max_splits, extra.get("MIN_SPLITS", 1))
 
 
 def launch_paged_attention(

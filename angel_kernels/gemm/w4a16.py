@@ -40,7 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._int8_words import mma_operand_fence
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ._splitk import (
@@ -107,39 +106,23 @@ def _dequant_pair(w, j: tl.constexpr, zc, off, s, MAGIC: tl.constexpr, MAGIC_BIT
 
 
 def _word_dequant_ptx(bf16: bool, zeros: bool) -> str:
-    """PTX for one word: 8 nibbles → 8 values (q − z) · s in fp16/bf16, two per 32-bit op, returned as the four
-    pairs (nibble j, nibble j + 4) that share a 32-bit lane pair, so no byte permutes rebuild them.
-    fp16: the lanes are read in place (mask 0x000F000F gives 1024 + q, mask 0x00F000F0 gives 1024 + 16q, both
-    exact: fp16 1024 has an ulp of 1), one shift by 8 for nibbles 2, 3, 6, 7; then q − z is one packed subtract of
-    1024 + z, or one packed FMA ×1/16 − (64 + z) for the 16q lanes (exact: the result is a small integer), and one
-    packed multiply by the scale: 13 instructions per 8 weights. bf16 (7-bit mantissa: 128 + 16q does not fit)
-    shifts each nibble pair down (3 shifts) and subtracts 128 + z: 15.
-    Operands: $0…$3 nibbles 0…3, $4…$7 nibbles 4…7, $8 the word, $9 base + z, $10 the scale, $11 −(64 + z) (fp16
-    asymmetric only). Symmetric weights (z = 8) use immediates. Rounded as the Triton path (one rounding, by the
-    scale)."""
+    """PTX for one word: 8 nibbles → 8 values (q − z) · s in fp16/bf16, two per 32-bit op: 3 shifts, 4 LOP3
+    (AND the lane masks, OR the magic bits; asymmetric adds zc first), 4 packed subtracts, 4 packed multiplies.
+    Operands: $0…$7 the values of nibbles 0…7, $8 the word, $9 zc, $10 the scale, $11 the offset to subtract.
+    The same operations as the Triton path below, rounded the same way (the products are exact in fp32, so one
+    rounding either way), which the compiler does not schedule as tightly (~3 instructions per weight, SASS)."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
-    lines = [".reg .b32 t<4>, w8, c, h, m, s2;", "mov.b32 s2, {$10, $10};"]
-    if zeros:
-        lines.append("mov.b32 c, {$9, $9};")
-    else:
-        lines.append(f"mov.b32 c, {'0x43084308' if bf16 else '0x64086408'};")  # base + 8
-    if bf16:
-        for j in range(4):
-            if j:
-                lines.append(f"shr.u32 w8, $8, {4 * j};")
-            lines += [f"lop3.b32 t{j}, {'$8' if j == 0 else 'w8'}, 0x000F000F, {magic}, 0xEA;",  # (a & b) | c
-                      f"sub.{ty} t{j}, t{j}, c;"]
-    else:
-        lines += ["mov.b32 h, {$11, $11};" if zeros else "mov.b32 h, 0xD480D480;",  # −(64 + z); −72
-                  "mov.b32 m, 0x2C002C00;",  # 1/16
-                  "shr.u32 w8, $8, 8;"]
-        for j, (src, mask) in enumerate((("$8", "0x000F000F"), ("$8", "0x00F000F0"),
-                                         ("w8", "0x000F000F"), ("w8", "0x00F000F0"))):
-            lines.append(f"lop3.b32 t{j}, {src}, {mask}, {magic}, 0xEA;")
-            lines.append(f"fma.rn.{ty} t{j}, t{j}, m, h;" if j % 2 else f"sub.{ty} t{j}, t{j}, c;")
+    lines = [".reg .b32 t<4>, c, s2;", "mov.b32 c, {$11, $11};", "mov.b32 s2, {$10, $10};"]
     for j in range(4):
-        lines += [f"mul.{ty} t{j}, t{j}, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
+        src = "$8" if j == 0 else f"t{j}"
+        if j:
+            lines.append(f"shr.u32 t{j}, $8, {4 * j};")
+        if zeros:
+            lines += [f"and.b32 t{j}, {src}, 0x000F000F;", f"add.u32 t{j}, t{j}, $9;", f"or.b32 t{j}, t{j}, {magic};"]
+        else:
+            lines.append(f"lop3.b32 t{j}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
+        lines += [f"sub.{ty} t{j}, t{j}, c;", f"mul.{ty} t{j}, t{j}, s2;", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
@@ -150,27 +133,26 @@ _PTX_BF16_ZEROS = tl.constexpr(_word_dequant_ptx(True, True))
 
 
 @triton.jit
-def _dequant_word_asm(w, z, s, BF16: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """Returns (nibble 0, 1, 2, 3, 4, 5, 6, 7) of each word; z: the zero points in x.dtype (asymmetric only)."""
+def _dequant_word_asm(w, zc, s, off, BF16: tl.constexpr, HAS_ZEROS: tl.constexpr):
     if BF16:
         return tl.inline_asm_elementwise(
-            asm=_PTX_BF16_ZEROS if HAS_ZEROS else _PTX_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h,h",
-            args=[w, z + 128.0, s, z], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
+            asm=_PTX_BF16_ZEROS if HAS_ZEROS else _PTX_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,h,h",
+            args=[w, zc, s, off], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1,
         )
     else:
         return tl.inline_asm_elementwise(
-            asm=_PTX_F16_ZEROS if HAS_ZEROS else _PTX_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h,h",
-            args=[w, z + 1024.0, s, -(z + 64.0)], dtype=(tl.float16,) * 8, is_pure=True, pack=1,
+            asm=_PTX_F16_ZEROS if HAS_ZEROS else _PTX_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,r,h,h",
+            args=[w, zc, s, off], dtype=(tl.float16,) * 8, is_pure=True, pack=1,
         )
 
 
 @triton.jit
-def _dequant_interleaved(w, zc, off, s, z, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
+def _dequant_interleaved(w, zc, off, s, MAGIC: tl.constexpr, MAGIC_BITS: tl.constexpr, DT: tl.constexpr,
                          CT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr = False,
                          HAS_ZEROS: tl.constexpr = False):
     """Words w [BLOCK_N, BLOCK_K // 8] (each loaded once) → dequantized [BLOCK_N, BLOCK_K] in CT, K-minor."""
     if ASM:  # MAGIC with x.dtype arithmetic on a GPU: the PTX above
-        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _dequant_word_asm(w, z, s, DT == tl.bfloat16, HAS_ZEROS)
+        lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = _dequant_word_asm(w, zc, s, off, DT == tl.bfloat16, HAS_ZEROS)
     else:
         lo0, hi0 = _dequant_pair(w, 0, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
         lo1, hi1 = _dequant_pair(w, 1, zc, off, s, MAGIC, MAGIC_BITS, DT, CT)
@@ -273,8 +255,6 @@ def _w4a16_k_range(
         else:
             cols = k0 + offs_k
         x = tl.load(x_cols + cols[:, None] * stride_xk, mask=mask_k[:, None] & mask_m[None, :], other=0.0)  # [BK, BM]
-        if ASM and not DOT_T:
-            x = mma_operand_fence(x)
         # BLOCK_K <= group_size and divides it: the whole K-block shares one scale (and zero) row.
         if GROUP:  # (a Python int under the interpreter: widen through an int64 zero)
             g = (tl.full((), 0, tl.int64) + k0) // GROUP
@@ -286,7 +266,6 @@ def _w4a16_k_range(
         # (q − z) is an exact small integer in fp16/bf16: the weight suffers one rounding, by the scale.
         if HAS_ZEROS:
             z = tl.load(z_ptrs + g * stride_zg, mask=mask_n, other=0).to(tl.int32)
-            zf = z.to(CT)  # the PTX path subtracts base + z in x.dtype (exact: z <= 16)
             if MAGIC:
                 zc = (ZERO_BIAS - z) * 0x00010001
                 off = tl.full((BLOCK_N,), BASE + ZERO_BIAS, CT)
@@ -296,13 +275,12 @@ def _w4a16_k_range(
         else:
             zc = tl.full((BLOCK_N,), 0, tl.int32)
             off = tl.full((BLOCK_N,), BASE + 8.0, CT)
-            zf = off  # unused: symmetric PTX takes immediates
         if INTERLEAVE:
             if EVEN:
                 w = tl.load(qw_ptrs)
             else:
                 w = tl.load(qw_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 8)[None, :], other=0)
-            a = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], zf[:, None], MAGIC, MAGIC_BITS, DT, CT,
+            a = _dequant_interleaved(w, zc[:, None], off[:, None], s[:, None], MAGIC, MAGIC_BITS, DT, CT,
                                      BLOCK_N, BLOCK_K, ASM and MAGIC and CT == DT, HAS_ZEROS)
         else:
             w = tl.load(qw_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)

@@ -24,7 +24,7 @@ from ._splitk import (
     with_serial_choices,
 )
 from ._weight_only import weight_only_family
-from .._int8_words import int8_words_to_float, mma_operand_fence
+from .._int8_words import int8_words_to_float
 from ..dispatch import KernelFamily
 from ..reference import w8a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced
@@ -146,8 +146,6 @@ def _w8a16_k_range(
             wf = w.to(x.dtype)
         if DOT_FP32:
             x = x.to(tl.float32)
-        if ASM and not DOT_T:
-            x = mma_operand_fence(x)
         # Accumulate inside the MMA chain: K-blocks are summed in the same order whatever BLOCK_M is.
         if DOT_T:
             acc = tl.dot(tl.trans(x), tl.trans(wf), acc)

@@ -391,6 +391,29 @@ def test_gpu_dequant_modes(magic, inter, dtype, m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("m", [1, 64])
+def test_gpu_ptx_dequant_is_the_triton_dequant(dtype, sym, m):
+    """The PTX word dequantization against the Triton one, bit for bit, symmetric and asymmetric, fp16 and bf16,
+    on random words (every nibble value) and zero points 0..16."""
+    n, k = 256, 1024
+    gen = torch.Generator(device="cuda").manual_seed(m + 2 * sym)
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device="cuda", generator=gen)
+    scales = (torch.rand(k // 128, n, device="cuda", generator=gen) + 0.5).to(dtype) * 0.01
+    zeros = None if sym else torch.randint(0, 17, (k // 128, n), dtype=torch.uint8, device="cuda", generator=gen)
+    x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    bm, bn, warps, stages = (16, 64, 4, 3) if m <= 16 else (64, 128, 4, 3)
+    ys = [launch_tiled(x, qweight, scales, zeros, 128, None, None,
+                       KernelConfig(bm, bn, 128, num_warps=warps, num_stages=stages, extra=_modes(1, 1, ptx=ptx)),
+                       out=poisoned_empty(m, n, dtype=dtype, device="cuda"))
+          for ptx in (1, 0)]
+    assert torch.isfinite(ys[0]).all()
+    assert torch.equal(ys[0], ys[1])
+    assert_close_dequantized(ys[0], w4a16_gemm_ref(x, qweight, scales, zeros, 128), name=f"{dtype} sym={sym}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k", INVARIANCE_SHAPES)
 @pytest.mark.parametrize("m", INVARIANCE_MS)
 @pytest.mark.parametrize("group,sym", [(128, True), (64, False)])
