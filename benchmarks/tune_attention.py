@@ -33,14 +33,16 @@ def small_decode_space(p):
 
 
 def focus_decode_space(p):
-    """Around the configs that led the H100 tunes (4 warps, 2 programs per SM, page addressing, splits of 64-256
-    tokens, with and without the short-context floor of 8 splits); int8: BLOCK_N 128, whole head dim, the word
+    """Around the configs that led the H100 tunes (4 warps, 2 programs per SM for int8, exactly 3 for fp16, page
+    addressing, splits of 64-256 tokens, with and without the short-context floor of 8 splits); int8: BLOCK_N 128, whole head dim, the word
     path with FENCE_V, 2-3 stages, with and without int8 q·kᵀ (the head-dim halves, the element path and the
     register cap never led); fp16: BLOCK_N 64 with the head-dim halves, 2-3 stages, also 1024-token splits
     (16 int8 / 16 fp16 configs)."""
     def keep(c):
         x = dict(c.extra)
-        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != 2 or "MAX_REGS" in x or c.num_stages not in (2, 3):
+        # programs per SM: 2 (int8), exactly 3 (fp16), as the leaders
+        per_sm = 2 if p.kv_dtype == torch.int8 else 3
+        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != per_sm or "MAX_REGS" in x or c.num_stages not in (2, 3):
             return False
         if not x.get("PAGE_ADDR"):
             return False

@@ -470,10 +470,10 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
         return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2,
                             extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2),
                                    ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 2), ("QK_INT8", 1), ("WORDS", 1)))
-    if p.head_dim == 128:
+    if p.head_dim == 128:  # a single sequence's splits: 3 programs per SM, not rounded to a power of two
         return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2,
-                            extra=(("D_SPLIT", 2), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16), ("PAGE_ADDR", 1),
-                                   ("PROGRAMS_PER_SM", 2)))
+                            extra=(("D_SPLIT", 2), ("EXACT_SPLITS", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16),
+                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 3)))
     block_n = 64 if p.head_dim <= 128 else 32
     return KernelConfig(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=p.head_dim, num_warps=4, num_stages=2,
                         extra=(("MIN_SPLIT_TILES", 256 // block_n),))
@@ -664,7 +664,7 @@ def paged_decode_attention(
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps × stages × smallest split (64–1024 tokens) × programs per SM for one long sequence
-    (the largest split count: 2 or 4 per SM) × head-dim halves (D_SPLIT), and for int8 caches the word path,
+    (the largest split count: 2 or 4 per SM, rounded to a power of two, or 3 per SM exactly) × head-dim halves (D_SPLIT), and for int8 caches the word path,
     int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1 or 8)
     × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
     Every config is a valid partition, and the
@@ -683,7 +683,7 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     # PAGE_ADDR (page addressing) and, for int8, FENCE_V with it: sm_90a, int8 BLOCK_N 128 with WORDS and
     # QK_INT8, 1808 → 1260 instructions per tile; the H100 winners use both (NOTES.md)
     for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits, page in product(
-            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 4), (1, 2), int8_options,
+            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 3, 4), (1, 2), int8_options,
             int8_options, (0, 168) if int8 else (0,), (1, 8), (0, 1)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
@@ -691,7 +691,9 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
             continue
         if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
             continue
-        extra = (("D_SPLIT", d_split),) + ((("FENCE_V", 1),) if page and int8 else ())
+        extra = (("D_SPLIT", d_split),)
+        extra += (("EXACT_SPLITS", 1),) if per_sm == 3 else ()  # 3 per SM rounds down to 2's power of two
+        extra += (("FENCE_V", 1),) if page and int8 else ()
         if max_regs:
             extra += (("MAX_REGS", max_regs),)  # sorted by name, as the store reads them
         extra += (("MIN_SPLITS", min_splits),) if min_splits > 1 else ()

@@ -223,8 +223,8 @@ def test_grid_split_mapping_does_not_change_bits(device):
     assert_close(outs[0][:, 0], _ref(c))
 
 
-@pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (4, 2, 1), (16, 1, 1), (16, 4, 8),
-                                                            (4, 8, 3)])
+@pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 1), (5, 1, 1),
+                                                            (16, 1, 1), (16, 4, 8), (4, 8, 3)])
 def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device):
     c = build_case([300, 33], seed=6, device=device)
     p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, c["q"].device)
@@ -255,6 +255,13 @@ def test_split_policy_depends_on_length_only():
     assert SplitPolicy(128, 2, 32, 1).num_splits(1024) == 4  # without the floor
     # H100 SXM, Llama-3-8B: 32 splits per sequence; the KV-head count is a model constant, not a batch size
     assert max_splits_for(8, torch.device("cpu")) == 1  # the interpreter's pretend 4-SM device: 8 // 8
+    # EXACT_SPLITS: 3 programs per SM without the power-of-two rounding (4 SMs, 1 KV head: 12 splits, not 8)
+    assert max_splits_for(1, torch.device("cpu"), 3) == 8 and max_splits_for(1, torch.device("cpu"), 3, pow2=False) == 12
+    p = PagedDecodeProblem(4, 1, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    from angel_kernels.tuning import KernelConfig
+
+    cfg = KernelConfig(16, 32, 64, extra=(("EXACT_SPLITS", 1), ("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 3)))
+    assert split_policy(p, cfg).max_splits == 12
 
 
 def test_row_alignment_hint_is_what_the_memory_guarantees():
