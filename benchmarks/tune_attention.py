@@ -33,24 +33,28 @@ def small_decode_space(p):
 
 
 def focus_decode_space(p):
-    """Around the configs that led the H100 tunes (4 warps, 2 programs per SM for int8, exactly 3 for fp16, page
-    addressing, splits of 64-256 tokens, with and without the short-context floor of 8 splits); int8: BLOCK_N 128, whole head dim, the word
-    path with FENCE_V, 2-3 stages, with and without int8 q·kᵀ (the head-dim halves, the element path and the
-    register cap never led); fp16: BLOCK_N 64 with the head-dim halves, 2-3 stages, also 1024-token splits
-    (16 int8 / 16 fp16 configs)."""
+    """Around the configs that led the H100 tunes, page addressing throughout. int8: one-warp programs on 32-token
+    tiles (whole head dim, the word path with FENCE_V, 8 programs per SM, 128- or 256-token splits with a floor of
+    16, 2-3 stages, with and without int8 q·kᵀ) and the earlier 4-warp leader (128-token tiles, int8 q·kᵀ, 2 per
+    SM, 256-token splits with a floor of 8, 2-3 stages); fp16: 4 warps, BLOCK_N 64 with the head-dim halves,
+    exactly 3 programs per SM, 2-3 stages, splits of 64-256 or 1024 tokens, with and without the floor of 8
+    (the element path and the register cap never led). 10 int8 / 16 fp16 configs."""
     def keep(c):
         x = dict(c.extra)
-        # programs per SM: 2 (int8), exactly 3 (fp16), as the leaders
-        per_sm = 2 if p.kv_dtype == torch.int8 else 3
-        if c.num_warps != 4 or x["PROGRAMS_PER_SM"] != per_sm or "MAX_REGS" in x or c.num_stages not in (2, 3):
-            return False
-        if not x.get("PAGE_ADDR"):
+        if "MAX_REGS" in x or c.num_stages not in (2, 3) or not x.get("PAGE_ADDR"):
             return False
         tokens = x["MIN_SPLIT_TILES"] * c.BLOCK_N
         if p.kv_dtype == torch.int8:
-            return c.BLOCK_N == 128 and x["D_SPLIT"] == 1 and x.get("WORDS") == 1 and tokens <= 256
+            if x["D_SPLIT"] != 1 or x.get("WORDS") != 1:
+                return False
+            if c.num_warps == 1:
+                return (c.BLOCK_N == 32 and x["PROGRAMS_PER_SM"] == 8 and tokens in (128, 256)
+                        and x.get("MIN_SPLITS") == 16)
+            return (c.num_warps == 4 and c.BLOCK_N == 128 and x["PROGRAMS_PER_SM"] == 2 and tokens == 256
+                    and x.get("MIN_SPLITS") == 8 and x.get("QK_INT8") == 1)
         # 1024-token splits: 16 instead of 32 splits at 16k (half the partials; B=64×16k trails vLLM's fp16 kernel)
-        return c.BLOCK_N == 64 and x["D_SPLIT"] == 2 and (tokens <= 256 or tokens == 1024)
+        return (c.num_warps == 4 and x["PROGRAMS_PER_SM"] == 3 and c.BLOCK_N == 64 and x["D_SPLIT"] == 2
+                and x.get("MIN_SPLITS", 1) in (1, 8) and (tokens <= 256 or tokens == 1024))
 
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
 

@@ -467,9 +467,14 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
                             extra=(("D_SPLIT", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2), ("PROGRAMS_PER_SM", 2),
                                    ("WORDS", 1)))
     if p.head_dim == 128 and p.kv_dtype == torch.int8:
-        return KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2,
-                            extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 2),
-                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 2), ("QK_INT8", 1), ("WORDS", 1)))
+        # One warp per program, 32-token tiles: no warp waits for another inside a tile (a 4-warp program spreads
+        # the score tile over its warps by token, so every tile's row max and sum, and P for P·V, cross warps
+        # through shared memory). H100, same run: B=8×4k 33.5 µs (4 warps × 128 tokens: 40.9), 32×4k 116.4
+        # (130.4), 64×16k 853.1 (901.7); but B=1×4k 17.9 (13.1): 256-token splits leave a single sequence 128
+        # one-warp programs (NOTES.md).
+        return KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=3,
+                            extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 16), ("MIN_SPLIT_TILES", 8),
+                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 8), ("QK_INT8", 1), ("WORDS", 1)))
     if p.head_dim == 128:  # a single sequence's splits: 3 programs per SM, not rounded to a power of two
         return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2,
                             extra=(("D_SPLIT", 2), ("EXACT_SPLITS", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16),
@@ -663,10 +668,11 @@ def paged_decode_attention(
 
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
-    """Tile width × warps × stages × smallest split (64–1024 tokens) × programs per SM for one long sequence
-    (the largest split count: 2 or 4 per SM, rounded to a power of two, or 3 per SM exactly) × head-dim halves (D_SPLIT), and for int8 caches the word path,
-    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1 or 8)
-    × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
+    """Tile width × warps (1: no cross-warp exchange per tile) × stages × smallest split (64–1024 tokens) ×
+    programs per SM for one long sequence (the largest split count: 2, 4 or 8 per SM, rounded to a power of two,
+    or 3 per SM exactly) × head-dim halves (D_SPLIT), and for int8 caches the word path,
+    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1, 8 or
+    16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
     Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
@@ -683,8 +689,8 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     # PAGE_ADDR (page addressing) and, for int8, FENCE_V with it: sm_90a, int8 BLOCK_N 128 with WORDS and
     # QK_INT8, 1808 → 1260 instructions per tile; the H100 winners use both (NOTES.md)
     for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits, page in product(
-            (32, 64, 128), (2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 3, 4), (1, 2), int8_options,
-            int8_options, (0, 168) if int8 else (0,), (1, 8), (0, 1)):
+            (32, 64, 128), (1, 2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 3, 4, 8), (1, 2), int8_options,
+            int8_options, (0, 168) if int8 else (0,), (1, 8, 16), (0, 1)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         if max_regs and warps != 4:
