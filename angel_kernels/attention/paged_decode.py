@@ -698,7 +698,7 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
         if d_split == 2 and (bn < 64 or p.head_dim < 128):  # halves only pay where the full tiles spill
             continue
         extra = (("D_SPLIT", d_split),)
-        extra += (("EXACT_SPLITS", 1),) if per_sm == 3 else ()  # 3 per SM rounds down to 2's power of two
+        extra += (("EXACT_SPLITS", 1),) if per_sm == 3 else ()  # rounded to a power of two, 3 per SM is 2
         extra += (("FENCE_V", 1),) if page and int8 else ()
         if max_regs:
             extra += (("MAX_REGS", max_regs),)  # sorted by name, as the store reads them

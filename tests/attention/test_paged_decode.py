@@ -256,10 +256,11 @@ def test_split_policy_depends_on_length_only():
     # H100 SXM, Llama-3-8B: 32 splits per sequence; the KV-head count is a model constant, not a batch size
     assert max_splits_for(8, torch.device("cpu")) == 1  # the interpreter's pretend 4-SM device: 8 // 8
     # EXACT_SPLITS: 3 programs per SM without the power-of-two rounding (4 SMs, 1 KV head: 12 splits, not 8)
-    assert max_splits_for(1, torch.device("cpu"), 3) == 8 and max_splits_for(1, torch.device("cpu"), 3, pow2=False) == 12
-    p = PagedDecodeProblem(4, 1, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
     from angel_kernels.tuning import KernelConfig
 
+    cpu = torch.device("cpu")
+    assert max_splits_for(1, cpu, 3) == 8 and max_splits_for(1, cpu, 3, pow2=False) == 12
+    p = PagedDecodeProblem(4, 1, 64, 16, torch.float16, torch.int8, cpu)
     cfg = KernelConfig(16, 32, 64, extra=(("EXACT_SPLITS", 1), ("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 3)))
     assert split_policy(p, cfg).max_splits == 12
 
