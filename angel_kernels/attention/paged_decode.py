@@ -14,9 +14,10 @@ Split-KV policy (``SplitPolicy``): a sequence's context ``[kv_lo, L)`` is cut in
 splits, ``tiles_per_split = max(ceil(tiles / max_splits), min(min_split_tiles, ceil(tiles / min_splits)))``:
 at least ``min_split_tiles`` per split, except that a short context still gets ``min_splits`` splits (one tile
 each at 1k tokens: B=1×1k int8 12.2 → 9.3 µs on the H100) without cutting a 4k context into single-tile programs
-(B=32×4k 141.5 vs 164.0 µs). ``max_splits`` comes from the
-device's SM count and the number of KV heads (about two programs per SM for a single sequence), so the
-partition of a sequence depends on its own length and on constants of the model and GPU, never on the batch.
+(B=32×4k 141.5 vs 164.0 µs). ``max_splits`` comes from the device's SM count and the number of KV heads (the
+config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down to a power of two unless
+``EXACT_SPLITS``), so the partition of a sequence depends on its own length and on constants of the model and
+GPU, never on the batch.
 Each split's partial output and log-sum-exp go to fp32 scratch; a second kernel combines a sequence's splits
 in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
 The grid's split dimension (how many programs share a sequence's splits, each looping over every
@@ -451,15 +452,15 @@ def row_alignment(cache: torch.Tensor) -> int:
 
 
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
-    """Untuned default. Head dim 128: the H100 winners (per-case tuning, Llama-3-8B heads), which also serve
-    untuned GPUs (on the H100, over the int8 tuning cases, the default before the word path took 1950 µs and the
-    word-path configs 1056–1064): int8 128-token tiles on the whole head dim, q·kᵀ on int8 MMAs, V by the word
-    path with the 16-bit MMA layout (FENCE_V), page addressing (PAGE_ADDR), 2 stages, 256-token splits with a
-    floor of 8 splits (B=64×16k 919 vs 957 µs for the word path alone, B=1×32k 41.7 vs 46.4); fp16 64-token
+    """Untuned default. Head dim 128: the H100 winners (per-case timing, Llama-3-8B heads), which also serve
+    untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, q·kᵀ on int8 MMAs, V by the word path
+    with the 16-bit MMA layout (FENCE_V), page addressing, 3 stages, 256-token splits with a floor of 16 splits,
+    8 programs per SM for one sequence; see below); vLLM's packed int8 rows the word path alone; fp16 64-token
     tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
-    with 64-token splits), page addressing. Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) /
-    16 KB (fp16) for D = 64, and 256-token splits, whose partial output (4 query heads × D fp32, written and read
-    back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
+    with 64-token splits), page addressing, exactly 3 programs per SM for one sequence. Other head dims: BLOCK_N
+    keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token splits, whose partial output
+    (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for
+    fp16), the worst case at large batch."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8 and p.packed_rows:
         # vLLM's packed rows (4-byte aligned): the word path alone, as timed on them (H100, B=64×16k: 1705 µs;
         # the 16-byte-row winner below took 3678 there)
