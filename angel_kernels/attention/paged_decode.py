@@ -16,7 +16,7 @@ at least ``min_split_tiles`` per split, except that a short context still gets `
 each at 1k tokens: B=1×1k int8 12.2 → 9.3 µs on the H100) without cutting a 4k context into single-tile programs
 (B=32×4k 141.5 vs 164.0 µs). ``max_splits`` comes from the device's SM count and the number of KV heads (the
 config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down to a power of two unless
-``EXACT_SPLITS``), so the partition of a sequence depends on its own length and on constants of the model and
+``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on its own length and on constants of the model and
 GPU, never on the batch.
 Each split's partial output and log-sum-exp go to fp32 scratch; a second kernel combines a sequence's splits
 in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
@@ -54,6 +54,8 @@ LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)  # the same constant, visible inside kernels
 # a single sequence gets about this many programs per SM across its KV heads (latency of short decodes)
 PROGRAMS_PER_SM = 2
+# Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
+# batch × query heads × splits × head dim fp32 partials: 2 MB per sequence at 128 splits for Llama-3-8B heads.
 MAX_SPLITS_CAP = 64
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
 INTERPRETER_SMS = 4
@@ -429,15 +431,15 @@ def num_sms(device: torch.device) -> int:
 
 
 def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM,
-                   pow2: bool = True) -> int:
+                   pow2: bool = True, cap: int = MAX_SPLITS_CAP) -> int:
     """Splits of one long sequence: ~programs_per_sm programs per SM across its KV heads, a power of two (or,
-    with ``pow2`` off, the count itself).
+    with ``pow2`` off, the count itself), at most ``cap``.
 
     H100 SXM (132 SMs), 8 KV heads, 2 per SM: 32 splits → 256 programs for a single 32k-token sequence; 3 per SM
-    without rounding: 49.
+    without rounding: 49; 8 per SM: 128 where the cap allows it (one-warp int8 programs).
     """
     target = max(1, programs_per_sm * num_sms(device) // num_kv_heads)
-    return min(MAX_SPLITS_CAP, 1 << (target.bit_length() - 1) if pow2 else target)
+    return min(cap, 1 << (target.bit_length() - 1) if pow2 else target)
 
 
 def row_alignment(cache: torch.Tensor) -> int:
@@ -455,8 +457,8 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. Head dim 128: the H100 winners (per-case timing, Llama-3-8B heads), which also serve
     untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, q·kᵀ on int8 MMAs, V by the word path
     with the 16-bit MMA layout (FENCE_V), page addressing, 3 stages, 256-token splits with a floor of 16 splits,
-    8 programs per SM for one sequence; see below); vLLM's packed int8 rows the word path alone; fp16 64-token
-    tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
+    8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
+    alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
     with 64-token splits), page addressing, exactly 3 programs per SM for one sequence. Other head dims: BLOCK_N
     keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token splits, whose partial output
     (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for
@@ -472,10 +474,13 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
         # the score tile over its warps by token, so every tile's row max and sum, and P for P·V, cross warps
         # through shared memory). H100, same run: B=8×4k 33.5 µs (4 warps × 128 tokens: 40.9), 32×4k 116.4
         # (130.4), 64×16k 853.1 (901.7); but B=1×4k 17.9 (13.1): 256-token splits leave a single sequence 128
-        # one-warp programs (NOTES.md).
+        # one-warp programs (NOTES.md). SPLITS_CAP 128: a 32k context in 128 splits of 256 tokens instead of 64 of
+        # 512 (B=1×32k 39.4 → 34.0 µs, the 1024 programs of 8 KV heads fill 132 SMs × 8; B=8×32k 213 → 227: the
+        # partials double and each program's prologue is spread over half the tokens).
         return KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=3,
                             extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 16), ("MIN_SPLIT_TILES", 8),
-                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 8), ("QK_INT8", 1), ("WORDS", 1)))
+                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 8), ("QK_INT8", 1), ("SPLITS_CAP", 128),
+                                   ("WORDS", 1)))
     if p.head_dim == 128:  # a single sequence's splits: 3 programs per SM, not rounded to a power of two
         return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2,
                             extra=(("D_SPLIT", 2), ("EXACT_SPLITS", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16),
@@ -495,7 +500,8 @@ def split_policy(p: PagedDecodeProblem, cfg: Optional[KernelConfig] = None) -> S
     cfg = cfg or config_for(p)
     extra = dict(cfg.extra)
     per_sm = extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM)
-    max_splits = max_splits_for(p.num_kv_heads, p.device, per_sm, pow2=not extra.get("EXACT_SPLITS", 0))
+    max_splits = max_splits_for(p.num_kv_heads, p.device, per_sm, pow2=not extra.get("EXACT_SPLITS", 0),
+                                cap=extra.get("SPLITS_CAP", MAX_SPLITS_CAP))
     return SplitPolicy(cfg.BLOCK_N, extra["MIN_SPLIT_TILES"], max_splits, extra.get("MIN_SPLITS", 1))
 
 
@@ -671,7 +677,7 @@ def paged_decode_attention(
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps (1: no cross-warp exchange per tile) × stages × smallest split (64–1024 tokens) ×
     programs per SM for one long sequence (the largest split count: 2, 4 or 8 per SM, rounded to a power of two,
-    or 3 per SM exactly) × head-dim halves (D_SPLIT), and for int8 caches the word path,
+    or 3 per SM exactly; one-warp programs at 8 per SM with a cap of 128 splits) × head-dim halves (D_SPLIT), and for int8 caches the word path,
     int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1, 8 or
     16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
     Every config is a valid partition, and the
@@ -708,6 +714,8 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
         extra += (("PROGRAMS_PER_SM", per_sm),)
         if qk_int8:
             extra += (("QK_INT8", 1),)
+        if per_sm == 8 and warps == 1:  # 8 per SM is 128 splits at 8 KV heads on 132 SMs: above the default cap
+            extra += (("SPLITS_CAP", 128),)
         if words:
             extra += (("WORDS", 1),)
         configs.append(KernelConfig(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,

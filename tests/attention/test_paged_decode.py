@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 from angel_kernels.attention import PAGED_DECODE, inline_scale_views, paged_decode_attention, write_kv_cache
 from angel_kernels.attention.paged_decode import (
     INTERPRETER_CONFIG,
+    MAX_SPLITS_CAP,
     PagedDecodeProblem,
     SplitPolicy,
     _split_q,
@@ -263,6 +264,13 @@ def test_split_policy_depends_on_length_only():
     p = PagedDecodeProblem(4, 1, 64, 16, torch.float16, torch.int8, cpu)
     cfg = KernelConfig(16, 32, 64, extra=(("EXACT_SPLITS", 1), ("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 3)))
     assert split_policy(p, cfg).max_splits == 12
+    # SPLITS_CAP: a config's own bound on the split count instead of MAX_SPLITS_CAP (4 SMs × 64 per SM, 1 KV head)
+    assert max_splits_for(1, cpu, 64) == MAX_SPLITS_CAP == 64 and max_splits_for(1, cpu, 64, cap=128) == 128
+    capped = KernelConfig(16, 32, 64, extra=(("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 64), ("SPLITS_CAP", 128)))
+    policy = split_policy(p, capped)
+    assert policy.max_splits == 128 and policy.num_splits(128 * 32) == 128 and policy.max_num_splits(10 ** 6) == 128
+    assert split_policy(p, KernelConfig(16, 32, 64, extra=(("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 64)))
+                        ).max_splits == 64
 
 
 def test_row_alignment_hint_is_what_the_memory_guarantees():
