@@ -37,8 +37,8 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _tile_pages, page_addressing, paged_decode_attention,
-                           row_alignment, words_path)
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _split_q, _tile_pages, page_addressing,
+                           paged_decode_attention, row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -65,19 +65,21 @@ def _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _attend_kv_tile(
-    acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
+    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
     kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
     K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, D_SPLIT: tl.constexpr,
-    PAGE_ADDR: tl.constexpr = False,
+    PAGE_ADDR: tl.constexpr, BF16: tl.constexpr, QK_INT8: tl.constexpr, FENCE_V: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
-    the second halves; unused scalars otherwise)."""
+    the second halves; unused scalars otherwise). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
+    q2_lo the low parts, q_row_scale their per-row step (paged_decode's ``_split_q``); unused scalars otherwise."""
     PART: tl.constexpr = HEAD_DIM // D_SPLIT
+    DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     dims = tl.arange(0, PART)
     pos = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -88,19 +90,30 @@ def _attend_kv_tile(
         bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR, ASM)
     k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
     v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-    BF16: tl.constexpr = q.dtype == tl.bfloat16
-    # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
-    kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-    if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
-        s = tl.dot(q, kt.to(tl.float32))
+    if QK_INT8:  # the keys go to int8 MMAs as loaded: no conversion (int32 sums are exact, see paged_decode)
+        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        s_hi = tl.dot(q, kt, out_dtype=tl.int32)
+        s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
+        if D_SPLIT == 2:
+            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                          PART)
+            s_hi = tl.dot(q2, kt, s_hi, out_dtype=tl.int32)
+            s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
+        s = (s_hi * 254 + s_lo).to(tl.float32) * q_row_scale[:, None]
     else:
-        s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
-    if D_SPLIT == 2:
-        kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-        if DOT_FP32:
-            s = tl.dot(q2, kt.to(tl.float32), s)
+        # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
+        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
+            s = tl.dot(q, kt.to(tl.float32))
         else:
-            s = tl.dot(q2, kt.to(q.dtype), s)
+            s = tl.dot(q, kt.to(DT))  # int8 → fp16/bf16 is exact for [-128, 127]
+        if D_SPLIT == 2:
+            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                          PART)
+            if DOT_FP32:
+                s = tl.dot(q2, kt.to(tl.float32), s)
+            else:
+                s = tl.dot(q2, kt.to(DT), s)
     # Plain fp caches keep s = q·k unscaled: the scale (> 0, checked) goes into the max once per row and into the
     # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop)
     FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
@@ -126,20 +139,21 @@ def _attend_kv_tile(
     else:
         p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+    v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
     if QUANT:
         v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
     if not DOT_FP32:
-        p = p.to(q.dtype)
+        p = p.to(DT)
     pv = tl.dot(p, v.to(p.dtype))
     if QUANT:
         pv = pv * v_max
     acc = acc * alpha[:, None] + pv
     if D_SPLIT == 2:
-        v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+                     FENCE_V)
         pv = tl.dot(p, v.to(p.dtype))
         if QUANT:
             pv = pv * v_max
@@ -164,7 +178,10 @@ def _paged_varlen_kernel(
     ASM: tl.constexpr = False,  # WORDS on a GPU: the PTX conversion
     D_SPLIT: tl.constexpr = 1,  # head-dim halves (see _attend_kv_tile)
     PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
+    QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
+    FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
 ):
+    BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     tile_id = tl.program_id(0)
     kvh = tl.program_id(1)
     b = _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q)
@@ -195,6 +212,21 @@ def _paged_varlen_kernel(
         else:
             q2 = 0.0  # unused
             acc2 = 0.0
+        if QK_INT8:  # q = step · (hi + lo / 254) per row (paged_decode's _split_q): 2^-16 of the row's absmax
+            amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
+            if D_SPLIT == 2:
+                amax = tl.maximum(amax, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
+            q_step = tl.where(amax > 0, amax / 127.0, 1.0)
+            q, q_lo = _split_q(q, q_step)
+            if D_SPLIT == 2:
+                q2, q2_lo = _split_q(q2, q_step)
+            else:
+                q2_lo = 0.0  # unused
+            q_row_scale = q_step / 254.0
+        else:
+            q_lo = 0.0  # unused
+            q2_lo = 0.0
+            q_row_scale = 0.0
         row_hi = ctx + tok + 1  # keys [row_lo, row_hi) are visible to the row
         if HAS_WINDOW:
             row_lo = tl.maximum(row_hi - window, 0)
@@ -217,20 +249,20 @@ def _paged_varlen_kernel(
         bt_row = bt_ptr + b64 * stride_btb
         for n0 in range(n_lo, n_full, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
-                acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR)
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
         for n0 in range(n_full, kv_end, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
-                acc, acc2, m_i, l_i, q, q2, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR)
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -297,6 +329,8 @@ def launch_paged_varlen(
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
+        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
+        FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -252,6 +252,38 @@ def test_head_dim_halves(cache_dtype, words, device):
         torch.testing.assert_close(outs[1], outs[0], rtol=2 * ulp, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("layout", ["separate", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
+    """QK_INT8 (q split into two int8 parts, q·kᵀ on int8 MMAs, as in paged_decode) against the fp32 reference and
+    within a few output roundings of the fp path: whole head dim and halves, the element and word paths for V
+    (FENCE_V with the word path: a GPU layout choice, a no-op under the interpreter), masked and unmasked tiles,
+    windows and soft-cap, 16-byte and vLLM's packed rows."""
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen
+    from angel_kernels.tuning import KernelConfig
+
+    lens, q_lens = zip(*MIXED)
+    c = varlen_case(lens, q_lens, cache_dtype=torch.int8, dtype=dtype, head_dim=64, seed=18, device=device)
+    if layout == "packed":
+        c = with_vllm_packed_cache(c, lens, device)
+    c["q"] = c["q"] * 8.0  # larger logits: a q-quantization error would show in peaked softmax rows
+    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
+    ulp = 2**-10 if dtype == torch.float16 else 2**-7
+    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
+        for d_split, words in ((1, 0), (2, 1)):
+            outs = []
+            for qk_int8 in (0, 1):
+                extra = (("D_SPLIT", d_split), ("FENCE_V", words), ("QK_INT8", qk_int8), ("WORDS", words))
+                out = launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=1,
+                                                                  extra=extra), **kw)
+                assert not out.isnan().any()
+                outs.append(out)
+            name = f"{layout} {dtype} D_SPLIT={d_split} WORDS={words} {kw}"
+            assert_close(outs[1], _ref(c, **kw), name=name)
+            torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16, torch.bfloat16])
