@@ -62,10 +62,15 @@ def focus_decode_space(p):
 def focus_prefill_space(p):
     """Around the H100 leaders (int8 64×128 / 4 warps, fp16 128×64 / 8 warps, both with page addressing):
     64×128 / 4 warps and 128×64 / 8 warps at 2-3 stages, 64×64 / 4 warps at 2, with and without the head-dim
-    halves and (int8) the word path (16 int8, 8 fp16 configs)."""
+    halves; int8 with the word path, with and without int8 q·kᵀ (20 int8, 8 fp16 configs)."""
     shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
-    return [c for c in paged_prefill.tuning_space(p)
-            if (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes and dict(c.extra).get("PAGE_ADDR")]
+
+    def keep(c):
+        x = dict(c.extra)
+        words_ok = x.get("WORDS") == 1 or p.kv_dtype != torch.int8
+        return (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes and x.get("PAGE_ADDR") and words_ok
+
+    return [c for c in paged_prefill.tuning_space(p) if keep(c)]
 
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs"

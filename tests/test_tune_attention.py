@@ -18,8 +18,10 @@ def test_focus_spaces_are_slices_of_the_kernel_spaces(kv_dtype):
     for focus, full in ((T.focus_decode_space(d), paged_decode.tuning_space(d)),
                         (T.focus_prefill_space(p), paged_prefill.tuning_space(p))):
         assert 4 <= len(focus) <= 20 and set(focus) <= set(full)
-    # the head-dim-128 decode default (the H100 winner) is among them
+    # the head-dim-128 decode default (the H100 winner) is among them, and the int8 prefill default
     assert paged_decode.heuristic_config(d) in T.focus_decode_space(d)
+    if kv_dtype == torch.int8:
+        assert paged_prefill.heuristic_config(p) in T.focus_prefill_space(p)
 
 
 def test_per_case_ranking_weighs_every_case_alike(tmp_path, monkeypatch):

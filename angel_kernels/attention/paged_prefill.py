@@ -274,7 +274,11 @@ def _paged_varlen_kernel(
 def heuristic_config(p: PagedPrefillProblem) -> KernelConfig:
     """Untuned default: 128-row query tiles (two warpgroups of wgmma on Hopper) and 64-token KV tiles for
     D ≤ 128 (a 128×128 fp16 Q tile + K and V tiles of 64×128 fit with two stages in ~100 KB of shared memory);
-    64 rows / 32 tokens at D = 256."""
+    64 rows / 32 tokens at D = 256. int8 caches at D = 128: the H100 winner (64-row query tiles × 128-token KV
+    tiles, 4 warps, 3 stages, page addressing, V by the word path, q·kᵀ on int8 MMAs)."""
+    if p.head_dim == 128 and p.kv_dtype == torch.int8:
+        return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3,
+                            extra=(("PAGE_ADDR", 1), ("QK_INT8", 1), ("WORDS", 1)))
     if p.head_dim <= 128:
         return KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=p.head_dim, num_warps=8, num_stages=2)
     return KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=p.head_dim, num_warps=4, num_stages=2)
@@ -467,7 +471,7 @@ def paged_attention(
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     """Query-tile rows × KV-tile width × warps × stages × head-dim halves × page addressing (× the int8 word
-    path). The store keys configs by model shape only, and a sequence's programs never read another sequence, so
+    path × int8 q·kᵀ). The store keys configs by model shape only, and a sequence's programs never read another sequence, so
     any winner keeps outputs batch-invariant."""
     from itertools import product
 
@@ -477,15 +481,23 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     # fp16 128×64 / 8 warps: 904 → 727 instructions per tile, 228 → 172 registers)
     # PAGE_ADDR: page offsets by a 32-bit wide multiply (sm_90a, int8 64×128 / 4 warps with WORDS 1888 → 1684
     # instructions per tile, spills 388 → 252 B; fp16 128×64 / 8 warps in halves 684 → 591)
-    for bm, bn, warps, stages, words, d_split, page in product(
-            (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), (0, 1) if p.kv_dtype == torch.int8 else (0,),
-            (1, 2) if p.head_dim >= 128 else (1,), (0, 1)):
-        # shared memory: the Q tile + `stages` K and V tiles (fp16 after conversion), ≤ ~200 KB of an H100's 227
-        smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * 2
+    # QK_INT8 (int8 caches): K from the cache straight into int8 MMAs, q in two int8 parts (paged_decode); the
+    # score tile then takes an int → float conversion (sm_90a, 64×128 / 4 warps with WORDS: 1672 → 1760
+    # instructions per masked tile, spills 228 → 116 B; timed 4-8 % faster on three of four H100 cases, NOTES.md)
+    int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
+    for bm, bn, warps, stages, words, d_split, page, qk_int8 in product(
+            (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), int8_options,
+            (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options):
+        # shared memory, ≤ ~200 KB of an H100's 227: the Q tile + `stages` K and V tiles as cached, and for int8
+        # caches one converted (fp16) K and V tile (sm_90a: the shipped int8 64×128 / 3 stages takes 84 KB)
+        kv_bytes = 1 if p.kv_dtype == torch.int8 else 2
+        smem = bm * p.head_dim * 2 + stages * 2 * bn * p.head_dim * kv_bytes
+        smem += 2 * bn * p.head_dim * 2 if p.kv_dtype == torch.int8 else 0
         if smem > 200 * 1024 or (bm == 128 and warps == 4 and p.head_dim > 128):
             continue
         extra = (("D_SPLIT", 2),) if d_split == 2 else ()
         extra += (("PAGE_ADDR", 1),) if page else ()
+        extra += (("QK_INT8", 1),) if qk_int8 else ()
         extra += (("WORDS", 1),) if words else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))
