@@ -43,6 +43,7 @@ from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _split_q, _tile_pages, page
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4, num_stages=1)
+LONGEST_FIRST = True
 
 
 PagedPrefillProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
@@ -164,7 +165,7 @@ def _attend_kv_tile(
 @triton.jit
 def _paged_varlen_kernel(
     q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, qsl_ptr, out_ptr,
-    qk_scale, soft_cap, window, capacity, num_seqs,
+    qk_scale, soft_cap, window, capacity, num_seqs, num_kv_heads,
     stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -180,10 +181,18 @@ def _paged_varlen_kernel(
     PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
+    LONGEST_FIRST: tl.constexpr = False,  # program order (see below); every program computes the same either way
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
-    tile_id = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if LONGEST_FIRST:
+        # one grid axis, the KV heads of a query tile side by side, the tiles in reverse: a sequence's last query
+        # tiles (the most KV tiles under the causal mask) start first and the short ones fill the tail
+        num_tiles = tl.num_programs(0) // num_kv_heads
+        tile_id = num_tiles - 1 - tl.program_id(0) // num_kv_heads
+        kvh = tl.program_id(0) % num_kv_heads
+    else:
+        tile_id = tl.program_id(0)
+        kvh = tl.program_id(1)
     b = _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
@@ -313,13 +322,14 @@ def launch_paged_varlen(
     block_q = block_q_for(group, block_m)
     quant = key_cache.dtype == torch.int8
     has_softcap = soft_cap is not None
-    grid = (T // block_q + B, Hkv)
+    tiles = T // block_q + B
+    grid = (tiles * Hkv,) if LONGEST_FIRST else (tiles, Hkv)
     k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
     _paged_varlen_kernel[grid](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, query_start_loc, out,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
-        int(sliding_window) if sliding_window is not None else 0, block_table.shape[1] * page, B,
+        int(sliding_window) if sliding_window is not None else 0, block_table.shape[1] * page, B, Hkv,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -335,6 +345,7 @@ def launch_paged_varlen(
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
+        LONGEST_FIRST=LONGEST_FIRST,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
