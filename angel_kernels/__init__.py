@@ -1,8 +1,9 @@
 """angel-kernels: Triton kernels for cheaper LLM inference, with a thin vLLM plugin.
 
 Public functional API (each also registered as ``torch.ops.angel_kernels.<name>``):
-- ``w8a16_gemm(x, qweight, scales, bias=None)``: int8 weight-only GEMM.
-- ``quantize_weight_int8(w)``: online per-channel int8 quantization of an fp16/bf16 weight.
+- ``w8a16_gemm(x, qweight, scales, bias=None, tile_major=False)``: int8 weight-only GEMM.
+- ``quantize_weight_int8(w)``: online per-channel int8 quantization of an fp16/bf16 weight; ``tile_major_int8(q)``
+  its faster-to-stream layout (``tile_major=True``), ``row_major_int8`` back.
 - ``w4a16_gemm(x, qweight, scales, zeros=None, group_size=128, bias=None, perm=None)``: int4 group-wise GEMM.
 - ``quantize_weight_int4(w, group_size)``, ``repack_gptq`` / ``repack_awq`` / ``repack_compressed_tensors``:
   int4 weights in the layout of ``w4a16_gemm`` (``Int4Weight``), from fp weights or from checkpoints.
@@ -11,13 +12,13 @@ Importing this package touches no GPU: kernels compile on first use, tuned confi
 """
 __version__ = "0.1.0"
 
-from .gemm import w4a16_gemm, w8a16_gemm
+from .gemm import row_major_int8, tile_major_int8, w4a16_gemm, w8a16_gemm
 from .quantization import (
     Int4Weight, quantize_weight_int4, quantize_weight_int8, repack_awq, repack_compressed_tensors, repack_gptq,
 )
 
 __all__ = [
-    "__version__", "w8a16_gemm", "quantize_weight_int8", "w4a16_gemm", "quantize_weight_int4", "Int4Weight",
+    "__version__", "w8a16_gemm", "quantize_weight_int8", "tile_major_int8", "row_major_int8", "w4a16_gemm", "quantize_weight_int4", "Int4Weight",
     "repack_gptq", "repack_awq", "repack_compressed_tensors",
 ]
 from .attention import (  # noqa: E402  (paged KV cache)

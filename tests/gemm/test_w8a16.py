@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from angel_kernels import quantize_weight_int8, w8a16_gemm
+from angel_kernels import quantize_weight_int8, row_major_int8, tile_major_int8, w8a16_gemm
 from angel_kernels.gemm._splitk import PROGRAMS_PER_SM, split_k_for, tile_counters
 from angel_kernels.gemm.w8a16 import INTERPRETER_CONFIG, W8A16, W8A16Problem, launch_tiled
 from angel_kernels.reference import quantize_weight_int8_ref, w8a16_gemm_ref
@@ -39,9 +39,10 @@ def _inputs(m, n, k, dtype, device, seed, bias=False):
     return x, q, s, b
 
 
-def _layer(m, n, k, dtype, device, seed, *, bias=False):
+def _layer(m, n, k, dtype, device, seed, *, bias=False, tile_major=False):
     x, q, s, b = _inputs(m, n, k, dtype, device, seed, bias=bias)
-    return Layer(x, n, lambda a: w8a16_gemm(a, q, s, b), lambda a: w8a16_gemm_ref(a, q, s, b))
+    qt = tile_major_int8(q) if tile_major else q
+    return Layer(x, n, lambda a: w8a16_gemm(a, qt, s, b, tile_major=tile_major), lambda a: w8a16_gemm_ref(a, q, s, b))
 
 
 # dequant_matmul rounds each weight q·s to fp16 before the product; tiled scales the fp32 accumulator
@@ -97,6 +98,57 @@ def test_weight_views_that_are_not_word_aligned(view, device):
     # DOT_T on the element path too (a batch config must not change its product with the weight's alignment)
     dot_t = replace(INTERPRETER_CONFIG, extra=INTERPRETER_CONFIG.extra + (("DOT_T", 1),))
     assert_close(launch_tiled(x, w, s, None, dot_t), w8a16_gemm_ref(x, q, s, None))
+
+
+def test_tile_major_layout_and_round_trip():
+    """Element (n, k) of a tile-major weight sits at (n // 64)·64K + (k // 128)·8192 + (n % 64)·128 + k % 128; the
+    layout round-trips; shapes without whole 64 × 128 blocks are refused."""
+    from angel_kernels.gemm.w8a16 import tile_major_fits
+
+    n, k = 192, 384
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=make_generator(1))
+    t = tile_major_int8(q)
+    assert t.shape == q.shape and t.is_contiguous() and not torch.equal(t, q)
+    flat = t.flatten()
+    for a, c in [(0, 0), (63, 127), (64, 0), (1, 128), (130, 300), (191, 383)]:
+        assert flat[(a // 64) * 64 * k + (c // 128) * 8192 + (a % 64) * 128 + c % 128] == q[a, c]
+    assert torch.equal(row_major_int8(t), q)
+    assert tile_major_int8(q.t().contiguous().t()).equal(t)  # a non-contiguous row-major view is fine
+    assert tile_major_fits(64, 128) and not tile_major_fits(96, 128) and not tile_major_fits(64, 192)
+    for bad in (q[:96], q[:, :320]):
+        with pytest.raises(ValueError, match="tile-major int8 weight needs N % 64 == 0 and K % 128 == 0"):
+            tile_major_int8(bad)
+    with pytest.raises(ValueError, match="contiguous"):
+        row_major_int8(torch.zeros(128, 256, dtype=torch.int8)[::2])
+
+
+@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_tile_major_gives_the_row_major_bits(candidate, m, device, monkeypatch):
+    """Every candidate on a tile-major weight returns exactly what it returns on the row-major one: 3 × 2 blocks of
+    64 × 128 (and ragged M), with bias."""
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
+    x, q, s, b = _inputs(m, 192, 256, torch.float16, device, seed=20 + m, bias=True)
+    y = w8a16_gemm(x, tile_major_int8(q), s, b, tile_major=True)
+    assert torch.equal(y, w8a16_gemm(x, q, s, b)), candidate
+    assert_close(y, w8a16_gemm_ref(x, q, s, b))
+
+
+@pytest.mark.parametrize("block_k", [64, 128])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_tile_major_kernel_configs(block_k, split_k, device):
+    """The Triton kernel on a tile-major weight: K-blocks of 128 (one block per step) and 64 (two steps per block),
+    split-K ranges (split launch and SERIAL), DOT_T tiles, the element path (WORDS 0): the row-major bits."""
+    x, q, s, b = _inputs(5, 128, 768, torch.bfloat16, device, seed=block_k + split_k, bias=True)
+    t = tile_major_int8(q)
+    base = INTERPRETER_CONFIG if device.type == "cpu" else replace(INTERPRETER_CONFIG, num_stages=2)
+    for extra in ((("SERIAL", 0),), (("SERIAL", 1),), (("DOT_T", 1), ("SERIAL", 0)), (("SERIAL", 0), ("WORDS", 0))):
+        cfg = replace(base, BLOCK_K=block_k, extra=base.extra + extra)
+        y = launch_tiled(x, t, s, b, cfg, split_k=split_k, tile_major=True)
+        assert torch.equal(y, launch_tiled(x, q, s, b, cfg, split_k=split_k)), (extra, block_k, split_k)
+    assert_close(y, w8a16_gemm_ref(x, q, s, b))
+    with pytest.raises(ValueError, match="must divide 128"):
+        launch_tiled(x, t, s, b, replace(base, BLOCK_K=256), tile_major=True)
 
 
 @pytest.mark.parametrize("split_k", [2, 3, 4])
@@ -192,6 +244,9 @@ def test_quantizer_rejects_bad_weights():
         (lambda a: a.update(bias=torch.ones(3, dtype=torch.float16)), ValueError, "bias must have shape"),
         (lambda a: a.update(bias=torch.ones(32, dtype=torch.bfloat16)), TypeError, "bias dtype"),
         (lambda a: a.update(x=a["x"].to("meta")), ValueError, "meta"),
+        (lambda a: a.update(tile_major=True), ValueError, r"N % 64 == 0 and K % 128 == 0, got \[N, K\] = \[32, 64\]"),
+        (lambda a: a.update(x=torch.randn(4, 128).half(), qweight=torch.zeros(128, 256, dtype=torch.int8)[:, :128],
+                            scales=torch.rand(128), tile_major=True), ValueError, "must be contiguous"),
     ],
 )
 def test_bad_input_is_a_clear_error(mutate, exc, match):
@@ -200,10 +255,11 @@ def test_bad_input_is_a_clear_error(mutate, exc, match):
         qweight=torch.randint(-127, 128, (32, 64), dtype=torch.int8),
         scales=torch.rand(32),
         bias=None,
+        tile_major=False,
     )
     mutate(args)
     with pytest.raises(exc, match=match):
-        w8a16_gemm(args["x"], args["qweight"], args["scales"], args["bias"])
+        w8a16_gemm(args["x"], args["qweight"], args["scales"], args["bias"], tile_major=args["tile_major"])
 
 
 def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
@@ -269,6 +325,23 @@ def test_gpu_batch_invariance_tiled(n, k, m, monkeypatch):
     check_batch_invariance(OP, n, k, m, monkeypatch)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", REAL_SHAPE_CANDIDATES)
+@pytest.mark.parametrize("m", [1, 16, 64, 257, 1024])
+def test_gpu_tile_major_real_shapes(candidate, m, monkeypatch):
+    """A tile-major weight (as the vLLM method stores it) at real shapes and every M regime: the row-major
+    results bit for bit, the reference within tolerance, and batch-invariant rows below LARGE_M."""
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", candidate)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        x, q, s, b = _inputs(m, n, k, torch.float16, "cuda", seed=m, bias=True)
+        t = tile_major_int8(q)
+        y = w8a16_gemm(x, t, s, b, tile_major=True)
+        assert torch.equal(y, w8a16_gemm(x, q, s, b)), f"{candidate} M={m} {n}x{k}"
+        OP.close(candidate)(y, w8a16_gemm_ref(x, q, s, b), name=f"{candidate} M={m} {n}x{k}")
+        if candidate == "tiled" and m > 1:
+            assert torch.equal(y[m - 1 :], w8a16_gemm(x[m - 1 :], t, s, b, tile_major=True))
+
+
 @pytest.mark.parametrize("m", TUNING_SPACE_MS)
 def test_tuning_space_fits_the_m_bucket(m):
     from angel_kernels.gemm.w8a16 import BLOCK_K, tuning_space
@@ -291,6 +364,9 @@ def test_dequantize_int8_matches_torch(device):
             assert_close(w, ref, atol=0, rtol=2**-7)
         else:
             assert torch.equal(w, ref)
+    x, q, s, _ = _inputs(1, 128, 384, torch.float16, device, seed=10)
+    for dtype in (torch.float16, torch.bfloat16):  # a tile-major weight comes back row-major
+        assert torch.equal(dequantize_int8(tile_major_int8(q), s, dtype, tile_major=True), dequantize_int8(q, s, dtype))
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])

@@ -107,3 +107,34 @@ def test_process_weights_after_loading_is_idempotent(tp1):
     q, s = layer.weight.clone(), layer.weight_scale.clone()
     layer.quant_method.process_weights_after_loading(layer)
     assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, s)
+
+
+def test_tile_major_weights_give_the_row_major_forward(tp1, monkeypatch):
+    """Where the layer stores its weight tile-major (on CUDA, whole 64 × 128 blocks; forced here on CPU), the
+    weight is the quantizer's output in that layout and the forward returns the row-major layer's bits."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from angel_kernels import tile_major_int8
+    from angel_kernels.gemm.w8a16 import tile_major_fits
+    from angel_vllm import quant_ifq
+    from angel_vllm.quant_ifq import IfqConfig
+
+    g = torch.Generator().manual_seed(3)
+    W = (torch.randn(128, 256, generator=g) * 0.05).half()
+    shipped_policy = quant_ifq._tile_major_for
+    layers = []
+    for policy in (lambda q: False, lambda q: tile_major_fits(*q.shape)):
+        monkeypatch.setattr(quant_ifq, "_tile_major_for", policy)
+        layer = ReplicatedLinear(256, 128, bias=False, disable_tp=True, params_dtype=torch.float16,
+                                 quant_config=IfqConfig(), return_bias=False)
+        layer.weight_loader(layer.weight, W)
+        layer.quant_method.process_weights_after_loading(layer)
+        layers.append(layer)
+    row, tiled = layers
+    q_ref, _ = quantize_weight_int8(W)
+    assert not row.ifq_tile_major and torch.equal(row.weight, q_ref)
+    assert tiled.ifq_tile_major and torch.equal(tiled.weight, tile_major_int8(q_ref))
+    x = torch.randn(3, 256, generator=g).half()
+    assert torch.equal(tiled(x), row(x))
+    # on this CPU the method keeps weights row-major: the reference path would reorder them on every call
+    assert not shipped_policy(q_ref)
