@@ -489,16 +489,23 @@ def _angel(*names):
 
 def prepare_angel_w8a16(case, device):
     import angel_kernels
+    from angel_kernels.gemm.w8a16 import tile_major_fits
 
     m, n, k = case["M"], case["N"], case["K"]
+    tile_major = tile_major_fits(n, k)  # the layout the ifq method stores on CUDA
 
     def make(i):
         x = _rand_x(m, k, device)
         qweight, scales = angel_kernels.quantize_weight_int8(_rand_w(n, k, device))  # int8 [N, K], fp32 [N]
-        return (x, qweight, scales), (lambda: _ref_matmul(x, qweight.float() * scales.float()[:, None]))
+        ref = lambda: _ref_matmul(x, qweight.float() * scales.float()[:, None])  # noqa: E731
+        return (x, angel_kernels.tile_major_int8(qweight) if tile_major else qweight, scales), ref
+
+    def fn(x, qweight, scales):
+        return angel_kernels.w8a16_gemm(x, qweight, scales, tile_major=tile_major)
 
     sets, ref = H.build_sets(make)
-    return H.Prepared(fn=angel_kernels.w8a16_gemm, input_sets=sets, ref=ref, floor_kind="w8", tol=1e-2)
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="w8", tol=1e-2,
+                      note="tile-major weight" if tile_major else "row-major weight")
 
 
 def prepare_angel_w4a16(case, device):
