@@ -109,7 +109,7 @@ def _w8a16_k_range(
 ):
     """acc [BLOCK_N, BLOCK_M] ([BLOCK_M, BLOCK_N] with DOT_T) over the K-blocks of [k_start, min(K, k_start +
     K_PER_SPLIT)), from zero. TILE_MAJOR: weight element (n, k) at byte ``_tile_major_row(n, K) + _tile_major_col(k)``
-    (``tile_major_int8``); any BLOCK_N, and BLOCK_K dividing 128.
+    (``tile_major_int8``); any BLOCK_N, and BLOCK_K dividing 128 (K-blocks start at multiples of 64).
 
     DOT_T (batches): the MMA computes accᵀ = x · wᵀ, tokens on its M side. The converted weight is then the B
     operand, which wgmma reads from shared memory, and a K-block's 8 HGMMAs issue back to back with one wait; as
@@ -121,12 +121,8 @@ def _w8a16_k_range(
     offs_k = k_start + tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
     if TILE_MAJOR:
-        w_rows = _tile_major_row(offs_n, K)  # bytes
-        if WORDS:
-            w_rows = w_rows // 4
-            w_cols = tl.arange(0, BLOCK_K // 4)
-        else:
-            w_cols = tl.arange(0, BLOCK_K)
+        w_rows = _tile_major_row(offs_n, K, WORDS)
+        w_cols = tl.arange(0, BLOCK_K // 4) if WORDS else tl.arange(0, BLOCK_K)
     if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
         offs_r = tl.arange(0, BLOCK_K // 4)
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start // 4 + offs_r)[None, :]
@@ -146,8 +142,7 @@ def _w8a16_k_range(
             mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         if TILE_MAJOR:  # this K-block's place in the row's blocks (one scalar per K-block)
-            k_off = _tile_major_col(k0)
-            w_ptrs = w_ptr + w_rows[:, None] + ((k_off // 4 if WORDS else k_off) + w_cols)[None, :]
+            w_ptrs = w_ptr + w_rows[:, None] + (_tile_major_col(k0, WORDS) + w_cols)[None, :]
         if EVEN:
             w = tl.load(w_ptrs)
         elif WORDS:
@@ -178,15 +173,22 @@ def _w8a16_k_range(
 
 
 @triton.jit
-def _tile_major_row(n, K):
-    """Byte offset of row n's first element in the tile-major layout: its 64-row block, then its row in it."""
-    return (n // 64).to(tl.int64) * (64 * K) + (n % 64) * 128
+def _tile_major_row(n, K, WORDS: tl.constexpr):
+    """Offset of row n's first element in the tile-major layout (its 64-row block, then its row in it), in bytes
+    or (WORDS) int32 words. Written as products so that the compiler sees every row start 128-byte aligned (K is
+    a multiple of 16 to it): a division here would hide that and cut the loads to 4 bytes."""
+    if WORDS:
+        return (n // 64).to(tl.int64) * (K * 16) + (n % 64) * 32
+    return (n // 64).to(tl.int64) * (K * 64) + (n % 64) * 128
 
 
 @triton.jit
-def _tile_major_col(k):
-    """Byte offset of column k within a row of the tile-major layout: its 128-column block, then the column."""
-    return (k // 128) * 8192 + k % 128
+def _tile_major_col(k, WORDS: tl.constexpr):
+    """Offset of column k (a multiple of 64) within a row of the tile-major layout (its 128-column block, then the
+    column), in bytes or (WORDS) int32 words."""
+    if WORDS:
+        return tl.multiple_of((k // 128) * 2048 + (k % 128) // 4, 16)
+    return tl.multiple_of((k // 128) * 8192 + k % 128, 64)
 
 
 @triton.jit
@@ -324,7 +326,7 @@ def _dequant_int8_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_qk, TILE_M
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if TILE_MAJOR:
-        q_offs = _tile_major_row(offs_n, K)[:, None] + _tile_major_col(offs_k)[None, :]
+        q_offs = _tile_major_row(offs_n, K, False)[:, None] + ((offs_k // 128) * 8192 + offs_k % 128)[None, :]
     else:
         q_offs = offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :] * stride_qk
     q = tl.load(q_ptr + q_offs, mask=mask, other=0)
