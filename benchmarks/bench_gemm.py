@@ -13,7 +13,8 @@ Peers (what users run today), each checked against an fp32 reference of its own 
                          asymmetric int4 group 128, ``gemlite_a8w8`` A8W8 int8 dynamic: the per-token activation
                          quantization runs INSIDE its call, as gemlite does it. Timed under CUDA graphs (its eager
                          call costs 100–300 µs of host overhead).
-Ours (added when ``angel_kernels`` provides the op): ``angel_w8a16``, ``angel_w4a16`` (symmetric, group 128).
+Ours (added when ``angel_kernels`` provides the op): ``angel_w8a16``, ``angel_w8a16_tile_major`` (the same on a
+tile-major weight), ``angel_w4a16`` (symmetric, group 128).
 
 Floors (as in ANCHORS.md): weights once + fp16 activations + fp16 output over the measured copy bandwidth, or the
 FLOPs over the tensor-core peak (fp16 for weight-only, int8 for A8W8/fp8) when that is larger; scales not counted.
@@ -487,12 +488,13 @@ def _angel(*names):
     return lambda: H.angel_has(*names)
 
 
-def prepare_angel_w8a16(case, device):
+def prepare_angel_w8a16(case, device, tile_major=False):
+    """``tile_major``: the weight in ``tile_major_int8``'s layout (where the shape has whole 64 × 128 blocks)."""
     import angel_kernels
     from angel_kernels.gemm.w8a16 import tile_major_fits
 
     m, n, k = case["M"], case["N"], case["K"]
-    tile_major = tile_major_fits(n, k)  # the layout the ifq method stores on CUDA
+    tile_major = tile_major and tile_major_fits(n, k)
 
     def make(i):
         x = _rand_x(m, k, device)
@@ -546,6 +548,9 @@ def providers() -> H.ProviderRegistry:
     # ours
     reg.add(P("angel_w8a16", prepare_angel_w8a16, kind="ours", floor_kind="w8",
               available=_angel("w8a16_gemm", "quantize_weight_int8"), description="angel_kernels.w8a16_gemm"))
+    reg.add(P("angel_w8a16_tile_major", lambda c, dev: prepare_angel_w8a16(c, dev, tile_major=True), kind="ours",
+              floor_kind="w8", available=_angel("w8a16_gemm", "tile_major_int8"),
+              description="angel_kernels.w8a16_gemm on a tile-major weight"))
     reg.add(P("angel_w4a16", prepare_angel_w4a16, kind="ours", floor_kind="w4",
               available=_angel("w4a16_gemm", "quantize_weight_int4"), description="angel_kernels.w4a16_gemm g128"))
     return reg

@@ -12,8 +12,10 @@ Candidates (``ANGEL_KERNELS_FORCE_W8A16`` / ``ANGEL_KERNELS_DISABLE=w8a16.<name>
 
 Weight layouts: row-major ``[N, K]``, or tile-major (``tile_major_int8``; ``tile_major=True``): the same bytes
 ordered tile by tile, each 64-row × 128-column block contiguous, so that every K-block a program reads is one
-contiguous 8 KB run instead of 64 runs of 128 bytes (H100, M = 1: 28672×4096 47.3 → 45.1 µs, 4096×14336 25.9 →
-24.6, 28672×8192 90.6 → 84.0; M = 16 4-8 % faster; the same bits). Needs N % 64 == 0 and K % 128 == 0.
+contiguous 8 KB run instead of 64 runs of 128 bytes. The same bits; needs N % 64 == 0 and K % 128 == 0. A probe
+copy of this kernel with tile-major addressing ran 4-8 % faster at M = 1-16 on the H100 (28672×4096 M = 1: 47.3 →
+45.1 µs; benchmarks/NOTES.md); this kernel's tile-major timing is still to be measured (bench_gemm's
+``angel_w8a16_tile_major``).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -455,7 +457,7 @@ def tuning_space(p: W8A16Problem) -> list[KernelConfig]:
 
 def tune(
     n: int, k: int, m: int, *, device="cuda", dtype=torch.float16, store=None, invariant_with=None, bench=None,
-    space=None, tile_major: Optional[bool] = None,
+    space=None, tile_major: bool = False,
 ) -> tuple[KernelConfig, dict]:
     """Warm-up step: time ``tuning_space`` (or ``space(configs)``, a filter of it) for one (N, K, M bucket), check
     each result, record the fastest.
@@ -465,7 +467,7 @@ def tune(
     Each config is timed over rotating input sets (together over twice the L2 size: a 4096×4096 int8 weight is
     16.8 MB, so 7 sets on H100's 50 MB; one 28672×4096 weight, 117 MB, is enough alone); set 0 is the checked
     one. ``bench(calls) -> µs`` defaults to CUDA-graph replay over the sets (see ``tune_kernel``).
-    ``tile_major`` (default: where the shape allows it, as the vLLM method stores them): the weight's layout.
+    ``tile_major``: time tile-major weights (``tile_major_int8``) instead of row-major ones.
     """
     from functools import partial
 
@@ -475,7 +477,6 @@ def tune(
     device = torch.device(device)
     p = W8A16Problem(m_bucket(m), n, k, dtype, device)
     gen = torch.Generator(device=device).manual_seed(0)
-    tile_major = tile_major_fits(n, k) if tile_major is None else tile_major
 
     def make_set():
         x = torch.randn(p.M, k, device=device, generator=gen).to(dtype)
