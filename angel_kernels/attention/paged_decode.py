@@ -134,6 +134,24 @@ def _split_q(q, step):
 
 
 @triton.jit
+def _split_q_rows(q, q2, D_SPLIT: tl.constexpr):
+    """A query tile (and with D_SPLIT 2 its second head-dim half q2) for int8 MMAs: step = each row's absmax / 127
+    over the whole head, q ≈ step · (hi + lo / 254) to within step / 508 (2^-16 of the row's largest element,
+    finer than q's own fp16 rounding). Returns (hi, lo, hi2, lo2, step / 254); hi2, lo2 unused (0) without halves."""
+    amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
+    if D_SPLIT == 2:
+        amax = tl.maximum(amax, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
+    step = tl.where(amax > 0, amax / 127.0, 1.0)
+    hi, lo = _split_q(q, step)
+    if D_SPLIT == 2:
+        hi2, lo2 = _split_q(q2, step)
+    else:
+        hi2 = 0
+        lo2 = 0
+    return hi, lo, hi2, lo2, step / 254.0
+
+
+@triton.jit
 def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
              MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
              BLOCK_N: tl.constexpr, PART: tl.constexpr, FENCE: tl.constexpr = False, MASK: tl.constexpr = True):
@@ -240,17 +258,10 @@ def _paged_attn_split_kernel(
         q2 = tl.load(q_rows + PART + dims[None, :], mask=row_ok[:, None], other=0.0)
         if DOT_FP32:
             q2 = q2.to(tl.float32)
-    if QK_INT8:
-        # q = step · (hi + lo / 254) to within step / 508 (step = row absmax / 127): 2^-16 of the row's largest
-        # element, finer than q's own fp16 rounding; the keys stay int8 and go to the MMA as loaded
-        amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
-        if D_SPLIT == 2:
-            amax = tl.maximum(amax, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
-        q_step = tl.where(amax > 0, amax / 127.0, 1.0)
-        q_hi, q_lo = _split_q(q, q_step)
-        if D_SPLIT == 2:
-            q2_hi, q2_lo = _split_q(q2, q_step)
-        q_row_scale = q_step / 254.0
+    else:
+        q2 = 0.0  # unused
+    if QK_INT8:  # the keys stay int8 and go to the MMA as loaded
+        q_hi, q_lo, q2_hi, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
     # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
     row_hi = L - (NUM_QUERIES - 1) + t
     if HAS_WINDOW:

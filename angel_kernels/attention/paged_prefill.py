@@ -37,7 +37,7 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _split_q, _tile_pages, page_addressing,
+from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _split_q_rows, _tile_pages, page_addressing,
                            paged_decode_attention, row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
@@ -217,17 +217,8 @@ def _paged_varlen_kernel(
         else:
             q2 = 0.0  # unused
             acc2 = 0.0
-        if QK_INT8:  # q = step · (hi + lo / 254) per row (paged_decode's _split_q): 2^-16 of the row's absmax
-            amax = tl.max(tl.abs(q.to(tl.float32)), axis=1)
-            if D_SPLIT == 2:
-                amax = tl.maximum(amax, tl.max(tl.abs(q2.to(tl.float32)), axis=1))
-            q_step = tl.where(amax > 0, amax / 127.0, 1.0)
-            q, q_lo = _split_q(q, q_step)
-            if D_SPLIT == 2:
-                q2, q2_lo = _split_q(q2, q_step)
-            else:
-                q2_lo = 0.0  # unused
-            q_row_scale = q_step / 254.0
+        if QK_INT8:  # q and q2 become the int8 high parts (paged_decode's _split_q_rows)
+            q, q_lo, q2, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
         else:
             q_lo = 0.0  # unused
             q2_lo = 0.0
