@@ -18,7 +18,8 @@ from .quantization import (
 )
 
 __all__ = [
-    "__version__", "w8a16_gemm", "quantize_weight_int8", "tile_major_int8", "row_major_int8", "w4a16_gemm", "quantize_weight_int4", "Int4Weight",
+    "__version__", "w8a16_gemm", "quantize_weight_int8", "tile_major_int8", "row_major_int8", "w4a16_gemm",
+    "quantize_weight_int4", "Int4Weight",
     "repack_gptq", "repack_awq", "repack_compressed_tensors",
 ]
 from .attention import (  # noqa: E402  (paged KV cache)

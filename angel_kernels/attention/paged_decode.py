@@ -16,8 +16,8 @@ at least ``min_split_tiles`` per split, except that a short context still gets `
 each at 1k tokens: B=1×1k int8 12.2 → 9.3 µs on the H100) without cutting a 4k context into single-tile programs
 (B=32×4k 141.5 vs 164.0 µs). ``max_splits`` comes from the device's SM count and the number of KV heads (the
 config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down to a power of two unless
-``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on its own length and on constants of the model and
-GPU, never on the batch.
+``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on
+its own length and on constants of the model and GPU, never on the batch.
 Each split's partial output and log-sum-exp go to fp32 scratch; a second kernel combines a sequence's splits
 in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
 The grid's split dimension (how many programs share a sequence's splits, each looping over every
@@ -469,8 +469,9 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, q·kᵀ on int8 MMAs, V by the word path
     with the 16-bit MMA layout (FENCE_V), page addressing, 3 stages, 256-token splits with a floor of 16 splits,
     8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
-    alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs
-    with 64-token splits), page addressing, exactly 3 programs per SM for one sequence. Other head dims: BLOCK_N
+    alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
+    B=64×16k: 1465 vs 1500 µs with 64-token splits), page addressing, exactly 3 programs per SM for one sequence.
+    Other head dims: BLOCK_N
     keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token splits, whose partial output
     (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for
     fp16), the worst case at large batch."""
@@ -688,9 +689,9 @@ def paged_decode_attention(
 def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     """Tile width × warps (1: no cross-warp exchange per tile) × stages × smallest split (64–1024 tokens) ×
     programs per SM for one long sequence (the largest split count: 2, 4 or 8 per SM, rounded to a power of two,
-    or 3 per SM exactly; one-warp programs at 8 per SM with a cap of 128 splits) × head-dim halves (D_SPLIT), and for int8 caches the word path,
-    int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context split floor (MIN_SPLITS 1, 8 or
-    16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
+    or 3 per SM exactly; one-warp programs at 8 per SM with a cap of 128 splits) × head-dim halves (D_SPLIT), and
+    for int8 caches the word path, int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context
+    split floor (MIN_SPLITS 1, 8 or 16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
     Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product

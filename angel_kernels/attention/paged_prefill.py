@@ -11,10 +11,11 @@ Program = (query tile, KV head): a tile is ``BLOCK_Q`` consecutive query tokens 
 K/V tile loaded once serves the whole group. Tiles are numbered per sequence from ``query_start_loc[b] //
 BLOCK_Q + b`` (a sequence of ``Q_b`` tokens has ``cdiv(Q_b, BLOCK_Q)`` ≤ ``Q_b // BLOCK_Q + 1`` tiles, so the
 numbering never overlaps and ``T // BLOCK_Q + B`` tiles × ``H_kv`` programs cover every batch, launched last
-tile first); a program finds its sequence by binary search over ``query_start_loc``. The KV loop runs over the tiles a query tile can see: those entirely
-before its first query need no causal mask (the common case: a 1000-token prompt with ``BLOCK_Q`` 32 masks 1 or
-2 of ~16 KV tiles per program), the rest are masked per element. Dequantization is fused as in the decode kernel
-(K scale on the scores, V scales folded into the probabilities); softmax in fp32, base 2.
+tile first); a program finds its sequence by binary search over ``query_start_loc``. The KV loop runs over the
+tiles a query tile can see: those entirely before its first query need no causal mask (the common case: a
+1000-token prompt with ``BLOCK_Q`` 32 masks 1 or 2 of ~16 KV tiles per program), the rest are masked per element.
+Dequantization is fused as in the decode kernel (K scale on the scores, V scales folded into the probabilities);
+softmax in fp32, base 2.
 
 A batch whose queries are all single tokens (``max_query_len == 1``) goes to the split-KV decode kernel
 (``paged_decode``): a query tile of 1 token would leave ~97 % of a 128-row MMA tile empty, and long decodes need
@@ -77,7 +78,7 @@ def _attend_kv_tile(
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
     the second halves; unused scalars otherwise). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
-    q2_lo the low parts, q_row_scale their per-row step (paged_decode's ``_split_q``); unused scalars otherwise."""
+    q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise."""
     PART: tl.constexpr = HEAD_DIM // D_SPLIT
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     dims = tl.arange(0, PART)
@@ -467,8 +468,8 @@ def paged_attention(
 # --------------------------------------------------------------------------------------------------- tuning
 def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     """Query-tile rows × KV-tile width × warps × stages × head-dim halves × page addressing (× the int8 word
-    path × int8 q·kᵀ). The store keys configs by model shape only, and a sequence's programs never read another sequence, so
-    any winner keeps outputs batch-invariant."""
+    path × int8 q·kᵀ). The store keys configs by model shape only, and a sequence's programs never read another
+    sequence, so any winner keeps outputs batch-invariant."""
     from itertools import product
 
     configs = []
