@@ -471,10 +471,9 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
     alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
     B=64×16k: 1465 vs 1500 µs with 64-token splits), page addressing, exactly 3 programs per SM for one sequence.
-    Other head dims: BLOCK_N
-    keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token splits, whose partial output
-    (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's int8 KV bytes (≤ 3 % for
-    fp16), the worst case at large batch."""
+    Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token
+    splits, whose partial output (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's
+    int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8 and p.packed_rows:
         # vLLM's packed rows (4-byte aligned): the word path alone, as timed on them (H100, B=64×16k: 1705 µs;
         # the 16-byte-row winner below took 3678 there)

@@ -121,13 +121,16 @@ def _w8a16_k_range(
     (H100, one run: the best swap-AB tile 163, cuBLAS fp16 107). Rows are bitwise those of the swap-AB kernel
     (the tuner's invariance check on the H100)."""
     offs_k = k_start + tl.arange(0, BLOCK_K)
+    # the weight tile's columns: with WORDS int32 words (column r is bytes 4r … 4r + 3 of the K-block), else bytes
+    if WORDS:
+        w_cols = tl.arange(0, BLOCK_K // 4)
+    else:
+        w_cols = tl.arange(0, BLOCK_K)
     # int64 row offsets: N·K exceeds 2^31 for the largest layers (e.g. vocab 128k × 16k).
-    if TILE_MAJOR:
+    if TILE_MAJOR:  # the pointers are made per K-block in the loop, from the K-block's place in the row's blocks
         w_rows = _tile_major_row(offs_n, K, WORDS)
-        w_cols = tl.arange(0, BLOCK_K // 4) if WORDS else tl.arange(0, BLOCK_K)
-    if WORDS:  # stride_wn counts words; column r of the tile is word r (bytes 4r … 4r + 3 of the K-block)
-        offs_r = tl.arange(0, BLOCK_K // 4)
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start // 4 + offs_r)[None, :]
+    elif WORDS:  # stride_wn counts words
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_start // 4 + w_cols)[None, :]
     else:
         w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None] * stride_xk  # [BLOCK_K, BLOCK_M]
@@ -143,12 +146,13 @@ def _w8a16_k_range(
         else:
             mask_k = (k0 - k_start + tl.arange(0, BLOCK_K)) < K - k_start
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        if TILE_MAJOR:  # this K-block's place in the row's blocks (one scalar per K-block)
-            w_ptrs = w_ptr + w_rows[:, None] + (_tile_major_col(k0, WORDS) + w_cols)[None, :]
+        if TILE_MAJOR:  # one scalar per K-block
+            k_off = _tile_major_col(k0, WORDS, True)
+            w_ptrs = w_ptr + w_rows[:, None] + (k_off + w_cols)[None, :]
         if EVEN:
             w = tl.load(w_ptrs)
         elif WORDS:
-            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_r < (K - k0) // 4)[None, :], other=0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (w_cols < (K - k0) // 4)[None, :], other=0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         if WORDS:
@@ -169,7 +173,8 @@ def _w8a16_k_range(
             acc = tl.dot(tl.trans(x), tl.trans(wf), acc)
         else:
             acc = tl.dot(wf, x, acc)
-        w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
+        if not TILE_MAJOR:
+            w_ptrs += BLOCK_K // 4 if WORDS else BLOCK_K * stride_wk
         x_ptrs += BLOCK_K * stride_xk
     return acc
 
@@ -185,12 +190,20 @@ def _tile_major_row(n, K, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _tile_major_col(k, WORDS: tl.constexpr):
-    """Offset of column k (a multiple of 64) within a row of the tile-major layout (its 128-column block, then the
-    column), in bytes or (WORDS) int32 words."""
+def _tile_major_col(k, WORDS: tl.constexpr, K_BLOCK: tl.constexpr):
+    """Offset of column k within a row of the tile-major layout (its 128-column block, then the column), in bytes
+    or (WORDS, k a multiple of 4) int32 words. K_BLOCK: k starts a K-block (a multiple of 64), said to the
+    compiler here, on the expression itself (a hint on the returned value did not reach the loads: sm_90a, 18
+    instead of 6 cp.async per K-block)."""
     if WORDS:
-        return tl.multiple_of((k // 128) * 2048 + (k % 128) // 4, 16)
-    return tl.multiple_of((k // 128) * 8192 + k % 128, 64)
+        off = (k // 128) * 2048 + (k % 128) // 4
+        if K_BLOCK:
+            off = tl.multiple_of(off, 16)
+    else:
+        off = (k // 128) * 8192 + k % 128
+        if K_BLOCK:
+            off = tl.multiple_of(off, 64)
+    return off
 
 
 @triton.jit
@@ -271,12 +284,13 @@ def launch_tiled(x2: torch.Tensor, qweight, scales, bias, cfg: KernelConfig, spl
     return y
 
 
-def _check_tile_major(qweight: torch.Tensor) -> None:
+def _check_tile_major(qweight: torch.Tensor, contiguous: bool = True) -> None:
+    """Whole 64 × 128 blocks, and (``contiguous``: a weight already in the layout) one dense buffer."""
     n, k = qweight.shape
-    if n % TILE_ROWS or k % TILE_COLS:
+    if not tile_major_fits(n, k):
         raise ValueError(f"a tile-major int8 weight needs N % {TILE_ROWS} == 0 and K % {TILE_COLS} == 0, got "
                          f"[N, K] = [{n}, {k}]")
-    if not qweight.is_contiguous():
+    if contiguous and not qweight.is_contiguous():
         raise ValueError("a tile-major int8 weight must be contiguous (its blocks are addressed from its start)")
 
 
@@ -285,9 +299,8 @@ def tile_major_int8(qweight: torch.Tensor) -> torch.Tensor:
     same shape and bytes, ordered by 64-row block, then 128-column block, then row, then column (each 64 × 128
     block one contiguous 8 KB run). Needs N % 64 == 0 and K % 128 == 0 (``tile_major_fits``)."""
     check_tensor("qweight", qweight, dtypes=(torch.int8,), dim=2)
+    _check_tile_major(qweight, contiguous=False)  # any row-major view: reshape copies where it must
     n, k = qweight.shape
-    if not tile_major_fits(n, k):
-        _check_tile_major(qweight)  # raises, naming the shape
     blocks = qweight.reshape(n // TILE_ROWS, TILE_ROWS, k // TILE_COLS, TILE_COLS)
     return blocks.permute(0, 2, 1, 3).contiguous().reshape(n, k)
 
@@ -328,7 +341,7 @@ def _dequant_int8_kernel(q_ptr, s_ptr, w_ptr, N, K, stride_qn, stride_qk, TILE_M
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if TILE_MAJOR:
-        q_offs = _tile_major_row(offs_n, K, False)[:, None] + ((offs_k // 128) * 8192 + offs_k % 128)[None, :]
+        q_offs = _tile_major_row(offs_n, K, False)[:, None] + _tile_major_col(offs_k, False, False)[None, :]
     else:
         q_offs = offs_n[:, None].to(tl.int64) * stride_qn + offs_k[None, :] * stride_qk
     q = tl.load(q_ptr + q_offs, mask=mask, other=0)
