@@ -9,7 +9,7 @@ Timings are CUDA-graph medians over input sets rotated past L2 (``angel_kernels.
 harness's method), for the tuned configs and for cuBLAS alike: comparable with the harness's rows.
 
 Usage: python benchmarks/tune_gemm.py --kernel w8a16|w4a16 --out OUT [--shapes 8b.qkv,...] [--m 1,16,...]
-       [--group 128] [--invariant] [--space full|focus]
+       [--group 128] [--invariant] [--space full|focus] [--tile-major]
 """
 import argparse
 import logging
@@ -61,10 +61,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=1e9)
     ap.add_argument("--space", choices=("full", "focus"), default="full",
                     help="focus: batch tiles around earlier leaders (FOCUS_TILES)")
+    ap.add_argument("--tile-major", action="store_true", help="w8a16: time tile-major weights (tile_major_int8)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time, and why one did not compete
     W = w8a16 if args.kernel == "w8a16" else w4a16
-    extra = {} if args.kernel == "w8a16" else {"group_size": args.group, "sym": True}
+    if args.tile_major and args.kernel != "w8a16":
+        ap.error("--tile-major is a w8a16 layout")
+    extra = {"tile_major": args.tile_major} if args.kernel == "w8a16" else {"group_size": args.group, "sym": True}
 
     def space_size(m, n, k):
         if args.kernel == "w8a16":
