@@ -5,10 +5,9 @@ dtype), so vLLM's loaders fill it unchanged: merged qkv / gate_up shards, column
 slices. After loading, ``process_weights_after_loading`` quantizes it per output channel
 (``angel_kernels.quantize_weight_int8``: absmax / 127, round to nearest) and replaces it by
 
-- ``layer.weight``: int8 [N, K] (same name and shape as before, 1 byte per weight instead of 2), row-major; with
-  ``TILE_MAJOR_ON_CUDA`` (off until the current kernel is timed on the GPU) CUDA weights whose N is a multiple of
-  64 and K of 128 are stored tile-major instead (``angel_kernels.tile_major_int8``: each 64 × 128 block one
-  contiguous run; ``layer.ifq_tile_major`` says which),
+- ``layer.weight``: int8 [N, K] (same name and shape as before, 1 byte per weight instead of 2): on CUDA, where N
+  is a multiple of 64 and K of 128, tile-major (``angel_kernels.tile_major_int8``: each 64 × 128 block one
+  contiguous run, streamed faster at decode batch sizes), else row-major; ``layer.ifq_tile_major`` says which,
 - ``layer.weight_scale``: fp32 [N],
 
 dropping the fp16/bf16 copy. ``apply`` runs ``angel_kernels.w8a16_gemm`` (compiled Triton on CUDA; on CPU the
@@ -132,15 +131,15 @@ class IfqLinearMethod(LinearMethodBase):
         return w8a16_gemm(x, layer.weight, layer.weight_scale, bias, tile_major=layer.ifq_tile_major)
 
 
-# Tile-major weights streamed 4-8 % faster at 1-16 tokens in a probe kernel (H100, benchmarks/NOTES.md); the
-# shipped kernel's first tile-major addressing was 4-6x slower (its loads lost their alignment), and the fixed one
-# (same SASS instruction mix as the row-major kernel) has not run on a GPU yet: off until a benchmark row shows it.
-TILE_MAJOR_ON_CUDA = False
+# Tile-major weights (H100, same run, M = 1, µs row-major → tile-major): 28672×4096 45.8 → 44.2, 28672×8192
+# 88.0 → 84.4, 8192×28672 86.1 → 80.6, 4096×14336 25.2 → 24.7; M = 16 1-6 % faster, M = 64 / 256 equal,
+# 6144×4096 and 4096×4096 within 0.3 µs (benchmarks/NOTES.md). A switch, to compare the layouts in a deployment.
+TILE_MAJOR_ON_CUDA = True
 
 
 def _tile_major_for(qweight: torch.Tensor) -> bool:
     """Store a layer's weight tile-major: on CUDA (the Triton kernel streams it; on CPU the reference path would
-    reorder it back on every call), where the shape is whole 64 × 128 blocks, and once TILE_MAJOR_ON_CUDA."""
+    reorder it back on every call), where the shape is whole 64 × 128 blocks, unless TILE_MAJOR_ON_CUDA is off."""
     return TILE_MAJOR_ON_CUDA and qweight.is_cuda and tile_major_fits(*qweight.shape)
 
 
