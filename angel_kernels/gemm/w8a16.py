@@ -12,10 +12,9 @@ Candidates (``ANGEL_KERNELS_FORCE_W8A16`` / ``ANGEL_KERNELS_DISABLE=w8a16.<name>
 
 Weight layouts: row-major ``[N, K]``, or tile-major (``tile_major_int8``; ``tile_major=True``): the same bytes
 ordered tile by tile, each 64-row × 128-column block contiguous, so that every K-block a program reads is one
-contiguous 8 KB run instead of 64 runs of 128 bytes. The same bits; needs N % 64 == 0 and K % 128 == 0. A probe
-copy of this kernel with tile-major addressing ran 4-8 % faster at M = 1-16 on the H100 (28672×4096 M = 1: 47.3 →
-45.1 µs; benchmarks/NOTES.md); this kernel's tile-major timing is still to be measured (bench_gemm's
-``angel_w8a16_tile_major``).
+contiguous 8 KB run instead of 64 runs of 128 bytes. The same bits; needs N % 64 == 0 and K % 128 == 0. On the
+H100 at M = 1 (same run, µs row-major → tile-major): 28672×4096 45.8 → 44.2, 28672×8192 88.0 → 84.4, 8192×28672
+86.1 → 80.6; from M = 64 equal (benchmarks/NOTES.md). The ifq method stores CUDA weights tile-major.
 """
 from dataclasses import dataclass
 from typing import Optional
