@@ -1,0 +1,175 @@
+"""Probe, not used by the package: the w8a16 batch tile (tokens on the MMA's M side, DOT_T) written in Gluon, so
+that the conversion of K-block i + 1 overlaps the asynchronous wgmma of block i.
+
+Triton 3.6 issues each K-block's wgmma and waits for it at once when the B operand is a converted register tile;
+here the converted tile is double-buffered in shared memory and the MMA left in flight (`warpgroup_mma(...,
+is_async=True)` then `warpgroup_mma_wait(1)`). x and the int8 weight arrive through a cp.async ring. Unsplit K
+only (N % BLOCK_N == 0, K % BLOCK_K == 0); rows equal the shipped kernel's bit for bit where that one runs
+unsplit. Measured on the H100 (benchmarks/NOTES.md): no faster than the Triton tile.
+
+    python benchmarks/probe_gluon_w8a16.py            # GPU: bits against w8a16_gemm, then times (CUDA graphs)
+    python benchmarks/probe_gluon_w8a16.py --compile  # any machine: sm_90a registers and shared memory
+"""
+import argparse
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.jit
+def _issue_loads(x_ptr, w_ptr, x_smem, w_smem, stage, kb, offs_xm, offs_xk, mask_xm, offs_wn, offs_wk, K,
+                 BLOCK_K: gl.constexpr):
+    """cp.async of K-block kb of the x tile and the int8 weight tile into ring stage ``stage``, one commit group."""
+    k0 = kb * BLOCK_K
+    cp.async_copy_global_to_shared(x_smem.index(stage), x_ptr + offs_xm[:, None].to(gl.int64) * K
+                                   + (k0 + offs_xk)[None, :], mask=mask_xm[:, None])
+    cp.async_copy_global_to_shared(w_smem.index(stage), w_ptr + offs_wn[:, None].to(gl.int64) * K
+                                   + (k0 + offs_wk)[None, :])
+    cp.commit_group()
+
+
+@gluon.jit
+def _probe_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    pid_n = pid // num_pid_m  # consecutive programs share a weight tile
+    pid_m = pid % num_pid_m
+
+    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # 16-byte fp16 copies
+    w_ld: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])  # 16-byte int8 copies
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float16))
+    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    c_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16))
+
+    offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_ld))
+    mask_xm = offs_xm < M
+    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld))
+    offs_wk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_ld))
+
+    n_blocks = K // BLOCK_K
+    for i in gl.static_range(STAGES - 1):
+        _issue_loads(x_ptr, w_ptr, x_smem, w_smem, i, i, offs_xm, offs_xk, mask_xm, offs_wn, offs_wk, K, BLOCK_K)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    for i in range(n_blocks):
+        stage = i % STAGES
+        cp.wait_group(STAGES - 2)  # block i has landed (this thread's copies) ...
+        gl.thread_barrier()  # ... and everyone's
+        w = w_smem.index(stage).load(w_ld)
+        # fp16 1152 + w has the bits 0x6480 + w: exact for w in [-127, 127]
+        wf = (w.to(gl.int16) + 0x6480).to(gl.float16, bitcast=True) - 1152.0
+        converted = c_smem.index(i % 2)  # its previous reader, block i - 2's MMA, finished at the last wait
+        converted.store(wf)
+        fence_async_shared()
+        gl.thread_barrier()
+        acc = warpgroup_mma(x_smem.index(stage), converted.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))  # block i - 1's MMA done: its stage is free
+        nxt = i + STAGES - 1
+        if nxt < n_blocks:
+            _issue_loads(x_ptr, w_ptr, x_smem, w_smem, nxt % STAGES, nxt, offs_xm, offs_xk, mask_xm, offs_wn,
+                         offs_wk, K, BLOCK_K)
+        else:
+            cp.commit_group()  # an empty group keeps wait_group's count in step
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
+    out = acc * gl.load(s_ptr + offs_n)[None, :]
+    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
+             mask=(offs_m < M)[:, None])
+
+
+CONFIGS = [(128, 128, 64, 3, 4), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
+
+
+def probe_w8a16(x, q, s, block_m=128, block_n=128, block_k=64, stages=3, num_warps=4):
+    """y = x · (q · s)ᵀ for fp16 x [M, K], row-major int8 q [N, K], fp32 s [N]."""
+    M, K = x.shape
+    N = q.shape[0]
+    if N % block_n or K % block_k:
+        raise ValueError(f"the probe needs N % {block_n} == 0 and K % {block_k} == 0, got N={N}, K={K}")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _probe_kernel[(triton.cdiv(M, block_m) * (N // block_n),)](
+        x, q, s, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
+    return y
+
+
+def compile_sm90(block_m=128, block_n=128, block_k=64, stages=3, num_warps=4):
+    """Compile for sm_90a without a GPU; returns Triton's compiled kernel (asm, metadata)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = [p.name for p in _probe_kernel.params]
+    signature = {"x_ptr": "*fp16", "w_ptr": "*i8", "s_ptr": "*fp32", "y_ptr": "*fp16", "M": "i32", "N": "i32",
+                 "K": "i32"}
+    consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
+    signature.update({k: "constexpr" for k in consts})
+    constexprs = {(names.index(k),): v for k, v in consts.items()}
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K")}
+    src = GluonASTSource(_probe_kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compile", action="store_true", help="only compile each config for sm_90a")
+    ap.add_argument("--shapes", default="28672x4096,28672x8192", help="NxK,...")
+    ap.add_argument("--m", default="128,256,512")
+    args = ap.parse_args(argv)
+    if args.compile:
+        import re
+        import subprocess
+        import tempfile
+
+        from sass_report import _tool  # benchmarks/ is on sys.path when run as a script
+
+        for cfg in CONFIGS:
+            kernel = compile_sm90(*cfg)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                ptx.write(kernel.asm["ptx"])
+                ptx.flush()
+                info = subprocess.run([_tool("ptxas"), "-v", "--gpu-name", "sm_90a", ptx.name, "-o", "/dev/null"],
+                                      capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", info)
+            print(cfg, f"shared memory {kernel.metadata.shared} B, {regs.group(1) if regs else '?'} registers")
+        return 0
+    from angel_kernels import w8a16_gemm
+    from angel_kernels.tuning import l2_bytes, rotation_count, time_calls
+
+    dev = torch.device("cuda")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for m in (int(v) for v in args.m.split(",")):
+            gen = torch.Generator(device=dev).manual_seed(m)
+
+            def make_set():
+                return (torch.randn(m, k, device=dev, generator=gen).half(),
+                        torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen),
+                        torch.rand(n, device=dev, generator=gen) * 0.01 + 1e-3)
+
+            sets = [make_set()]
+            set_bytes = sum(t.numel() * t.element_size() for t in sets[0])
+            sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(dev)))]
+            shipped = w8a16_gemm(*sets[0])
+            row = [f"shipped {time_calls([lambda a=a: w8a16_gemm(*a) for a in sets]).median_us:.1f}"]
+            for cfg in CONFIGS:
+                same = torch.equal(probe_w8a16(*sets[0], *cfg), shipped)
+                us = time_calls([lambda a=a, c=cfg: probe_w8a16(*a, *c) for a in sets]).median_us
+                row.append(f"{cfg} {us:.1f}{'' if same else ' (other bits)'}")
+            print(f"{n}x{k} M={m}: " + ", ".join(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
