@@ -100,7 +100,7 @@ def _attend_kv_tile(
                           PART)
             s_hi = tl.dot(q2, kt, s_hi, out_dtype=tl.int32)
             s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
-        s = (s_hi * 254 + s_lo).to(tl.float32) * q_row_scale[:, None]
+        s = (s_hi * 254 + s_lo).to(tl.float32)  # × q_row_scale: in the row max and the exponent (ROW_FOLD)
     else:
         # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
         kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
@@ -116,8 +116,13 @@ def _attend_kv_tile(
             else:
                 s = tl.dot(q2, kt.to(DT), s)
     # Plain fp caches keep s = q·k unscaled: the scale (> 0, checked) goes into the max once per row and into the
-    # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop)
+    # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop). int8 q·kᵀ
+    # does the same with its per-row step (> 0 by construction: max(s · step) = step · max(s), as rounding is
+    # monotonic); a soft-cap needs the scaled score first.
     FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
+    ROW_FOLD: tl.constexpr = QK_INT8 and not HAS_SOFTCAP
+    if QK_INT8 and not ROW_FOLD:
+        s = s * q_row_scale[:, None]
     if QUANT:
         k_sc = tl.load(ks_ptr + ks_page + slot * stride_kss + kvh * stride_ksh, mask=pos_ok, other=0.0)
         s = s * (k_sc * qk_scale)[None, :]
@@ -131,12 +136,16 @@ def _attend_kv_tile(
         s = tl.where(visible, s, float("-inf"))
     if FOLD:
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    elif ROW_FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * q_row_scale)
     else:
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
     alpha = tl.exp2(m_i - m_safe)
     if FOLD:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
+    elif ROW_FOLD:
+        p = tl.exp2(s * q_row_scale[:, None] - m_safe[:, None])
     else:
         p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
