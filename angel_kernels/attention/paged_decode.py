@@ -309,7 +309,9 @@ def _paged_attn_split_kernel(
                                   BLOCK_N, PART, MASK=KV_MASK)
                     s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
                     s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
-                s = (s_hi * 254 + s_lo).to(tl.float32) * q_row_scale[:, None]
+                s = (s_hi * 254 + s_lo).to(tl.float32)  # × q_row_scale: in the row max and the exponent
+                if HAS_SOFTCAP:  # ... unless a soft-cap needs the scaled score first
+                    s = s * q_row_scale[:, None]
             else:
                 kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
                               MASK=KV_MASK)
@@ -335,10 +337,18 @@ def _paged_attn_split_kernel(
                 s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
             visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
             s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # int8 q·kᵀ: the per-row step (> 0 by construction) scales the row max (max(s · step) = step · max(s),
+            # rounding being monotonic) and goes into the exponent's FFMA, one multiply per score fewer
+            if QK_INT8 and not HAS_SOFTCAP:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * q_row_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
             alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
+            if QK_INT8 and not HAS_SOFTCAP:
+                p = tl.exp2(s * q_row_scale[:, None] - m_safe[:, None])
+            else:
+                p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
             v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
