@@ -5,7 +5,9 @@ Triton 3.6 issues each K-block's wgmma and waits for it at once when the B opera
 here the converted tile is double-buffered in shared memory and the MMA left in flight (`warpgroup_mma(...,
 is_async=True)` then `warpgroup_mma_wait(1)`). x and the int8 weight arrive through a cp.async ring. Unsplit K
 only (N % BLOCK_N == 0, K % BLOCK_K == 0); rows equal the shipped kernel's bit for bit where that one runs
-unsplit. Measured on the H100 (benchmarks/NOTES.md): no faster than the Triton tile.
+unsplit. A variant (``_probe_kernel_wregs``) loads the weight straight into registers as int32 words, two K-blocks
+ahead, and converts it with the package's PTX word conversion; only x goes through the ring. Measured on the H100
+(benchmarks/NOTES.md): within -5 … +3 % of the Triton tile, far from cuBLAS fp16.
 
     python benchmarks/probe_gluon_w8a16.py            # GPU: bits against w8a16_gemm, then times (CUDA graphs)
     python benchmarks/probe_gluon_w8a16.py --compile  # any machine: sm_90a registers and shared memory
@@ -19,6 +21,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from angel_kernels._int8_words import _WORD_TO_F16 as WORD_TO_F16  # the package's PTX (a constexpr)
 
 
 @gluon.jit
@@ -90,34 +94,109 @@ def _probe_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BL
              mask=(offs_m < M)[:, None])
 
 
-CONFIGS = [(128, 128, 64, 3, 4), (128, 128, 64, 4, 4), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
+
+@gluon.jit
+def _words_to_f16(w, ROWS: gl.constexpr, COLS: gl.constexpr):
+    """int32 words [ROWS, COLS // 4] of int8 weights → fp16 [ROWS, COLS] (the package's PTX word conversion)."""
+    b0, b1, b2, b3 = gl.inline_asm_elementwise(
+        asm=WORD_TO_F16, constraints="=h,=h,=h,=h,r", args=[w],
+        dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=1)
+    return gl.reshape(gl.join(gl.join(b0, b2), gl.join(b1, b3)), (ROWS, COLS))
 
 
-def probe_w8a16(x, q, s, block_m=128, block_n=128, block_k=64, stages=3, num_warps=4):
-    """y = x · (q · s)ᵀ for fp16 x [M, K], row-major int8 q [N, K], fp32 s [N]."""
+@gluon.jit
+def _probe_kernel_wregs(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Variant: the weight straight to registers as int32 words (16-byte loads, two K-blocks ahead), converted by
+    PTX a word at a time; only x goes through the cp.async ring."""
+    pid = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    pid_n = pid // num_pid_m
+    pid_m = pid % num_pid_m
+
+    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+    w_ld: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])  # 4 words = 16 bytes
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float16))
+    c_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16))
+    offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_ld))
+    mask_xm = offs_xm < M
+    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld))
+    offs_ww = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, w_ld))
+    w_ptrs = w_ptr + offs_wn[:, None].to(gl.int64) * (K // 4) + offs_ww[None, :]
+
+    n_blocks = K // BLOCK_K
+    for i in gl.static_range(STAGES - 1):
+        k0 = i * BLOCK_K
+        cp.async_copy_global_to_shared(x_smem.index(i), x_ptr + offs_xm[:, None].to(gl.int64) * K
+                                       + (k0 + offs_xk)[None, :], mask=mask_xm[:, None])
+        cp.commit_group()
+    w_a = gl.load(w_ptrs)
+    w_b = gl.load(w_ptrs + BLOCK_K // 4, mask=n_blocks > 1)
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    for i in range(n_blocks):
+        stage = i % STAGES
+        w_cur = w_a
+        w_a = w_b
+        w_b = gl.load(w_ptrs + (i + 2) * (BLOCK_K // 4), mask=i + 2 < n_blocks)
+        converted = c_smem.index(i % 2)
+        converted.store(_words_to_f16(w_cur, BLOCK_N, BLOCK_K))
+        fence_async_shared()
+        cp.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        acc = warpgroup_mma(x_smem.index(stage), converted.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        nxt = i + STAGES - 1
+        if nxt < n_blocks:
+            k0 = nxt * BLOCK_K
+            cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptr + offs_xm[:, None].to(gl.int64) * K
+                                           + (k0 + offs_xk)[None, :], mask=mask_xm[:, None])
+        cp.commit_group()
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
+    out = acc * gl.load(s_ptr + offs_n)[None, :]
+    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
+             mask=(offs_m < M)[:, None])
+
+# (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, stages, warps, register-weight variant)
+CONFIGS = [(128, 128, 64, 3, 4, False), (128, 256, 64, 3, 8, False), (128, 128, 64, 3, 4, True),
+           (128, 128, 64, 4, 4, True), (128, 256, 64, 4, 8, True)]
+
+
+def probe_w8a16(x, q, s, block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, wregs=False):
+    """y = x · (q · s)ᵀ for fp16 x [M, K], row-major int8 q [N, K], fp32 s [N]; ``wregs``: the register-weight
+    variant (``_probe_kernel_wregs``)."""
     M, K = x.shape
     N = q.shape[0]
     if N % block_n or K % block_k:
         raise ValueError(f"the probe needs N % {block_n} == 0 and K % {block_k} == 0, got N={N}, K={K}")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _probe_kernel[(triton.cdiv(M, block_m) * (N // block_n),)](
-        x, q, s, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
+    kernel = _probe_kernel_wregs if wregs else _probe_kernel
+    kernel[(triton.cdiv(M, block_m) * (N // block_n),)](
+        x, q.view(torch.int32) if wregs else q, s, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
     return y
 
 
-def compile_sm90(block_m=128, block_n=128, block_k=64, stages=3, num_warps=4):
+def compile_sm90(block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, wregs=False):
     """Compile for sm_90a without a GPU; returns Triton's compiled kernel (asm, metadata)."""
+    kernel = _probe_kernel_wregs if wregs else _probe_kernel
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    names = [p.name for p in _probe_kernel.params]
-    signature = {"x_ptr": "*fp16", "w_ptr": "*i8", "s_ptr": "*fp32", "y_ptr": "*fp16", "M": "i32", "N": "i32",
+    names = [p.name for p in kernel.params]
+    signature = {"x_ptr": "*fp16", "w_ptr": "*i32" if wregs else "*i8", "s_ptr": "*fp32", "y_ptr": "*fp16", "M": "i32", "N": "i32",
                  "K": "i32"}
     consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
     signature.update({k: "constexpr" for k in consts})
     constexprs = {(names.index(k),): v for k, v in consts.items()}
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K")}
-    src = GluonASTSource(_probe_kernel, signature, constexprs, attrs)
+    src = GluonASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
@@ -135,7 +214,7 @@ def main(argv=None) -> int:
         from sass_report import _tool  # benchmarks/ is on sys.path when run as a script
 
         for cfg in CONFIGS:
-            kernel = compile_sm90(*cfg)
+            kernel = compile_sm90(*cfg[:5], wregs=cfg[5])
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
                 ptx.write(kernel.asm["ptx"])
                 ptx.flush()
