@@ -7,7 +7,7 @@ is_async=True)` then `warpgroup_mma_wait(1)`). x and the int8 weight arrive thro
 only (N % BLOCK_N == 0, K % BLOCK_K == 0); rows equal the shipped kernel's bit for bit where that one runs
 unsplit. A variant (``_probe_kernel_wregs``) loads the weight straight into registers as int32 words, two K-blocks
 ahead, and converts it with the package's PTX word conversion; only x goes through the ring. Measured on the H100
-(benchmarks/NOTES.md): within -5 … +3 % of the Triton tile, far from cuBLAS fp16.
+(benchmarks/NOTES.md): its 128×128 tiles within -5 … +2 % of the Triton tile, far from cuBLAS fp16.
 
     python benchmarks/probe_gluon_w8a16.py            # GPU: bits against w8a16_gemm, then times (CUDA graphs)
     python benchmarks/probe_gluon_w8a16.py --compile  # any machine: sm_90a registers and shared memory
