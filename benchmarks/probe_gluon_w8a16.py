@@ -6,8 +6,11 @@ here the converted tile is double-buffered in shared memory and the MMA left in 
 is_async=True)` then `warpgroup_mma_wait(1)`). x and the int8 weight arrive through a cp.async ring. Unsplit K
 only (N % BLOCK_N == 0, K % BLOCK_K == 0); rows equal the shipped kernel's bit for bit where that one runs
 unsplit. A variant (``_probe_kernel_wregs``) loads the weight straight into registers as int32 words, two K-blocks
-ahead, and converts it with the package's PTX word conversion; only x goes through the ring. Measured on the H100
-(benchmarks/NOTES.md): its 128×128 tiles within -5 … +2 % of the Triton tile, far from cuBLAS fp16.
+ahead, and converts it with the package's PTX word conversion; only x goes through the ring. Another
+(``_probe_kernel_ws``) is warp-specialized: a producer warpgroup loads and converts, the default one only issues
+MMAs. Measured on the H100 (benchmarks/NOTES.md): the 128×128 ring and register-weight tiles within -5 … +2 % of
+the Triton tile, the warp-specialized one 1.4-1.6× slower (its one producer warpgroup sets the pace); all far
+from cuBLAS fp16.
 
     python benchmarks/probe_gluon_w8a16.py            # GPU: bits against w8a16_gemm, then times (CUDA graphs)
     python benchmarks/probe_gluon_w8a16.py --compile  # any machine: sm_90a registers and shared memory
@@ -20,9 +23,12 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                               warpgroup_mma_wait)
 
 from angel_kernels._int8_words import _WORD_TO_F16 as WORD_TO_F16  # the package's PTX (a constexpr)
+
+WS_PRODUCER_REGS = gl.constexpr(128)  # registers per thread of the warp-specialized variant's producer
 
 
 @gluon.jit
@@ -164,33 +170,127 @@ def _probe_kernel_wregs(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constex
     gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
              mask=(offs_m < M)[:, None])
 
-# (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, stages, warps, register-weight variant)
-CONFIGS = [(128, 128, 64, 3, 4, False), (128, 256, 64, 3, 8, False), (128, 128, 64, 3, 4, True),
-           (128, 128, 64, 4, 4, True), (128, 256, 64, 4, 8, True)]
+
+@gluon.jit
+def _ws_tile(M, BLOCK_M: gl.constexpr):
+    """(pid_m, pid_n): consecutive programs share a weight tile."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    pid = gl.program_id(0)
+    return pid % num_pid_m, pid // num_pid_m
 
 
-def probe_w8a16(x, q, s, block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, wregs=False):
-    """y = x · (q · s)ᵀ for fp16 x [M, K], row-major int8 q [N, K], fp32 s [N]; ``wregs``: the register-weight
-    variant (``_probe_kernel_wregs``)."""
+@gluon.jit
+def _ws_mma_partition(x_smem, c_smem, ready, empty, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """Consumer warpgroup: one async wgmma per K-block as soon as its stage is ready; a stage is handed back once
+    the MMA after it has been issued and it has finished."""
+    pid_m, pid_n = _ws_tile(M, BLOCK_M)
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    n_blocks = K // BLOCK_K
+    for i in range(n_blocks):
+        j = i % STAGES
+        mbarrier.wait(ready.index(j), (i // STAGES) & 1)
+        acc = warpgroup_mma(x_smem.index(j), c_smem.index(j).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)  # block i - 1's MMA is done
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
+    out = acc * gl.load(s_ptr + offs_n)[None, :]
+    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
+             mask=(offs_m < M)[:, None])
+
+
+@gluon.jit
+def _ws_convert_partition(x_ptr, w_ptr, x_smem, c_smem, ready, empty, M, K, BLOCK_M: gl.constexpr,
+                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
+    """Producer warpgroup: x by cp.async STAGES - 2 K-blocks ahead, the weight as int32 words two K-blocks ahead
+    in registers, converted into the stage's shared buffer; then the stage is marked ready. (Looking STAGES - 1
+    ahead would wait for the MMA that needs this block's stage: a deadlock.)"""
+    AHEAD: gl.constexpr = STAGES - 2
+    pid_m, pid_n = _ws_tile(M, BLOCK_M)
+    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    w_ld: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
+    offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    offs_xk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, x_ld))
+    x_rows = x_ptr + offs_xm[:, None].to(gl.int64) * K + offs_xk[None, :]
+    mask_xm = (offs_xm < M)[:, None]
+    offs_wn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_ld))
+    offs_ww = gl.arange(0, BLOCK_K // 4, layout=gl.SliceLayout(0, w_ld))
+    w_ptrs = w_ptr + offs_wn[:, None].to(gl.int64) * (K // 4) + offs_ww[None, :]
+    n_blocks = K // BLOCK_K
+    for t in gl.static_range(AHEAD):
+        cp.async_copy_global_to_shared(x_smem.index(t), x_rows + t * BLOCK_K, mask=mask_xm)
+        cp.commit_group()
+    w_a = gl.load(w_ptrs)
+    w_b = gl.load(w_ptrs + BLOCK_K // 4, mask=n_blocks > 1)
+    for i in range(n_blocks):
+        nxt = i + AHEAD
+        if nxt < n_blocks:
+            stage = nxt % STAGES
+            mbarrier.wait(empty.index(stage), (nxt // STAGES + 1) & 1, pred=nxt >= STAGES)  # MMA nxt - STAGES done
+            cp.async_copy_global_to_shared(x_smem.index(stage), x_rows + nxt * BLOCK_K, mask=mask_xm)
+        cp.commit_group()
+        w_cur = w_a
+        w_a = w_b
+        w_b = gl.load(w_ptrs + (i + 2) * (BLOCK_K // 4), mask=i + 2 < n_blocks)
+        c_smem.index(i % STAGES).store(_words_to_f16(w_cur, BLOCK_N, BLOCK_K))
+        cp.wait_group(AHEAD)  # block i's x has landed
+        fence_async_shared()
+        gl.thread_barrier()  # the partition's four warps
+        mbarrier.arrive(ready.index(i % STAGES))
+
+
+@gluon.jit
+def _probe_kernel_ws(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Variant: warp-specialized. A producer warpgroup loads and converts, the default warpgroup only issues
+    MMAs; STAGES shared (x, converted weight) pairs with ready / empty barriers between them."""
+    x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float16))
+    c_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float16))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(STAGES):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=1)
+    gl.warp_specialize([
+        (_ws_mma_partition, (x_smem, c_smem, ready, empty, s_ptr, y_ptr, M, N, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                             STAGES)),
+        (_ws_convert_partition, (x_ptr, w_ptr, x_smem, c_smem, ready, empty, M, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                 STAGES)),
+    ], [4], [WS_PRODUCER_REGS])
+
+VARIANTS = {"ring": _probe_kernel, "wregs": _probe_kernel_wregs, "ws": _probe_kernel_ws}
+# (BLOCK_M tokens, BLOCK_N weight rows, BLOCK_K, stages, warps, variant)
+CONFIGS = [(128, 128, 64, 3, 4, "ring"), (128, 128, 64, 3, 4, "wregs"), (128, 128, 64, 4, 4, "ws"),
+           (128, 128, 64, 5, 4, "ws"), (128, 128, 64, 6, 4, "ws")]
+
+
+def probe_w8a16(x, q, s, block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, variant="ring"):
+    """y = x · (q · s)ᵀ for fp16 x [M, K], row-major int8 q [N, K], fp32 s [N] with one of VARIANTS."""
     M, K = x.shape
     N = q.shape[0]
     if N % block_n or K % block_k:
         raise ValueError(f"the probe needs N % {block_n} == 0 and K % {block_k} == 0, got N={N}, K={K}")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = _probe_kernel_wregs if wregs else _probe_kernel
-    kernel[(triton.cdiv(M, block_m) * (N // block_n),)](
-        x, q.view(torch.int32) if wregs else q, s, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
+    words = variant != "ring"
+    VARIANTS[variant][(triton.cdiv(M, block_m) * (N // block_n),)](
+        x, q.view(torch.int32) if words else q, s, y, M, N, K, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
     return y
 
 
-def compile_sm90(block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, wregs=False):
+def compile_sm90(block_m=128, block_n=128, block_k=64, stages=3, num_warps=4, variant="ring"):
     """Compile for sm_90a without a GPU; returns Triton's compiled kernel (asm, metadata)."""
-    kernel = _probe_kernel_wregs if wregs else _probe_kernel
+    kernel = VARIANTS[variant]
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = [p.name for p in kernel.params]
-    signature = {"x_ptr": "*fp16", "w_ptr": "*i32" if wregs else "*i8", "s_ptr": "*fp32", "y_ptr": "*fp16", "M": "i32", "N": "i32",
+    signature = {"x_ptr": "*fp16", "w_ptr": "*i8" if variant == "ring" else "*i32", "s_ptr": "*fp32", "y_ptr": "*fp16", "M": "i32", "N": "i32",
                  "K": "i32"}
     consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=num_warps)
     signature.update({k: "constexpr" for k in consts})
@@ -214,7 +314,7 @@ def main(argv=None) -> int:
         from sass_report import _tool  # benchmarks/ is on sys.path when run as a script
 
         for cfg in CONFIGS:
-            kernel = compile_sm90(*cfg[:5], wregs=cfg[5])
+            kernel = compile_sm90(*cfg)
             with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
                 ptx.write(kernel.asm["ptx"])
                 ptx.flush()
