@@ -262,6 +262,9 @@ def _paged_attn_split_kernel(
         q2 = 0.0  # unused
     if QK_INT8:  # the keys stay int8 and go to the MMA as loaded
         q_hi, q_lo, q2_hi, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
+    # int8 q·kᵀ: the per-row step (> 0 by construction) scales the row max (max(s · step) = step · max(s), rounding
+    # being monotonic) and goes into the exponent's FFMA, one multiply per score fewer; a soft-cap needs it first
+    ROW_FOLD: tl.constexpr = QK_INT8 and not HAS_SOFTCAP
     # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
     row_hi = L - (NUM_QUERIES - 1) + t
     if HAS_WINDOW:
@@ -310,7 +313,7 @@ def _paged_attn_split_kernel(
                     s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
                     s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
                 s = (s_hi * 254 + s_lo).to(tl.float32)  # × q_row_scale: in the row max and the exponent
-                if HAS_SOFTCAP:  # ... unless a soft-cap needs the scaled score first
+                if not ROW_FOLD:
                     s = s * q_row_scale[:, None]
             else:
                 kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
@@ -337,15 +340,13 @@ def _paged_attn_split_kernel(
                 s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
             visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
             s = tl.where(visible, s, float("-inf"))
-            # int8 q·kᵀ: the per-row step (> 0 by construction) scales the row max (max(s · step) = step · max(s),
-            # rounding being monotonic) and goes into the exponent's FFMA, one multiply per score fewer
-            if QK_INT8 and not HAS_SOFTCAP:
+            if ROW_FOLD:
                 m_new = tl.maximum(m_i, tl.max(s, axis=1) * q_row_scale)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
             alpha = tl.exp2(m_i - m_safe)
-            if QK_INT8 and not HAS_SOFTCAP:
+            if ROW_FOLD:
                 p = tl.exp2(s * q_row_scale[:, None] - m_safe[:, None])
             else:
                 p = tl.exp2(s - m_safe[:, None])
