@@ -32,6 +32,25 @@ WS_PRODUCER_REGS = gl.constexpr(128)  # registers per thread of the warp-special
 
 
 @gluon.jit
+def _tile_ids(M, BLOCK_M: gl.constexpr):
+    """(pid_m, pid_n): consecutive programs share a weight tile."""
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    pid = gl.program_id(0)
+    return pid % num_pid_m, pid // num_pid_m
+
+
+@gluon.jit
+def _store_scaled(acc, s_ptr, y_ptr, M, N, pid_m, pid_n, acc_l: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr):
+    """y[tile] = acc · s[n] as fp16 (rows past M dropped)."""
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
+    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
+    out = acc * gl.load(s_ptr + offs_n)[None, :]
+    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
+             mask=(offs_m < M)[:, None])
+
+
+@gluon.jit
 def _issue_loads(x_ptr, w_ptr, x_smem, w_smem, stage, kb, offs_xm, offs_xk, mask_xm, offs_wn, offs_wk, K,
                  BLOCK_K: gl.constexpr):
     """cp.async of K-block kb of the x tile and the int8 weight tile into ring stage ``stage``, one commit group."""
@@ -46,10 +65,7 @@ def _issue_loads(x_ptr, w_ptr, x_smem, w_smem, stage, kb, offs_xm, offs_xk, mask
 @gluon.jit
 def _probe_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    pid_n = pid // num_pid_m  # consecutive programs share a weight tile
-    pid_m = pid % num_pid_m
+    pid_m, pid_n = _tile_ids(M, BLOCK_M)
 
     x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])  # 16-byte fp16 copies
     w_ld: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [num_warps, 1], [1, 0])  # 16-byte int8 copies
@@ -93,11 +109,7 @@ def _probe_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constexpr, BL
             cp.commit_group()  # an empty group keeps wait_group's count in step
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
-    out = acc * gl.load(s_ptr + offs_n)[None, :]
-    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
-             mask=(offs_m < M)[:, None])
+    _store_scaled(acc, s_ptr, y_ptr, M, N, pid_m, pid_n, acc_l, BLOCK_M, BLOCK_N)
 
 
 
@@ -115,10 +127,7 @@ def _probe_kernel_wregs(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constex
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Variant: the weight straight to registers as int32 words (16-byte loads, two K-blocks ahead), converted by
     PTX a word at a time; only x goes through the cp.async ring."""
-    pid = gl.program_id(0)
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    pid_n = pid // num_pid_m
-    pid_m = pid % num_pid_m
+    pid_m, pid_n = _tile_ids(M, BLOCK_M)
 
     x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     w_ld: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])  # 4 words = 16 bytes
@@ -164,19 +173,7 @@ def _probe_kernel_wregs(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, BLOCK_M: gl.constex
         cp.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
-    out = acc * gl.load(s_ptr + offs_n)[None, :]
-    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
-             mask=(offs_m < M)[:, None])
-
-
-@gluon.jit
-def _ws_tile(M, BLOCK_M: gl.constexpr):
-    """(pid_m, pid_n): consecutive programs share a weight tile."""
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    pid = gl.program_id(0)
-    return pid % num_pid_m, pid // num_pid_m
+    _store_scaled(acc, s_ptr, y_ptr, M, N, pid_m, pid_n, acc_l, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
@@ -184,7 +181,7 @@ def _ws_mma_partition(x_smem, c_smem, ready, empty, s_ptr, y_ptr, M, N, K, BLOCK
                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr):
     """Consumer warpgroup: one async wgmma per K-block as soon as its stage is ready; a stage is handed back once
     the MMA after it has been issued and it has finished."""
-    pid_m, pid_n = _ws_tile(M, BLOCK_M)
+    pid_m, pid_n = _tile_ids(M, BLOCK_M)
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_N, 16])
     acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
@@ -196,11 +193,7 @@ def _ws_mma_partition(x_smem, c_smem, ready, empty, s_ptr, y_ptr, M, N, K, BLOCK
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)  # block i - 1's MMA is done
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_l))
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_l))
-    out = acc * gl.load(s_ptr + offs_n)[None, :]
-    gl.store(y_ptr + offs_m[:, None].to(gl.int64) * N + offs_n[None, :], out.to(gl.float16),
-             mask=(offs_m < M)[:, None])
+    _store_scaled(acc, s_ptr, y_ptr, M, N, pid_m, pid_n, acc_l, BLOCK_M, BLOCK_N)
 
 
 @gluon.jit
@@ -210,7 +203,7 @@ def _ws_convert_partition(x_ptr, w_ptr, x_smem, c_smem, ready, empty, M, K, BLOC
     in registers, converted into the stage's shared buffer; then the stage is marked ready. (Looking STAGES - 1
     ahead would wait for the MMA that needs this block's stage: a deadlock.)"""
     AHEAD: gl.constexpr = STAGES - 2
-    pid_m, pid_n = _ws_tile(M, BLOCK_M)
+    pid_m, pid_n = _tile_ids(M, BLOCK_M)
     x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     w_ld: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0])
     offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
