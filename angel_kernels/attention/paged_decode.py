@@ -152,6 +152,46 @@ def _split_q_rows(q, q2, D_SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _int8_qk(k_tok, q_hi, q_lo, q2_hi, q2_lo, dims, pos_ok, K_ALIGN: tl.constexpr, BF16: tl.constexpr,
+             ASM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
+             D_SPLIT: tl.constexpr, MASK: tl.constexpr = True):
+    """q·kᵀ of a KV tile on int8 MMAs (``_split_q_rows`` parts; the keys go to the MMAs as loaded), as fp32 before
+    the row step and the key scales. int32, exact: |hi·k| ≤ 127² · HEAD_DIM, and · 254 stays below 2^31 up to
+    HEAD_DIM 256."""
+    kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, MASK=MASK)
+    s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)
+    s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
+    if D_SPLIT == 2:
+        kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+                      MASK=MASK)
+        s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
+        s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
+    return (s_hi * 254 + s_lo).to(tl.float32)
+
+
+@triton.jit
+def _exp2_step(s, m_i, scale, row_scale, FOLD: tl.constexpr, ROW_FOLD: tl.constexpr):
+    """The online-softmax step (base 2) of a masked score tile: (m_new, alpha, p). FOLD: s still lacks the scalar
+    ``scale``, ROW_FOLD: the per-row ``row_scale``; either (> 0) scales the row max (max(s · c) = c · max(s),
+    rounding being monotonic) and goes into the exponent's FFMA, one multiply per score fewer."""
+    if FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+    elif ROW_FOLD:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    alpha = tl.exp2(m_i - m_safe)
+    if FOLD:
+        p = tl.exp2(s * scale - m_safe[:, None])
+    elif ROW_FOLD:
+        p = tl.exp2(s * row_scale[:, None] - m_safe[:, None])
+    else:
+        p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p
+
+
+@triton.jit
 def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
              MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
              BLOCK_N: tl.constexpr, PART: tl.constexpr, FENCE: tl.constexpr = False, MASK: tl.constexpr = True):
@@ -262,8 +302,10 @@ def _paged_attn_split_kernel(
         q2 = 0.0  # unused
     if QK_INT8:  # the keys stay int8 and go to the MMA as loaded
         q_hi, q_lo, q2_hi, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
-    # int8 q·kᵀ: the per-row step (> 0 by construction) scales the row max (max(s · step) = step · max(s), rounding
-    # being monotonic) and goes into the exponent's FFMA, one multiply per score fewer; a soft-cap needs it first
+    else:
+        q_row_scale = 0.0  # unused
+    # int8 q·kᵀ: the per-row step (> 0 by construction) goes into the row max and the exponent (_exp2_step); a
+    # soft-cap needs the scaled score first
     ROW_FOLD: tl.constexpr = QK_INT8 and not HAS_SOFTCAP
     # keys visible to row r: [row_lo, row_hi) (causal within the sequence's last NUM_QUERIES positions)
     row_hi = L - (NUM_QUERIES - 1) + t
@@ -302,17 +344,8 @@ def _paged_attn_split_kernel(
             # Triton only knows 16-divisible pointers and strides, vLLM's packed rows are 4-byte aligned)
             k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
             if QK_INT8:
-                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                              PART, MASK=KV_MASK)
-                # int32, exact: |hi·k| ≤ 127² · HEAD_DIM, and · 254 stays below 2^31 up to HEAD_DIM 256
-                s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)
-                s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
-                if D_SPLIT == 2:
-                    kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32,
-                                  BLOCK_N, PART, MASK=KV_MASK)
-                    s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
-                    s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
-                s = (s_hi * 254 + s_lo).to(tl.float32)  # × q_row_scale: in the row max and the exponent
+                s = _int8_qk(k_tok, q_hi, q_lo, q2_hi, q2_lo, dims, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                             PART, D_SPLIT, KV_MASK)
                 if not ROW_FOLD:
                     s = s * q_row_scale[:, None]
             else:
@@ -340,16 +373,7 @@ def _paged_attn_split_kernel(
                 s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
             visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
             s = tl.where(visible, s, float("-inf"))
-            if ROW_FOLD:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1) * q_row_scale)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-            alpha = tl.exp2(m_i - m_safe)
-            if ROW_FOLD:
-                p = tl.exp2(s * q_row_scale[:, None] - m_safe[:, None])
-            else:
-                p = tl.exp2(s - m_safe[:, None])
+            m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, False, ROW_FOLD)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
             v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,

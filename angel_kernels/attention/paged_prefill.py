@@ -38,8 +38,8 @@ from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
                        check_block_table_on_host, random_kv_caches)
-from .paged_decode import (LOG2E, LOG2E_C, _kv_tile, _split_q_rows, _tile_pages, page_addressing,
-                           paged_decode_attention, row_alignment, words_path)
+from .paged_decode import (LOG2E, LOG2E_C, _exp2_step, _int8_qk, _kv_tile, _split_q_rows, _tile_pages,
+                           page_addressing, paged_decode_attention, row_alignment, words_path)
 
 KERNEL_NAME = "paged_prefill.varlen"
 # Interpreter: small tiles so CPU tests see several query tiles per sequence and several KV tiles per tile.
@@ -91,16 +91,8 @@ def _attend_kv_tile(
         bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR, ASM)
     k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
     v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-    if QK_INT8:  # the keys go to int8 MMAs as loaded: no conversion (int32 sums are exact, see paged_decode)
-        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
-        s_hi = tl.dot(q, kt, out_dtype=tl.int32)
-        s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
-        if D_SPLIT == 2:
-            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                          PART)
-            s_hi = tl.dot(q2, kt, s_hi, out_dtype=tl.int32)
-            s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
-        s = (s_hi * 254 + s_lo).to(tl.float32)  # × q_row_scale: in the row max and the exponent (ROW_FOLD)
+    if QK_INT8:  # the keys go to int8 MMAs as loaded (paged_decode's _int8_qk)
+        s = _int8_qk(k_tok, q, q_lo, q2, q2_lo, dims, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, D_SPLIT)
     else:
         # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
         kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
@@ -116,9 +108,8 @@ def _attend_kv_tile(
             else:
                 s = tl.dot(q2, kt.to(DT), s)
     # Plain fp caches keep s = q·k unscaled: the scale (> 0, checked) goes into the max once per row and into the
-    # exponent's FFMA, one multiply per score fewer (the softmax, not the MMAs, issues most of this loop). int8 q·kᵀ
-    # does the same with its per-row step (> 0 by construction: max(s · step) = step · max(s), as rounding is
-    # monotonic); a soft-cap needs the scaled score first.
+    # exponent's FFMA (_exp2_step), one multiply per score fewer (the softmax, not the MMAs, issues most of this
+    # loop). int8 q·kᵀ does the same with its per-row step (> 0 by construction); a soft-cap needs the scaled score.
     FOLD: tl.constexpr = not QUANT and not HAS_SOFTCAP
     ROW_FOLD: tl.constexpr = QK_INT8 and not HAS_SOFTCAP
     if QK_INT8 and not ROW_FOLD:
@@ -134,20 +125,7 @@ def _attend_kv_tile(
     if MASKED:
         visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
         s = tl.where(visible, s, float("-inf"))
-    if FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-    elif ROW_FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * q_row_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-    alpha = tl.exp2(m_i - m_safe)
-    if FOLD:
-        p = tl.exp2(s * qk_scale - m_safe[:, None])
-    elif ROW_FOLD:
-        p = tl.exp2(s * q_row_scale[:, None] - m_safe[:, None])
-    else:
-        p = tl.exp2(s - m_safe[:, None])
+    m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, FOLD, ROW_FOLD)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
     if QUANT:
