@@ -68,7 +68,7 @@ def fragment_major_int8(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     t = q.reshape(n // 64, 4, 2, 8, k // 128, 8, 2, 4, 2)  # (tn, w, r, g, tk, s, h, c, e)
     t = t.permute(0, 4, 1, 3, 7, 5, 6, 2, 8)  # (tn, tk, w, g, c, s, h, r, e): byte 2 r + e of word (s, h)
-    return t.contiguous().view(torch.int32).reshape(-1)
+    return t.contiguous().reshape(-1, 4).view(torch.int32).reshape(-1)
 
 
 def fragment_major_int4(nibbles: torch.Tensor) -> torch.Tensor:
