@@ -105,7 +105,10 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_P
                    INT4: gl.constexpr, SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                    WAIT: gl.constexpr):
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per 64 × 128 tile
-    pid_n = gl.program_id(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    pid_n = gl.program_id(0) // num_pid_m  # consecutive programs share a weight tile (token tiles of a batch)
+    pid_m = gl.program_id(0) % num_pid_m
+    tile = gl.program_id(0)
     pid_k = gl.program_id(1)
     w_ld: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4, 1], [1, 0])
     x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
@@ -125,7 +128,7 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_P
     # int4 scales [K // 128, N]: rows r0 and r0 + 8 of this thread
     s_ptrs = s_ptr + kb0.to(gl.int64) * N + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
 
-    offs_xm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
     offs_xk = gl.arange(0, TILE_K, layout=gl.SliceLayout(0, x_ld))
     x_ptrs = x_ptr + offs_xm[:, None].to(gl.int64) * K + (k_start + offs_xk)[None, :]
     mask_xm = (offs_xm < M)[:, None]
@@ -166,17 +169,17 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_P
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     offs_n = pid_n * TILE_N + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_l))
-    offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
     mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     offs = offs_n[:, None].to(gl.int64) + offs_m[None, :].to(gl.int64) * N
     if SPLIT_K > 1:
         gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
-        arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             acc = gl.load(part_ptr + offs, mask=mask, other=0.0)
             for s in range(1, SPLIT_K):
                 acc += gl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
-            gl.store(count_ptr + pid_n, 0)
+            gl.store(count_ptr + tile, 0)
             _epilogue(acc, s_ptr, y_ptr, offs_n, offs, mask, INT4)
     else:
         _epilogue(acc, s_ptr, y_ptr, offs_n, offs, mask, INT4)
@@ -195,17 +198,19 @@ def probe_decode(x, words, scales, n, split_k, int4, block_m=16, stages=3, wait=
     from angel_kernels.gemm._splitk import tile_counters
 
     M, K = x.shape
+    num_pid_m = triton.cdiv(M, block_m)
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), TILE_K) * TILE_K
     y = torch.empty(M, n, dtype=torch.float16, device=x.device)
     part = torch.empty(split_k, M, n, dtype=torch.float32, device=x.device) if split_k > 1 else y
-    counters = tile_counters(x.device, n // TILE_N)
-    _decode_kernel[(n // TILE_N, split_k)](
+    counters = tile_counters(x.device, n // TILE_N * num_pid_m)
+    _decode_kernel[(n // TILE_N * num_pid_m, split_k)](
         x, words, scales, y, part, counters, M, n, K, k_per_split, INT4=int4, SPLIT_K=split_k, BLOCK_M=block_m,
         STAGES=stages, WAIT=wait, num_warps=4)
     return y
 
 
-CONFIGS = [dict(block_m=16, stages=3, wait=0), dict(block_m=8, stages=3, wait=0), dict(block_m=16, stages=4, wait=1)]
+CONFIGS = [dict(block_m=8, stages=3, wait=0), dict(block_m=16, stages=3, wait=0), dict(block_m=64, stages=3, wait=0),
+           dict(block_m=128, stages=3, wait=0), dict(block_m=256, stages=2, wait=0)]
 
 
 def compile_sm90(int4, split_k=1, block_m=16, stages=3, wait=0):
@@ -301,8 +306,10 @@ def main(argv=None) -> int:
                 sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(dev)))]
                 ref = shipped_fn(sets[0][0])
                 row = [f"shipped {time_calls([lambda a=a: shipped_fn(a[0]) for a in sets]).median_us:.1f}"]
+                w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
+                row.append(f"cuBLAS {time_calls([lambda a=a: torch.nn.functional.linear(a[0][0], w16) for a in sets]).median_us:.1f}")
                 for cfg in CONFIGS:
-                    if m > cfg["block_m"]:
+                    if m > 4 * cfg["block_m"] or (m <= 16 and cfg["block_m"] > 16) or (m > 16 and cfg["block_m"] < 64):
                         continue
                     try:
                         got = probe_decode(*sets[0][1], n, split, int4, **cfg)
