@@ -1,0 +1,188 @@
+"""The Gluon (Triton's explicit-layout dialect) kernel of ``fragment``: weight-only GEMM on fragment-major tiles.
+
+One program: 64 weight rows (one warpgroup, wgmma's M side) × BLOCK_M tokens (its N side) over one split range
+of K. Per 128-wide K-block a thread loads its fragment words (two K-blocks ahead, in registers), dequantizes them
+in place with the package's PTX, and issues the eight k16 steps with the words as the A operand; x arrives
+through a cp.async ring in shared memory (wgmma's B operand). Split-K as the Triton kernels: every program of a
+split launch writes an fp32 partial, the last to arrive (acq_rel counter) sums them in split order.
+
+int8 tiles (``fragment_major_int8``; two words per k16 step, bytes (r0, k), (r0, k + 1), (r1, k), (r1, k + 1))
+share the kernel: the per-channel scale is then applied to the fp32 sum, as ``w8a16_gemm`` does.
+"""
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+
+from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
+
+TILE_N = gl.constexpr(64)
+TILE_K = gl.constexpr(128)
+STAGES = 3  # x ring depth (H100: 3 and 4 took the same time at M = 1 and 16)
+
+
+def _int4_ptx(bf16: bool) -> str:
+    """int4 word → 8 values (q − 8) · s in fp16 / bf16 with w4a16's operations and rounding (lop3 into the
+    mantissa of 1024 / 128, packed subtract of 1032 / 136, packed multiply), the scale of row r0 for the nibble
+    pairs (0, 4), (2, 6) and of r1 for (1, 5), (3, 7). $0…$7 nibbles 0…7, $8 the word, $9 / $10 the scales."""
+    ty, magic, off = ("bf16x2", "0x43004300", "0x43084308") if bf16 else ("f16x2", "0x64006400", "0x64086408")
+    lines = [".reg .b32 t0, t1, t2, t3, c, sa, sb;", f"mov.b32 c, {off};", "mov.b32 sa, {$9, $9};",
+             "mov.b32 sb, {$10, $10};"]
+    for j in range(4):
+        src = "$8" if j == 0 else f"t{j}"
+        if j:
+            lines.append(f"shr.u32 t{j}, $8, {4 * j};")
+        lines += [f"lop3.b32 t{j}, {src}, 0x000F000F, {magic}, 0xEA;", f"sub.{ty} t{j}, t{j}, c;",
+                  f"mul.{ty} t{j}, t{j}, {'sa' if j % 2 == 0 else 'sb'};", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_INT8_F16 = gl.constexpr(_WORD_TO_F16.value)  # the package's int8 word conversions
+_INT8_BF16 = gl.constexpr(_WORD_TO_BF16.value)
+_INT4_F16 = gl.constexpr(_int4_ptx(False))
+_INT4_BF16 = gl.constexpr(_int4_ptx(True))
+
+
+@gluon.jit
+def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.constexpr):
+    """Words [128 threads, words per thread] → the A operand [64, 128] in wgmma's register layout a_l. The
+    reshape / permute only renames registers: the result already sits where a_l wants it (no shared memory)."""
+    if INT4 and BF16:
+        v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+            asm=_INT4_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", args=[w, s0, s1], dtype=(gl.bfloat16,) * 8,
+            is_pure=True, pack=1)
+    elif INT4:
+        v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
+            asm=_INT4_F16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", args=[w, s0, s1], dtype=(gl.float16,) * 8,
+            is_pure=True, pack=1)
+    elif BF16:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(
+            asm=_INT8_BF16, constraints="=h,=h,=h,=h,r", args=[w], dtype=(gl.bfloat16,) * 4, is_pure=True, pack=1)
+    else:
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(
+            asm=_INT8_F16, constraints="=h,=h,=h,=h,r", args=[w], dtype=(gl.float16,) * 4, is_pure=True, pack=1)
+    if INT4:  # nibble 4 e + 2 h + r → [.., h, r, e]
+        t = gl.join(gl.join(gl.join(v0, v2), gl.join(v1, v3)), gl.join(gl.join(v4, v6), gl.join(v5, v7)))
+    else:  # byte 2 r + e of word (s, h) → [.., r, e]
+        t = gl.join(gl.join(b0, b2), gl.join(b1, b3))
+    t = gl.reshape(t, [4, 8, 4, 8, 2, 2, 2])  # (w, g, c, s, h, r, e)
+    t = gl.permute(t, [0, 5, 1, 3, 4, 2, 6])  # row 16 w + 8 r + g, column 16 s + 8 h + 2 c + e
+    return gl.convert_layout(gl.reshape(t, [64, 128]), a_l)
+
+
+@gluon.jit
+def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
+                          stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    tile = gl.program_id(0)
+    pid_n = tile // num_pid_m  # consecutive programs share a weight tile (the token tiles of a batch)
+    pid_m = tile % num_pid_m
+    pid_k = gl.program_id(1)
+    w_ld: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4, 1], [1, 0])  # a thread's run: 16-byte loads
+    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 16-byte cp.async
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, TILE_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, TILE_K], DT))
+
+    k_start = pid_k * K_PER_SPLIT
+    n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
+    kb0 = k_start // TILE_K
+    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
+    w_ptrs = (w_ptr + (pid_n.to(gl.int64) * (K // TILE_K) + kb0) * (128 * WORDS)
+              + (thr * WORDS)[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_ld))[None, :])
+    # int4 scales [K // 128, N]: this thread's rows r0 and r0 + 8
+    s_ptrs = s_ptr + kb0.to(gl.int64) * N + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
+
+    offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
+    offs_xk = gl.arange(0, TILE_K, layout=gl.SliceLayout(0, x_ld))
+    x_ptrs = x_ptr + offs_xm[:, None].to(gl.int64) * stride_xm + (k_start + offs_xk)[None, :]
+    mask_xm = (offs_xm < M)[:, None]
+
+    for t in gl.static_range(STAGES - 1):
+        cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
+        cp.commit_group()
+    w_a = gl.load(w_ptrs)
+    w_b = gl.load(w_ptrs + 128 * WORDS, mask=n_blocks > 1)
+    s0_a = gl.full([128], 0, DT, gl.SliceLayout(1, w_ld))  # int8: unused
+    s1_a = s0_a
+    s0_b = s0_a
+    s1_b = s0_a
+    if INT4:
+        s0_a = gl.load(s_ptrs).to(DT)
+        s1_a = gl.load(s_ptrs + 8).to(DT)
+        s0_b = gl.load(s_ptrs + N, mask=n_blocks > 1).to(DT)
+        s1_b = gl.load(s_ptrs + N + 8, mask=n_blocks > 1).to(DT)
+    acc = gl.zeros([TILE_N, BLOCK_M], gl.float32, acc_l)
+    for i in range(n_blocks):
+        w_cur = w_a
+        w_a = w_b
+        w_b = gl.load(w_ptrs + (i + 2) * (128 * WORDS), mask=i + 2 < n_blocks)
+        s0 = s0_a
+        s1 = s1_a
+        if INT4:
+            s0_a = s0_b
+            s1_a = s1_b
+            s0_b = gl.load(s_ptrs + (i + 2) * N, mask=i + 2 < n_blocks).to(DT)
+            s1_b = gl.load(s_ptrs + (i + 2) * N + 8, mask=i + 2 < n_blocks).to(DT)
+        a = _fragments(w_cur, s0[:, None], s1[:, None], INT4, BF16, a_l)
+        cp.wait_group(STAGES - 2)
+        gl.thread_barrier()
+        acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+        # wait at once: the next cp.async refills the stage block i - 1's MMA read (waiting one MMA behind would
+        # need a ring one stage deeper; at these sizes it bought nothing)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
+        nxt = i + STAGES - 1
+        cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K,
+                                       mask=mask_xm & (nxt < n_blocks))
+        cp.commit_group()
+
+    offs_n = pid_n * TILE_N + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_l))
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
+    if SPLIT_K > 1:
+        offs = offs_n[:, None].to(gl.int64) + offs_m[None, :].to(gl.int64) * N  # partials [SPLIT_K, M, N]
+        gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
+        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # our partial is visible before the count
+        if arrived == SPLIT_K - 1:
+            acc = gl.load(part_ptr + offs, mask=mask, other=0.0)
+            for s in range(1, SPLIT_K):
+                acc += gl.load(part_ptr + s * M.to(gl.int64) * N + offs, mask=mask, other=0.0)
+            gl.store(count_ptr + tile, 0)
+            _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
+    else:
+        _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
+
+
+@gluon.jit
+def _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4: gl.constexpr,
+              HAS_BIAS: gl.constexpr):
+    """w4a16's / w8a16's epilogue: (int8: the fp32 per-channel scale), + bias in fp32, one rounding."""
+    if not INT4:
+        acc = acc * gl.load(s_ptr + offs_n).to(gl.float32)[:, None]
+    if HAS_BIAS:
+        acc += gl.load(bias_ptr + offs_n).to(gl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(gl.int64) * stride_ym + offs_n[:, None]
+    gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
+           block_m: int, int4: bool = True, stages: int = STAGES) -> None:
+    """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
+    ``plan``: a ``SplitPlan`` with ``serial`` off."""
+    M, K = x2.shape
+    N = y.shape[1]
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte runs
+        x2 = x2.contiguous()
+    scales = scales.contiguous()
+    num_tiles = (N // 64) * ((M + block_m - 1) // block_m)
+    _fragment_gemm_kernel[(num_tiles, plan.split_k)](
+        x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
+        M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
+        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
+        BLOCK_M=block_m, STAGES=stages, num_warps=4)

@@ -1,0 +1,209 @@
+"""Fragment-major int4 weights and the Hopper GEMM that feeds them to wgmma from the registers they were loaded into.
+
+Why: the Triton w4a16 tiles load a weight tile row-contiguously and move the dequantized tile into wgmma's
+register-operand layout through shared memory (sm_90a: four STS / BAR / LDSM rounds per K-block); ncu put the
+decode programs' time mostly in barrier and shared-memory stalls. Stored *fragment-major*, each thread of a
+warpgroup finds its A fragments for a whole 64-row × 128-column tile as one contiguous 32-byte run: two 16-byte
+loads, the package's word dequantization in place, and ``warpgroup_mma`` takes the registers as they are. No
+shared memory and no barrier for the weight (sm_90a: 220 instead of 344 instructions per K-block); only x, the
+B operand, goes through a cp.async ring. H100, CUDA graphs, same run, µs Triton tile → this kernel:
+28672×4096 M = 1 35.8 → 30.7 (tinygemm 33.0, gemlite 37.2 on the same machine), 8192×28672 71.8 → 51.4,
+4096×14336 20.7 → 16.0; M = 64 62.6 → 49.3 on 28672×4096 (benchmarks/NOTES.md).
+
+Layout (``fragment_major_int4``): 64 × 128 tiles, tile (i, j) at word (i · K / 128 + j) · 1024. In a tile, thread
+t = 32 w + 4 g + c (warp w, lane group g, lane c) owns words 8 t … 8 t + 7, one per k16 step s. Its fragment
+rows are r0 = 16 w + g and r0 + 8, its columns 16 s + 2 c + {0, 1} and + 8; nibble 4 e + 2 h + r of word s holds
+row r0 + 8 r, column 16 s + 8 h + 2 c + e. So the nibble pairs (j, j + 4) that one lop3 turns into an f16x2 are
+one A register, and each register has one row: its scale is one of the thread's two.
+
+The results are bit for bit those of ``w4a16_gemm`` on the packed layout (same split ranges, the same chain of
+k16 MMA steps, the same dequantization and rounding): a GPU test checks it, and that makes the op
+batch-invariant for M < LARGE_M like the Triton kernel. Serves symmetric group-128 weights (the GPTQ / AWQ /
+compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
+from .._registry import register_op
+from ..dispatch import Candidate, KernelFamily
+from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
+from ..runtime import reference_forced
+from ..tuning import m_bucket
+from ._splitk import plan_split
+from ._weight_only import LARGE_M
+from .w4a16 import SCALE_DTYPES, dequantize_packed
+
+TILE_N, TILE_K = 64, 128  # a tile: wgmma's 64 rows × one K-block
+GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are one row
+WORDS_PER_TILE = TILE_N * TILE_K // 8
+
+
+def fragment_fits(n: int, k: int) -> bool:
+    """Whole 64 × 128 tiles (the layout has no partial tiles)."""
+    return n % TILE_N == 0 and k % TILE_K == 0
+
+
+def _check_fits(n: int, k: int) -> None:
+    if not fragment_fits(n, k):
+        raise ValueError(f"fragment-major int4 needs N % {TILE_N} == 0 and K % {TILE_K} == 0, got N={n}, K={k}")
+
+
+def fragment_major_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [K // 8, N] int32 (``w4a16_gemm``'s packed layout) → the fragment-major words, shaped [N, K // 8]."""
+    check_tensor("qweight", qweight, dtypes=(torch.int32,), dim=2)
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    _check_fits(n, k)
+    nib = unpack_int4_rows(qweight).to(torch.int64)  # [K, N]
+    # (k, n) as (tk, s, h, c, e) × (tn, w, r, g) → (tn, tk, w, g, c, s, e, h, r): nibble 4 e + 2 h + r of word s
+    t = nib.reshape(k // TILE_K, 8, 2, 4, 2, n // TILE_N, 4, 2, 8).permute(5, 0, 6, 8, 3, 1, 4, 2, 7)
+    words = (t.reshape(-1, 8) << torch.arange(0, 32, 4, device=qweight.device)).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+
+
+def fragment_major_int8(q: torch.Tensor) -> torch.Tensor:
+    """Row-major int8 [N, K] → fragment-major int32 words [N, K // 4]: in each 64 × 128 tile thread t's 16 words,
+    two per k16 step s (column half h), word (s, h) holding bytes (r0, k), (r0, k + 1), (r0 + 8, k),
+    (r0 + 8, k + 1) for k = 16 s + 8 h + 2 c (rows and lanes as the int4 layout). The kernel's int8 mode reads
+    it (the per-channel scale then applies to the fp32 sum, as in ``w8a16_gemm``)."""
+    check_tensor("q", q, dtypes=(torch.int8,), dim=2)
+    n, k = q.shape
+    _check_fits(n, k)
+    t = q.reshape(n // TILE_N, 4, 2, 8, k // TILE_K, 8, 2, 4, 2)  # (tn, w, r, g, tk, s, h, c, e)
+    t = t.permute(0, 4, 1, 3, 7, 5, 6, 2, 8)  # (tn, tk, w, g, c, s, h, r, e): byte 2 r + e of word (s, h)
+    return t.contiguous().reshape(-1, 4).view(torch.int32).reshape(n, k // 4)
+
+
+def packed_from_fragment(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``fragment_major_int4``: words [N, K // 8] → qweight [K // 8, N]."""
+    check_tensor("words", words, dtypes=(torch.int32,), dim=2)
+    n, k = words.shape[0], words.shape[1] * 8
+    _check_fits(n, k)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
+    nib = (words.reshape(-1, 1) >> shifts) & 0xF  # [words, 8]: nibble 4 e + 2 h + r
+    t = nib.reshape(n // TILE_N, k // TILE_K, 4, 8, 4, 8, 2, 2, 2)  # (tn, tk, w, g, c, s, e, h, r)
+    t = t.permute(1, 5, 7, 4, 6, 0, 2, 8, 3)  # → (tk, s, h, c, e) × (tn, w, r, g) = (k, n)
+    rows = t.reshape(k // 8, 8, n).to(torch.int64)  # packed row k // 8, nibble k % 8
+    packed = (rows << shifts.to(torch.int64)[None, :, None]).sum(dim=1)  # disjoint bits: the sum is an OR
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class FragmentProblem:
+    M: int
+    N: int
+    K: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _gluon_runnable(p: FragmentProblem) -> tuple[bool, str]:
+    if p.device.type != "cuda":
+        return False, "needs a CUDA device"
+    if torch.cuda.get_device_capability(p.device) != (9, 0):
+        return False, "needs an sm_90 GPU (Hopper wgmma)"
+    if reference_forced():
+        return False, "reference forced"
+    try:
+        from . import _fragment_gluon  # noqa: F401  (Triton's Gluon dialect)
+    except ImportError as e:
+        return False, f"Gluon unavailable: {e}"
+    return True, ""
+
+
+def block_m_for(m: int) -> int:
+    """Token tile by M (H100, same run: 8 at M = 1, 16 at M = 16, 64 at M = 64, 128 from M = 128)."""
+    for bm in (8, 16, 64):
+        if m <= bm:
+            return bm
+    return 128
+
+
+def _run_gluon(p, x2, words, scales, bias):
+    from ._fragment_gluon import launch
+
+    block_m = block_m_for(p.M)
+    num_tiles = (p.N // TILE_N) * triton.cdiv(p.M, block_m)
+    y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
+    # the split of w4a16's Triton kernel (same ranges, same bits), always through partials (no serial variant)
+    plan = plan_split(x2.device, "w4a16", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
+    launch(x2, words, scales, bias, y, plan, block_m)
+    return y
+
+
+def _run_dequant_matmul(p, x2, words, scales, bias):
+    w = dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, x2.dtype)
+    return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+
+
+def _run_reference(p, x2, words, scales, bias):
+    return w4a16_gemm_ref(x2, packed_from_fragment(words), scales, None, GROUP_SIZE, bias, None)
+
+
+W4A16_FRAGMENT: KernelFamily = KernelFamily(
+    "w4a16_fragment",
+    [
+        Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul,
+                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}")),
+        Candidate("gluon", can_implement=_gluon_runnable, run=_run_gluon),
+        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
+    ],
+    problem_key=lambda p: (p.N, p.K, m_bucket(p.M), p.dtype, p.device.type),
+)
+
+
+def _validate(x, words, scales, bias) -> None:
+    check_tensor("x", x, dtypes=ACT_DTYPES)
+    check_tensor("words", words, dtypes=(torch.int32,), dim=2)
+    check_tensor("scales", scales, dtypes=SCALE_DTYPES, dim=2)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    n, k = words.shape[0], x.shape[-1]
+    if words.shape[1] * 8 != k:
+        raise ValueError(f"x has K={k} but the fragment-major words [N, K // 8] hold K={words.shape[1] * 8}")
+    _check_fits(n, k)
+    check_shape("scales", scales, (k // GROUP_SIZE, n))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1)
+        check_shape("bias", bias, (n,))
+    check_same_device(x=x, words=words, scales=scales, bias=bias)
+
+
+def _fake(x, words, scales, bias=None):
+    _validate(x, words, scales, bias)
+    return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+
+def _samples(device):
+    from ..quantization.int4 import quantize_weight_int4
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for (m, n, k), dtype, with_bias in (((3, 64, 256), torch.float16, False), ((1, 128, 128), torch.bfloat16, True)):
+        x = torch.randn(m, k, generator=g).to(dtype).to(device)
+        w = quantize_weight_int4((torch.randn(n, k, generator=g) * 0.05).to(dtype), GROUP_SIZE, sym=True)
+        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
+        yield (x, fragment_major_int4(w.qweight).to(device), w.scales.to(device), b), {}
+
+
+@register_op("w4a16_fragment_gemm", fake=_fake, samples=_samples)
+def w4a16_fragment_gemm(
+    x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y [..., N] = x [..., K] · Wᵀ (+ bias) for a symmetric group-128 int4 weight stored fragment-major
+    (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
+
+    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernel on sm_90 below LARGE_M, dequantize + cuBLAS from
+    there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
+    ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
+    _validate(x, words, scales, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    p = FragmentProblem(x2.shape[0], words.shape[0], x2.shape[1], x.dtype, x.device)
+    if p.M == 0:
+        return x.new_empty((*lead, p.N))
+    cand = W4A16_FRAGMENT.select(p)
+    y = cand.run(p, x2, words, scales, bias)
+    return y.reshape(*lead, p.N)
