@@ -12,14 +12,17 @@ Importing this package touches no GPU: kernels compile on first use, tuned confi
 """
 __version__ = "0.1.0"
 
-from .gemm import row_major_int8, tile_major_int8, w4a16_gemm, w8a16_gemm
+from .gemm import (
+    fragment_major_int4, packed_from_fragment, row_major_int8, tile_major_int8, w4a16_fragment_gemm, w4a16_gemm,
+    w8a16_gemm,
+)
 from .quantization import (
     Int4Weight, quantize_weight_int4, quantize_weight_int8, repack_awq, repack_compressed_tensors, repack_gptq,
 )
 
 __all__ = [
     "__version__", "w8a16_gemm", "quantize_weight_int8", "tile_major_int8", "row_major_int8", "w4a16_gemm",
-    "quantize_weight_int4", "Int4Weight",
+    "quantize_weight_int4", "Int4Weight", "w4a16_fragment_gemm", "fragment_major_int4", "packed_from_fragment",
     "repack_gptq", "repack_awq", "repack_compressed_tensors",
 ]
 from .attention import (  # noqa: E402  (paged KV cache)

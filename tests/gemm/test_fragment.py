@@ -1,0 +1,192 @@
+"""Fragment-major int4 (and int8) weights: the layout against its definition, the round trip, the op's candidates
+against w4a16's results, validation; on the GPU the Gluon kernel bit for bit against the Triton kernels."""
+import pytest
+import torch
+
+from angel_kernels import quantize_weight_int4, w4a16_gemm, w4a16_fragment_gemm, w8a16_gemm
+from angel_kernels.gemm.fragment import (
+    W4A16_FRAGMENT, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8, packed_from_fragment,
+)
+from angel_kernels.quantization.int4 import pack_int4_rows
+from angel_kernels.reference import w4a16_gemm_ref
+from angel_kernels.testing import assert_close, make_generator, poisoned_empty, randint8, randn
+
+
+def _fragment_places(n, k):
+    """For every weight element (row, column): (word index, bit shift) in the fragment-major int4 layout, straight
+    from the definition (thread t = 32 w + 4 g + c, word s, nibble 4 e + 2 h + r)."""
+    row = torch.arange(n)[:, None].expand(n, k)
+    col = torch.arange(k)[None, :].expand(n, k)
+    tn, rr = row // 64, row % 64
+    w, r, g = rr // 16, (rr % 16) // 8, rr % 8
+    tk, cc = col // 128, col % 128
+    s, h, c, e = cc // 16, (cc % 16) // 8, (cc % 8) // 2, cc % 2
+    thread = 32 * w + 4 * g + c
+    word = (tn * (k // 128) + tk) * 1024 + thread * 8 + s
+    return word, 4 * (4 * e + 2 * h + r)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (192, 384)])
+def test_int4_layout_follows_its_definition(n, k):
+    g = make_generator(n + k)
+    nib = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    words = fragment_major_int4(pack_int4_rows(nib.t().contiguous()))
+    assert words.shape == (n, k // 8) and words.dtype == torch.int32
+    word, shift = _fragment_places(n, k)
+    assert torch.equal((words.reshape(-1)[word] >> shift) & 0xF, nib)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (128, 256)])
+def test_int8_layout_follows_its_definition(n, k):
+    q = randint8(n, k, generator=make_generator(k))
+    words = fragment_major_int8(q)
+    assert words.shape == (n, k // 4)
+    row = torch.arange(n)[:, None].expand(n, k)
+    col = torch.arange(k)[None, :].expand(n, k)
+    rr, cc = row % 64, col % 128
+    thread = 32 * (rr // 16) + 4 * (rr % 8) + (cc % 8) // 2
+    word = ((row // 64) * (k // 128) + col // 128) * 2048 + thread * 16 + (cc // 16) * 2 + (cc % 16) // 8
+    byte = word * 4 + 2 * ((rr % 16) // 8) + cc % 2
+    assert torch.equal(words.reshape(-1).view(torch.int8)[byte], q)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (320, 512)])
+def test_round_trip(n, k):
+    q = torch.randint(-2**31, 2**31 - 1, (k // 8, n), generator=make_generator(n), dtype=torch.int64).to(torch.int32)
+    assert torch.equal(packed_from_fragment(fragment_major_int4(q)), q)
+
+
+@pytest.mark.parametrize("n,k", [(100, 128), (64, 200)])
+def test_partial_tiles_are_refused(n, k):
+    assert not fragment_fits(n, k)
+    with pytest.raises(ValueError, match="N % 64 == 0 and K % 128 == 0"):
+        fragment_major_int4(torch.zeros(k // 8, n, dtype=torch.int32))
+
+
+def _layer(m, n, k, dtype, device, seed, bias=False, scale_dtype=None):
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g)
+    w = quantize_weight_int4(randn(n, k, dtype=dtype, device=device, generator=g, scale=0.05), 128, sym=True)
+    scales = w.scales if scale_dtype is None else w.scales.to(scale_dtype)
+    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
+    return x, w.qweight, scales, b
+
+
+@pytest.mark.parametrize("m", [1, 3, 7])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_op_gives_w4a16_results(m, dtype):
+    x, q, s, b = _layer(m, 192, 384, dtype, "cpu", seed=m, bias=m == 3)
+    got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
+    assert torch.equal(got, w4a16_gemm_ref(x, q, s, None, 128, b, None))
+    lead = w4a16_fragment_gemm(x.reshape(1, m, 384), fragment_major_int4(q), s, b)
+    assert lead.shape == (1, m, 192) and torch.equal(lead[0], got)
+
+
+@pytest.mark.parametrize("cand", W4A16_FRAGMENT.names())
+def test_every_candidate_that_runs_here(cand, device, monkeypatch):
+    x, q, s, b = _layer(5, 128, 256, torch.float16, device, seed=11, bias=True)
+    ok, why = W4A16_FRAGMENT.get(cand).can_implement(
+        type("P", (), {"device": x.device, "M": 5, "N": 128, "K": 256, "dtype": x.dtype})())
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, cand)
+    got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
+    assert_close(got, w4a16_gemm_ref(x, q, s, None, 128, b, None).to(got.dtype))
+    assert not torch.isnan(got).any()
+
+
+def test_validation():
+    x, q, s, b = _layer(2, 128, 256, torch.float16, "cpu", seed=3)
+    words = fragment_major_int4(q)
+    with pytest.raises(ValueError, match="K=128"):
+        w4a16_fragment_gemm(x[:, :128], words, s)
+    with pytest.raises(ValueError, match="scales"):
+        w4a16_fragment_gemm(x, words, s[:1])
+    with pytest.raises(TypeError, match="words"):
+        w4a16_fragment_gemm(x, words.to(torch.int64), s)
+    with pytest.raises(TypeError, match="bias"):
+        w4a16_fragment_gemm(x, words, s, torch.zeros(128, dtype=torch.float32))
+    with pytest.raises(ValueError, match="N % 64"):
+        w4a16_fragment_gemm(x, words[:100], s[:, :100])
+    with pytest.raises(TypeError, match="x"):
+        w4a16_fragment_gemm(x.float(), words, s)
+
+
+def test_block_m_by_m():
+    assert [block_m_for(m) for m in (1, 8, 9, 16, 17, 64, 65, 1000)] == [8, 8, 16, 16, 64, 64, 128, 128]
+
+
+# ----------------------------------------------------------------------------------------------------- GPU tier
+GPU_SHAPES = [(28672, 4096), (4096, 14336), (1024, 4096)]  # splits 2, 8, 4 on 132 SMs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16, 33, 64, 100, 300])
+def test_gpu_gluon_bits_equal_triton_w4a16(n, k, m, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
+    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
+    x, q, s, b = _layer(m, n, k, torch.float16, "cuda", seed=m + n, bias=m == 3)
+    want = w4a16_gemm(x, q, s, None, 128, b)
+    got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
+    assert not torch.isnan(got).any()
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got - want).abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.bfloat16, None), (torch.float16, torch.float32),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("m", [1, 40])
+def test_gpu_gluon_dtypes(dtype, scale_dtype, m, monkeypatch):
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
+    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
+    x, q, s, b = _layer(m, 6144, 4096, dtype, "cuda", seed=m, bias=True, scale_dtype=scale_dtype)
+    want = w4a16_gemm(x, q, s, None, 128, b)
+    got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_writes_every_output_and_strided_x():
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+
+    x, q, s, _ = _layer(37, 1024, 4096, torch.float16, "cuda", seed=5)
+    wide = torch.zeros(37, 4096 + 64, dtype=torch.float16, device="cuda")
+    wide[:, :4096] = x
+    y = poisoned_empty(37, 1024, dtype=torch.float16, device="cuda")
+    plan = plan_split(x.device, "w4a16", 37, 1024, 4096, 128, 16 * 1, y, serial=False)
+    launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, block_m_for(37))
+    want = w4a16_fragment_gemm(x, fragment_major_int4(q), s)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 100])
+def test_gpu_int8_mode_bits_equal_w8a16(m, monkeypatch):
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+
+    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", "tiled")
+    n, k = 4096, 4096
+    g = make_generator(m)
+    x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
+    q = randint8(n, k, device="cuda", generator=g)
+    s = torch.rand(n, device="cuda") * 0.01 + 1e-3
+    want = w8a16_gemm(x, q, s)
+    y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
+    bm = block_m_for(m)
+    plan = plan_split(x.device, "w8a16", m, n, k, 128, n // 64 * ((m + bm - 1) // bm), y, serial=False)
+    launch(x, fragment_major_int8(q), s, None, y, plan, bm, int4=False)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [9, 100, 700])
+def test_gpu_batch_invariance(m, monkeypatch):
+    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
+    x, q, s, b = _layer(m, 4096, 4096, torch.float16, "cuda", seed=m, bias=True)
+    words = fragment_major_int4(q)
+    full = w4a16_fragment_gemm(x, words, s, b)
+    for i in sorted({0, m // 2, m - 1}):
+        assert torch.equal(full[i : i + 1], w4a16_fragment_gemm(x[i : i + 1], words, s, b)), f"row {i} of M={m}"
