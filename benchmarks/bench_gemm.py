@@ -510,8 +510,9 @@ def prepare_angel_w8a16(case, device, tile_major=False):
                       note="tile-major weight" if tile_major else "row-major weight")
 
 
-def prepare_angel_w4a16(case, device):
-    """Symmetric int4, group 128, fp16 scales (the GPTQ sym layout after our repack)."""
+def prepare_angel_w4a16(case, device, fragment=False):
+    """Symmetric int4, group 128, fp16 scales (the GPTQ sym layout after our repack; ``fragment``: stored
+    fragment-major, as ifq_int4 stores it on sm_90)."""
     import angel_kernels
 
     m, n, k = case["M"], case["N"], case["K"]
@@ -520,12 +521,17 @@ def prepare_angel_w4a16(case, device):
         x = _rand_x(m, k, device)
         w4 = angel_kernels.quantize_weight_int4(_rand_w(n, k, device), GROUP, sym=True)
         w_deq = angel_kernels.reference.dequantize_int4_ref(w4.qweight, w4.scales, w4.zeros, w4.group_size)
+        q = angel_kernels.fragment_major_int4(w4.qweight) if fragment else w4.qweight
         # the reference dequantizer returns Wᵀ [K, N]
-        return (x, w4.qweight, w4.scales), (lambda: _ref_matmul(x, w_deq.t()))
+        return (x, q, w4.scales), (lambda: _ref_matmul(x, w_deq.t()))
 
     sets, ref = H.build_sets(make)
-    return H.Prepared(fn=lambda x, q, s: angel_kernels.w4a16_gemm(x, q, s, None, GROUP), input_sets=sets, ref=ref,
-                      floor_kind="w4", tol=1e-2, note="symmetric int4, group 128, fp16 scales")
+    if fragment:
+        fn = lambda x, q, s: angel_kernels.w4a16_fragment_gemm(x, q, s)  # noqa: E731
+    else:
+        fn = lambda x, q, s: angel_kernels.w4a16_gemm(x, q, s, None, GROUP)  # noqa: E731
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="w4", tol=1e-2,
+                      note="symmetric int4, group 128, fp16 scales" + (", fragment-major" if fragment else ""))
 
 
 def providers() -> H.ProviderRegistry:
@@ -553,6 +559,9 @@ def providers() -> H.ProviderRegistry:
               description="angel_kernels.w8a16_gemm on a tile-major weight"))
     reg.add(P("angel_w4a16", prepare_angel_w4a16, kind="ours", floor_kind="w4",
               available=_angel("w4a16_gemm", "quantize_weight_int4"), description="angel_kernels.w4a16_gemm g128"))
+    reg.add(P("angel_w4a16_fragment", lambda c, dev: prepare_angel_w4a16(c, dev, fragment=True), kind="ours",
+              floor_kind="w4", available=_angel("w4a16_fragment_gemm", "fragment_major_int4"),
+              description="angel_kernels.w4a16_fragment_gemm g128 (fragment-major, sm_90)"))
     return reg
 
 

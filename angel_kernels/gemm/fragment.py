@@ -100,18 +100,23 @@ class FragmentProblem:
     device: torch.device
 
 
-def _gluon_runnable(p: FragmentProblem) -> tuple[bool, str]:
-    if p.device.type != "cuda":
+def fragment_kernel_runs_on(device: torch.device) -> tuple[bool, str]:
+    """Whether the Gluon kernel can run on ``device`` (an sm_90 GPU with Triton's Gluon dialect)."""
+    if device.type != "cuda":
         return False, "needs a CUDA device"
-    if torch.cuda.get_device_capability(p.device) != (9, 0):
+    if torch.cuda.get_device_capability(device) != (9, 0):
         return False, "needs an sm_90 GPU (Hopper wgmma)"
-    if reference_forced():
-        return False, "reference forced"
     try:
         from . import _fragment_gluon  # noqa: F401  (Triton's Gluon dialect)
     except ImportError as e:
         return False, f"Gluon unavailable: {e}"
     return True, ""
+
+
+def _gluon_runnable(p: FragmentProblem) -> tuple[bool, str]:
+    if reference_forced():
+        return False, "reference forced"
+    return fragment_kernel_runs_on(p.device)
 
 
 def block_m_for(m: int) -> int:
