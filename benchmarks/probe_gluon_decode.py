@@ -1,19 +1,7 @@
-"""Probe, not used by the package: the weight-only decode tile (M ≤ 16) with the weight fed to wgmma straight from
-the registers it was loaded into, in Gluon.
-
-The Triton decode tiles load the weight in a row-contiguous layout and move the converted tile into wgmma's
-register-operand layout through shared memory (four STS / BAR / LDSM rounds per K-block, sm_90a); ncu put the
-decode programs' time mostly in barrier and shared-memory stalls. Here the weight is stored *fragment-major*: in
-each 64-row × 128-column tile, thread t of the warpgroup finds its wgmma A fragments for the tile's eight k16 steps
-as one contiguous run (64 bytes of int8, 32 bytes of int4), so it loads them with 16-byte loads, converts them in
-place and hands them to `warpgroup_mma` as the A operand: no shared memory for the weight, no barrier for it.
-Only x (the B operand, a few rows) goes through a cp.async ring.
-
-Fragment of thread t = 32 w + 4 g + c (warp w, lane group g, lane c) at k16 step s: rows r0 = 16 w + g and
-r1 = r0 + 8, columns 16 s + 2 c + {0, 1} and + 8. int8: two words per step, word h (column half) holding the
-bytes (r0, k), (r0, k + 1), (r1, k), (r1, k + 1). int4: one word per step, nibble 4 e + 2 h + r holding row r,
-column half h, column parity e (the nibble pairs (j, j + 4) that one lop3 turns into an f16x2 are then one A
-register). Split-K as the package's kernels (same ranges, "last program sums the partials in split order").
+"""Probe of the fragment-major weight-only kernel (``angel_kernels.gemm.fragment``) at forced token tiles, for
+int4 (``w4a16_fragment_gemm``'s kernel) and int8 (the same kernel's int8 mode, not wired to an op): bits against
+the Triton kernels (``w4a16_gemm`` / ``w8a16_gemm`` on tile-major weights) and CUDA-graph times next to them and
+cuBLAS fp16, over the Llama shapes. The layout and the kernel are described in ``fragment``'s module doc.
 
     python benchmarks/probe_gluon_decode.py            # GPU: bits against w8a16_gemm / w4a16_gemm, then times
     python benchmarks/probe_gluon_decode.py --compile  # any machine: sm_90a registers and shared memory
