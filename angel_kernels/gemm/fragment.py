@@ -26,12 +26,13 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
-from ..runtime import reference_forced
+from ..runtime import interpreter_active, reference_forced
 from ..tuning import m_bucket
 from ._splitk import plan_split
 from ._weight_only import LARGE_M
@@ -139,8 +140,37 @@ def _run_gluon(p, x2, words, scales, bias):
     return y
 
 
+@triton.jit
+def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
+    """Wᵀ [K, N] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``."""
+    tile = tl.program_id(0)
+    tn = tile // (K // 128)
+    tk = tile % (K // 128)
+    t = tl.arange(0, 128)[:, None]  # thread of the tile
+    s = tl.arange(0, 8)[None, :]  # its word: k16 step
+    words = tl.load(w_ptr + tile.to(tl.int64) * 1024 + t * 8 + s)
+    g_row = tn * 64 + 16 * (t // 32) + (t % 32) // 4
+    for nib in tl.static_range(8):  # nibble 4 e + 2 h + r: row r0 + 8 r, column 16 s + 8 h + 2 c + e
+        row = g_row + 8 * (nib % 2)
+        col = tk * 128 + 16 * s + 8 * ((nib // 2) % 2) + 2 * (t % 4) + nib // 4
+        scale = tl.load(s_ptr + tk * N + row).to(out_ptr.dtype.element_ty).to(tl.float32)
+        v = (((words >> (4 * nib)) & 0xF) - 8).to(tl.float32) * scale
+        tl.store(out_ptr + col.to(tl.int64) * N + row, v.to(out_ptr.dtype.element_ty))
+
+
+def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Wᵀ [K, N] in ``dtype`` from fragment-major words (the values ``dequantize_packed`` gives the packed
+    weight). One Triton pass on CUDA (or under the interpreter); elsewhere through the packed layout."""
+    n, k = words.shape[0], words.shape[1] * 8
+    if words.device.type == "cuda" or interpreter_active():
+        out = torch.empty((k, n), dtype=dtype, device=words.device)
+        _dequant_fragment_kernel[((n // TILE_N) * (k // TILE_K),)](words, scales.contiguous(), out, n, k)
+        return out
+    return dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, dtype)
+
+
 def _run_dequant_matmul(p, x2, words, scales, bias):
-    w = dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, x2.dtype)
+    w = dequantize_fragment(words, scales, x2.dtype)
     return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
 
 

@@ -190,3 +190,18 @@ def test_gpu_batch_invariance(m, monkeypatch):
     full = w4a16_fragment_gemm(x, words, s, b)
     for i in sorted({0, m // 2, m - 1}):
         assert torch.equal(full[i : i + 1], w4a16_fragment_gemm(x[i : i + 1], words, s, b)), f"row {i} of M={m}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, device, monkeypatch):
+    from angel_kernels.gemm import fragment as mod
+    from angel_kernels.gemm.w4a16 import dequantize_packed
+
+    _x, q, s, _b = _layer(1, 128, 256, dtype, device, seed=7)
+    monkeypatch.setattr(mod, "interpreter_active", lambda: True)  # the Triton pass, also on the CPU
+    got = mod.dequantize_fragment(fragment_major_int4(q), s, dtype)
+    want = dequantize_packed(q.cpu(), s.cpu(), None, 128, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16
+    else:
+        assert torch.equal(got.cpu(), want)
