@@ -142,30 +142,42 @@ def _run_gluon(p, x2, words, scales, bias):
 
 @triton.jit
 def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
-    """Wᵀ [K, N] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``."""
+    """W [N, K] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``;
+    the tile is put back in row order in registers (a layout change the compiler does through shared memory),
+    so the stores are whole rows."""
     tile = tl.program_id(0)
     tn = tile // (K // 128)
     tk = tile % (K // 128)
-    t = tl.arange(0, 128)[:, None]  # thread of the tile
-    s = tl.arange(0, 8)[None, :]  # its word: k16 step
-    words = tl.load(w_ptr + tile.to(tl.int64) * 1024 + t * 8 + s)
-    g_row = tn * 64 + 16 * (t // 32) + (t % 32) // 4
-    for nib in tl.static_range(8):  # nibble 4 e + 2 h + r: row r0 + 8 r, column 16 s + 8 h + 2 c + e
-        row = g_row + 8 * (nib % 2)
-        col = tk * 128 + 16 * s + 8 * ((nib // 2) % 2) + 2 * (t % 4) + nib // 4
-        scale = tl.load(s_ptr + tk * N + row).to(out_ptr.dtype.element_ty).to(tl.float32)
-        v = (((words >> (4 * nib)) & 0xF) - 8).to(tl.float32) * scale
-        tl.store(out_ptr + col.to(tl.int64) * N + row, v.to(out_ptr.dtype.element_ty))
+    t = tl.arange(0, 128)[:, None]  # thread of the tile; its words are its k16 steps
+    words = tl.load(w_ptr + tile.to(tl.int64) * 1024 + t * 8 + tl.arange(0, 8)[None, :])
+    r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    sa = tl.load(s_ptr + tk * N + r0).to(DT).to(tl.float32)
+    sb = tl.load(s_ptr + tk * N + r0 + 8).to(DT).to(tl.float32)
+    v0 = ((words & 0xF) - 8).to(tl.float32) * sa  # nibble 4 e + 2 h + r: row r0 + 8 r, column 16 s + 8 h + 2 c + e
+    v1 = (((words >> 4) & 0xF) - 8).to(tl.float32) * sb
+    v2 = (((words >> 8) & 0xF) - 8).to(tl.float32) * sa
+    v3 = (((words >> 12) & 0xF) - 8).to(tl.float32) * sb
+    v4 = (((words >> 16) & 0xF) - 8).to(tl.float32) * sa
+    v5 = (((words >> 20) & 0xF) - 8).to(tl.float32) * sb
+    v6 = (((words >> 24) & 0xF) - 8).to(tl.float32) * sa
+    v7 = (((words >> 28) & 0xF) - 8).to(tl.float32) * sb
+    v = tl.join(tl.join(tl.join(v0, v2), tl.join(v1, v3)), tl.join(tl.join(v4, v6), tl.join(v5, v7)))  # [.., h, r, e]
+    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
+    rows = tn * 64 + tl.arange(0, 64)
+    cols = tk * 128 + tl.arange(0, 128)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.reshape(v, (64, 128)).to(DT))
 
 
 def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Wᵀ [K, N] in ``dtype`` from fragment-major words (the values ``dequantize_packed`` gives the packed
-    weight). One Triton pass on CUDA (or under the interpreter); elsewhere through the packed layout."""
+    """Wᵀ [K, N] in ``dtype`` (a transposed view) from fragment-major words: the values ``dequantize_packed``
+    gives the packed weight. One Triton pass on CUDA (or under the interpreter); elsewhere through the packed
+    layout."""
     n, k = words.shape[0], words.shape[1] * 8
     if words.device.type == "cuda" or interpreter_active():
-        out = torch.empty((k, n), dtype=dtype, device=words.device)
+        out = torch.empty((n, k), dtype=dtype, device=words.device)
         _dequant_fragment_kernel[((n // TILE_N) * (k // TILE_K),)](words, scales.contiguous(), out, n, k)
-        return out
+        return out.t()
     return dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, dtype)
 
 
