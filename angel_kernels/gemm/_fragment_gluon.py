@@ -66,25 +66,27 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
         t = gl.join(gl.join(gl.join(v0, v2), gl.join(v1, v3)), gl.join(gl.join(v4, v6), gl.join(v5, v7)))
     else:  # byte 2 r + e of word (s, h) → [.., r, e]
         t = gl.join(gl.join(b0, b2), gl.join(b1, b3))
-    t = gl.reshape(t, [4, 8, 4, 8, 2, 2, 2])  # (w, g, c, s, h, r, e)
+    WARPS: gl.constexpr = w.shape[0] // 32
+    t = gl.reshape(t, [WARPS, 8, 4, 8, 2, 2, 2])  # (w, g, c, s, h, r, e)
     t = gl.permute(t, [0, 5, 1, 3, 4, 2, 6])  # row 16 w + 8 r + g, column 16 s + 8 h + 2 c + e
-    return gl.convert_layout(gl.reshape(t, [64, 128]), a_l)
+    return gl.convert_layout(gl.reshape(t, [16 * WARPS, 128]), a_l)
 
 
 @gluon.jit
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                          SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
+    ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     num_pid_m = gl.cdiv(M, BLOCK_M)
     tile = gl.program_id(0)
     pid_n = tile // num_pid_m  # consecutive programs share a weight tile (the token tiles of a batch)
     pid_m = tile % num_pid_m
     pid_k = gl.program_id(1)
-    w_ld: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4, 1], [1, 0])  # a thread's run: 16-byte loads
-    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])  # 16-byte cp.async
-    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    w_ld: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4 * WG, 1], [1, 0])  # a thread's run: 16-byte loads
+    x_ld: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4 * WG, 1], [1, 0])  # 16-byte cp.async
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     x_smem = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, TILE_K],
@@ -93,11 +95,12 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     k_start = pid_k * K_PER_SPLIT
     n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
     kb0 = k_start // TILE_K
-    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
-    w_ptrs = (w_ptr + (pid_n.to(gl.int64) * (K // TILE_K) + kb0) * (128 * WORDS)
-              + (thr * WORDS)[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_ld))[None, :])
+    thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
+    row_block = pid_n * WG + thr // 128  # this thread's 64-row tile
+    w_ptrs = (w_ptr + (row_block.to(gl.int64) * (K // TILE_K) + kb0)[:, None] * (128 * WORDS)
+              + ((thr % 128) * WORDS)[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_ld))[None, :])
     # int4 scales [K // 128, N]: this thread's rows r0 and r0 + 8
-    s_ptrs = s_ptr + kb0.to(gl.int64) * N + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
+    s_ptrs = s_ptr + kb0.to(gl.int64) * N + row_block * TILE_N + (thr % 128 // 32) * 16 + (thr % 32) // 4
 
     offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
     offs_xk = gl.arange(0, TILE_K, layout=gl.SliceLayout(0, x_ld))
@@ -109,7 +112,7 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         cp.commit_group()
     w_a = gl.load(w_ptrs)
     w_b = gl.load(w_ptrs + 128 * WORDS, mask=n_blocks > 1)
-    s0_a = gl.full([128], 0, DT, gl.SliceLayout(1, w_ld))  # int8: unused
+    s0_a = gl.full([128 * WG], 0, DT, gl.SliceLayout(1, w_ld))  # int8: unused
     s1_a = s0_a
     s0_b = s0_a
     s1_b = s0_a
@@ -118,7 +121,7 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         s1_a = gl.load(s_ptrs + 8).to(DT)
         s0_b = gl.load(s_ptrs + N, mask=n_blocks > 1).to(DT)
         s1_b = gl.load(s_ptrs + N + 8, mask=n_blocks > 1).to(DT)
-    acc = gl.zeros([TILE_N, BLOCK_M], gl.float32, acc_l)
+    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
     for i in range(n_blocks):
         w_cur = w_a
         w_a = w_b
@@ -142,7 +145,7 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
                                        mask=mask_xm & (nxt < n_blocks))
         cp.commit_group()
 
-    offs_n = pid_n * TILE_N + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, acc_l))
+    offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
     mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     if SPLIT_K > 1:
@@ -172,17 +175,20 @@ def _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
-           block_m: int, int4: bool = True, stages: int = STAGES) -> None:
+           block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
-    ``plan``: a ``SplitPlan`` with ``serial`` off."""
+    ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
+    tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups)."""
     M, K = x2.shape
     N = y.shape[1]
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte runs
         x2 = x2.contiguous()
     scales = scales.contiguous()
-    num_tiles = (N // 64) * ((M + block_m - 1) // block_m)
+    if N % (64 * warpgroups):
+        raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
+    num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
     _fragment_gemm_kernel[(num_tiles, plan.split_k)](
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, num_warps=4)
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, num_warps=4 * warpgroups)
