@@ -132,7 +132,8 @@ def main(argv=None) -> int:
                 w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
                 row.append(f"cuBLAS {time_calls([lambda a=a: torch.nn.functional.linear(a[0][0], w16) for a in sets]).median_us:.1f}")
                 for cfg in CONFIGS:
-                    if m > 4 * cfg["block_m"] or (m <= 16 and cfg["block_m"] > 16) or (m > 16 and cfg["block_m"] < 64):
+                    bm = cfg["block_m"]  # token tiles that fit the M regime
+                    if m > 4 * bm or (m <= 16 and bm > 16) or (m > 16 and bm < 64) or (m < 256 and bm > 128):
                         continue
                     try:
                         got = probe_decode(*sets[0][1], n, split, int4, **cfg)
