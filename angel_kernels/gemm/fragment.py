@@ -18,7 +18,7 @@ one A register, and each register has one row: its scale is one of the thread's 
 
 The results are bit for bit those of ``w4a16_gemm`` on the packed layout (same split ranges, the same chain of
 k16 MMA steps, the same dequantization and rounding): a GPU test checks it, and that makes the op
-batch-invariant for M < LARGE_M like the Triton kernel. Serves symmetric group-128 weights (the GPTQ / AWQ /
+batch-invariant for M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetric group-128 weights (the GPTQ / AWQ /
 compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which.
 """
 from dataclasses import dataclass
@@ -35,12 +35,16 @@ from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced
 from ..tuning import m_bucket
 from ._splitk import plan_split
-from ._weight_only import LARGE_M
 from .w4a16 import SCALE_DTYPES, dequantize_packed
 
 TILE_N, TILE_K = 64, 128  # a tile: wgmma's 64 rows × one K-block
 GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are one row
 WORDS_PER_TILE = TILE_N * TILE_K // 8
+# From here on dequantize (one pass over the fragment tiles) + cuBLAS; below it the Gluon kernel, whose rows are
+# batch-invariant. H100, M = 512, µs kernel / dequantize + cuBLAS (the dequantization timed at M = 1024 on the same
+# card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
+# the large shapes (28672×4096 169 / ~182). w4a16_gemm on the packed layout switches at LARGE_M (1024).
+LARGE_M_FRAGMENT = 512
 
 
 def fragment_fits(n: int, k: int) -> bool:
@@ -120,18 +124,21 @@ def _gluon_runnable(p: FragmentProblem) -> tuple[bool, str]:
     return fragment_kernel_runs_on(p.device)
 
 
-def block_m_for(m: int) -> int:
-    """Token tile by M (H100, same run: 8 at M = 1, 16 at M = 16, 64 at M = 64, 128 from M = 128)."""
+def block_m_for(m: int, n: int, k: int) -> int:
+    """Token tile by M, from the H100 probe (benchmarks/NOTES.md; six Llama shapes, one run): 8 up to M = 8
+    (M = 1: 8 beat 16 on all six), 16 up to 16, 64 up to 64, and up to 128 while the weight is under 2^27 elements
+    (M = 128: 64-token tiles won on the four smaller shapes, e.g. 6144×4096 24.2 vs 31.7 µs, 128-token ones on the
+    two 70B shapes, 155 vs 167), else 128."""
     for bm in (8, 16, 64):
         if m <= bm:
             return bm
-    return 128
+    return 64 if m <= 128 and n * k < 2**27 else 128
 
 
 def _run_gluon(p, x2, words, scales, bias):
     from ._fragment_gluon import launch
 
-    block_m = block_m_for(p.M)
+    block_m = block_m_for(p.M, p.N, p.K)
     num_tiles = (p.N // TILE_N) * triton.cdiv(p.M, block_m)
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
     # the split of w4a16's Triton kernel (same ranges, same bits), always through partials (no serial variant)
@@ -194,7 +201,8 @@ W4A16_FRAGMENT: KernelFamily = KernelFamily(
     "w4a16_fragment",
     [
         Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul,
-                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M, f"meant for CUDA with M >= {LARGE_M}")),
+                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M_FRAGMENT,
+                                   f"meant for CUDA with M >= {LARGE_M_FRAGMENT}")),
         Candidate("gluon", can_implement=_gluon_runnable, run=_run_gluon),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
     ],
@@ -242,7 +250,7 @@ def w4a16_fragment_gemm(
     """y [..., N] = x [..., K] · Wᵀ (+ bias) for a symmetric group-128 int4 weight stored fragment-major
     (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
 
-    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernel on sm_90 below LARGE_M, dequantize + cuBLAS from
+    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernel on sm_90 below LARGE_M_FRAGMENT, dequantize + cuBLAS from
     there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
     ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)

@@ -113,7 +113,9 @@ def test_validation():
 
 
 def test_block_m_by_m():
-    assert [block_m_for(m) for m in (1, 8, 9, 16, 17, 64, 65, 1000)] == [8, 8, 16, 16, 64, 64, 128, 128]
+    assert [block_m_for(m, 4096, 4096) for m in (1, 8, 9, 16, 17, 64, 65, 128, 129, 500)] == [
+        8, 8, 16, 16, 64, 64, 64, 64, 128, 128]
+    assert block_m_for(100, 28672, 8192) == 128  # large weights: 128-token tiles from M = 65
 
 
 # ----------------------------------------------------------------------------------------------------- GPU tier
@@ -156,7 +158,7 @@ def test_gpu_gluon_writes_every_output_and_strided_x():
     wide[:, :4096] = x
     y = poisoned_empty(37, 1024, dtype=torch.float16, device="cuda")
     plan = plan_split(x.device, "w4a16", 37, 1024, 4096, 128, 16 * 1, y, serial=False)
-    launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, block_m_for(37))
+    launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, block_m_for(37, 1024, 4096))
     want = w4a16_fragment_gemm(x, fragment_major_int4(q), s)
     assert torch.equal(y, want)
 
@@ -175,7 +177,7 @@ def test_gpu_int8_mode_bits_equal_w8a16(m, monkeypatch):
     s = torch.rand(n, device="cuda") * 0.01 + 1e-3
     want = w8a16_gemm(x, q, s)
     y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
-    bm = block_m_for(m)
+    bm = block_m_for(m, n, k)
     plan = plan_split(x.device, "w8a16", m, n, k, 128, n // 64 * ((m + bm - 1) // bm), y, serial=False)
     launch(x, fragment_major_int8(q), s, None, y, plan, bm, int4=False)
     assert torch.equal(y, want)
