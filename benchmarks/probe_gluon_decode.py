@@ -16,7 +16,7 @@ from angel_kernels.gemm._fragment_gluon import _fragment_gemm_kernel, launch
 from angel_kernels.gemm.fragment import TILE_K, TILE_N, fragment_major_int4, fragment_major_int8
 
 
-def probe_decode(x, words, scales, n, split_k, int4, block_m=16, stages=3, wg=1):
+def probe_decode(x, words, scales, n, split_k, int4, block_m=16, stages=3, wg=1, ahead=2, split=None):
     """y [M, n] for x [M, K] and fragment-major ``words`` with a forced split and token tile (int4: group-128
     scales [K // 128, n], symmetric; int8: fp32 per-channel scales [n])."""
     from angel_kernels.gemm._splitk import plan_split
@@ -24,17 +24,17 @@ def probe_decode(x, words, scales, n, split_k, int4, block_m=16, stages=3, wg=1)
     M, K = x.shape
     y = torch.empty(M, n, dtype=x.dtype, device=x.device)
     tiles = n // (TILE_N * wg) * triton.cdiv(M, block_m)
-    plan = plan_split(x.device, "w4a16", M, n, K, TILE_K, tiles, y, split_k, False)
-    launch(x, words, scales, None, y, plan, block_m, int4, stages, wg)
+    plan = plan_split(x.device, "w4a16", M, n, K, TILE_K, tiles, y, split or split_k, False)
+    launch(x, words, scales, None, y, plan, block_m, int4, stages, wg, ahead)
     return y
 
 
-CONFIGS = [dict(block_m=8, stages=3), dict(block_m=16, stages=3), dict(block_m=8, stages=3, wg=2),
-           dict(block_m=16, stages=3, wg=2), dict(block_m=64, stages=3), dict(block_m=64, stages=3, wg=2),
-           dict(block_m=128, stages=3), dict(block_m=128, stages=3, wg=2), dict(block_m=256, stages=2, wg=2)]
+CONFIGS = [dict(block_m=8, stages=3), dict(block_m=8, stages=3, ahead=3), dict(block_m=8, stages=3, split=1),
+           dict(block_m=8, stages=3, split=4), dict(block_m=8, stages=3, ahead=3, split=4),
+           dict(block_m=16, stages=3), dict(block_m=16, stages=3, ahead=3)]
 
 
-def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1):
+def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1, ahead=2, split=None):
     """Compile for sm_90a without a GPU; returns Triton's compiled kernel (asm, metadata)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -44,7 +44,8 @@ def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1):
     signature = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16" if int4 else "*fp32", "bias_ptr": "*fp16",
                  "y_ptr": "*fp16", "part_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_ym": "i32"}
-    consts = dict(INT4=int4, BF16=False, HAS_BIAS=False, SPLIT_K=split_k, BLOCK_M=block_m, STAGES=stages, WG=wg)
+    consts = dict(INT4=int4, BF16=False, HAS_BIAS=False, SPLIT_K=split or split_k, BLOCK_M=block_m, STAGES=stages,
+                  WG=wg, AHEAD=ahead)
     signature.update({k: "constexpr" for k in consts})
     constexprs = {(names.index(k),): v for k, v in consts.items()}
     attrs = {(names.index(k),): [["tt.divisibility", 16]]

@@ -75,7 +75,8 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
 @gluon.jit
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                          SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr):
+                          SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                          AHEAD: gl.constexpr):
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -112,6 +113,8 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         cp.commit_group()
     w_a = gl.load(w_ptrs)
     w_b = gl.load(w_ptrs + 128 * WORDS, mask=n_blocks > 1)
+    if AHEAD == 3:  # the weight words of three K-blocks in flight (the scales stay two ahead: L2 hits)
+        w_c = gl.load(w_ptrs + 2 * 128 * WORDS, mask=n_blocks > 2)
     s0_a = gl.full([128 * WG], 0, DT, gl.SliceLayout(1, w_ld))  # int8: unused
     s1_a = s0_a
     s0_b = s0_a
@@ -125,7 +128,11 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     for i in range(n_blocks):
         w_cur = w_a
         w_a = w_b
-        w_b = gl.load(w_ptrs + (i + 2) * (128 * WORDS), mask=i + 2 < n_blocks)
+        if AHEAD == 3:
+            w_b = w_c
+            w_c = gl.load(w_ptrs + (i + 3) * (128 * WORDS), mask=i + 3 < n_blocks)
+        else:
+            w_b = gl.load(w_ptrs + (i + 2) * (128 * WORDS), mask=i + 2 < n_blocks)
         s0 = s0_a
         s1 = s1_a
         if INT4:
@@ -175,7 +182,7 @@ def _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
-           block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1) -> None:
+           block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups)."""
@@ -191,4 +198,4 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, num_warps=4 * warpgroups)
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, num_warps=4 * warpgroups)
