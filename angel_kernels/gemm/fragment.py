@@ -16,9 +16,10 @@ rows are r0 = 16 w + g and r0 + 8, its columns 16 s + 2 c + {0, 1} and + 8; nibb
 row r0 + 8 r, column 16 s + 8 h + 2 c + e. So the nibble pairs (j, j + 4) that one lop3 turns into an f16x2 are
 one A register, and each register has one row: its scale is one of the thread's two.
 
-The results are bit for bit those of ``w4a16_gemm`` on the packed layout (same split ranges, the same chain of
-k16 MMA steps, the same dequantization and rounding): a GPU test checks it, and that makes the op
-batch-invariant for M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetric group-128 weights (the GPTQ / AWQ /
+The results are bit for bit those of ``w4a16_gemm`` on the packed layout run with the same split count (the same
+split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
+shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant for
+M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetric group-128 weights (the GPTQ / AWQ /
 compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which.
 """
 from dataclasses import dataclass
@@ -141,8 +142,8 @@ def _run_gluon(p, x2, words, scales, bias):
     block_m = block_m_for(p.M, p.N, p.K)
     num_tiles = (p.N // TILE_N) * triton.cdiv(p.M, block_m)
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-    # the split of w4a16's Triton kernel (same ranges, same bits), always through partials (no serial variant)
-    plan = plan_split(x2.device, "w4a16", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
+    # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
+    plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
     launch(x2, words, scales, bias, y, plan, block_m)
     return y
 

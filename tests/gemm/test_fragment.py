@@ -3,7 +3,7 @@ against w4a16's results, validation; on the GPU the Gluon kernel bit for bit aga
 import pytest
 import torch
 
-from angel_kernels import quantize_weight_int4, w4a16_gemm, w4a16_fragment_gemm, w8a16_gemm
+from angel_kernels import quantize_weight_int4, w4a16_fragment_gemm, w8a16_gemm
 from angel_kernels.gemm.fragment import (
     W4A16_FRAGMENT, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8, packed_from_fragment,
 )
@@ -119,17 +119,27 @@ def test_block_m_by_m():
 
 
 # ----------------------------------------------------------------------------------------------------- GPU tier
-GPU_SHAPES = [(28672, 4096), (4096, 14336), (1024, 4096)]  # splits 2, 8, 4 on 132 SMs
+GPU_SHAPES = [(28672, 4096), (4096, 14336), (1024, 4096)]  # splits 1, 8, 4 on 132 SMs
+
+
+def _triton_w4a16(x, q, s, b):
+    """The Triton w4a16 kernel on the packed weight, at the fragment op's split count."""
+    from angel_kernels.gemm._splitk import split_k_on
+    from angel_kernels.gemm.w4a16 import W4A16Problem, config_for, launch_tiled
+
+    (m, k), n = x.shape, q.shape[1]
+    split = split_k_on(x.device, "w4a16_fragment", n, k, 128)
+    cfg = config_for(W4A16Problem(m, n, k, 128, x.dtype, x.device))
+    return launch_tiled(x, q, s, None, 128, b, None, cfg, split_k=split)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
 @pytest.mark.parametrize("m", [1, 3, 16, 33, 64, 100, 300])
 def test_gpu_gluon_bits_equal_triton_w4a16(n, k, m, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
     monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
     x, q, s, b = _layer(m, n, k, torch.float16, "cuda", seed=m + n, bias=m == 3)
-    want = w4a16_gemm(x, q, s, None, 128, b)
+    want = _triton_w4a16(x, q, s, b)
     got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
     assert not torch.isnan(got).any()
     assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (got - want).abs().max()
@@ -140,10 +150,9 @@ def test_gpu_gluon_bits_equal_triton_w4a16(n, k, m, monkeypatch):
                                                (torch.bfloat16, torch.float32)])
 @pytest.mark.parametrize("m", [1, 40])
 def test_gpu_gluon_dtypes(dtype, scale_dtype, m, monkeypatch):
-    monkeypatch.setenv("ANGEL_KERNELS_FORCE_W4A16", "tiled")
     monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
     x, q, s, b = _layer(m, 6144, 4096, dtype, "cuda", seed=m, bias=True, scale_dtype=scale_dtype)
-    want = w4a16_gemm(x, q, s, None, 128, b)
+    want = _triton_w4a16(x, q, s, b)
     got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
@@ -157,7 +166,7 @@ def test_gpu_gluon_writes_every_output_and_strided_x():
     wide = torch.zeros(37, 4096 + 64, dtype=torch.float16, device="cuda")
     wide[:, :4096] = x
     y = poisoned_empty(37, 1024, dtype=torch.float16, device="cuda")
-    plan = plan_split(x.device, "w4a16", 37, 1024, 4096, 128, 16 * 1, y, serial=False)
+    plan = plan_split(x.device, "w4a16_fragment", 37, 1024, 4096, 128, 16 * 1, y, serial=False)
     launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, block_m_for(37, 1024, 4096))
     want = w4a16_fragment_gemm(x, fragment_major_int4(q), s)
     assert torch.equal(y, want)
