@@ -6,9 +6,9 @@ decode programs' time mostly in barrier and shared-memory stalls. Stored *fragme
 warpgroup finds its A fragments for a whole 64-row × 128-column tile as one contiguous 32-byte run: two 16-byte
 loads, the package's word dequantization in place, and ``warpgroup_mma`` takes the registers as they are. No
 shared memory and no barrier for the weight (sm_90a: 220 instead of 344 instructions per K-block); only x, the
-B operand, goes through a cp.async ring. H100, CUDA graphs, same run, µs Triton tile → this kernel:
-28672×4096 M = 1 35.8 → 30.7 (tinygemm 33.0, gemlite 37.2 on the same machine), 8192×28672 71.8 → 51.4,
-4096×14336 20.7 → 16.0; M = 64 62.6 → 49.3 on 28672×4096 (benchmarks/NOTES.md).
+B operand, goes through a cp.async ring. H100, CUDA graphs, same run, µs Triton tile → this op:
+28672×4096 M = 1 36.1 → 28.4 (tinygemm 32.8, gemlite 37.6), 8192×28672 70.4 → 51.3, 4096×14336 20.7 → 16.1;
+M = 64 (another run) 62.4 → 45.4 on 28672×4096 (benchmarks/NOTES.md).
 
 Layout (``fragment_major_int4``): 64 × 128 tiles, tile (i, j) at word (i · K / 128 + j) · 1024. In a tile, thread
 t = 32 w + 4 g + c (warp w, lane group g, lane c) owns words 8 t … 8 t + 7, one per k16 step s. Its fragment

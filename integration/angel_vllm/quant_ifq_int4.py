@@ -15,7 +15,7 @@ and drops the checkpoint tensors. ``apply`` runs ``angel_kernels.w4a16_gemm`` (c
 the pure-torch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``). On an sm_90 GPU a symmetric
 group-128 layer without act-order whose shape is whole 64 × 128 tiles is stored fragment-major instead
 (``angel_kernels.fragment_major_int4``, ``layer.int4_fragment``) and served by ``w4a16_fragment_gemm``: the same
-results, the weight fed to wgmma from registers (H100, 28672×4096 at M = 1: 30.7 instead of 35.8 µs).
+results, the weight fed to wgmma from registers (H100, 28672×4096 at M = 1: 28.4 instead of 36.1 µs).
 
 Selection. ``LLM(model=gptq_awq_or_ct_path, quantization="ifq_int4")``: ``override_quantization_method`` claims
 such a checkpoint only when the user asked for ``ifq_int4``. Without the flag the checkpoint keeps vLLM's own
