@@ -40,7 +40,6 @@ from .w4a16 import SCALE_DTYPES, dequantize_packed
 
 TILE_N, TILE_K = 64, 128  # a tile: wgmma's 64 rows × one K-block
 GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are one row
-WORDS_PER_TILE = TILE_N * TILE_K // 8
 # From here on dequantize (one pass over the fragment tiles) + cuBLAS; below it the Gluon kernel, whose rows are
 # batch-invariant. H100, M = 512, µs kernel / dequantize + cuBLAS (the dequantization timed at M = 1024 on the same
 # card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
@@ -58,16 +57,26 @@ def _check_fits(n: int, k: int) -> None:
         raise ValueError(f"fragment-major int4 needs N % {TILE_N} == 0 and K % {TILE_K} == 0, got N={n}, K={k}")
 
 
+# Rows repacked at a time: the int64 scratch stays at ~16 bytes per weight of one chunk (128 MB at K = 8192)
+# instead of the whole layer's (3.8 GB for 28672×8192) while a model loads.
+REPACK_ROWS = 1024
+
+
 def fragment_major_int4(qweight: torch.Tensor) -> torch.Tensor:
     """qweight [K // 8, N] int32 (``w4a16_gemm``'s packed layout) → the fragment-major words, shaped [N, K // 8]."""
     check_tensor("qweight", qweight, dtypes=(torch.int32,), dim=2)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     _check_fits(n, k)
-    nib = unpack_int4_rows(qweight).to(torch.int64)  # [K, N]
-    # (k, n) as (tk, s, h, c, e) × (tn, w, r, g) → (tn, tk, w, g, c, s, e, h, r): nibble 4 e + 2 h + r of word s
-    t = nib.reshape(k // TILE_K, 8, 2, 4, 2, n // TILE_N, 4, 2, 8).permute(5, 0, 6, 8, 3, 1, 4, 2, 7)
-    words = (t.reshape(-1, 8) << torch.arange(0, 32, 4, device=qweight.device)).sum(dim=1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(n, k // 8)
+    out = torch.empty((n, k // 8), dtype=torch.int32, device=qweight.device)
+    shifts = torch.arange(0, 32, 4, device=qweight.device)
+    for n0 in range(0, n, REPACK_ROWS):  # tiles of consecutive 64-row blocks are consecutive in the layout
+        rows = min(REPACK_ROWS, n - n0)
+        nib = unpack_int4_rows(qweight[:, n0:n0 + rows]).to(torch.int64)  # [K, rows]
+        # (k, n) as (tk, s, h, c, e) × (tn, w, r, g) → (tn, tk, w, g, c, s, e, h, r): nibble 4 e + 2 h + r of word s
+        t = nib.reshape(k // TILE_K, 8, 2, 4, 2, rows // TILE_N, 4, 2, 8).permute(5, 0, 6, 8, 3, 1, 4, 2, 7)
+        words = (t.reshape(-1, 8) << shifts).sum(dim=1)
+        out[n0:n0 + rows] = torch.where(words >= 2**31, words - 2**32, words).reshape(rows, k // 8)
+    return out
 
 
 def fragment_major_int8(q: torch.Tensor) -> torch.Tensor:
