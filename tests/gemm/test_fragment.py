@@ -163,7 +163,8 @@ def test_gpu_gluon_dtypes(dtype, scale_dtype, m, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_gluon_writes_every_output_and_strided_x():
+@pytest.mark.parametrize("warpgroups,ahead", [(1, 2), (2, 2), (1, 3)])  # the probe's variants, same bits
+def test_gpu_gluon_writes_every_output_and_strided_x(warpgroups, ahead):
     from angel_kernels.gemm._fragment_gluon import launch
     from angel_kernels.gemm._splitk import plan_split
 
@@ -171,8 +172,9 @@ def test_gpu_gluon_writes_every_output_and_strided_x():
     wide = torch.zeros(37, 4096 + 64, dtype=torch.float16, device="cuda")
     wide[:, :4096] = x
     y = poisoned_empty(37, 1024, dtype=torch.float16, device="cuda")
-    plan = plan_split(x.device, "w4a16_fragment", 37, 1024, 4096, 128, 16 * 1, y, serial=False)
-    launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, block_m_for(37, 1024, 4096))
+    bm = block_m_for(37, 1024, 4096)
+    plan = plan_split(x.device, "w4a16_fragment", 37, 1024, 4096, 128, 1024 // (64 * warpgroups), y, serial=False)
+    launch(wide[:, :4096], fragment_major_int4(q), s, None, y, plan, bm, warpgroups=warpgroups, ahead=ahead)
     want = w4a16_fragment_gemm(x, fragment_major_int4(q), s)
     assert torch.equal(y, want)
 
