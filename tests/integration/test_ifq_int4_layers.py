@@ -365,3 +365,24 @@ def test_shapes_the_layout_cannot_hold_are_refused_at_construction(tp1, as_rank)
                                       "sym": True})
     with pytest.raises(ValueError, match="64 input features per rank .K=128. is not a multiple of group_size=128"):
         RowParallelLinear(K, 32, bias=False, params_dtype=torch.bfloat16, quant_config=g128)
+
+
+def test_fragment_major_only_for_layers_the_hopper_kernel_serves(monkeypatch):
+    """Which repacked layers are stored fragment-major, with the GPU check answered yes (this machine has none)."""
+    from angel_vllm import quant_ifq_int4 as mod
+
+    monkeypatch.setattr(mod, "fragment_kernel_runs_on", lambda device: (True, ""))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 256, generator=g) * 0.05
+
+    def q(group=128, sym=True, n=128):
+        return quantize_weight_int4(w[:n], group, sym=sym)
+
+    assert mod._fragment_for(q())
+    assert not mod._fragment_for(q(group=64))  # the layout serves group 128 only
+    assert not mod._fragment_for(q(sym=False))  # zero points
+    assert not mod._fragment_for(q(n=96))  # not whole 64-row tiles
+    perm = q()
+    assert not mod._fragment_for(Int4Weight(perm.qweight, perm.scales, None, 128, torch.arange(256, dtype=torch.int32)))
+    monkeypatch.setattr(mod, "FRAGMENT_ON_HOPPER", False)
+    assert not mod._fragment_for(q())
