@@ -7,6 +7,9 @@ Public functional API (each also registered as ``torch.ops.angel_kernels.<name>`
 - ``w4a16_gemm(x, qweight, scales, zeros=None, group_size=128, bias=None, perm=None)``: int4 group-wise GEMM.
 - ``quantize_weight_int4(w, group_size)``, ``repack_gptq`` / ``repack_awq`` / ``repack_compressed_tensors``:
   int4 weights in the layout of ``w4a16_gemm`` (``Int4Weight``), from fp weights or from checkpoints.
+- ``w4a16_fragment_gemm(x, words, scales, bias=None)``: the same GEMM (symmetric, group 128) on a weight stored
+  fragment-major (``fragment_major_int4(qweight)``, ``packed_from_fragment`` back), fed to Hopper's wgmma from
+  registers; what ``ifq_int4`` uses on sm_90 where the layer fits.
 
 Importing this package touches no GPU: kernels compile on first use, tuned configs load on first lookup.
 """
