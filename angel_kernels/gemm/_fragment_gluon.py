@@ -16,32 +16,19 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
+from . import fragment
+from .w4a16 import _word_dequant_ptx
 
-TILE_N = gl.constexpr(64)
-TILE_K = gl.constexpr(128)
+TILE_N = gl.constexpr(fragment.TILE_N)  # the layout's tile, as constants the kernel can read
+TILE_K = gl.constexpr(fragment.TILE_K)
 STAGES = 3  # x ring depth (H100: 3 and 4 took the same time at M = 1 and 16)
-
-
-def _int4_ptx(bf16: bool) -> str:
-    """int4 word → 8 values (q − 8) · s in fp16 / bf16 with w4a16's operations and rounding (lop3 into the
-    mantissa of 1024 / 128, packed subtract of 1032 / 136, packed multiply), the scale of row r0 for the nibble
-    pairs (0, 4), (2, 6) and of r1 for (1, 5), (3, 7). $0…$7 nibbles 0…7, $8 the word, $9 / $10 the scales."""
-    ty, magic, off = ("bf16x2", "0x43004300", "0x43084308") if bf16 else ("f16x2", "0x64006400", "0x64086408")
-    lines = [".reg .b32 t0, t1, t2, t3, c, sa, sb;", f"mov.b32 c, {off};", "mov.b32 sa, {$9, $9};",
-             "mov.b32 sb, {$10, $10};"]
-    for j in range(4):
-        src = "$8" if j == 0 else f"t{j}"
-        if j:
-            lines.append(f"shr.u32 t{j}, $8, {4 * j};")
-        lines += [f"lop3.b32 t{j}, {src}, 0x000F000F, {magic}, 0xEA;", f"sub.{ty} t{j}, t{j}, c;",
-                  f"mul.{ty} t{j}, t{j}, {'sa' if j % 2 == 0 else 'sb'};", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
-    return "{\n" + "\n".join(lines) + "\n}"
-
 
 _INT8_F16 = gl.constexpr(_WORD_TO_F16.value)  # the package's int8 word conversions
 _INT8_BF16 = gl.constexpr(_WORD_TO_BF16.value)
-_INT4_F16 = gl.constexpr(_int4_ptx(False))
-_INT4_BF16 = gl.constexpr(_int4_ptx(True))
+# int4: w4a16's word dequantization with the scales of the thread's two rows (r0 for the nibble pairs (0, 4),
+# (2, 6), r0 + 8 for (1, 5), (3, 7)); $8 the word, $9 / $10 the scales
+_INT4_F16 = gl.constexpr(_word_dequant_ptx(False, False, row_pair_scales=True))
+_INT4_BF16 = gl.constexpr(_word_dequant_ptx(True, False, row_pair_scales=True))
 
 
 @gluon.jit
