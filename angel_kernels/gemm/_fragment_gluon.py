@@ -149,7 +149,8 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         if arrived == SPLIT_K - 1:
             acc = gl.load(part_ptr + offs, mask=mask, other=0.0)
             for s in range(1, SPLIT_K):
-                acc += gl.load(part_ptr + (s * N).to(gl.int64) * M + offs, mask=mask, other=0.0)  # M may be a constant 1
+                # (s · N) widened first: M may be specialized to the constant 1, which has no .to
+                acc += gl.load(part_ptr + (s * N).to(gl.int64) * M + offs, mask=mask, other=0.0)
             gl.store(count_ptr + tile, 0)
             _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
     else:

@@ -5,11 +5,13 @@ import torch
 
 from angel_kernels import quantize_weight_int4, w4a16_fragment_gemm, w8a16_gemm
 from angel_kernels.gemm.fragment import (
-    W4A16_FRAGMENT, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8, packed_from_fragment,
+    W4A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8,
+    packed_from_fragment,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
 from angel_kernels.testing import assert_close, make_generator, poisoned_empty, randint8, randn
+from weight_only_cases import Layer, WeightOnlyGemm, check_batch_invariance, check_candidate
 
 
 def _fragment_places(n, k):
@@ -87,17 +89,23 @@ def test_op_gives_w4a16_results(m, dtype):
     assert lead.shape == (1, m, 192) and torch.equal(lead[0], got)
 
 
+def _fragment_layer(m, n, k, dtype, device, seed, *, bias=False):
+    x, q, s, b = _layer(m, n, k, dtype, device, seed, bias=bias)
+    words = fragment_major_int4(q)
+    return Layer(x, n, lambda a: w4a16_fragment_gemm(a, words, s, b),
+                 lambda a: w4a16_gemm_ref(a, q, s, None, 128, b, None))
+
+
+OP = WeightOnlyGemm("w4a16_fragment", W4A16_FRAGMENT.force_variable, _fragment_layer)
+
+
 @pytest.mark.parametrize("cand", W4A16_FRAGMENT.names())
 def test_every_candidate_that_runs_here(cand, device, monkeypatch):
-    x, q, s, b = _layer(5, 128, 256, torch.float16, device, seed=11, bias=True)
-    ok, why = W4A16_FRAGMENT.get(cand).can_implement(
-        type("P", (), {"device": x.device, "M": 5, "N": 128, "K": 256, "dtype": x.dtype})())
+    layer = OP.layer(5, 128, 256, torch.float16, device, seed=11, bias=True)
+    ok, why = W4A16_FRAGMENT.get(cand).can_implement(FragmentProblem(5, 128, 256, torch.float16, layer.x.device))
     if not ok:
         pytest.skip(why)
-    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, cand)
-    got = w4a16_fragment_gemm(x, fragment_major_int4(q), s, b)
-    assert_close(got, w4a16_gemm_ref(x, q, s, None, 128, b, None).to(got.dtype))
-    assert not torch.isnan(got).any()
+    check_candidate(OP, cand, layer, monkeypatch, name="5x128x256")
 
 
 def test_validation():
@@ -202,12 +210,7 @@ def test_gpu_int8_mode_bits_equal_w8a16(m, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [9, 100, 700])
 def test_gpu_batch_invariance(m, monkeypatch):
-    monkeypatch.setenv(W4A16_FRAGMENT.force_variable, "gluon")
-    x, q, s, b = _layer(m, 4096, 4096, torch.float16, "cuda", seed=m, bias=True)
-    words = fragment_major_int4(q)
-    full = w4a16_fragment_gemm(x, words, s, b)
-    for i in sorted({0, m // 2, m - 1}):
-        assert torch.equal(full[i : i + 1], w4a16_fragment_gemm(x[i : i + 1], words, s, b)), f"row {i} of M={m}"
+    check_batch_invariance(OP, 4096, 4096, m, monkeypatch, candidate="gluon")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

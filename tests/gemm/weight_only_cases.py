@@ -68,9 +68,10 @@ def check_real_shape(op: WeightOnlyGemm, candidate: str, n: int, k: int, m: int,
     op.close(candidate)(layer.run(layer.x), layer.ref(layer.x), name=f"{candidate} {m}x{n}x{k}")
 
 
-def check_batch_invariance(op: WeightOnlyGemm, n: int, k: int, m: int, monkeypatch, **variant) -> None:
+def check_batch_invariance(op: WeightOnlyGemm, n: int, k: int, m: int, monkeypatch, candidate: str = "tiled",
+                           **variant) -> None:
     """f(X)[i] == f(X[i:i+1]) bitwise: each M bucket has its own tile config, the K reduction is shared."""
-    monkeypatch.setenv(op.force_env, "tiled")
+    monkeypatch.setenv(op.force_env, candidate)
     layer = op.layer(m, n, k, torch.float16, "cuda", seed=m, bias=True, **variant)
     full = layer.run(layer.x)
     for i in sorted({0, m // 2, m - 1}):
