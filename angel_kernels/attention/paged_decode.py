@@ -43,7 +43,7 @@ from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
-from ..runtime import arrival_counters, interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
@@ -57,14 +57,10 @@ PROGRAMS_PER_SM = 2
 # Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
 # batch × query heads × splits × head dim fp32 partials: 2 MB per sequence at 128 splits for Llama-3-8B heads.
 MAX_SPLITS_CAP = 64
-# Splits combined inside the split kernel, by the last of each group of this many to finish (then the last group),
-# instead of by a second kernel (0: the reduce kernel). A config's MERGE_GROUP overrides it.
-MERGE_GROUP = 16
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
 INTERPRETER_SMS = 4
-# Merge groups of 2 there, so that the CPU tests' few splits go through both merge levels.
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
-                                  extra=(("MERGE_GROUP", 2), ("MIN_SPLIT_TILES", 1)))
+                                  extra=(("MIN_SPLIT_TILES", 1),))
 
 
 PagedDecodeProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
@@ -254,73 +250,8 @@ def _tile_pages(bt_row, stride_btn, first, pos_ok, stride_kcb, stride_vcb, strid
 
 
 @triton.jit
-def _merge_partials(po_rows, stride_pos, pl_rows, row_ok, first, count, stride, SLOTS_PAD: tl.constexpr,
-                    CHUNK: tl.constexpr):
-    """Combine ``count`` partial results in slot order — slots first, first + stride, …, each a normalized output
-    (``po_rows`` [R, D] + slot · stride_pos) and its log2-sum-exp (``pl_rows`` [R] + slot): (output, lse)."""
-    js = tl.arange(0, SLOTS_PAD)
-    lse = tl.load(pl_rows[:, None] + first + js[None, :] * stride, mask=row_ok[:, None] & (js[None, :] < count),
-                  other=float("-inf"))
-    m = tl.max(lse, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # no visible token in any slot: weights 0, output 0
-    acc = tl.zeros(po_rows.shape, dtype=tl.float32)
-    den = tl.zeros(pl_rows.shape, dtype=tl.float32)
-    for c in range(0, count, CHUNK):
-        for j in tl.static_range(CHUNK):  # CHUNK slots' loads in flight together
-            ok = row_ok & (row_ok.to(tl.int32) * 0 + c + j < count)  # [R] (a tensor also in the interpreter)
-            slot = first + (c + j) * stride
-            w = tl.exp2(tl.load(pl_rows + slot, mask=ok, other=float("-inf")) - m)
-            o = tl.load(po_rows + slot * stride_pos, mask=ok[:, None], other=0.0)
-            den += w
-            acc += w[:, None] * o
-    return acc / tl.where(den > 0, den, 1.0)[:, None], tl.where(den > 0, m + tl.log2(den), float("-inf"))
-
-
-@triton.jit
-def _merge_after_split(split, num_splits, b, kvh, num_kv_heads, cnt_ptr, po_ptr, plse_ptr, out_ptr,
-                       stride_pob, stride_pot, stride_poh, stride_pos, stride_plb, stride_plt, stride_plh,
-                       stride_ob, stride_ot, stride_oh,
-                       GROUP: tl.constexpr, NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       MERGE_GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-                       MERGE_SLOTS: tl.constexpr, MERGE_PAD: tl.constexpr):
-    """Called by every program after it stored a split's partials: the last of a group of ``MERGE_GROUP``
-    consecutive splits to arrive (an acq_rel counter per group) combines the group; with one group it writes the
-    output, otherwise the group's result replaces the partial of its first split and the last group to finish
-    combines the groups. Counters per (sequence, KV head): MERGE_SLOTS − 1 groups and one for the groups; each is
-    reset by its last arrival. Combination in slot order: deterministic and independent of the batch."""
-    rows = tl.arange(0, MERGE_ROWS)
-    row_ok = rows < GROUP * NUM_QUERIES
-    t = rows // GROUP
-    qh = kvh * GROUP + rows % GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    po_rows = po_ptr + b * stride_pob + t[:, None] * stride_pot + qh[:, None] * stride_poh + dims[None, :]
-    pl_rows = plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh
-    o_rows = out_ptr + b * stride_ob + t[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
-    counters = cnt_ptr + (b * num_kv_heads + kvh) * MERGE_SLOTS
-    group = split // MERGE_GROUP
-    first = group * MERGE_GROUP
-    members = tl.minimum(num_splits - first, MERGE_GROUP)
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    if tl.atomic_add(counters + group, 1, sem="acq_rel") == members - 1:
-        tl.store(counters + group, 0)
-        o, lse = _merge_partials(po_rows, stride_pos, pl_rows, row_ok, first, members, 1, MERGE_PAD, MERGE_CHUNK)
-        if num_splits <= MERGE_GROUP:
-            tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:
-            tl.store(po_rows + first * stride_pos, o, mask=row_ok[:, None])
-            tl.store(pl_rows + first, lse, mask=row_ok)
-            groups = tl.cdiv(num_splits, MERGE_GROUP)
-            tl.debug_barrier()
-            if tl.atomic_add(counters + MERGE_SLOTS - 1, 1, sem="acq_rel") == groups - 1:
-                tl.store(counters + MERGE_SLOTS - 1, 0)
-                o, lse = _merge_partials(po_rows, stride_pos, pl_rows, row_ok, 0, groups, MERGE_GROUP, MERGE_PAD,
-                                         MERGE_CHUNK)
-                tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
@@ -340,9 +271,6 @@ def _paged_attn_split_kernel(
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
     PAGE_ADDR: tl.constexpr = False,  # page and slot from the tile index, page offsets by a 32-bit wide multiply,
     #                                   int8 K/V rows read unmasked (rows past the length read block 0)
-    MERGE_GROUP: tl.constexpr = 0,  # > 0: the splits are combined here (_merge_after_split), no reduce kernel
-    MERGE_ROWS: tl.constexpr = 16, MERGE_CHUNK: tl.constexpr = 4, MERGE_SLOTS: tl.constexpr = 2,
-    MERGE_PAD: tl.constexpr = 16,
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -485,11 +413,6 @@ def _paged_attn_split_kernel(
             if D_SPLIT == 2:
                 tl.store(po_ptr + part[:, None] + PART + dims[None, :], o2, mask=row_ok[:, None])
             tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
-            if MERGE_GROUP > 0:
-                _merge_after_split(split, num_splits, b, kvh, num_kv_heads, cnt_ptr, po_ptr, plse_ptr, out_ptr,
-                                   stride_pob, stride_pot, stride_poh, stride_pos, stride_plb, stride_plt, stride_plh,
-                                   stride_ob, stride_ot, stride_oh, GROUP, NUM_QUERIES, HEAD_DIM, MERGE_GROUP,
-                                   MERGE_ROWS, MERGE_CHUNK, MERGE_SLOTS, MERGE_PAD)
 
 
 @triton.jit
@@ -535,21 +458,6 @@ def register_cap(cfg: KernelConfig) -> dict:
     3 programs share an SM, ≤ 128 four (the int8 tile with WORDS and head-dim halves needs 248 uncapped)."""
     regs = int(dict(cfg.extra).get("MAX_REGS", 0))
     return {"maxnreg": regs} if regs else {}
-
-
-def merge_options(cfg: KernelConfig, max_splits: int, rows: int, head_dim: int, num_warps: int) -> dict:
-    """Kernel constants of the in-kernel combination of splits (``_merge_after_split``): the config's
-    MERGE_GROUP (default ``MERGE_GROUP``; 0 = the separate reduce kernel), the counters per (sequence, KV head),
-    the padded query rows, and how many split slots one merge step loads at once (≤ 64 registers per thread)."""
-    merge_group = int(dict(cfg.extra).get("MERGE_GROUP", MERGE_GROUP))
-    if max_splits <= 1 or merge_group <= 0:
-        return dict(MERGE_GROUP=0)
-    groups = -(-max_splits // merge_group)
-    merge_rows = triton.next_power_of_2(rows)
-    chunk = max(1, min(8, 64 * 32 * num_warps // (merge_rows * head_dim)))
-    return dict(MERGE_GROUP=merge_group, MERGE_ROWS=merge_rows, MERGE_CHUNK=1 << (chunk.bit_length() - 1),
-                MERGE_SLOTS=groups + (1 if groups > 1 else 0),
-                MERGE_PAD=triton.next_power_of_2(max(min(merge_group, max_splits), groups)))
 
 
 def words_path(cfg: KernelConfig, quant: bool, k_align: int, v_align: int) -> bool:
@@ -688,11 +596,9 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    merge = merge_options(cfg, max_ns, group * Q, D, cfg.num_warps)
-    counters = arrival_counters(q.device, B * Hkv * merge["MERGE_SLOTS"]) if merge["MERGE_GROUP"] else out
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
-        block_table, seq_lens, out, partial_o, partial_lse, counters,
+        block_table, seq_lens, out, partial_o, partial_lse,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
         window, capacity, Hkv, grid_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -712,9 +618,9 @@ def launch_paged_attention(
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **merge, **register_cap(cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
-    if max_ns > 1 and not merge["MERGE_GROUP"]:
+    if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,
             window, capacity, Hq,

@@ -1,6 +1,5 @@
 """Paged decode attention against the fp32 reference: lengths around block edges, shuffled block tables, GQA,
 int8 and fp caches, vLLM's packed layout, split-KV policy, batch invariance (bitwise), bad input."""
-import dataclasses
 import os
 
 import pytest
@@ -223,31 +222,6 @@ def test_grid_split_mapping_does_not_change_bits(device):
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
     assert_close(outs[0][:, 0], _ref(c))
-
-
-@pytest.mark.parametrize("merge_group", [0, 1, 2, 3, 64])
-def test_split_merge_levels(merge_group, device):
-    """The splits combined by a second kernel (merge group 0), by the last program of each group of 1, 2 or 3
-    splits and then the last group (two levels; 3: a short last group), or all in one group (64): each matches the
-    reference, and every arrival counter is back at zero after the launch, also with programs that loop over
-    several splits (grid_splits 2) and with several query tokens per sequence."""
-    from angel_kernels.runtime import arrival_counters
-
-    c = build_case([300, 77, 1, 0, 161], cache_dtype=torch.int8, seed=8, device=device)
-    p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, c["q"].device)
-    base = config_for(p)
-    cfg = dataclasses.replace(base, extra=tuple(sorted({**dict(base.extra), "MERGE_GROUP": merge_group}.items())))
-    policy = SplitPolicy(cfg.BLOCK_N, 1, 7, 1)  # 300 tokens: 7 splits of 2 tiles of 32 (1 split at length 1)
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    ref = _ref(c)
-    for grid_splits in (None, 2):
-        out = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, policy=policy, grid_splits=grid_splits)
-        assert_close(out[:, 0], ref, name=f"merge group {merge_group}, grid splits {grid_splits}")
-        assert int(arrival_counters(out.device, 1).abs().sum()) == 0
-    q3 = randn(5, 3, 4, 64, generator=make_generator(9)).to(device)
-    out = launch_paged_attention(q3, *args, cfg=cfg, policy=policy)
-    ref3 = paged_attention_ref(q3, *args)
-    assert_close(out, ref3, name=f"merge group {merge_group}, 3 query tokens")
 
 
 @pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 1), (5, 1, 1),
