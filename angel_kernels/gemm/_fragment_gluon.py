@@ -1,8 +1,8 @@
 """The Gluon (Triton's explicit-layout dialect) kernel of ``fragment``: weight-only GEMM on fragment-major tiles.
 
 One program: 64 weight rows (one warpgroup, wgmma's M side) × BLOCK_M tokens (its N side) over one split range
-of K. Per 128-wide K-block a thread loads its fragment words (two K-blocks ahead, in registers), dequantizes them
-in place with the package's PTX, and issues the eight k16 steps with the words as the A operand; x arrives
+of K. Per 128-wide K-block a thread loads its fragment words (AHEAD K-blocks ahead, one register set per block in
+flight), dequantizes them in place with the package's PTX, and issues the eight k16 steps with the words as the A operand; x arrives
 through a cp.async ring in shared memory (wgmma's B operand). Split-K as the Triton kernels: every program of a
 split launch writes an fp32 partial, the last to arrive (acq_rel counter) sums them in split order.
 
@@ -60,6 +60,39 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
 
 
 @gluon.jit
+def _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """K-block i's weight words and (int4) the scales of the thread's two rows; masked past the split range."""
+    w = gl.load(w_ptrs + i * (128 * WORDS), mask=i < n_blocks)
+    if INT4:
+        s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(DT)
+        s1 = gl.load(s_ptrs + i * N + 8, mask=i < n_blocks).to(DT)
+    else:  # int8: unused
+        s0 = gl.full(s_ptrs.shape, 0, DT, s_ptrs.type.layout)
+        s1 = s0
+    return w, s0, s1
+
+
+@gluon.jit
+def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N, WORDS: gl.constexpr,
+             INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr, STAGES: gl.constexpr,
+             a_l: gl.constexpr):
+    """K-block i: its words w (loaded AHEAD blocks earlier) → A operand, block i + AHEAD's words into the same
+    registers, one wgmma group on x's stage, x's refill. Returns (acc, words and scales of block i + AHEAD)."""
+    a = _fragments(w, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    w, s0, s1 = _load_block(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
+    cp.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    # wait at once: the next cp.async refills the stage block i - 1's MMA read (waiting one MMA behind would
+    # need a ring one stage deeper; at these sizes it bought nothing)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
+    nxt = i + STAGES - 1
+    cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K, mask=mask_xm & (nxt < n_blocks))
+    cp.commit_group()
+    return acc, w, s0, s1
+
+
+@gluon.jit
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
@@ -98,46 +131,32 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     for t in gl.static_range(STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
-    w_a = gl.load(w_ptrs)
-    w_b = gl.load(w_ptrs + 128 * WORDS, mask=n_blocks > 1)
-    if AHEAD == 3:  # the weight words of three K-blocks in flight (the scales stay two ahead: L2 hits)
-        w_c = gl.load(w_ptrs + 2 * 128 * WORDS, mask=n_blocks > 2)
-    s0_a = gl.full([128 * WG], 0, DT, gl.SliceLayout(1, w_ld))  # int8: unused
-    s1_a = s0_a
-    s0_b = s0_a
-    s1_b = s0_a
-    if INT4:
-        s0_a = gl.load(s_ptrs).to(DT)
-        s1_a = gl.load(s_ptrs + 8).to(DT)
-        s0_b = gl.load(s_ptrs + N, mask=n_blocks > 1).to(DT)
-        s1_b = gl.load(s_ptrs + N + 8, mask=n_blocks > 1).to(DT)
+    # the weight words (and int4 scales) of the next AHEAD K-blocks in flight, one register set per block: the
+    # loop is unrolled AHEAD times so that each set is reloaded in place once its block is converted (a set
+    # handed on to the next (w_a = w_b) is a register move that waits for the load in flight: one block ahead)
+    w_a, s0_a, s1_a = _load_block(w_ptrs, s_ptrs, 0, n_blocks, N, WORDS, INT4, DT)
+    w_b, s0_b, s1_b = _load_block(w_ptrs, s_ptrs, 1, n_blocks, N, WORDS, INT4, DT)
+    w_c, s0_c, s1_c = w_b, s0_b, s1_b  # used from AHEAD = 3
+    w_d, s0_d, s1_d = w_b, s0_b, s1_b  # AHEAD = 4
+    if AHEAD >= 3:
+        w_c, s0_c, s1_c = _load_block(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
+    if AHEAD == 4:
+        w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
-    for i in range(n_blocks):
-        w_cur = w_a
-        w_a = w_b
-        if AHEAD == 3:
-            w_b = w_c
-            w_c = gl.load(w_ptrs + (i + 3) * (128 * WORDS), mask=i + 3 < n_blocks)
-        else:
-            w_b = gl.load(w_ptrs + (i + 2) * (128 * WORDS), mask=i + 2 < n_blocks)
-        s0 = s0_a
-        s1 = s1_a
-        if INT4:
-            s0_a = s0_b
-            s1_a = s1_b
-            s0_b = gl.load(s_ptrs + (i + 2) * N, mask=i + 2 < n_blocks).to(DT)
-            s1_b = gl.load(s_ptrs + (i + 2) * N + 8, mask=i + 2 < n_blocks).to(DT)
-        a = _fragments(w_cur, s0[:, None], s1[:, None], INT4, BF16, a_l)
-        cp.wait_group(STAGES - 2)
-        gl.thread_barrier()
-        acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-        # wait at once: the next cp.async refills the stage block i - 1's MMA read (waiting one MMA behind would
-        # need a ring one stage deeper; at these sizes it bought nothing)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
-        nxt = i + STAGES - 1
-        cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K,
-                                       mask=mask_xm & (nxt < n_blocks))
-        cp.commit_group()
+    for i in range(0, n_blocks, AHEAD):
+        acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
+                                        N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if i + 1 < n_blocks:
+            acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs,
+                                            mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if AHEAD >= 3:
+            if i + 2 < n_blocks:
+                acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if AHEAD == 4:
+            if i + 3 < n_blocks:
+                acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
     offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
@@ -173,8 +192,11 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
-    tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups)."""
+    tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
+    of weight words in flight (2-4)."""
     M, K = x2.shape
+    if ahead not in (2, 3, 4):
+        raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
     N = y.shape[1]
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte runs
         x2 = x2.contiguous()

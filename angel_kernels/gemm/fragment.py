@@ -145,6 +145,13 @@ def block_m_for(m: int, n: int, k: int) -> int:
     return 64 if m <= 128 and n * k < 2**27 else 128
 
 
+def blocks_ahead(block_m: int) -> int:
+    """K-blocks of weight words in flight (the kernel's AHEAD): 4 with decode token tiles (M ≤ 16), 2 with batch
+    tiles (64-128 tokens: more register sets cost occupancy there; sm_90a, int4, 64-token tile: 128 registers at
+    2, 198 at 4)."""
+    return 4 if block_m <= 16 else 2
+
+
 def _run_gluon(p, x2, words, scales, bias):
     from ._fragment_gluon import launch
 
@@ -153,7 +160,7 @@ def _run_gluon(p, x2, words, scales, bias):
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
     # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
     plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
-    launch(x2, words, scales, bias, y, plan, block_m)
+    launch(x2, words, scales, bias, y, plan, block_m, ahead=blocks_ahead(block_m))
     return y
 
 
