@@ -146,10 +146,11 @@ def block_m_for(m: int, n: int, k: int) -> int:
 
 
 def blocks_ahead(block_m: int) -> int:
-    """K-blocks of weight words in flight (the kernel's AHEAD): 4 with decode token tiles (M ≤ 16), 2 with batch
-    tiles (64-128 tokens: more register sets cost occupancy there; sm_90a, int4, 64-token tile: 128 registers at
-    2, 198 at 4)."""
-    return 4 if block_m <= 16 else 2
+    """K-blocks of weight words in flight (the kernel's AHEAD): 3 with decode token tiles (M ≤ 16; H100, int4,
+    six Llama shapes at M = 1, 4, 16, same run: geomean 20.76 / 20.27 / 20.81 µs for 2 / 3 / 4), 2 with batch tiles
+    (64-128 tokens: more register sets cost occupancy there; sm_90a, int4, 64-token tile: 128 registers at 2, 184
+    at 3)."""
+    return 3 if block_m <= 16 else 2
 
 
 def _run_gluon(p, x2, words, scales, bias):
