@@ -29,7 +29,7 @@ def probe_decode(x, words, scales, n, split_k, int4, block_m=16, stages=3, wg=1,
     return y
 
 
-CONFIGS = [dict(block_m=8, stages=3), dict(block_m=8, stages=3, ahead=3), dict(block_m=8, stages=3, split=1),
+CONFIGS = [dict(block_m=8, stages=3, ahead=3), dict(block_m=8, stages=3), dict(block_m=8, stages=3, split=1),
            dict(block_m=8, stages=3, split=4), dict(block_m=8, stages=3, ahead=3, split=4),
            dict(block_m=16, stages=3), dict(block_m=16, stages=3, ahead=3)]
 
@@ -88,10 +88,9 @@ def main(argv=None) -> int:
                     print("int4" if int4 else "int8", split, cfg, f"shared {kernel.metadata.shared} B,",
                           f"{regs.group(1) if regs else '?'} registers, loop {sum(loop.values())}:",
                           " ".join(f"{op}:{n}" for op, n in loop.most_common(14)), flush=True)
-                    if args.dump and split == 1 and cfg is CONFIGS[0]:
+                    if args.dump and cfg is CONFIGS[0]:
                         with open(f"{args.dump}.{'int4' if int4 else 'int8'}.sass", "w") as f:
                             f.write(sass)
-                    if args.dump and split == 1 and cfg is CONFIGS[0]:
                         with open(f"{args.dump}.{'int4' if int4 else 'int8'}.ptx", "w") as f:
                             f.write(kernel.asm["ptx"])
         return 0
