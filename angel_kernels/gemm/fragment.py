@@ -32,6 +32,7 @@ import triton.language as tl
 from .._checks import ACT_DTYPES, check_same_device, check_shape, check_tensor
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
+from ..reference.gemm import w8a16_gemm_ref
 from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced
 from ..tuning import m_bucket
@@ -90,6 +91,15 @@ def fragment_major_int8(q: torch.Tensor) -> torch.Tensor:
     t = q.reshape(n // TILE_N, 4, 2, 8, k // TILE_K, 8, 2, 4, 2)  # (tn, w, r, g, tk, s, h, c, e)
     t = t.permute(0, 4, 1, 3, 7, 5, 6, 2, 8)  # (tn, tk, w, g, c, s, h, r, e): byte 2 r + e of word (s, h)
     return t.contiguous().reshape(-1, 4).view(torch.int32).reshape(n, k // 4)
+
+
+def row_major_from_fragment_int8(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``fragment_major_int8``: words [N, K // 4] → int8 [N, K]."""
+    check_tensor("words", words, dtypes=(torch.int32,), dim=2)
+    n, k = words.shape[0], words.shape[1] * 4
+    _check_fits(n, k)
+    t = words.contiguous().view(torch.int8).reshape(n // TILE_N, k // TILE_K, 4, 8, 4, 8, 2, 2, 2)
+    return t.permute(0, 2, 7, 3, 1, 5, 6, 4, 8).reshape(n, k)  # (tn, tk, w, g, c, s, h, r, e) → (n, k)
 
 
 def packed_from_fragment(words: torch.Tensor) -> torch.Tensor:
@@ -194,6 +204,43 @@ def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.reshape(v, (64, 128)).to(DT))
 
 
+@triton.jit
+def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K):
+    """W [N, K] = q · s[row] (an fp32 product rounded once, as ``dequantize_int8``) from one fragment-major int8
+    tile per program, stored in row order like ``_dequant_fragment_kernel``."""
+    tile = tl.program_id(0)
+    tn = tile // (K // 128)
+    tk = tile % (K // 128)
+    t = tl.arange(0, 128)[:, None]  # thread of the tile; its 16 words are (k16 step s, column half h)
+    words = tl.load(w_ptr + tile.to(tl.int64) * 2048 + t * 16 + tl.arange(0, 16)[None, :])
+    r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
+    sa = tl.load(s_ptr + r0).to(tl.float32)
+    sb = tl.load(s_ptr + r0 + 8).to(tl.float32)
+    v0 = ((words << 24) >> 24).to(tl.float32) * sa  # byte 2 r + e: row r0 + 8 r, column 16 s + 8 h + 2 c + e
+    v1 = ((words << 16) >> 24).to(tl.float32) * sa
+    v2 = ((words << 8) >> 24).to(tl.float32) * sb
+    v3 = (words >> 24).to(tl.float32) * sb
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [.., s h, r, e]
+    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
+    rows = tn * 64 + tl.arange(0, 64)
+    cols = tk * 128 + tl.arange(0, 128)
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.reshape(v, (64, 128)).to(DT))
+
+
+def dequantize_fragment_int8(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` from fragment-major int8 words and per-channel scales [N]: the values
+    ``dequantize_int8`` gives the row-major weight. One Triton pass on CUDA (or under the interpreter), torch
+    elsewhere."""
+    n, k = words.shape[0], words.shape[1] * 4
+    if words.device.type == "cuda" or interpreter_active():
+        out = torch.empty((n, k), dtype=dtype, device=words.device)
+        _dequant_fragment_int8_kernel[((n // TILE_N) * (k // TILE_K),)](words, scales.contiguous(), out, n, k)
+        return out
+    q = row_major_from_fragment_int8(words)
+    return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
+
+
 def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Wᵀ [K, N] in ``dtype`` (a transposed view) from fragment-major words: the values ``dequantize_packed``
     gives the packed weight. One Triton pass on CUDA (or under the interpreter); elsewhere through the packed
@@ -279,4 +326,92 @@ def w4a16_fragment_gemm(
         return x.new_empty((*lead, p.N))
     cand = W4A16_FRAGMENT.select(p)
     y = cand.run(p, x2, words, scales, bias)
+    return y.reshape(*lead, p.N)
+
+
+# ----------------------------------------------------------------------------------------- int8 (w8a16, ifq)
+def _run_gluon_int8(p, x2, words, scales, bias):
+    from ._fragment_gluon import launch
+
+    block_m = block_m_for(p.M, p.N, p.K)
+    y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
+    plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, (p.N // TILE_N) * triton.cdiv(p.M, block_m),
+                      y, serial=False)
+    launch(x2, words, scales, bias, y, plan, block_m, int4=False, ahead=blocks_ahead(block_m))
+    return y
+
+
+def _run_dequant_matmul_int8(p, x2, words, scales, bias):
+    w = dequantize_fragment_int8(words, scales, x2.dtype)  # scaled before the product: x · qᵀ can overflow fp16
+    return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
+
+
+def _run_reference_int8(p, x2, words, scales, bias):
+    return w8a16_gemm_ref(x2, row_major_from_fragment_int8(words), scales, bias)
+
+
+W8A16_FRAGMENT: KernelFamily = KernelFamily(
+    "w8a16_fragment",
+    [
+        Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul_int8,
+                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M_FRAGMENT,
+                                   f"meant for CUDA with M >= {LARGE_M_FRAGMENT}")),
+        Candidate("gluon", can_implement=_gluon_runnable, run=_run_gluon_int8),
+        Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference_int8),
+    ],
+    problem_key=lambda p: (p.N, p.K, m_bucket(p.M), p.dtype, p.device.type),
+)
+
+
+def _validate_int8(x, words, scales, bias) -> None:
+    check_tensor("x", x, dtypes=ACT_DTYPES)
+    check_tensor("words", words, dtypes=(torch.int32,), dim=2)
+    check_tensor("scales", scales, dtypes=(torch.float32, torch.float16, torch.bfloat16), dim=1)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    n, k = words.shape[0], x.shape[-1]
+    if words.shape[1] * 4 != k:
+        raise ValueError(f"x has K={k} but the fragment-major int8 words [N, K // 4] hold K={words.shape[1] * 4}")
+    _check_fits(n, k)
+    check_shape("scales", scales, (n,))
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1)
+        check_shape("bias", bias, (n,))
+    check_same_device(x=x, words=words, scales=scales, bias=bias)
+
+
+def _fake_int8(x, words, scales, bias=None):
+    _validate_int8(x, words, scales, bias)
+    return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+
+def _samples_int8(device):
+    from ..quantization.int8 import quantize_weight_int8
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for (m, n, k), dtype, with_bias in (((3, 64, 256), torch.float16, False), ((1, 128, 128), torch.bfloat16, True)):
+        x = torch.randn(m, k, generator=g).to(dtype).to(device)
+        q, s = quantize_weight_int8((torch.randn(n, k, generator=g) * 0.05).to(dtype))
+        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
+        yield (x, fragment_major_int8(q).to(device), s.to(device), b), {}
+
+
+@register_op("w8a16_fragment_gemm", fake=_fake_int8, samples=_samples_int8)
+def w8a16_fragment_gemm(
+    x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """y [..., N] = (x [..., K] · qᵀ) · scales (+ bias) for an int8 weight stored fragment-major
+    (``fragment_major_int8``: words [N, K // 4]) with one scale per output channel [N]: the same results as
+    ``w8a16_gemm`` on the row- or tile-major weight below LARGE_M_FRAGMENT (a GPU test checks it bit for bit).
+
+    Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernel's int8 mode on sm_90 below LARGE_M_FRAGMENT, dequantize +
+    cuBLAS from there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
+    ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
+    _validate_int8(x, words, scales, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    p = FragmentProblem(x2.shape[0], words.shape[0], x2.shape[1], x.dtype, x.device)
+    if p.M == 0:
+        return x.new_empty((*lead, p.N))
+    y = W8A16_FRAGMENT.select(p).run(p, x2, words, scales, bias)
     return y.reshape(*lead, p.N)

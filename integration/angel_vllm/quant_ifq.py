@@ -5,13 +5,15 @@ dtype), so vLLM's loaders fill it unchanged: merged qkv / gate_up shards, column
 slices. After loading, ``process_weights_after_loading`` quantizes it per output channel
 (``angel_kernels.quantize_weight_int8``: absmax / 127, round to nearest) and replaces it by
 
-- ``layer.weight``: int8 [N, K] (same name and shape as before, 1 byte per weight instead of 2): on CUDA, where N
-  is a multiple of 64 and K of 128, tile-major (``angel_kernels.tile_major_int8``: each 64 × 128 block one
-  contiguous run, streamed faster at decode batch sizes), else row-major; ``layer.ifq_tile_major`` says which,
+- ``layer.weight``: int8 [N, K] (same name and shape as before, 1 byte per weight instead of 2): where N is a
+  multiple of 64 and K of 128, on sm_90 fragment-major (``angel_kernels.fragment_major_int8``, its int32 words
+  viewed as bytes: each thread's wgmma operands one contiguous run, run by ``w8a16_fragment_gemm``), on other
+  CUDA GPUs tile-major (``angel_kernels.tile_major_int8``: each 64 × 128 block one contiguous run), else
+  row-major; ``layer.ifq_layout`` says which ("fragment", "tile" or "row"; ``layer.ifq_tile_major``: "tile"),
 - ``layer.weight_scale``: fp32 [N],
 
-dropping the fp16/bf16 copy. ``apply`` runs ``angel_kernels.w8a16_gemm`` (compiled Triton on CUDA; on CPU the
-launcher picks the pure-torch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``).
+dropping the fp16/bf16 copy. ``apply`` runs ``angel_kernels.w8a16_fragment_gemm`` or ``w8a16_gemm`` (compiled on
+CUDA; on CPU the launcher picks the pure-torch reference, or the Triton interpreter under ``TRITON_INTERPRET=1``).
 
 Only ``LinearBase`` layers are quantized. Embeddings and ``lm_head`` (``ParallelLMHead`` is not a ``LinearBase``)
 stay in the model dtype, and attention gets no method (vLLM asserts a KV-cache method when one is returned).
@@ -26,7 +28,8 @@ from typing import Any, Optional
 
 import torch
 
-from angel_kernels import quantize_weight_int8, tile_major_int8, w8a16_gemm
+from angel_kernels import fragment_major_int8, quantize_weight_int8, tile_major_int8, w8a16_fragment_gemm, w8a16_gemm
+from angel_kernels.gemm.fragment import fragment_fits, fragment_kernel_runs_on
 from angel_kernels.gemm.w8a16 import tile_major_fits
 
 from ._compat import (
@@ -113,21 +116,28 @@ class IfqLinearMethod(LinearMethodBase):
         )
         layer.register_parameter("weight", weight)
         set_weight_attrs(weight, extra_weight_attrs)
-        layer.ifq_tile_major = False  # row-major until process_weights_after_loading decides
+        layer.ifq_layout = "row"  # until process_weights_after_loading decides
+        layer.ifq_tile_major = False
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.weight.dtype == torch.int8:  # already quantized (vLLM may call this again, e.g. on reload)
             return
         qweight, scales = quantize_weight_int8(layer.weight.data)  # [N, K] int8, [N] fp32
-        layer.ifq_tile_major = _tile_major_for(qweight)
-        if layer.ifq_tile_major:
-            qweight = tile_major_int8(qweight)  # one more int8 copy of this layer only, while it is repacked
+        layer.ifq_layout = _layout_for(qweight)
+        layer.ifq_tile_major = layer.ifq_layout == "tile"
+        # one more int8 copy of this layer only, while it is repacked
+        if layer.ifq_layout == "fragment":
+            qweight = fragment_major_int8(qweight).view(torch.int8)  # [N, K]: the int32 words as bytes
+        elif layer.ifq_tile_major:
+            qweight = tile_major_int8(qweight)
         # replace_parameter re-registers `weight` (keeping its weight_loader); the fp16/bf16 tensor has no other
         # reference once this returns, so its memory is released.
         replace_parameter(layer, "weight", qweight)
         layer.register_parameter("weight_scale", torch.nn.Parameter(scales, requires_grad=False))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if layer.ifq_layout == "fragment":
+            return w8a16_fragment_gemm(x, layer.weight.view(torch.int32), layer.weight_scale, bias)
         return w8a16_gemm(x, layer.weight, layer.weight_scale, bias, tile_major=layer.ifq_tile_major)
 
 
@@ -135,6 +145,20 @@ class IfqLinearMethod(LinearMethodBase):
 # 88.0 → 84.4, 8192×28672 86.1 → 80.6, 4096×14336 25.2 → 24.7; M = 16 1-6 % faster, M = 64 / 256 equal,
 # 6144×4096 and 4096×4096 within 0.3 µs (benchmarks/NOTES.md). A switch, to compare the layouts in a deployment.
 TILE_MAJOR_ON_CUDA = True
+
+
+# Fragment-major weights on sm_90 (H100, same run, µs tile-major → fragment-major, bits equal): M = 1 28672×4096
+# 44.7 → 41.9, 28672×8192 84.8 → 79.9, 6144×4096 13.7 → 12.3; M ≤ 16 geomean over cuBLAS fp16 1.70 → 1.85,
+# 64 ≤ M ≤ 256 0.93 → 0.99 (benchmarks/NOTES.md). A switch, to compare the layouts in a deployment.
+FRAGMENT_ON_HOPPER = True
+
+
+def _layout_for(qweight: torch.Tensor) -> str:
+    """"fragment" on a GPU the fragment kernel runs on (sm_90), "tile" on other CUDA GPUs (``_tile_major_for``),
+    where the shape is whole 64 × 128 blocks; else "row"."""
+    if FRAGMENT_ON_HOPPER and fragment_fits(*qweight.shape) and fragment_kernel_runs_on(qweight.device)[0]:
+        return "fragment"
+    return "tile" if _tile_major_for(qweight) else "row"
 
 
 def _tile_major_for(qweight: torch.Tensor) -> bool:

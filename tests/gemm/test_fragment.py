@@ -1,15 +1,20 @@
-"""Fragment-major int4 (and int8) weights: the layout against its definition, the round trip, the op's candidates
-against w4a16's results, validation; on the GPU the Gluon kernel bit for bit against the Triton kernels."""
+"""Fragment-major int4 and int8 weights: the layouts against their definitions, the round trips, the ops'
+candidates against w4a16's / w8a16's results, validation; on the GPU the Gluon kernel bit for bit against the
+Triton kernels."""
 import pytest
 import torch
 
-from angel_kernels import quantize_weight_int4, w4a16_fragment_gemm, w8a16_gemm
+from angel_kernels import (
+    quantize_weight_int4, quantize_weight_int8, row_major_from_fragment_int8, tile_major_int8, w4a16_fragment_gemm,
+    w8a16_fragment_gemm, w8a16_gemm,
+)
 from angel_kernels.gemm.fragment import (
-    W4A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8,
+    W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8,
     packed_from_fragment,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
+from angel_kernels.reference.gemm import w8a16_gemm_ref
 from angel_kernels.testing import assert_close, make_generator, poisoned_empty, randint8, randn
 from weight_only_cases import Layer, WeightOnlyGemm, check_batch_invariance, check_candidate
 
@@ -226,3 +231,86 @@ def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, device,
         assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16
     else:
         assert torch.equal(got.cpu(), want)
+
+
+# ------------------------------------------------------------------------------------------- int8 (w8a16_fragment_gemm)
+def _int8_layer(m, n, k, dtype, device, seed, *, bias=False):
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g)
+    q, s = quantize_weight_int8(randn(n, k, dtype=dtype, device=device, generator=g, scale=0.05))
+    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
+    words = fragment_major_int8(q)
+    return Layer(x, n, lambda a: w8a16_fragment_gemm(a, words, s, b), lambda a: w8a16_gemm_ref(a, q, s, b))
+
+
+OP_INT8 = WeightOnlyGemm("w8a16_fragment", W8A16_FRAGMENT.force_variable, _int8_layer)
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (320, 512)])
+def test_int8_round_trip(n, k):
+    q = randint8(n, k, generator=make_generator(n + k))
+    assert torch.equal(row_major_from_fragment_int8(fragment_major_int8(q)), q)
+
+
+@pytest.mark.parametrize("cand", W8A16_FRAGMENT.names())
+def test_int8_every_candidate_that_runs_here(cand, device, monkeypatch):
+    layer = OP_INT8.layer(5, 128, 256, torch.float16, device, seed=12, bias=True)
+    ok, why = W8A16_FRAGMENT.get(cand).can_implement(FragmentProblem(5, 128, 256, torch.float16, layer.x.device))
+    if not ok:
+        pytest.skip(why)
+    check_candidate(OP_INT8, cand, layer, monkeypatch, name="5x128x256")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int8_dequantization_matches_w8a16s(dtype, device, monkeypatch):
+    from angel_kernels.gemm import fragment as mod
+    from angel_kernels.gemm.w8a16 import dequantize_int8
+
+    q = randint8(128, 256, device=device, generator=make_generator(5))
+    s = torch.rand(128, device=device) * 0.01 + 1e-3
+    want = dequantize_int8(q.cpu(), s.cpu(), dtype)  # torch on the CPU
+    monkeypatch.setattr(mod, "interpreter_active", lambda: True)  # the Triton pass, also on the CPU
+    got = mod.dequantize_fragment_int8(fragment_major_int8(q), s, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16
+    else:
+        assert torch.equal(got.cpu(), want)
+
+
+def test_int8_validation():
+    g = make_generator(3)
+    x = randn(2, 256, generator=g)
+    q, s = quantize_weight_int8(randn(128, 256, generator=g, scale=0.05))
+    words = fragment_major_int8(q)
+    with pytest.raises(ValueError, match="K=128"):
+        w8a16_fragment_gemm(x[:, :128], words, s)
+    with pytest.raises(ValueError, match="scales"):
+        w8a16_fragment_gemm(x, words, s[:64])
+    with pytest.raises(TypeError, match="words"):
+        w8a16_fragment_gemm(x, q, s)
+    with pytest.raises(TypeError, match="bias"):
+        w8a16_fragment_gemm(x, words, s, torch.zeros(128, dtype=torch.float32))
+    with pytest.raises(ValueError, match="N % 64"):
+        w8a16_fragment_gemm(x, words[:100], s[:100])
+    with pytest.raises(TypeError, match="scales"):
+        w8a16_fragment_gemm(x, words, s.to(torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 4, 16, 33, 100, 300, 1024])
+def test_gpu_int8_op_bits_equal_w8a16(n, k, m):
+    """The op (Gluon kernel below LARGE_M_FRAGMENT, dequantize + cuBLAS from there) gives w8a16_gemm's bits on the
+    tile-major weight, as dispatched (M = 1024: both dequantize + cuBLAS), with a bias, fp32 scales."""
+    g = make_generator(m + n)
+    x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
+    q, s = quantize_weight_int8(randn(n, k, dtype=torch.float16, device="cuda", generator=g, scale=0.05))
+    b = randn(n, dtype=torch.float16, device="cuda", generator=g)
+    want = w8a16_gemm(x, tile_major_int8(q), s, b, tile_major=True)
+    assert torch.equal(w8a16_fragment_gemm(x, fragment_major_int8(q), s, b), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [9, 100, 300])
+def test_gpu_int8_batch_invariance(m, monkeypatch):
+    check_batch_invariance(OP_INT8, 4096, 4096, m, monkeypatch, candidate="gluon")

@@ -138,3 +138,45 @@ def test_tile_major_weights_give_the_row_major_forward(tp1, monkeypatch):
     assert torch.equal(tiled(x), row(x))
     # on this CPU the method keeps weights row-major: the reference path would reorder them on every call
     assert not shipped_policy(q_ref)
+
+
+def test_fragment_major_weights_give_the_reference_forward(tp1, monkeypatch):
+    """Where the layer stores its weight fragment-major (sm_90, whole 64 × 128 tiles; forced here on CPU), the
+    weight is the quantizer's output in that layout, viewed as int8 [N, K], and the forward is the int8 GEMM's."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from angel_kernels import fragment_major_int8
+    from angel_kernels.reference.gemm import w8a16_gemm_ref
+    from angel_vllm import quant_ifq
+    from angel_vllm.quant_ifq import IfqConfig
+
+    g = torch.Generator().manual_seed(4)
+    W = (torch.randn(128, 256, generator=g) * 0.05).half()
+    monkeypatch.setattr(quant_ifq, "_layout_for", lambda q: "fragment")
+    layer = ReplicatedLinear(256, 128, bias=False, disable_tp=True, params_dtype=torch.float16,
+                             quant_config=IfqConfig(), return_bias=False)
+    layer.weight_loader(layer.weight, W)
+    layer.quant_method.process_weights_after_loading(layer)
+    q_ref, s_ref = quantize_weight_int8(W)
+    assert layer.ifq_layout == "fragment" and not layer.ifq_tile_major
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (128, 256)
+    assert torch.equal(layer.weight.view(torch.int32), fragment_major_int8(q_ref))
+    x = torch.randn(3, 256, generator=g).half()
+    assert torch.equal(layer(x), w8a16_gemm_ref(x, q_ref, s_ref))
+    layer.quant_method.process_weights_after_loading(layer)  # a second call keeps the quantized weight
+    assert torch.equal(layer.weight.view(torch.int32), fragment_major_int8(q_ref))
+
+
+def test_layout_policy(monkeypatch):
+    """Fragment-major where the fragment kernel runs (stubbed here) and the shape is whole tiles, unless switched
+    off; otherwise tile-major on CUDA, row-major on this CPU."""
+    from angel_vllm import quant_ifq
+
+    q = torch.zeros(128, 256, dtype=torch.int8)
+    assert quant_ifq._layout_for(q) == "row"  # no sm_90 GPU here
+    monkeypatch.setattr(quant_ifq, "fragment_kernel_runs_on", lambda device: (True, ""))
+    assert quant_ifq._layout_for(q) == "fragment"
+    assert quant_ifq._layout_for(torch.zeros(96, 256, dtype=torch.int8)) == "row"  # not whole 64-row tiles
+    assert quant_ifq._layout_for(torch.zeros(128, 200, dtype=torch.int8)) == "row"  # nor 128-column blocks
+    monkeypatch.setattr(quant_ifq, "FRAGMENT_ON_HOPPER", False)
+    assert quant_ifq._layout_for(q) == "row"
