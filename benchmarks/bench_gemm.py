@@ -488,8 +488,9 @@ def _angel(*names):
     return lambda: H.angel_has(*names)
 
 
-def prepare_angel_w8a16(case, device, tile_major=False):
-    """``tile_major``: the weight in ``tile_major_int8``'s layout (where the shape has whole 64 × 128 blocks)."""
+def prepare_angel_w8a16(case, device, tile_major=False, fragment=False):
+    """``tile_major``: the weight in ``tile_major_int8``'s layout (where the shape has whole 64 × 128 blocks);
+    ``fragment``: fragment-major through ``w8a16_fragment_gemm``, as ifq stores it on sm_90."""
     import angel_kernels
     from angel_kernels.gemm.w8a16 import tile_major_fits
 
@@ -500,14 +501,18 @@ def prepare_angel_w8a16(case, device, tile_major=False):
         x = _rand_x(m, k, device)
         qweight, scales = angel_kernels.quantize_weight_int8(_rand_w(n, k, device))  # int8 [N, K], fp32 [N]
         ref = lambda: _ref_matmul(x, qweight.float() * scales.float()[:, None])  # noqa: E731
+        if fragment:
+            return (x, angel_kernels.fragment_major_int8(qweight), scales), ref
         return (x, angel_kernels.tile_major_int8(qweight) if tile_major else qweight, scales), ref
 
     def fn(x, qweight, scales):
+        if fragment:
+            return angel_kernels.w8a16_fragment_gemm(x, qweight, scales)
         return angel_kernels.w8a16_gemm(x, qweight, scales, tile_major=tile_major)
 
     sets, ref = H.build_sets(make)
-    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="w8", tol=1e-2,
-                      note="tile-major weight" if tile_major else "row-major weight")
+    note = "fragment-major weight" if fragment else "tile-major weight" if tile_major else "row-major weight"
+    return H.Prepared(fn=fn, input_sets=sets, ref=ref, floor_kind="w8", tol=1e-2, note=note)
 
 
 def prepare_angel_w4a16(case, device, fragment=False):
@@ -557,6 +562,9 @@ def providers() -> H.ProviderRegistry:
     reg.add(P("angel_w8a16_tile_major", lambda c, dev: prepare_angel_w8a16(c, dev, tile_major=True), kind="ours",
               floor_kind="w8", available=_angel("w8a16_gemm", "tile_major_int8"),
               description="angel_kernels.w8a16_gemm on a tile-major weight"))
+    reg.add(P("angel_w8a16_fragment", lambda c, dev: prepare_angel_w8a16(c, dev, fragment=True), kind="ours",
+              floor_kind="w8", available=_angel("w8a16_fragment_gemm", "fragment_major_int8"),
+              description="angel_kernels.w8a16_fragment_gemm (fragment-major, sm_90; what ifq runs there)"))
     reg.add(P("angel_w4a16", prepare_angel_w4a16, kind="ours", floor_kind="w4",
               available=_angel("w4a16_gemm", "quantize_weight_int4"), description="angel_kernels.w4a16_gemm g128"))
     reg.add(P("angel_w4a16_fragment", lambda c, dev: prepare_angel_w4a16(c, dev, fragment=True), kind="ours",
