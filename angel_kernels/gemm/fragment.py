@@ -23,6 +23,7 @@ M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetr
 compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which.
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -41,6 +42,7 @@ from .w4a16 import SCALE_DTYPES, dequantize_packed
 
 TILE_N, TILE_K = 64, 128  # a tile: wgmma's 64 rows × one K-block
 GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are one row
+INT8_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # w8a16_gemm's per-channel scales
 # From here on dequantize (one pass over the fragment tiles) + cuBLAS; below it the Gluon kernel, whose rows are
 # batch-invariant. H100, M = 512, µs kernel / dequantize + cuBLAS (the dequantization timed at M = 1024 on the same
 # card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
@@ -163,7 +165,7 @@ def blocks_ahead(block_m: int) -> int:
     return 3 if block_m <= 16 else 2
 
 
-def _run_gluon(p, x2, words, scales, bias):
+def _run_gluon(p, x2, words, scales, bias, int4=True):
     from ._fragment_gluon import launch
 
     block_m = block_m_for(p.M, p.N, p.K)
@@ -171,7 +173,7 @@ def _run_gluon(p, x2, words, scales, bias):
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
     # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
     plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
-    launch(x2, words, scales, bias, y, plan, block_m, ahead=blocks_ahead(block_m))
+    launch(x2, words, scales, bias, y, plan, block_m, int4=int4, ahead=blocks_ahead(block_m))
     return y
 
 
@@ -275,37 +277,56 @@ W4A16_FRAGMENT: KernelFamily = KernelFamily(
 )
 
 
-def _validate(x, words, scales, bias) -> None:
+def _validate(x, words, scales, bias, int4=True) -> None:
+    """int4: words [N, K // 8], group-128 scales [K // 128, N]; int8: words [N, K // 4], scales [N]."""
     check_tensor("x", x, dtypes=ACT_DTYPES)
     check_tensor("words", words, dtypes=(torch.int32,), dim=2)
-    check_tensor("scales", scales, dtypes=SCALE_DTYPES, dim=2)
+    check_tensor("scales", scales, dtypes=SCALE_DTYPES if int4 else INT8_SCALE_DTYPES, dim=2 if int4 else 1)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
+    per_word = 8 if int4 else 4
     n, k = words.shape[0], x.shape[-1]
-    if words.shape[1] * 8 != k:
-        raise ValueError(f"x has K={k} but the fragment-major words [N, K // 8] hold K={words.shape[1] * 8}")
+    if words.shape[1] * per_word != k:
+        raise ValueError(f"x has K={k} but the fragment-major {'int4' if int4 else 'int8'} words "
+                         f"[N, K // {per_word}] hold K={words.shape[1] * per_word}")
     _check_fits(n, k)
-    check_shape("scales", scales, (k // GROUP_SIZE, n))
+    check_shape("scales", scales, (k // GROUP_SIZE, n) if int4 else (n,))
     if bias is not None:
         check_tensor("bias", bias, dtypes=(x.dtype,), dim=1)
         check_shape("bias", bias, (n,))
     check_same_device(x=x, words=words, scales=scales, bias=bias)
 
 
-def _fake(x, words, scales, bias=None):
-    _validate(x, words, scales, bias)
+def _fake(x, words, scales, bias=None, int4=True):
+    _validate(x, words, scales, bias, int4)
     return x.new_empty((*x.shape[:-1], words.shape[0]))
+
+
+def _gemm(family: KernelFamily, x, words, scales, bias) -> torch.Tensor:
+    """The op body shared by both widths (inputs validated): flatten x, pick the candidate, restore x's shape."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    p = FragmentProblem(x2.shape[0], words.shape[0], x2.shape[1], x.dtype, x.device)
+    if p.M == 0:
+        return x.new_empty((*lead, p.N))
+    return family.select(p).run(p, x2, words, scales, bias).reshape(*lead, p.N)
+
+
+def _sample_layers(device):
+    """(x, fp weight, bias) for the registered ops' checks: a 3 × 64 × 256 fp16 layer, a 1 × 128 × 128 bf16 one."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for (m, n, k), dtype, with_bias in (((3, 64, 256), torch.float16, False), ((1, 128, 128), torch.bfloat16, True)):
+        x = torch.randn(m, k, generator=g).to(dtype).to(device)
+        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
+        yield x, (torch.randn(n, k, generator=g) * 0.05).to(dtype), b
 
 
 def _samples(device):
     from ..quantization.int4 import quantize_weight_int4
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for (m, n, k), dtype, with_bias in (((3, 64, 256), torch.float16, False), ((1, 128, 128), torch.bfloat16, True)):
-        x = torch.randn(m, k, generator=g).to(dtype).to(device)
-        w = quantize_weight_int4((torch.randn(n, k, generator=g) * 0.05).to(dtype), GROUP_SIZE, sym=True)
-        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
-        yield (x, fragment_major_int4(w.qweight).to(device), w.scales.to(device), b), {}
+    for x, w, b in _sample_layers(device):
+        w4 = quantize_weight_int4(w, GROUP_SIZE, sym=True)
+        yield (x, fragment_major_int4(w4.qweight).to(device), w4.scales.to(device), b), {}
 
 
 @register_op("w4a16_fragment_gemm", fake=_fake, samples=_samples)
@@ -319,28 +340,10 @@ def w4a16_fragment_gemm(
     there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
     ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    p = FragmentProblem(x2.shape[0], words.shape[0], x2.shape[1], x.dtype, x.device)
-    if p.M == 0:
-        return x.new_empty((*lead, p.N))
-    cand = W4A16_FRAGMENT.select(p)
-    y = cand.run(p, x2, words, scales, bias)
-    return y.reshape(*lead, p.N)
+    return _gemm(W4A16_FRAGMENT, x, words, scales, bias)
 
 
 # ----------------------------------------------------------------------------------------- int8 (w8a16, ifq)
-def _run_gluon_int8(p, x2, words, scales, bias):
-    from ._fragment_gluon import launch
-
-    block_m = block_m_for(p.M, p.N, p.K)
-    y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-    plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, (p.N // TILE_N) * triton.cdiv(p.M, block_m),
-                      y, serial=False)
-    launch(x2, words, scales, bias, y, plan, block_m, int4=False, ahead=blocks_ahead(block_m))
-    return y
-
-
 def _run_dequant_matmul_int8(p, x2, words, scales, bias):
     w = dequantize_fragment_int8(words, scales, x2.dtype)  # scaled before the product: x · qᵀ can overflow fp16
     return torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
@@ -356,47 +359,22 @@ W8A16_FRAGMENT: KernelFamily = KernelFamily(
         Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul_int8,
                   suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M_FRAGMENT,
                                    f"meant for CUDA with M >= {LARGE_M_FRAGMENT}")),
-        Candidate("gluon", can_implement=_gluon_runnable, run=_run_gluon_int8),
+        Candidate("gluon", can_implement=_gluon_runnable, run=partial(_run_gluon, int4=False)),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference_int8),
     ],
     problem_key=lambda p: (p.N, p.K, m_bucket(p.M), p.dtype, p.device.type),
 )
 
 
-def _validate_int8(x, words, scales, bias) -> None:
-    check_tensor("x", x, dtypes=ACT_DTYPES)
-    check_tensor("words", words, dtypes=(torch.int32,), dim=2)
-    check_tensor("scales", scales, dtypes=(torch.float32, torch.float16, torch.bfloat16), dim=1)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension [..., K]")
-    n, k = words.shape[0], x.shape[-1]
-    if words.shape[1] * 4 != k:
-        raise ValueError(f"x has K={k} but the fragment-major int8 words [N, K // 4] hold K={words.shape[1] * 4}")
-    _check_fits(n, k)
-    check_shape("scales", scales, (n,))
-    if bias is not None:
-        check_tensor("bias", bias, dtypes=(x.dtype,), dim=1)
-        check_shape("bias", bias, (n,))
-    check_same_device(x=x, words=words, scales=scales, bias=bias)
-
-
-def _fake_int8(x, words, scales, bias=None):
-    _validate_int8(x, words, scales, bias)
-    return x.new_empty((*x.shape[:-1], words.shape[0]))
-
-
 def _samples_int8(device):
     from ..quantization.int8 import quantize_weight_int8
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    for (m, n, k), dtype, with_bias in (((3, 64, 256), torch.float16, False), ((1, 128, 128), torch.bfloat16, True)):
-        x = torch.randn(m, k, generator=g).to(dtype).to(device)
-        q, s = quantize_weight_int8((torch.randn(n, k, generator=g) * 0.05).to(dtype))
-        b = torch.randn(n, generator=g).to(dtype).to(device) if with_bias else None
+    for x, w, b in _sample_layers(device):
+        q, s = quantize_weight_int8(w)
         yield (x, fragment_major_int8(q).to(device), s.to(device), b), {}
 
 
-@register_op("w8a16_fragment_gemm", fake=_fake_int8, samples=_samples_int8)
+@register_op("w8a16_fragment_gemm", fake=partial(_fake, int4=False), samples=_samples_int8)
 def w8a16_fragment_gemm(
     x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -407,11 +385,5 @@ def w8a16_fragment_gemm(
     Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernel's int8 mode on sm_90 below LARGE_M_FRAGMENT, dequantize +
     cuBLAS from there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
     ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
-    _validate_int8(x, words, scales, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    p = FragmentProblem(x2.shape[0], words.shape[0], x2.shape[1], x.dtype, x.device)
-    if p.M == 0:
-        return x.new_empty((*lead, p.N))
-    y = W8A16_FRAGMENT.select(p).run(p, x2, words, scales, bias)
-    return y.reshape(*lead, p.N)
+    _validate(x, words, scales, bias, int4=False)
+    return _gemm(W8A16_FRAGMENT, x, words, scales, bias)

@@ -9,8 +9,8 @@ from angel_kernels import (
     w8a16_fragment_gemm, w8a16_gemm,
 )
 from angel_kernels.gemm.fragment import (
-    W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4, fragment_major_int8,
-    packed_from_fragment,
+    W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4,
+    fragment_major_int8, packed_from_fragment,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
@@ -104,13 +104,27 @@ def _fragment_layer(m, n, k, dtype, device, seed, *, bias=False):
 OP = WeightOnlyGemm("w4a16_fragment", W4A16_FRAGMENT.force_variable, _fragment_layer)
 
 
+def _int8_layer(m, n, k, dtype, device, seed, *, bias=False):
+    g = make_generator(seed)
+    x = randn(m, k, dtype=dtype, device=device, generator=g)
+    q, s = quantize_weight_int8(randn(n, k, dtype=dtype, device=device, generator=g, scale=0.05))
+    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
+    words = fragment_major_int8(q)
+    return Layer(x, n, lambda a: w8a16_fragment_gemm(a, words, s, b), lambda a: w8a16_gemm_ref(a, q, s, b))
+
+
+OP_INT8 = WeightOnlyGemm("w8a16_fragment", W8A16_FRAGMENT.force_variable, _int8_layer)
+
+
+@pytest.mark.parametrize("width", ["int4", "int8"])
 @pytest.mark.parametrize("cand", W4A16_FRAGMENT.names())
-def test_every_candidate_that_runs_here(cand, device, monkeypatch):
-    layer = OP.layer(5, 128, 256, torch.float16, device, seed=11, bias=True)
-    ok, why = W4A16_FRAGMENT.get(cand).can_implement(FragmentProblem(5, 128, 256, torch.float16, layer.x.device))
+def test_every_candidate_that_runs_here(cand, width, device, monkeypatch):
+    op, family = (OP, W4A16_FRAGMENT) if width == "int4" else (OP_INT8, W8A16_FRAGMENT)
+    layer = op.layer(5, 128, 256, torch.float16, device, seed=11, bias=True)
+    ok, why = family.get(cand).can_implement(FragmentProblem(5, 128, 256, torch.float16, layer.x.device))
     if not ok:
         pytest.skip(why)
-    check_candidate(OP, cand, layer, monkeypatch, name="5x128x256")
+    check_candidate(op, cand, layer, monkeypatch, name=f"{width} 5x128x256")
 
 
 def test_validation():
@@ -234,31 +248,10 @@ def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, device,
 
 
 # ------------------------------------------------------------------------------------------- int8 (w8a16_fragment_gemm)
-def _int8_layer(m, n, k, dtype, device, seed, *, bias=False):
-    g = make_generator(seed)
-    x = randn(m, k, dtype=dtype, device=device, generator=g)
-    q, s = quantize_weight_int8(randn(n, k, dtype=dtype, device=device, generator=g, scale=0.05))
-    b = randn(n, dtype=dtype, device=device, generator=g) if bias else None
-    words = fragment_major_int8(q)
-    return Layer(x, n, lambda a: w8a16_fragment_gemm(a, words, s, b), lambda a: w8a16_gemm_ref(a, q, s, b))
-
-
-OP_INT8 = WeightOnlyGemm("w8a16_fragment", W8A16_FRAGMENT.force_variable, _int8_layer)
-
-
 @pytest.mark.parametrize("n,k", [(64, 128), (320, 512)])
 def test_int8_round_trip(n, k):
     q = randint8(n, k, generator=make_generator(n + k))
     assert torch.equal(row_major_from_fragment_int8(fragment_major_int8(q)), q)
-
-
-@pytest.mark.parametrize("cand", W8A16_FRAGMENT.names())
-def test_int8_every_candidate_that_runs_here(cand, device, monkeypatch):
-    layer = OP_INT8.layer(5, 128, 256, torch.float16, device, seed=12, bias=True)
-    ok, why = W8A16_FRAGMENT.get(cand).can_implement(FragmentProblem(5, 128, 256, torch.float16, layer.x.device))
-    if not ok:
-        pytest.skip(why)
-    check_candidate(OP_INT8, cand, layer, monkeypatch, name="5x128x256")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
