@@ -1,4 +1,5 @@
-"""Fragment-major int4 weights and the Hopper GEMM that feeds them to wgmma from the registers they were loaded into.
+"""Fragment-major int4 and int8 weights and the Hopper GEMM that feeds them to wgmma from the registers they were
+loaded into (``w4a16_fragment_gemm``, ``w8a16_fragment_gemm``).
 
 Why: the Triton w4a16 tiles load a weight tile row-contiguously and move the dequantized tile into wgmma's
 register-operand layout through shared memory (sm_90a: four STS / BAR / LDSM rounds per K-block); ncu put the
@@ -6,9 +7,10 @@ decode programs' time mostly in barrier and shared-memory stalls. Stored *fragme
 warpgroup finds its A fragments for a whole 64-row × 128-column tile as one contiguous 32-byte run: two 16-byte
 loads, the package's word dequantization in place, and ``warpgroup_mma`` takes the registers as they are. No
 shared memory and no barrier for the weight (sm_90a: 220 instead of 344 instructions per K-block); only x, the
-B operand, goes through a cp.async ring. H100, CUDA graphs, same run, µs Triton tile → this op:
-28672×4096 M = 1 36.1 → 28.4 (tinygemm 32.8, gemlite 37.6), 8192×28672 70.4 → 51.3, 4096×14336 20.7 → 16.1;
-M = 64 (another run) 62.4 → 45.4 on 28672×4096 (benchmarks/NOTES.md).
+B operand, goes through a cp.async ring. H100, CUDA graphs, same run, µs Triton tile → this op, int4: 28672×4096
+M = 1 36.2 → 25.5 (tinygemm 32.9, gemlite 37.5), 8192×28672 70.7 → 47.9, 4096×14336 20.7 → 15.3, M = 64 62.6 →
+44.4 on 28672×4096; int8 (against the tile-major w8a16 kernel): 44.6 → 41.9, 83.0 → 81.2, 25.3 → 23.9, M = 64
+56.7 → 50.6 (benchmarks/NOTES.md).
 
 Layout (``fragment_major_int4``): 64 × 128 tiles, tile (i, j) at word (i · K / 128 + j) · 1024. In a tile, thread
 t = 32 w + 4 g + c (warp w, lane group g, lane c) owns words 8 t … 8 t + 7, one per k16 step s. Its fragment
@@ -20,7 +22,9 @@ The results are bit for bit those of ``w4a16_gemm`` on the packed layout run wit
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant for
 M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetric group-128 weights (the GPTQ / AWQ /
-compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which.
+compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The
+int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives
+``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -57,7 +61,7 @@ def fragment_fits(n: int, k: int) -> bool:
 
 def _check_fits(n: int, k: int) -> None:
     if not fragment_fits(n, k):
-        raise ValueError(f"fragment-major int4 needs N % {TILE_N} == 0 and K % {TILE_K} == 0, got N={n}, K={k}")
+        raise ValueError(f"fragment-major weights need N % {TILE_N} == 0 and K % {TILE_K} == 0, got N={n}, K={k}")
 
 
 # Rows repacked at a time: the int64 scratch stays at ~16 bytes per weight of one chunk (128 MB at K = 8192)
