@@ -383,8 +383,10 @@ def w8a16_fragment_gemm(
     x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """y [..., N] = (x [..., K] · qᵀ) · scales (+ bias) for an int8 weight stored fragment-major
-    (``fragment_major_int8``: words [N, K // 4]) with one scale per output channel [N]: the same results as
-    ``w8a16_gemm`` on the row- or tile-major weight below LARGE_M_FRAGMENT (a GPU test checks it bit for bit).
+    (``fragment_major_int8``: words [N, K // 4]) with one scale per output channel [N]: ``w8a16_gemm``'s results on
+    the row- or tile-major weight (the same split rule and k16 chain; a GPU test checks the bits on three shapes at
+    M = 1-300 and at 1024, where both dequantize; between 512 and 1024 this op already dequantizes while
+    ``w8a16_gemm`` runs its kernel, within rounding of each other).
 
     Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernel's int8 mode on sm_90 below LARGE_M_FRAGMENT, dequantize +
     cuBLAS from there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
