@@ -22,9 +22,11 @@ from ..runtime import num_sms
 #         28672×8192: 448 programs 76.6, 896 66.4
 # The int4 kernel's programs are lighter (72 registers, 29 KB of shared memory: 7 fit an SM; w8a16's 128-row
 # tiles take 127 registers and 53 KB: 4), so it wants more of them.
-# The fragment-major int4 kernel (gemm/fragment.py: no shared-memory round trip, 80 registers) wants fewer: at
-# M = 1 on 28672×4096 (448 tiles) one range took 28.3 µs against 30.5 split in two, on 28672×8192 54.4 vs 55.4
-# (H100, same run); 4096-row shapes keep their splits (4096×14336 split 1: 54.4 µs against 16.2 at 8).
+# The fragment-major kernel (gemm/fragment.py: no shared-memory round trip, 80 registers when this was measured,
+# before its loop was unrolled) wants fewer: at M = 1 on 28672×4096 (448 tiles) one range took 28.3 µs against
+# 30.5 split in two, on 28672×8192 54.4 vs 55.4 (H100, same run); 4096-row shapes keep their splits (4096×14336
+# split 1: 54.4 µs against 16.2 at 8). After the unrolling a forced sweep kept these counts within 0.4 µs of the
+# best (int8 mode, benchmarks/NOTES.md).
 PROGRAMS_PER_SM = {"w8a16": 3, "w4a16": 3.5, "w4a16_fragment": 3}
 MAX_SPLIT_K = 8
 MIN_K_PER_SPLIT = 1024  # input features per split: at least 8 K-blocks of 128

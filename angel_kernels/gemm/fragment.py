@@ -43,10 +43,10 @@ from ..runtime import interpreter_active, reference_forced
 from ..tuning import m_bucket
 from ._splitk import plan_split
 from .w4a16 import SCALE_DTYPES, dequantize_packed
+from .w8a16 import CHANNEL_SCALE_DTYPES
 
 TILE_N, TILE_K = 64, 128  # a tile: wgmma's 64 rows × one K-block
 GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are one row
-INT8_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # w8a16_gemm's per-channel scales
 # From here on dequantize (one pass over the fragment tiles) + cuBLAS; below it the Gluon kernel, whose rows are
 # batch-invariant. H100, M = 512, µs kernel / dequantize + cuBLAS (the dequantization timed at M = 1024 on the same
 # card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
@@ -182,10 +182,21 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
 
 
 @triton.jit
+def _store_tile_rows(v, out_ptr, tn, tk, K):
+    """Store a dequantized 64 × 128 tile held as [128 threads (w, g, c), 8 k16 steps s, column half h, row r,
+    element e] (both widths' decoders end there) at its place in W [N, K], in row order: the permute is a layout
+    change the compiler does through shared memory, so the stores are whole rows."""
+    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
+    rows = tn * 64 + tl.arange(0, 64)
+    cols = tk * 128 + tl.arange(0, 128)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+             tl.reshape(v, (64, 128)).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
-    """W [N, K] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``;
-    the tile is put back in row order in registers (a layout change the compiler does through shared memory),
-    so the stores are whole rows."""
+    """W [N, K] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``,
+    stored in row order (``_store_tile_rows``)."""
     tile = tl.program_id(0)
     tn = tile // (K // 128)
     tk = tile % (K // 128)
@@ -203,17 +214,14 @@ def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
     v5 = (((words >> 20) & 0xF) - 8).to(tl.float32) * sb
     v6 = (((words >> 24) & 0xF) - 8).to(tl.float32) * sa
     v7 = (((words >> 28) & 0xF) - 8).to(tl.float32) * sb
-    v = tl.join(tl.join(tl.join(v0, v2), tl.join(v1, v3)), tl.join(tl.join(v4, v6), tl.join(v5, v7)))  # [.., h, r, e]
-    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
-    rows = tn * 64 + tl.arange(0, 64)
-    cols = tk * 128 + tl.arange(0, 128)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.reshape(v, (64, 128)).to(DT))
+    v = tl.join(tl.join(tl.join(v0, v2), tl.join(v1, v3)), tl.join(tl.join(v4, v6), tl.join(v5, v7)))  # [t, s, h, r, e]
+    _store_tile_rows(v, out_ptr, tn, tk, K)
 
 
 @triton.jit
 def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K):
     """W [N, K] = q · s[row] (an fp32 product rounded once, as ``dequantize_int8``) from one fragment-major int8
-    tile per program, stored in row order like ``_dequant_fragment_kernel``."""
+    tile per program, stored in row order (``_store_tile_rows``)."""
     tile = tl.program_id(0)
     tn = tile // (K // 128)
     tk = tile % (K // 128)
@@ -226,12 +234,8 @@ def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K):
     v1 = ((words << 16) >> 24).to(tl.float32) * sa
     v2 = ((words << 8) >> 24).to(tl.float32) * sb
     v3 = (words >> 24).to(tl.float32) * sb
-    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [.., s h, r, e]
-    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
-    rows = tn * 64 + tl.arange(0, 64)
-    cols = tk * 128 + tl.arange(0, 128)
-    DT: tl.constexpr = out_ptr.dtype.element_ty
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], tl.reshape(v, (64, 128)).to(DT))
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [t, s h, r, e]
+    _store_tile_rows(v, out_ptr, tn, tk, K)
 
 
 def dequantize_fragment_int8(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,7 +289,7 @@ def _validate(x, words, scales, bias, int4=True) -> None:
     """int4: words [N, K // 8], group-128 scales [K // 128, N]; int8: words [N, K // 4], scales [N]."""
     check_tensor("x", x, dtypes=ACT_DTYPES)
     check_tensor("words", words, dtypes=(torch.int32,), dim=2)
-    check_tensor("scales", scales, dtypes=SCALE_DTYPES if int4 else INT8_SCALE_DTYPES, dim=2 if int4 else 1)
+    check_tensor("scales", scales, dtypes=SCALE_DTYPES if int4 else CHANNEL_SCALE_DTYPES, dim=2 if int4 else 1)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
     per_word = 8 if int4 else 4

@@ -37,6 +37,7 @@ from ..runtime import interpreter_active, reference_forced
 from ..tuning import KernelConfig, default_store, m_bucket
 
 KERNEL_NAME = "w8a16.tiled"
+CHANNEL_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # one scale per output channel
 # Tile-major weight blocks (tile_major_int8): rows × columns, one contiguous 8 KB run each
 TILE_ROWS, TILE_COLS = 64, 128  # (spelled out in _tile_major_row / _tile_major_col)
 
@@ -387,7 +388,7 @@ W8A16: KernelFamily[W8A16Problem] = weight_only_family(
 def _validate(x, qweight, scales, bias, tile_major=False):
     check_tensor("x", x, dtypes=ACT_DTYPES)
     check_tensor("qweight", qweight, dtypes=(torch.int8,), dim=2)
-    check_tensor("scales", scales, dtypes=(torch.float32, torch.float16, torch.bfloat16), dim=1)
+    check_tensor("scales", scales, dtypes=CHANNEL_SCALE_DTYPES, dim=1)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
     n, k = qweight.shape
