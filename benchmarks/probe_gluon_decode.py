@@ -34,7 +34,7 @@ CONFIGS = [dict(block_m=8, stages=3, ahead=3), dict(block_m=8, stages=3), dict(b
            dict(block_m=16, stages=3), dict(block_m=16, stages=3, ahead=3)]
 
 
-def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1, ahead=2, split=None):
+def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1, ahead=2, split=None, maxnreg=None):
     """Compile for sm_90a without a GPU; returns Triton's compiled kernel (asm, metadata)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -52,7 +52,7 @@ def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1, ahead=2, split=Non
              for k in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K", "K_PER_SPLIT",
                        "stride_xm", "stride_ym")}
     src = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * wg})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * wg, **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def main(argv=None) -> int:

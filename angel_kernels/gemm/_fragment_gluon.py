@@ -14,7 +14,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
 from . import fragment
@@ -34,7 +34,7 @@ _INT4_BF16 = gl.constexpr(_word_dequant_ptx(True, False, row_pair_scales=True))
 
 @gluon.jit
 def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.constexpr):
-    """Words [128 threads, words per thread] → the A operand [64, 128] in wgmma's register layout a_l. The
+    """Words [128 threads, words per thread] → the A operand [64, 16 · k16 steps] in wgmma's register layout a_l. The
     reshape / permute only renames registers: the result already sits where a_l wants it (no shared memory)."""
     if INT4 and BF16:
         v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
@@ -55,9 +55,10 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
     else:  # byte 2 r + e of word (s, h) → [.., r, e]
         t = gl.join(gl.join(b0, b2), gl.join(b1, b3))
     WARPS: gl.constexpr = w.shape[0] // 32
-    t = gl.reshape(t, [WARPS, 8, 4, 8, 2, 2, 2])  # (w, g, c, s, h, r, e)
+    STEPS: gl.constexpr = w.shape[1] if INT4 else w.shape[1] // 2  # k16 steps in w (8: a whole K-block)
+    t = gl.reshape(t, [WARPS, 8, 4, STEPS, 2, 2, 2])  # (w, g, c, s, h, r, e)
     t = gl.permute(t, [0, 5, 1, 3, 4, 2, 6])  # row 16 w + 8 r + g, column 16 s + 8 h + 2 c + e
-    return gl.convert_layout(gl.reshape(t, [16 * WARPS, 128]), a_l)
+    return gl.convert_layout(gl.reshape(t, [16 * WARPS, 16 * STEPS]), a_l)
 
 
 @gluon.jit
@@ -159,6 +160,15 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
                 acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
                                                 x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
+    _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+
+
+@gluon.jit
+def _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                  INT4: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, ROWS: gl.constexpr,
+                  BLOCK_M: gl.constexpr, acc_l: gl.constexpr):
+    """The tile's fp32 sum → y (one split), or its partial, the last split to arrive summing them in split order."""
     offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
     mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
@@ -187,6 +197,141 @@ def _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4
         acc += gl.load(bias_ptr + offs_n).to(gl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(gl.int64) * stride_ym + offs_n[:, None]
     gl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _load_halves(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """K-block i's weight words as its two k64 halves (w_ptrs: a thread's first half) and the int4 scales."""
+    w_lo = gl.load(w_ptrs + i * (128 * WORDS), mask=i < n_blocks)
+    w_hi = gl.load(w_ptrs + i * (128 * WORDS) + WORDS // 2, mask=i < n_blocks)
+    if INT4:
+        s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(DT)
+        s1 = gl.load(s_ptrs + i * N + 8, mask=i < n_blocks).to(DT)
+    else:  # int8: unused
+        s0 = gl.full(s_ptrs.shape, 0, DT, s_ptrs.type.layout)
+        s1 = s0
+    return w_lo, w_hi, s0, s1
+
+
+@gluon.jit
+def _issue_x(x_desc, x_lo, x_hi, ready, i, off_m, k, STAGES: gl.constexpr, pred):
+    """TMA of K-block i's x tile [BLOCK_M, 128] as two k64 halves into stage i % STAGES."""
+    bar = ready.index(i % STAGES)
+    mbarrier.expect(bar, 2 * x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_lo.index(i % STAGES), pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k + 64], bar, x_hi.index(i % STAGES), pred=pred)
+
+
+@gluon.jit
+def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x_lo, x_hi, ready, off_m, k_start, N,
+                 WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr,
+                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, a_l: gl.constexpr):
+    """K-block i in two k64 halves (half the A registers of a whole block); block i + AHEAD's words into the same
+    registers; once every warpgroup is done with x's stage, its refill with block i + STAGES."""
+    a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+    acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    if not OVERLAP:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
+    b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    w_lo, w_hi, s0, s1 = _load_halves(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
+    acc = warpgroup_mma(b, x_hi.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, b))[0]
+    gl.thread_barrier()  # every warpgroup's MMAs on the stage are complete
+    nxt = i + STAGES
+    _issue_x(x_desc, x_lo, x_hi, ready, nxt, off_m, k_start + nxt * TILE_K, STAGES, nxt < n_blocks)
+    return acc, w_lo, w_hi, s0, s1
+
+
+@gluon.jit
+def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
+                              stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                              SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                              AHEAD: gl.constexpr, OVERLAP: gl.constexpr):
+    """Batch tiles: WG warpgroups (64 weight rows each) share one x tile that TMA brings in; the same k16 chain,
+    dequantization and rounding as ``_fragment_gemm_kernel`` (so the same bits)."""
+    WORDS: gl.constexpr = 8 if INT4 else 16
+    HW: gl.constexpr = WORDS // 2
+    ROWS: gl.constexpr = 64 * WG
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    tile = gl.program_id(0)
+    pid_n = tile // num_pid_m
+    pid_m = tile % num_pid_m
+    pid_k = gl.program_id(1)
+    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    x_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(STAGES):
+        mbarrier.init(ready.index(t), count=1)
+
+    k_start = pid_k * K_PER_SPLIT
+    n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
+    kb0 = k_start // TILE_K
+    off_m = pid_m * BLOCK_M
+    for t in gl.static_range(STAGES):
+        _issue_x(x_desc, x_lo, x_hi, ready, t, off_m, k_start + t * TILE_K, STAGES, t < n_blocks)
+    thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
+    row_block = pid_n * WG + thr // 128
+    w_ptrs = (w_ptr + (row_block.to(gl.int64) * (K // TILE_K) + kb0)[:, None] * (128 * WORDS)
+              + ((thr % 128) * WORDS)[:, None] + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
+    s_ptrs = s_ptr + kb0.to(gl.int64) * N + row_block * TILE_N + (thr % 128 // 32) * 16 + (thr % 32) // 4
+
+    lo_a, hi_a, s0_a, s1_a = _load_halves(w_ptrs, s_ptrs, 0, n_blocks, N, WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _load_halves(w_ptrs, s_ptrs, 1, n_blocks, N, WORDS, INT4, DT)
+    lo_c, hi_c, s0_c, s1_c = lo_b, hi_b, s0_b, s1_b  # AHEAD = 3
+    if AHEAD == 3:
+        lo_c, hi_c, s0_c, s1_c = _load_halves(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
+    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
+    for i in range(0, n_blocks, AHEAD):
+        acc, lo_a, hi_a, s0_a, s1_a = _k_block_tma(acc, i, n_blocks, lo_a, hi_a, s0_a, s1_a, w_ptrs, s_ptrs, x_desc,
+                                                   x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4, BF16, DT,
+                                                   AHEAD, STAGES, OVERLAP, a_l)
+        if i + 1 < n_blocks:
+            acc, lo_b, hi_b, s0_b, s1_b = _k_block_tma(acc, i + 1, n_blocks, lo_b, hi_b, s0_b, s1_b, w_ptrs, s_ptrs,
+                                                       x_desc, x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4,
+                                                       BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
+        if AHEAD == 3:
+            if i + 2 < n_blocks:
+                acc, lo_c, hi_c, s0_c, s1_c = _k_block_tma(acc, i + 2, n_blocks, lo_c, hi_c, s0_c, s1_c, w_ptrs,
+                                                           s_ptrs, x_desc, x_lo, x_hi, ready, off_m, k_start, N,
+                                                           WORDS, INT4, BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
+    for t in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(t))
+    _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+
+
+def x_descriptor(x2: torch.Tensor, block_m: int):
+    """TMA descriptor of x [M, K] in [block_m, 64] boxes (128-byte swizzle, wgmma's B operand layout)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(x2, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], dt))
+
+
+def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
+               block_m: int, int4: bool = True, stages: int = 3, warpgroups: int = 2, ahead: int = 2,
+               overlap: bool = False) -> None:
+    """``launch``'s batch-tile kernel: x through TMA, ``warpgroups`` 64-row tiles per program sharing it."""
+    M, K = x2.shape
+    N = y.shape[1]
+    if ahead not in (2, 3):
+        raise ValueError(f"ahead={ahead}: 2 or 3 K-blocks of weight words in flight")
+    if N % (64 * warpgroups):
+        raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned rows
+        x2 = x2.contiguous()
+    num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
+    _fragment_gemm_tma_kernel[(num_tiles, plan.split_k)](
+        x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
+        plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
+        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, OVERLAP=overlap, num_warps=4 * warpgroups)
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,

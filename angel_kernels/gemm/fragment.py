@@ -41,7 +41,7 @@ from ..reference.gemm import w8a16_gemm_ref
 from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
 from ..runtime import interpreter_active, reference_forced
 from ..tuning import m_bucket
-from ._splitk import plan_split
+from ._splitk import plan_split, split_k_on
 from .w4a16 import SCALE_DTYPES, dequantize_packed
 from .w8a16 import CHANNEL_SCALE_DTYPES
 
@@ -52,6 +52,15 @@ GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are
 # card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
 # the large shapes (28672×4096 169 / ~182). w4a16_gemm on the packed layout switches at LARGE_M (1024).
 LARGE_M_FRAGMENT = 512
+# Batch tiles (``_fragment_gemm_tma_kernel``: x through TMA, shared by several warpgroups of 64 weight rows) for
+# 64 < M ≤ LARGE_M_BATCH on weights whose split count is 1 (the split depends on N and K only; a split launch's
+# fp32 partials grow with M). Same bits as the decode tiles, so those rows stay batch-invariant up to
+# LARGE_M_BATCH. H100, µs decode tiles or dequantize + cuBLAS (the op before) → batch tiles, same run: int8
+# 28672×4096 M = 256 139.7 → 122.2, M = 512 290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 →
+# 802.1; int4 28672×8192 M = 256 298.3 → 233.5, M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per
+# program, token tile and x stages by width (int4 unpacks cheaper, so four warpgroups share one x tile there).
+BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
+LARGE_M_BATCH = 1024
 
 
 def fragment_fits(n: int, k: int) -> bool:
@@ -169,9 +178,36 @@ def blocks_ahead(block_m: int) -> int:
     return 3 if block_m <= 16 else 2
 
 
-def _run_gluon(p, x2, words, scales, bias, int4=True):
-    from ._fragment_gluon import launch
+def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool) -> Optional[tuple[int, int, int]]:
+    """(warpgroups, token tile, x stages) of the batch-tile kernel for this problem, or None (decode tiles below
+    M = 65, dequantize + cuBLAS above LARGE_M_BATCH, split weights, N not a multiple of 128)."""
+    if not 64 < m <= LARGE_M_BATCH or split_k_on(device, "w4a16_fragment", n, k, TILE_K) != 1:
+        return None
+    warpgroups, block_m, stages = BATCH_TILE[int4]
+    while n % (TILE_N * warpgroups):
+        warpgroups //= 2
+    return (warpgroups, block_m, stages) if warpgroups > 1 else None
 
+
+def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
+    if p.device.type != "cuda" or p.M < LARGE_M_FRAGMENT:
+        return False, f"meant for CUDA with M >= {LARGE_M_FRAGMENT}"
+    if batch_tile_for(p.device, p.M, p.N, p.K, int4) is not None:
+        return False, f"the batch-tile kernel serves unsplit weights through M = {LARGE_M_BATCH}"
+    return True, ""
+
+
+def _run_gluon(p, x2, words, scales, bias, int4=True):
+    from ._fragment_gluon import launch, launch_tma
+
+    batch = batch_tile_for(x2.device, p.M, p.N, p.K, int4)
+    if batch is not None:
+        warpgroups, block_m, stages = batch
+        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
+        num_tiles = p.N // (TILE_N * warpgroups) * triton.cdiv(p.M, block_m)
+        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
+        launch_tma(x2, words, scales, bias, y, plan, block_m, int4=int4, stages=stages, warpgroups=warpgroups)
+        return y
     block_m = block_m_for(p.M, p.N, p.K)
     num_tiles = (p.N // TILE_N) * triton.cdiv(p.M, block_m)
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
@@ -276,8 +312,7 @@ W4A16_FRAGMENT: KernelFamily = KernelFamily(
     "w4a16_fragment",
     [
         Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul,
-                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M_FRAGMENT,
-                                   f"meant for CUDA with M >= {LARGE_M_FRAGMENT}")),
+                  suits=partial(_dequant_suits, int4=True)),
         Candidate("gluon", can_implement=_gluon_runnable, run=_run_gluon),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference),
     ],
@@ -365,8 +400,7 @@ W8A16_FRAGMENT: KernelFamily = KernelFamily(
     "w8a16_fragment",
     [
         Candidate("dequant_matmul", can_implement=lambda p: (True, ""), run=_run_dequant_matmul_int8,
-                  suits=lambda p: (p.device.type == "cuda" and p.M >= LARGE_M_FRAGMENT,
-                                   f"meant for CUDA with M >= {LARGE_M_FRAGMENT}")),
+                  suits=partial(_dequant_suits, int4=False)),
         Candidate("gluon", can_implement=_gluon_runnable, run=partial(_run_gluon, int4=False)),
         Candidate("reference", can_implement=lambda p: (True, ""), run=_run_reference_int8),
     ],

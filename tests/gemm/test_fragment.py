@@ -9,8 +9,8 @@ from angel_kernels import (
     w8a16_fragment_gemm, w8a16_gemm,
 )
 from angel_kernels.gemm.fragment import (
-    W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, block_m_for, fragment_fits, fragment_major_int4,
-    fragment_major_int8, packed_from_fragment,
+    LARGE_M_FRAGMENT, W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, batch_tile_for, block_m_for, fragment_fits,
+    fragment_major_int4, fragment_major_int8, packed_from_fragment,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
@@ -232,6 +232,62 @@ def test_gpu_batch_invariance(m, monkeypatch):
     check_batch_invariance(OP, 4096, 4096, m, monkeypatch, candidate="gluon")
 
 
+CPU = torch.device("cpu")  # the split rule off the GPU assumes 132 SMs, as on an H100
+
+
+@pytest.mark.parametrize("int4,tile", [(True, (4, 128, 4)), (False, (2, 128, 3))])
+def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
+    assert batch_tile_for(CPU, 256, 28672, 4096, int4) == tile  # 448 row tiles: split 1
+    assert batch_tile_for(CPU, 65, 28672, 8192, int4) == tile
+    assert batch_tile_for(CPU, 1024, 1024, 1024, int4) == tile  # K = 1024 never splits
+    assert batch_tile_for(CPU, 64, 28672, 4096, int4) is None  # decode tiles
+    assert batch_tile_for(CPU, 1025, 28672, 4096, int4) is None  # dequantize + cuBLAS
+    assert batch_tile_for(CPU, 256, 4096, 14336, int4) is None  # split 8: partials grow with M
+    assert batch_tile_for(CPU, 256, 640, 1024, int4) == (2, 128, tile[2])  # N % 256 != 0: two warpgroups
+    assert batch_tile_for(CPU, 256, 576, 1024, int4) is None  # N % 128 != 0
+
+
+@pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
+def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, int4, monkeypatch):
+    from angel_kernels.gemm import fragment as mod
+
+    dequant = family.get("dequant_matmul")
+    monkeypatch.setattr(mod, "split_k_on", lambda device, kernel, n, k, block: 1 if n == 28672 else 8)
+    cuda = torch.device("cuda")
+    for m, n, suits in [(300, 4096, False), (512, 4096, True), (512, 28672, False), (1024, 28672, False),
+                        (1025, 28672, True), (4096, 4096, True)]:
+        ok, reason = dequant.suits(FragmentProblem(m, n, 4096, torch.float16, cuda))
+        assert ok == suits, (m, n, reason)
+    assert not dequant.suits(FragmentProblem(LARGE_M_FRAGMENT, 4096, 4096, torch.float16, CPU))[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int4", [True, False])
+@pytest.mark.parametrize("n,k", [(1024, 1024), (640, 2048), (28672, 4096)])  # warpgroups 4 / 2, 2, 4 / 2
+@pytest.mark.parametrize("m", [65, 300, 1000])
+def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m):
+    """Batch tiles (M > 64 on unsplit weights) give each row the bits of the decode tiles at M = 1, with a bias,
+    bf16 activations, x a strided view (TMA reads it in place) and a poisoned output."""
+    if batch_tile_for(torch.device("cuda"), m, n, k, int4) is None:
+        pytest.skip("split on this GPU's SM count")
+    family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
+    assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
+    x0, q, s, b = _layer(m, n, k, torch.bfloat16, "cuda", seed=m + n + k, bias=True)
+    wide = torch.zeros(m, k + 128, dtype=torch.bfloat16, device="cuda")
+    wide[:, 64 : 64 + k] = x0
+    x = wide[:, 64 : 64 + k]
+    if int4:
+        words, op = fragment_major_int4(q), w4a16_fragment_gemm
+    else:
+        w = randn(n, k, dtype=torch.bfloat16, device="cuda", generator=make_generator(m), scale=0.05)
+        q, s = quantize_weight_int8(w)
+        words, op = fragment_major_int8(q), w8a16_fragment_gemm
+    full = op(x, words, s, b)
+    assert not torch.isnan(full).any()
+    for i in sorted({0, m // 2, m - 1}):
+        assert torch.equal(full[i : i + 1].view(torch.int16), op(x[i : i + 1], words, s, b).view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, device, monkeypatch):
     from angel_kernels.gemm import fragment as mod
@@ -292,9 +348,12 @@ def test_int8_validation():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
 @pytest.mark.parametrize("m", [1, 4, 16, 33, 100, 300, 1024])
-def test_gpu_int8_op_bits_equal_w8a16(n, k, m):
-    """The op (Gluon kernel below LARGE_M_FRAGMENT, dequantize + cuBLAS from there) gives w8a16_gemm's bits on the
-    tile-major weight, as dispatched (M = 1024: both dequantize + cuBLAS), with a bias, fp32 scales."""
+def test_gpu_int8_op_bits_equal_w8a16(n, k, m, monkeypatch):
+    """The op gives w8a16_gemm's bits on the tile-major weight, with a bias, fp32 scales: its Gluon kernels (decode
+    tiles, batch tiles on unsplit weights through M = 1024) the Triton kernel's, dequantize + cuBLAS w8a16_gemm's
+    dequantize + cuBLAS (M = 1024 on split weights)."""
+    if batch_tile_for(torch.device("cuda"), m, n, k, False) is not None:
+        monkeypatch.setenv("ANGEL_KERNELS_FORCE_W8A16", "tiled")
     g = make_generator(m + n)
     x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
     q, s = quantize_weight_int8(randn(n, k, dtype=torch.float16, device="cuda", generator=g, scale=0.05))

@@ -1,0 +1,98 @@
+"""Probe of the fragment-major batch-tile kernel (``_fragment_gemm_tma_kernel``: x through TMA, several
+warpgroups of 64 weight rows sharing it) against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op
+(CUDA-graph times over L2-rotating inputs).
+
+    python benchmarks/probe_fragment_batch.py --m 128,256,512,1024 [--configs "2,128,3,0;4,128,3,0"]
+"""
+import argparse
+import sys
+
+import torch
+import triton
+
+from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
+from angel_kernels.gemm._fragment_gluon import launch, launch_tma
+from angel_kernels.gemm._splitk import plan_split
+from angel_kernels.gemm.fragment import TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8
+from angel_kernels.quantization.int4 import pack_int4_rows
+from angel_kernels.tuning import l2_bytes, rotation_count, time_calls
+
+
+def run(x, words, scales, n, int4, cfg=None):
+    """cfg None: the decode-tile kernel at the op's token tile; else (warpgroups, block_m, stages, overlap)."""
+    M, K = x.shape
+    y = torch.empty(M, n, dtype=x.dtype, device=x.device)
+    if cfg is None:
+        bm = block_m_for(M, n, K)
+        tiles = n // TILE_N * triton.cdiv(M, bm)
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
+        launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
+        return y
+    wg, bm, stages, overlap = cfg[:4]
+    ahead = cfg[4] if len(cfg) > 4 else 2
+    tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
+    plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
+    launch_tma(x, words, scales, None, y, plan, bm, int4, stages, wg, ahead, bool(overlap))
+    return y
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336,28672x8192,8192x28672")
+    ap.add_argument("--m", default="128,256,512,1024")
+    ap.add_argument("--configs", default="2,128,3,0;2,128,3,1;4,128,3,0;4,64,3,0;2,64,3,0")
+    ap.add_argument("--widths", default="8,4")
+    ap.add_argument("--bits-only", action="store_true")
+    args = ap.parse_args(argv)
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+    dev = torch.device("cuda")
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        for width in (int(w) for w in args.widths.split(",")):
+            int4 = width == 4
+            for m in (int(v) for v in args.m.split(",")):
+                gen = torch.Generator(device=dev).manual_seed(m + n + k)
+
+                def make_set(dtype=torch.float16):
+                    x = torch.randn(m, k, device=dev, generator=gen).to(dtype)
+                    if int4:
+                        nib = torch.randint(0, 16, (n, k), device=dev, dtype=torch.int32, generator=gen)
+                        s = (torch.rand(k // 128, n, device=dev, generator=gen) * 0.01 + 1e-3).to(dtype)
+                        return x, fragment_major_int4(pack_int4_rows(nib.t().contiguous())), s
+                    q = torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8, generator=gen)
+                    s = torch.rand(n, device=dev, generator=gen) * 0.01 + 1e-3
+                    return x, fragment_major_int8(q), s
+
+                sets = [make_set()]
+                ref = run(*sets[0], n, int4)
+                row = []
+                for cfg in configs:
+                    if n % (64 * cfg[0]):
+                        continue
+                    try:
+                        y = run(*sets[0], n, int4, cfg)
+                        torch.cuda.synchronize()
+                    except Exception as e:  # report, go on
+                        row.append(f"{cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+                        continue
+                    ok = torch.equal(y, ref) and not torch.isnan(y).any().item()
+                    row.append(f"{cfg} {'same bits' if ok else 'OTHER BITS %.2e' % (y.float() - ref.float()).abs().max().item()}")
+                if not args.bits_only:
+                    set_bytes = sum(t.numel() * t.element_size() for t in sets[0])
+                    sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(dev)))]
+                    w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
+                    op = w4a16_fragment_gemm if int4 else w8a16_fragment_gemm
+                    t = {"cublas": time_calls([lambda a=a: torch.nn.functional.linear(a[0], w16) for a in sets]).median_us,
+                         "op": time_calls([lambda a=a: op(*a) for a in sets]).median_us,
+                         "decode_tile": time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us}
+                    for cfg in configs:
+                        if n % (64 * cfg[0]):
+                            continue
+                        t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
+                    row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))
+                print(f"w{width}a16 {n}x{k} M={m}: " + " | ".join(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
