@@ -19,7 +19,8 @@ from angel_kernels.tuning import l2_bytes, rotation_count, time_calls
 
 
 def run(x, words, scales, n, int4, cfg=None):
-    """cfg None: the decode-tile kernel at the op's token tile; else (warpgroups, block_m, stages, overlap)."""
+    """cfg None: the decode-tile kernel at the op's token tile; else (warpgroups, block_m, stages, overlap[, ahead[,
+    serial]]): serial runs a split weight's ranges in one program per tile."""
     M, K = x.shape
     y = torch.empty(M, n, dtype=x.dtype, device=x.device)
     if cfg is None:
@@ -30,8 +31,9 @@ def run(x, words, scales, n, int4, cfg=None):
         return y
     wg, bm, stages, overlap = cfg[:4]
     ahead = cfg[4] if len(cfg) > 4 else 2
+    serial = bool(cfg[5]) if len(cfg) > 5 else False
     tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
-    plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
+    plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=serial)
     launch_tma(x, words, scales, None, y, plan, bm, int4, stages, wg, ahead, bool(overlap))
     return y
 
@@ -43,8 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="2,128,3,0;2,128,3,1;4,128,3,0;4,64,3,0;2,64,3,0")
     ap.add_argument("--widths", default="8,4")
     ap.add_argument("--bits-only", action="store_true")
+    ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -83,8 +86,9 @@ def main(argv=None) -> int:
                     w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
                     op = w4a16_fragment_gemm if int4 else w8a16_fragment_gemm
                     t = {"cublas": time_calls([lambda a=a: torch.nn.functional.linear(a[0], w16) for a in sets]).median_us,
-                         "op": time_calls([lambda a=a: op(*a) for a in sets]).median_us,
-                         "decode_tile": time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us}
+                         "op": time_calls([lambda a=a: op(*a) for a in sets]).median_us}
+                    if not args.no_decode_tile:
+                        t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
                         if n % (64 * cfg[0]):
                             continue

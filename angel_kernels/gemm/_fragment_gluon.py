@@ -247,9 +247,11 @@ def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x
 def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                               stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                               SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                              AHEAD: gl.constexpr, OVERLAP: gl.constexpr):
+                              AHEAD: gl.constexpr, OVERLAP: gl.constexpr, SERIAL: gl.constexpr):
     """Batch tiles: WG warpgroups (64 weight rows each) share one x tile that TMA brings in; the same k16 chain,
-    dequantization and rounding as ``_fragment_gemm_kernel`` (so the same bits)."""
+    dequantization and rounding as ``_fragment_gemm_kernel`` (so the same bits). SERIAL: one program per tile runs
+    the SPLIT_K ranges one after the other and sums them in registers, in split order (the partials' bits without
+    the partials)."""
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     ROWS: gl.constexpr = 64 * WG
@@ -269,8 +271,13 @@ def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, c
     for t in gl.static_range(STAGES):
         mbarrier.init(ready.index(t), count=1)
 
-    k_start = pid_k * K_PER_SPLIT
-    n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
+    if SERIAL:  # one stream over the whole K; ranges of K_PER_SPLIT end in _range_end
+        k_start = 0
+        n_blocks = K // TILE_K
+    else:
+        k_start = pid_k * K_PER_SPLIT
+        n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
+    range_blocks = K_PER_SPLIT // TILE_K
     kb0 = k_start // TILE_K
     off_m = pid_m * BLOCK_M
     for t in gl.static_range(STAGES):
@@ -287,23 +294,42 @@ def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, c
     if AHEAD == 3:
         lo_c, hi_c, s0_c, s1_c = _load_halves(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
+    total = acc  # SERIAL: the ranges summed so far
     for i in range(0, n_blocks, AHEAD):
         acc, lo_a, hi_a, s0_a, s1_a = _k_block_tma(acc, i, n_blocks, lo_a, hi_a, s0_a, s1_a, w_ptrs, s_ptrs, x_desc,
                                                    x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4, BF16, DT,
                                                    AHEAD, STAGES, OVERLAP, a_l)
+        acc, total = _range_end(acc, total, i, n_blocks, range_blocks, SERIAL)
         if i + 1 < n_blocks:
             acc, lo_b, hi_b, s0_b, s1_b = _k_block_tma(acc, i + 1, n_blocks, lo_b, hi_b, s0_b, s1_b, w_ptrs, s_ptrs,
                                                        x_desc, x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4,
                                                        BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
+            acc, total = _range_end(acc, total, i + 1, n_blocks, range_blocks, SERIAL)
         if AHEAD == 3:
             if i + 2 < n_blocks:
                 acc, lo_c, hi_c, s0_c, s1_c = _k_block_tma(acc, i + 2, n_blocks, lo_c, hi_c, s0_c, s1_c, w_ptrs,
                                                            s_ptrs, x_desc, x_lo, x_hi, ready, off_m, k_start, N,
                                                            WORDS, INT4, BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
+                acc, total = _range_end(acc, total, i + 2, n_blocks, range_blocks, SERIAL)
     for t in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(t))
-    _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
-                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+    if SERIAL:
+        _store_result(total, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                      INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
+    else:
+        _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                      INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+
+
+@gluon.jit
+def _range_end(acc, total, j, n_blocks, range_blocks, SERIAL: gl.constexpr):
+    """SERIAL: after K-block j, a finished split range's sum joins the total in split order (the first range's as
+    it is, not 0 + it: the partials' sum keeps a -0)."""
+    if SERIAL:
+        if ((j + 1) % range_blocks == 0) | (j + 1 == n_blocks):
+            total = gl.where(j < range_blocks, acc, total + acc)
+            acc = gl.zeros_like(acc)
+    return acc, total
 
 
 def x_descriptor(x2: torch.Tensor, block_m: int):
@@ -317,7 +343,8 @@ def x_descriptor(x2: torch.Tensor, block_m: int):
 def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                block_m: int, int4: bool = True, stages: int = 3, warpgroups: int = 2, ahead: int = 2,
                overlap: bool = False) -> None:
-    """``launch``'s batch-tile kernel: x through TMA, ``warpgroups`` 64-row tiles per program sharing it."""
+    """``launch``'s batch-tile kernel: x through TMA, ``warpgroups`` 64-row tiles per program sharing it; a plan
+    with ``serial`` runs its split ranges in one program per tile."""
     M, K = x2.shape
     N = y.shape[1]
     if ahead not in (2, 3):
@@ -327,11 +354,12 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned rows
         x2 = x2.contiguous()
     num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
-    _fragment_gemm_tma_kernel[(num_tiles, plan.split_k)](
+    _fragment_gemm_tma_kernel[(num_tiles, plan.grid_k)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, OVERLAP=overlap, num_warps=4 * warpgroups)
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, OVERLAP=overlap, SERIAL=plan.serial,
+        num_warps=4 * warpgroups)
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,

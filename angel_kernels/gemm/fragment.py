@@ -39,9 +39,9 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.gemm import w8a16_gemm_ref
 from ..reference.int4 import unpack_int4_rows, w4a16_gemm_ref
-from ..runtime import interpreter_active, reference_forced
+from ..runtime import interpreter_active, num_sms, reference_forced
 from ..tuning import m_bucket
-from ._splitk import plan_split, split_k_on
+from ._splitk import DEFAULT_SMS, plan_split, split_k_on
 from .w4a16 import SCALE_DTYPES, dequantize_packed
 from .w8a16 import CHANNEL_SCALE_DTYPES
 
@@ -52,14 +52,20 @@ GROUP_SIZE = 128  # the one group size the layout serves: a K-block's scales are
 # card): 28672×4096 337 / ~248, 4096×14336 190 / ~120, 4096×4096 64 / ~42; at M = 256 the kernel still leads on
 # the large shapes (28672×4096 169 / ~182). w4a16_gemm on the packed layout switches at LARGE_M (1024).
 LARGE_M_FRAGMENT = 512
-# Batch tiles (``_fragment_gemm_tma_kernel``: x through TMA, shared by several warpgroups of 64 weight rows) for
-# 64 < M ≤ LARGE_M_BATCH on weights whose split count is 1 (the split depends on N and K only; a split launch's
-# fp32 partials grow with M). Same bits as the decode tiles, so those rows stay batch-invariant up to
-# LARGE_M_BATCH. H100, µs decode tiles or dequantize + cuBLAS (the op before) → batch tiles, same run: int8
-# 28672×4096 M = 256 139.7 → 122.2, M = 512 290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 →
-# 802.1; int4 28672×8192 M = 256 298.3 → 233.5, M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per
-# program, token tile and x stages by width (int4 unpacks cheaper, so four warpgroups share one x tile there).
+# Batch tiles (``_fragment_gemm_tma_kernel``: x through TMA, shared by several warpgroups of 64 weight rows), with
+# the decode tiles' bits, so rows stay batch-invariant wherever they serve:
+# - unsplit weights (split count 1; it depends on N and K only), 64 < M ≤ LARGE_M_BATCH. H100, µs decode tiles or
+#   dequantize + cuBLAS (the op before) → batch tiles, same run: int8 28672×4096 M = 256 139.7 → 122.2, M = 512
+#   290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 → 802.1; int4 28672×8192 M = 256 298.3 → 233.5,
+#   M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per program, token tile and x stages by width
+#   (int4 unpacks cheaper, so four warpgroups share one x tile there).
+# - split weights, 128 < M ≤ LARGE_M_FRAGMENT, where the tiles fill their waves (≥ 90 %; 216 registers: one
+#   program per SM): the split ranges one after the other in one program (SERIAL), no partials. H100, µs op →
+#   serial tiles, int8 / int4: 4096×14336 M = 512 142.7 → 112.6 / 132.9 → 116.2; 8192×28672 M = 256 285.1 → 223.0 /
+#   298.9 → 229.6, M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8. Where the
+#   last wave is part-empty they lost (6144×4096 M = 512, 192 tiles: 64.1 → 71.6) or won less often.
 BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
+SERIAL_BATCH_TILE = (2, 128, 3)
 LARGE_M_BATCH = 1024
 
 
@@ -178,22 +184,34 @@ def blocks_ahead(block_m: int) -> int:
     return 3 if block_m <= 16 else 2
 
 
-def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool) -> Optional[tuple[int, int, int]]:
-    """(warpgroups, token tile, x stages) of the batch-tile kernel for this problem, or None (decode tiles below
-    M = 65, dequantize + cuBLAS above LARGE_M_BATCH, split weights, N not a multiple of 128)."""
-    if not 64 < m <= LARGE_M_BATCH or split_k_on(device, "w4a16_fragment", n, k, TILE_K) != 1:
+def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
+    """(warpgroups, token tile, x stages, serial) of the batch-tile kernel for this problem, or None: the decode
+    tiles up to M = 64 (and on split weights where the batch tiles would leave waves part-empty), dequantize +
+    cuBLAS above LARGE_M_BATCH (split weights: from LARGE_M_FRAGMENT), N not a multiple of 128."""
+    if m <= 64 or n % (2 * TILE_N):
         return None
-    warpgroups, block_m, stages = BATCH_TILE[int4]
-    while n % (TILE_N * warpgroups):
-        warpgroups //= 2
-    return (warpgroups, block_m, stages) if warpgroups > 1 else None
+    if split_k_on(device, "w4a16_fragment", n, k, TILE_K) == 1:
+        if m > LARGE_M_BATCH:
+            return None
+        warpgroups, block_m, stages = BATCH_TILE[int4]
+        while n % (TILE_N * warpgroups):
+            warpgroups //= 2
+        return warpgroups, block_m, stages, False
+    warpgroups, block_m, stages = SERIAL_BATCH_TILE
+    if not 2 * TILE_N < m <= LARGE_M_FRAGMENT:
+        return None
+    tiles = n // (TILE_N * warpgroups) * triton.cdiv(m, block_m)
+    sms = num_sms(device, DEFAULT_SMS)
+    if tiles < 0.9 * triton.cdiv(tiles, sms) * sms:
+        return None
+    return warpgroups, block_m, stages, True
 
 
 def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
     if p.device.type != "cuda" or p.M < LARGE_M_FRAGMENT:
         return False, f"meant for CUDA with M >= {LARGE_M_FRAGMENT}"
     if batch_tile_for(p.device, p.M, p.N, p.K, int4) is not None:
-        return False, f"the batch-tile kernel serves unsplit weights through M = {LARGE_M_BATCH}"
+        return False, "the batch-tile kernel serves this problem"
     return True, ""
 
 
@@ -202,10 +220,10 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
 
     batch = batch_tile_for(x2.device, p.M, p.N, p.K, int4)
     if batch is not None:
-        warpgroups, block_m, stages = batch
+        warpgroups, block_m, stages, serial = batch
         y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
         num_tiles = p.N // (TILE_N * warpgroups) * triton.cdiv(p.M, block_m)
-        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
+        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=serial)
         launch_tma(x2, words, scales, bias, y, plan, block_m, int4=int4, stages=stages, warpgroups=warpgroups)
         return y
     block_m = block_m_for(p.M, p.N, p.K)

@@ -235,16 +235,27 @@ def test_gpu_batch_invariance(m, monkeypatch):
 CPU = torch.device("cpu")  # the split rule off the GPU assumes 132 SMs, as on an H100
 
 
-@pytest.mark.parametrize("int4,tile", [(True, (4, 128, 4)), (False, (2, 128, 3))])
+@pytest.mark.parametrize("int4,tile", [(True, (4, 128, 4, False)), (False, (2, 128, 3, False))])
 def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
     assert batch_tile_for(CPU, 256, 28672, 4096, int4) == tile  # 448 row tiles: split 1
     assert batch_tile_for(CPU, 65, 28672, 8192, int4) == tile
     assert batch_tile_for(CPU, 1024, 1024, 1024, int4) == tile  # K = 1024 never splits
     assert batch_tile_for(CPU, 64, 28672, 4096, int4) is None  # decode tiles
     assert batch_tile_for(CPU, 1025, 28672, 4096, int4) is None  # dequantize + cuBLAS
-    assert batch_tile_for(CPU, 256, 4096, 14336, int4) is None  # split 8: partials grow with M
-    assert batch_tile_for(CPU, 256, 640, 1024, int4) == (2, 128, tile[2])  # N % 256 != 0: two warpgroups
+    assert batch_tile_for(CPU, 256, 640, 1024, int4) == (2,) + tile[1:]  # N % 256 != 0: two warpgroups
     assert batch_tile_for(CPU, 256, 576, 1024, int4) is None  # N % 128 != 0
+
+
+@pytest.mark.parametrize("int4", [True, False])
+def test_serial_batch_tiles_serve_split_weights_where_they_fill_their_waves(int4):
+    serial = (2, 128, 3, True)
+    assert batch_tile_for(CPU, 512, 4096, 14336, int4) == serial  # split 8, 32 · 4 = 128 tiles on 132 SMs
+    assert batch_tile_for(CPU, 256, 8192, 28672, int4) == serial  # 128 tiles
+    assert batch_tile_for(CPU, 512, 8192, 28672, int4) == serial  # 256 tiles: two full waves
+    assert batch_tile_for(CPU, 256, 4096, 14336, int4) is None  # 64 tiles: half the SMs idle
+    assert batch_tile_for(CPU, 512, 6144, 4096, int4) is None  # 192 tiles: the second wave half empty
+    assert batch_tile_for(CPU, 128, 8192, 28672, int4) is None  # decode tiles up to M = 128
+    assert batch_tile_for(CPU, 513, 8192, 28672, int4) is None  # dequantize + cuBLAS
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
@@ -253,9 +264,9 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
 
     dequant = family.get("dequant_matmul")
     monkeypatch.setattr(mod, "split_k_on", lambda device, kernel, n, k, block: 1 if n == 28672 else 8)
-    cuda = torch.device("cuda")
-    for m, n, suits in [(300, 4096, False), (512, 4096, True), (512, 28672, False), (1024, 28672, False),
-                        (1025, 28672, True), (4096, 4096, True)]:
+    cuda = torch.device("cuda")  # the rule's SM count off the GPU: 132
+    for m, n, suits in [(300, 4096, False), (512, 4096, False), (512, 6144, True), (512, 28672, False),
+                        (1024, 28672, False), (1025, 28672, True), (4096, 4096, True)]:
         ok, reason = dequant.suits(FragmentProblem(m, n, 4096, torch.float16, cuda))
         assert ok == suits, (m, n, reason)
     assert not dequant.suits(FragmentProblem(LARGE_M_FRAGMENT, 4096, 4096, torch.float16, CPU))[0]
@@ -263,13 +274,14 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("int4", [True, False])
-@pytest.mark.parametrize("n,k", [(1024, 1024), (640, 1024), (28672, 4096)])  # int4 warpgroups 4, 2, 4
-@pytest.mark.parametrize("m", [65, 300, 1000])
+@pytest.mark.parametrize("n,k,m", [(1024, 1024, 65), (1024, 1024, 300), (1024, 1024, 1000), (640, 1024, 300),
+                                   (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m):
-    """Batch tiles (M > 64 on unsplit weights) give each row the bits of the decode tiles at M = 1, with a bias,
-    bf16 activations, x a strided view (TMA reads it in place) and a poisoned output."""
+    """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
+    2 where N % 256 != 0; split weights: the ranges run serially), with a bias, bf16 activations, x a strided view
+    (TMA reads it in place)."""
     if batch_tile_for(torch.device("cuda"), m, n, k, int4) is None:
-        pytest.skip("split on this GPU's SM count")
+        pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
     assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
     x0, q, s, b = _layer(m, n, k, torch.bfloat16, "cuda", seed=m + n + k, bias=True)
