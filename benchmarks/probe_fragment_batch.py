@@ -13,7 +13,9 @@ import triton
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
 from angel_kernels.gemm._fragment_gluon import launch, launch_tma
 from angel_kernels.gemm._splitk import plan_split
-from angel_kernels.gemm.fragment import TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8
+from angel_kernels.gemm.fragment import (
+    TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8,
+)
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.tuning import l2_bytes, rotation_count, time_calls
 
@@ -79,13 +81,15 @@ def main(argv=None) -> int:
                         row.append(f"{cfg} failed: {type(e).__name__}: {str(e)[:300]}")
                         continue
                     ok = torch.equal(y, ref) and not torch.isnan(y).any().item()
-                    row.append(f"{cfg} {'same bits' if ok else 'OTHER BITS %.2e' % (y.float() - ref.float()).abs().max().item()}")
+                    diff = (y.float() - ref.float()).abs().max().item()
+                    row.append(f"{cfg} {'same bits' if ok else f'OTHER BITS {diff:.2e}'}")
                 if not args.bits_only:
                     set_bytes = sum(t.numel() * t.element_size() for t in sets[0])
                     sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(dev)))]
                     w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
                     op = w4a16_fragment_gemm if int4 else w8a16_fragment_gemm
-                    t = {"cublas": time_calls([lambda a=a: torch.nn.functional.linear(a[0], w16) for a in sets]).median_us,
+                    linear = torch.nn.functional.linear
+                    t = {"cublas": time_calls([lambda a=a: linear(a[0], w16) for a in sets]).median_us,
                          "op": time_calls([lambda a=a: op(*a) for a in sets]).median_us}
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us

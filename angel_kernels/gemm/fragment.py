@@ -20,11 +20,14 @@ one A register, and each register has one row: its scale is one of the thread's 
 
 The results are bit for bit those of ``w4a16_gemm`` on the packed layout run with the same split count (the same
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
-shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant for
-M < LARGE_M_FRAGMENT (512), where dequantize + cuBLAS takes over. Serves symmetric group-128 weights (the GPTQ / AWQ /
-compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The
-int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives
-``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
+shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
+Gluon kernel serves: decode tiles up to M = 64, batch tiles (``batch_tile_for``: x shared by several warpgroups
+through TMA) up to LARGE_M_BATCH (1024) on unsplit weights and between 129 and 512 on split ones where they fill
+their waves; elsewhere from M = LARGE_M_FRAGMENT (512) dequantize + cuBLAS takes over. Serves symmetric group-128
+weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
+``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
+``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores
+sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -55,15 +58,15 @@ LARGE_M_FRAGMENT = 512
 # Batch tiles (``_fragment_gemm_tma_kernel``: x through TMA, shared by several warpgroups of 64 weight rows), with
 # the decode tiles' bits, so rows stay batch-invariant wherever they serve:
 # - unsplit weights (split count 1; it depends on N and K only), 64 < M ≤ LARGE_M_BATCH. H100, µs decode tiles or
-#   dequantize + cuBLAS (the op before) → batch tiles, same run: int8 28672×4096 M = 256 139.7 → 122.2, M = 512
-#   290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 → 802.1; int4 28672×8192 M = 256 298.3 → 233.5,
-#   M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per program, token tile and x stages by width
-#   (int4 unpacks cheaper, so four warpgroups share one x tile there).
+#   dequantize + cuBLAS (the op before) → batch tiles, same run: int8 28672×4096 M = 256 139.7 → 122.2,
+#   M = 512 290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 → 802.1; int4 28672×8192
+#   M = 256 298.3 → 233.5, M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per program, token tile
+#   and x stages by width (int4 unpacks cheaper, so four warpgroups share one x tile there).
 # - split weights, 128 < M ≤ LARGE_M_FRAGMENT, where the tiles fill their waves (≥ 90 %; 216 registers: one
 #   program per SM): the split ranges one after the other in one program (SERIAL), no partials. H100, µs op →
-#   serial tiles, int8 / int4: 4096×14336 M = 512 142.7 → 112.6 / 132.9 → 116.2; 8192×28672 M = 256 285.1 → 223.0 /
-#   298.9 → 229.6, M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8. Where the
-#   last wave is part-empty they lost (6144×4096 M = 512, 192 tiles: 64.1 → 71.6) or won less often.
+#   serial tiles, int8 / int4: 4096×14336 M = 512 142.7 → 112.6 / 132.9 → 116.2; 8192×28672 M = 256 285.1 →
+#   223.0 / 298.9 → 229.6, M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8.
+#   Where the last wave is part-empty they lost (6144×4096 M = 512, 192 tiles: 64.1 → 71.6).
 BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
 SERIAL_BATCH_TILE = (2, 128, 3)
 LARGE_M_BATCH = 1024
@@ -397,9 +400,9 @@ def w4a16_fragment_gemm(
     """y [..., N] = x [..., K] · Wᵀ (+ bias) for a symmetric group-128 int4 weight stored fragment-major
     (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
 
-    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernel on sm_90 below LARGE_M_FRAGMENT, dequantize + cuBLAS from
-    there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
-    ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
+    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (decode tiles, batch tiles: ``batch_tile_for``),
+    dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA when forced), the fp32
+    reference elsewhere. Registered as ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)
     return _gemm(W4A16_FRAGMENT, x, words, scales, bias)
 
@@ -441,11 +444,11 @@ def w8a16_fragment_gemm(
     """y [..., N] = (x [..., K] · qᵀ) · scales (+ bias) for an int8 weight stored fragment-major
     (``fragment_major_int8``: words [N, K // 4]) with one scale per output channel [N]: ``w8a16_gemm``'s results on
     the row- or tile-major weight (the same split rule and k16 chain; a GPU test checks the bits on three shapes at
-    M = 1-300 and at 1024, where both dequantize; between 512 and 1024 this op already dequantizes while
-    ``w8a16_gemm`` runs its kernel, within rounding of each other).
+    M = 1-300 and at 1024, against ``w8a16_gemm``'s kernel where a batch tile serves, its dequantize + cuBLAS
+    elsewhere; where only one of the two dequantizes, they agree within rounding).
 
-    Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernel's int8 mode on sm_90 below LARGE_M_FRAGMENT, dequantize +
-    cuBLAS from there (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
-    ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
+    Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (decode tiles, batch tiles:
+    ``batch_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA
+    when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
     _validate(x, words, scales, bias, int4=False)
     return _gemm(W8A16_FRAGMENT, x, words, scales, bias)
