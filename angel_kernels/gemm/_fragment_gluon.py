@@ -236,7 +236,8 @@ def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x
                  WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr,
                  STAGES: gl.constexpr, OVERLAP: gl.constexpr, a_l: gl.constexpr):
     """K-block i in two k64 halves (half the A registers of a whole block); block i + AHEAD's words into the same
-    registers; once every warpgroup is done with x's stage, its refill with block i + STAGES."""
+    registers; once every warpgroup is done with x's stage, its refill with block i + STAGES. OVERLAP (probe only:
+    slower on the H100) converts the second half while the first half's MMAs run."""
     a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
     mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
     acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)

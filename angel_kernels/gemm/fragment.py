@@ -21,9 +21,9 @@ one A register, and each register has one row: its scale is one of the thread's 
 The results are bit for bit those of ``w4a16_gemm`` on the packed layout run with the same split count (the same
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
-Gluon kernel serves: decode tiles up to M = 64, batch tiles (``batch_tile_for``: x shared by several warpgroups
-through TMA) up to LARGE_M_BATCH (1024) on unsplit weights and between 129 and 512 on split ones where they fill
-their waves; elsewhere from M = LARGE_M_FRAGMENT (512) dequantize + cuBLAS takes over. Serves symmetric group-128
+Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
+LARGE_M_BATCH (1024) on unsplit weights and from 129 to 512 on split ones where they fill their waves, decode tiles
+below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves symmetric group-128
 weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
 ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
 ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores
