@@ -211,14 +211,8 @@ def _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4
 @gluon.jit
 def _load_halves(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
     """K-block i's weight words as its two k64 halves (w_ptrs: a thread's first half) and the int4 scales."""
-    w_lo = gl.load(w_ptrs + i * (128 * WORDS), mask=i < n_blocks)
+    w_lo, s0, s1 = _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS, INT4, DT)
     w_hi = gl.load(w_ptrs + i * (128 * WORDS) + WORDS // 2, mask=i < n_blocks)
-    if INT4:
-        s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(DT)
-        s1 = gl.load(s_ptrs + i * N + 8, mask=i < n_blocks).to(DT)
-    else:  # int8: unused
-        s0 = gl.full(s_ptrs.shape, 0, DT, s_ptrs.type.layout)
-        s1 = s0
     return w_lo, w_hi, s0, s1
 
 
