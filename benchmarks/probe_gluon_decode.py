@@ -52,7 +52,10 @@ def compile_sm90(int4, split_k=1, block_m=16, stages=3, wg=1, ahead=2, split=Non
              for k in ("x_ptr", "w_ptr", "s_ptr", "y_ptr", "part_ptr", "count_ptr", "N", "K", "K_PER_SPLIT",
                        "stride_xm", "stride_ym")}
     src = GluonASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * wg, **({"maxnreg": maxnreg} if maxnreg else {})})
+    options = {"num_warps": 4 * wg}
+    if maxnreg:  # cap registers per thread (ptxas spills past it)
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def main(argv=None) -> int:

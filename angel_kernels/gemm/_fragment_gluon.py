@@ -336,6 +336,14 @@ def _range_end(acc, total, j, n_blocks, range_blocks, SERIAL: gl.constexpr):
     return acc, total
 
 
+def _rows_16_byte_aligned(x2: torch.Tensor) -> torch.Tensor:
+    """x2 itself where its rows are contiguous and start on 16-byte boundaries (what both kernels' x copies need),
+    else a contiguous copy."""
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        return x2.contiguous()
+    return x2
+
+
 def x_descriptor(x2: torch.Tensor, block_m: int):
     """TMA descriptor of x [M, K] in [block_m, 64] boxes (128-byte swizzle, wgmma's B operand layout)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -355,8 +363,7 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
         raise ValueError(f"ahead={ahead}: 2 or 3 K-blocks of weight words in flight")
     if N % (64 * warpgroups):
         raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # TMA: 16-byte aligned rows
-        x2 = x2.contiguous()
+    x2 = _rows_16_byte_aligned(x2)  # TMA's boxes
     num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
     _fragment_gemm_tma_kernel[(num_tiles, plan.grid_k)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
@@ -376,8 +383,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
     N = y.shape[1]
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # cp.async copies 16-byte runs
-        x2 = x2.contiguous()
+    x2 = _rows_16_byte_aligned(x2)  # cp.async copies 16-byte runs
     scales = scales.contiguous()
     if N % (64 * warpgroups):
         raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
