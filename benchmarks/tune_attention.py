@@ -8,7 +8,7 @@ the heuristic config's output, and print the heuristic's time next to the five f
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
        [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
-large cases and then print the top configs of a small one.)
+large cases and then print the top configs of a small one. --per-case with prefill: the benchmark's four cases.)
 """
 import argparse
 import json
@@ -24,6 +24,8 @@ from angel_kernels.attention import paged_decode, paged_prefill
 from angel_kernels.tuning import TunedConfigStore, gpu_slug
 
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 16
+# prefill --per-case: the benchmark's cases (batch, new tokens, cached prefix), a 1k-token RAG prompt included
+PREFILL_CASES = ((1, 1024, 0), (4, 1024, 0), (1, 4096, 0), (1, 512, 3584))
 
 
 def small_decode_space(p):
@@ -60,15 +62,18 @@ def focus_decode_space(p):
 
 
 def focus_prefill_space(p):
-    """Around the H100 leaders (int8 64×128 / 4 warps, fp16 128×64 / 8 warps, both with page addressing):
-    64×128 / 4 warps and 128×64 / 8 warps at 2-3 stages, 64×64 / 4 warps at 2, with and without the head-dim
-    halves; int8 with the word path, with and without int8 q·kᵀ (20 int8, 8 fp16 configs)."""
+    """Around the H100 leaders (int8 64×128 / 4 warps with int8 q·kᵀ and the word path, fp16 128×64 / 8 warps with
+    the head-dim halves, both with page addressing): 64×128 / 4 warps and 128×64 / 8 warps at 2-3 stages, 64×64 /
+    4 warps at 2, the masked tail in BLOCK_N, 32- or 64-token tiles (12 int8, 9 fp16 configs)."""
     shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
 
     def keep(c):
         x = dict(c.extra)
-        words_ok = x.get("WORDS") == 1 or p.kv_dtype != torch.int8
-        return (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes and x.get("PAGE_ADDR") and words_ok
+        if p.kv_dtype == torch.int8:
+            variant = x.get("WORDS") == 1 and x.get("QK_INT8") == 1 and "D_SPLIT" not in x
+        else:
+            variant = x.get("D_SPLIT") == 2
+        return (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes and x.get("PAGE_ADDR") and variant
 
     return [c for c in paged_prefill.tuning_space(p) if keep(c)]
 
@@ -88,23 +93,26 @@ def ship(tuned_json: Path, configs_dir: Path = PACKAGE_CONFIGS) -> None:
     print(f"shipped into {shipped}")
 
 
-def tune_decode_per_case(p, configs, cases, store, scratch):
+def tune_per_case(kernel, p, configs, cases, store, scratch):
     """Time the configs on each case alone and keep the one with the best geometric mean of (time / the case's
-    fastest time): a 10 µs case weighs as much as a 1 ms one (the summed time of ``paged_decode.tune`` follows the
-    largest case only). Returns (best, {config: score}); prints the leaders' per-case times."""
+    fastest time): a 10 µs case weighs as much as a 1 ms one (the summed time of ``tune`` follows the largest case
+    only). ``kernel``: paged_decode (cases (batch, context)) or paged_prefill ((batch, new, prefix)). Returns
+    (best, {config: score}); prints the leaders' per-case times."""
     per_case = {}
     for case in cases:
-        _, per_case[case] = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=p.kv_dtype,
-                                              store=TunedConfigStore(scratch), configs=configs, cases=(case,))
+        _, per_case[case] = kernel.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=p.kv_dtype,
+                                        store=TunedConfigStore(scratch), configs=configs, cases=(case,))
     common = [c for c in configs if all(c in t for t in per_case.values())]
     fastest = {case: min(t.values()) for case, t in per_case.items()}
     score = {c: math.exp(sum(math.log(per_case[case][c] / fastest[case]) for case in cases) / len(cases))
              for c in common}
     best = min(score, key=score.__getitem__)
-    store.record(paged_decode.KERNEL_NAME, p.key(), best, p.device)
-    print(f"\n## decode {p.key()} per case (µs), ranked by the geometric mean of time / fastest:")
-    print("  score  " + "  ".join(f"{b}x{c}" for b, c in cases))
-    for c in sorted(score, key=score.__getitem__)[:8]:
+    store.record(kernel.KERNEL_NAME, p.key(), best, p.device)
+    print(f"\n## {kernel.KERNEL_NAME} {p.key()} per case (µs), ranked by the geometric mean of time / fastest:")
+    print("  score  " + "  ".join("x".join(str(v) for v in case) for case in cases))
+    ranked = sorted(score, key=score.__getitem__)
+    heur = kernel.heuristic_config(p)
+    for c in ranked[:8] + ([heur] if heur in score and heur not in ranked[:8] else []):
         print(f"  {score[c]:.3f}  " + "  ".join(f"{per_case[case][c]:.1f}" for case in cases) + f"  {c.as_dict()}")
     return best, score
 
@@ -119,7 +127,7 @@ def main():
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
     ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
     ap.add_argument("--per-case", action="store_true",
-                    help="decode: time each case alone, keep the best geometric mean of time / the case's fastest")
+                    help="time each case alone, keep the best geometric mean of time / the case's fastest")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # each config's time as it is measured
     dev = torch.device("cuda")
@@ -139,7 +147,7 @@ def main():
                     tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
                 if args.per_case:
                     with tempfile.TemporaryDirectory() as scratch:
-                        tune_decode_per_case(p, configs, cases, store, scratch)
+                        tune_per_case(paged_decode, p, configs, cases, store, scratch)
                     store.save(dev)
                     continue
                 best, timings = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
@@ -150,6 +158,11 @@ def main():
                 space = focus_prefill_space(p) if args.space == "focus" else paged_prefill.tuning_space(p)
                 configs = [paged_prefill.heuristic_config(p)] + [c for c in space
                                                                  if c != paged_prefill.heuristic_config(p)]
+                if args.per_case:
+                    with tempfile.TemporaryDirectory() as scratch:
+                        tune_per_case(paged_prefill, p, configs, PREFILL_CASES, store, scratch)
+                    store.save(dev)
+                    continue
                 best, timings = paged_prefill.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
                                                    store=store, configs=configs)
             heur = mod.heuristic_config(p)

@@ -37,7 +37,7 @@ def test_per_case_ranking_weighs_every_case_alike(tmp_path, monkeypatch):
 
     monkeypatch.setattr(paged_decode, "tune", fake_tune)
     store = TunedConfigStore(str(tmp_path / "out"))
-    best, score = T.tune_decode_per_case(d, [a, b], ((1, 1024), (64, 16384)), store, str(tmp_path / "scratch"))
+    best, score = T.tune_per_case(paged_decode, d, [a, b], ((1, 1024), (64, 16384)), store, str(tmp_path / "scratch"))
     assert best == a and score[a] == pytest.approx((1.0 * 1000 / 900) ** 0.5)
     assert store.lookup(paged_decode.KERNEL_NAME, d.key(), d.device) == a
 
