@@ -64,7 +64,7 @@ def focus_decode_space(p):
 def focus_prefill_space(p):
     """Around the H100 leaders (int8 64×128 / 4 warps with int8 q·kᵀ and the word path, fp16 128×64 / 8 warps with
     the head-dim halves, both with page addressing): 64×128 / 4 warps and 128×64 / 8 warps at 2-3 stages, 64×64 /
-    4 warps at 2, the masked tail in BLOCK_N, 32- or 64-token tiles (12 int8, 9 fp16 configs)."""
+    4 warps at 2 (5 int8, 4 fp16 configs)."""
     shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
 
     def keep(c):

@@ -12,9 +12,8 @@ K/V tile loaded once serves the whole group. Tiles are numbered per sequence fro
 BLOCK_Q + b`` (a sequence of ``Q_b`` tokens has ``cdiv(Q_b, BLOCK_Q)`` ≤ ``Q_b // BLOCK_Q + 1`` tiles, so the
 numbering never overlaps and ``T // BLOCK_Q + B`` tiles × ``H_kv`` programs cover every batch, launched last
 tile first); a program finds its sequence by binary search over ``query_start_loc``. The KV loop runs over the
-tiles a query tile can see: those entirely before its first query need no causal mask (the common case), the
-rest (the tail the causal mask cuts) are masked per element, in tiles of ``TAIL_N`` keys (a config option; a
-narrower tail reads and exponentiates fewer keys that the mask then drops).
+tiles a query tile can see: those entirely before its first query need no causal mask (the common case: a
+1000-token prompt with ``BLOCK_Q`` 32 masks 1 or 2 of ~16 KV tiles per program), the rest are masked per element.
 Dequantization is fused as in the decode kernel (K scale on the scores, V scales folded into the probabilities);
 softmax in fp32, base 2.
 
@@ -169,10 +168,8 @@ def _paged_varlen_kernel(
     PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
-    TAIL_N: tl.constexpr = 0,  # KV tile width of the masked tail (a power of two dividing BLOCK_N; 0: BLOCK_N)
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
-    TAIL: tl.constexpr = TAIL_N if TAIL_N > 0 else BLOCK_N
     # Longest first: one grid axis, the KV heads of a query tile side by side and the tiles in reverse, so a
     # sequence's last query tiles (the most KV tiles under the causal mask) start first and the short ones fill
     # the tail. H100, µs int8 / fp16 (tiles in order, heads on a second axis → this): 1×1024 70 → 52 / 50 → 35,
@@ -223,18 +220,13 @@ def _paged_varlen_kernel(
         first_q = ctx + q_tile * BLOCK_Q  # position of the tile's first query
         last_q = tl.minimum(first_q + BLOCK_Q, L) - 1
         kv_end = last_q + 1
-        # [n_lo, n_full): whole BLOCK_N tiles ending at or before first_q + 1, which no causal mask touches (with a
-        # window they are masked all the same: its lower edge moves with each row); [n_full, kv_end): the tail the
-        # causal mask cuts (BLOCK_Q to BLOCK_N + BLOCK_Q - 1 keys), in TAIL-wide tiles: with 16-token query tiles
-        # and 128-token KV tiles one masked 128-token tile held 72 visible keys on average
-        n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N
         if HAS_WINDOW:
             kv_start = tl.maximum(first_q + 1 - window, 0)
-            n_lo = (kv_start // BLOCK_N) * BLOCK_N  # ≤ n_full
-            n_tail = tl.maximum(n_full, (kv_start // TAIL) * TAIL)
+            n_lo = (kv_start // BLOCK_N) * BLOCK_N
+            n_full = n_lo  # every tile is masked with a window (its lower edge moves with each row)
         else:
             n_lo = first_q * 0
-            n_tail = n_full
+            n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N  # tiles ending at or before first_q + 1: unmasked
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
@@ -245,15 +237,15 @@ def _paged_varlen_kernel(
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, HAS_WINDOW, K_ALIGN, V_ALIGN, WORDS,
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
                 ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
-        for n0 in range(n_tail, kv_end, TAIL):
+        for n0 in range(n_full, kv_end, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                HEAD_DIM, PAGE, TAIL, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
+                HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
                 ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
@@ -285,15 +277,6 @@ def config_for(p: PagedPrefillProblem) -> KernelConfig:
 def block_q_for(group: int, block_m: int) -> int:
     """Query tokens per tile: as many whole GQA groups as fit the MMA rows (at least one token)."""
     return max(1, block_m // group)
-
-
-def tail_width(cfg: KernelConfig) -> int:
-    """The config's masked-tail tile width (``TAIL_N``; 0 = BLOCK_N), checked: a power of two ≥ 16 (an MMA's k)
-    dividing BLOCK_N."""
-    tail = int(dict(cfg.extra).get("TAIL_N", 0))
-    if tail and (tail < 16 or tail & (tail - 1) or cfg.BLOCK_N % tail):
-        raise ValueError(f"TAIL_N {tail} must be a power of two >= 16 dividing BLOCK_N {cfg.BLOCK_N}")
-    return tail
 
 
 def launch_paged_varlen(
@@ -336,7 +319,6 @@ def launch_paged_varlen(
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
-        TAIL_N=tail_width(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -486,13 +468,10 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     # QK_INT8 (int8 caches): K from the cache straight into int8 MMAs, q in two int8 parts (paged_decode); the
     # score tile then takes an int → float conversion (sm_90a, 64×128 / 4 warps with WORDS: 1672 → 1760
     # instructions per masked tile, spills 228 → 116 B; timed 4-8 % faster on three of four H100 cases, NOTES.md)
-    # TAIL_N: the masked tail in 32- or 64-token tiles instead of BLOCK_N
     int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
-    for bm, bn, warps, stages, words, d_split, page, qk_int8, tail in product(
+    for bm, bn, warps, stages, words, d_split, page, qk_int8 in product(
             (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), int8_options,
-            (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options, (0, 32, 64)):
-        if tail >= bn:
-            continue
+            (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options):
         # shared memory, ≤ ~200 KB of an H100's 227: the Q tile + `stages` K and V tiles as cached, and for int8
         # caches one converted (fp16) K and V tile (sm_90a: the shipped int8 64×128 / 3 stages takes 84 KB)
         kv_bytes = 1 if p.kv_dtype == torch.int8 else 2
@@ -504,7 +483,6 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
         extra += (("PAGE_ADDR", 1),) if page else ()
         extra += (("QK_INT8", 1),) if qk_int8 else ()
         extra += (("WORDS", 1),) if words else ()
-        extra += (("TAIL_N", tail),) if tail else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))
     return configs

@@ -225,36 +225,6 @@ def test_page_addressing_is_bitwise_identical(cache_dtype, block_size, device):
         assert_close(outs[1], _ref(c, **kw), name=name)
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_masked_tail_in_narrower_tiles(cache_dtype, block_size, device):
-    """TAIL_N (the causally masked tail in tiles narrower than BLOCK_N): against the reference and within output
-    roundings of whole tiles (another online-softmax order), prompts and chunks ending anywhere in a tile, a window
-    with soft-cap, int8 q·kᵀ; a width that does not divide BLOCK_N is refused."""
-    from angel_kernels.attention.paged_prefill import launch_paged_varlen
-    from angel_kernels.tuning import KernelConfig
-
-    lens, q_lens = zip(*(MIXED + [(100, 41), (64, 64)]))
-    c = varlen_case(lens, q_lens, cache_dtype=cache_dtype, block_size=block_size, seed=21, device=device)
-    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    block_m, block_n, tail = (16, 64, 16) if device.type == "cpu" else (64, 128, 32)
-    int8 = int(cache_dtype == torch.int8)
-    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
-        outs = []
-        for t in (0, tail):
-            extra = (("PAGE_ADDR", 1), ("QK_INT8", int8), ("TAIL_N", t), ("WORDS", int8))
-            out = launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=2,
-                                                              extra=extra), **kw)
-            assert not out.isnan().any()
-            outs.append(out)
-        name = f"{cache_dtype} page {block_size} {kw}"
-        assert_close(outs[1], _ref(c, **kw), name=name)
-        torch.testing.assert_close(outs[1], outs[0], rtol=2**-8, atol=1e-3, msg=name)
-    with pytest.raises(ValueError, match="TAIL_N 48"):
-        launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=2,
-                                                    extra=(("TAIL_N", 48),)))
-
-
 @pytest.mark.parametrize("cache_dtype,words", [(torch.int8, 0), (torch.int8, 1), (torch.float16, 0),
                                                (torch.bfloat16, 0)])
 def test_head_dim_halves(cache_dtype, words, device):
