@@ -47,6 +47,8 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4
 
 
 PagedPrefillProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
+# the new tokens' copy: rows of H_kv · D elements of 2 bytes from a fresh allocation, D a multiple of 16
+COPY_ALIGN = tl.constexpr(8)
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -74,11 +76,15 @@ def _attend_kv_tile(
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
     K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, D_SPLIT: tl.constexpr,
     PAGE_ADDR: tl.constexpr, BF16: tl.constexpr, QK_INT8: tl.constexpr, FENCE_V: tl.constexpr,
+    nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh, FROM_COPY: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
     the second halves; unused scalars otherwise). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
-    q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise."""
+    q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise.
+    FROM_COPY (int8 caches, a tile of the sequence's new tokens only): K and V rows from the copy of their int8
+    values in q's dtype (``_new_kv_copy_kernel``; row ``copy_base + position``), the scales from the cache: the
+    operands the MMAs see are the ones the conversion of the cached rows gives, unconverted."""
     PART: tl.constexpr = HEAD_DIM // D_SPLIT
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     dims = tl.arange(0, PART)
@@ -89,19 +95,27 @@ def _attend_kv_tile(
         pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # all true (a constant: the loads below drop their masks)
     slot, k_page, v_page, ks_page, vs_page = _tile_pages(
         bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR, ASM)
-    k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
-    v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
+    if FROM_COPY:
+        row = (copy_base + pos).to(tl.int64) * stride_nt + kvh * stride_nh
+        k_tok = tl.multiple_of(nk_ptr + row, COPY_ALIGN)
+        v_tok = tl.multiple_of(nv_ptr + row, COPY_ALIGN)
+    else:
+        k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
+        v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
+    # the copy's rows are q-dtype values: read as stored
+    KV_WORDS: tl.constexpr = WORDS and not FROM_COPY
+    KV_MAGIC: tl.constexpr = MAGIC and not FROM_COPY
     if QK_INT8:  # the keys go to int8 MMAs as loaded (paged_decode's _int8_qk)
         s = _int8_qk(k_tok, q, q_lo, q2, q2_lo, dims, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, D_SPLIT)
     else:
         # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
-        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, KV_WORDS, KV_MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
             s = tl.dot(q, kt.to(tl.float32))
         else:
             s = tl.dot(q, kt.to(DT))  # int8 → fp16/bf16 is exact for [-128, 127]
         if D_SPLIT == 2:
-            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, KV_WORDS, KV_MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
                           PART)
             if DOT_FP32:
                 s = tl.dot(q2, kt.to(tl.float32), s)
@@ -127,7 +141,7 @@ def _attend_kv_tile(
         s = tl.where(visible, s, float("-inf"))
     m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, FOLD, ROW_FOLD)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
+    v = _kv_tile(v_tok, 0, dims, pos_ok, False, KV_WORDS, KV_MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
     if QUANT:
         v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
         v_max = tl.max(v_sc, axis=0)
@@ -140,7 +154,7 @@ def _attend_kv_tile(
         pv = pv * v_max
     acc = acc * alpha[:, None] + pv
     if D_SPLIT == 2:
-        v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+        v = _kv_tile(v_tok, PART, dims, pos_ok, False, KV_WORDS, KV_MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
                      FENCE_V)
         pv = tl.dot(p, v.to(p.dtype))
         if QUANT:
@@ -168,6 +182,8 @@ def _paged_varlen_kernel(
     PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
+    nk_ptr=None, nv_ptr=None, stride_nt=0, stride_nh=0,  # the new tokens' copy (NEW_COPY)
+    NEW_COPY: tl.constexpr = False,  # int8 caches: tiles of new tokens only read from nk / nv (_attend_kv_tile)
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     # Longest first: one grid axis, the KV heads of a query tile side by side and the tiles in reverse, so a
@@ -227,31 +243,120 @@ def _paged_varlen_kernel(
         else:
             n_lo = first_q * 0
             n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N  # tiles ending at or before first_q + 1: unmasked
+        # NEW_COPY: tiles from n_new on hold new tokens only and read their copy; the rest read the cache
+        if NEW_COPY:
+            n_new = tl.cdiv(ctx, BLOCK_N) * BLOCK_N
+        else:
+            n_new = kv_end + BLOCK_N  # past every tile
+        copy_base = q_start - ctx  # copy row of position pos: copy_base + pos
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         bt_row = bt_ptr + b64 * stride_btb
-        for n0 in range(n_lo, n_full, BLOCK_N):
+        # unmasked tiles, then masked ones; each from the cache, then from the copy
+        for n0 in range(n_lo, tl.minimum(n_full, n_new), BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
-        for n0 in range(n_full, kv_end, BLOCK_N):
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh,
+                False)
+        if NEW_COPY:
+            for n0 in range(tl.maximum(n_lo, n_new), n_full, BLOCK_N):
+                acc, acc2, m_i, l_i = _attend_kv_tile(
+                    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                    kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
+                    ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt,
+                    stride_nh, True)
+        for n0 in range(n_full, tl.minimum(kv_end, tl.maximum(n_full, n_new)), BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V)
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh,
+                False)
+        if NEW_COPY:
+            for n0 in range(tl.maximum(n_full, n_new), kv_end, BLOCK_N):
+                acc, acc2, m_i, l_i = _attend_kv_tile(
+                    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                    kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
+                    ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt,
+                    stride_nh, True)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if D_SPLIT == 2:
             tl.store(o_ptrs + PART, (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _new_kv_copy_kernel(
+    kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, nk_ptr, nv_ptr,
+    capacity, num_seqs, num_kv_heads,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_btb, stride_btn, stride_nt, stride_nh,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
+):
+    """Query token t's cached int8 K and V rows (every KV head), as q-dtype values (exact), into row t of nk / nv.
+    Token t is position ``seq_lens[b] - Q_b + (t - query_start_loc[b])`` of its sequence b; a position outside
+    [0, capacity) (a length shorter than its query: bad input) gives zeros."""
+    t = tl.program_id(0)
+    # the last sequence starting at or before t (sequences without queries share the next one's start)
+    lo = t * 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(qsl_ptr + mid) <= t
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    b = lo.to(tl.int64)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
+    pos = L - q_len + (t - q_start)
+    heads = tl.arange(0, HEADS)
+    dims = tl.arange(0, HEAD_DIM)
+    keep = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)  # [HEADS, HEAD_DIM]
+    pos_2d = pos + tl.zeros((HEADS, HEAD_DIM), dtype=tl.int32)  # as a tile: the interpreter's masks are tiles
+    m = keep & (pos_2d >= 0) & (pos_2d < L)
+    pos = tl.where((pos >= 0) & (pos < L), pos, 0)
+    blk = tl.load(bt_ptr + b * stride_btb + (pos // PAGE) * stride_btn).to(tl.int64)  # column 0 where not ok
+    slot = pos % PAGE
+    k = tl.load(kc_ptr + blk * stride_kcb + slot * stride_kcs + heads[:, None] * stride_kch + dims[None, :], mask=m,
+                other=0)
+    v = tl.load(vc_ptr + blk * stride_vcb + slot * stride_vcs + heads[:, None] * stride_vch + dims[None, :], mask=m,
+                other=0)
+    row = t.to(tl.int64) * stride_nt + heads[:, None] * stride_nh + dims[None, :]
+    # through fp32 (exact either way): the interpreter's int8 → bf16 conversion is wrong
+    tl.store(nk_ptr + row, k.to(tl.float32).to(nk_ptr.dtype.element_ty), mask=keep)
+    tl.store(nv_ptr + row, v.to(tl.float32).to(nv_ptr.dtype.element_ty), mask=keep)
+
+
+def new_kv_copy(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
+    """The cached int8 K and V rows of every query token as q-dtype values: (nk, nv), each [T, H_kv, D]."""
+    T, Hkv, D = q.shape[0], key_cache.shape[2], key_cache.shape[3]
+    nk = torch.empty((T, Hkv, D), dtype=q.dtype, device=q.device)
+    nv = torch.empty_like(nk)
+    page = key_cache.shape[1]
+    _new_kv_copy_kernel[(T,)](
+        key_cache, value_cache, block_table, seq_lens, query_start_loc, nk, nv,
+        block_table.shape[1] * page, seq_lens.shape[0], Hkv,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_table.stride(0), block_table.stride(1), nk.stride(0), nk.stride(1),
+        PAGE=page, HEAD_DIM=D, HEADS=triton.next_power_of_2(Hkv), num_warps=4,
+    )
+    return nk, nv
 
 
 # ------------------------------------------------------------------------------------------------- launching
@@ -299,6 +404,15 @@ def launch_paged_varlen(
     has_softcap = soft_cap is not None
     grid = ((T // block_q + B) * Hkv,)
     k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
+    qk_int8 = quant and bool(dict(cfg.extra).get("QK_INT8", 0))
+    new_copy = quant and bool(dict(cfg.extra).get("NEW_COPY", 0))
+    if new_copy and qk_int8:  # int8 q·kᵀ on cached tiles would sum differently from the copy's fp tiles
+        raise ValueError("NEW_COPY needs QK_INT8 off: cached and copied tiles must give the same bits")
+    if new_copy:
+        nk, nv = new_kv_copy(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+        copy_args = dict(nk_ptr=nk, nv_ptr=nv, stride_nt=nk.stride(0), stride_nh=nk.stride(1), NEW_COPY=True)
+    else:
+        copy_args = dict(nk_ptr=q, nv_ptr=q, stride_nt=0, stride_nh=0, NEW_COPY=False)
     _paged_varlen_kernel[grid](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, query_start_loc, out,
@@ -317,8 +431,9 @@ def launch_paged_varlen(
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
-        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
+        QK_INT8=qk_int8,
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
+        **copy_args,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -468,10 +583,13 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     # QK_INT8 (int8 caches): K from the cache straight into int8 MMAs, q in two int8 parts (paged_decode); the
     # score tile then takes an int → float conversion (sm_90a, 64×128 / 4 warps with WORDS: 1672 → 1760
     # instructions per masked tile, spills 228 → 116 B; timed 4-8 % faster on three of four H100 cases, NOTES.md)
+    # NEW_COPY (int8 caches, not with QK_INT8): tiles of new tokens only read a q-dtype copy of their values
     int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
-    for bm, bn, warps, stages, words, d_split, page, qk_int8 in product(
+    for bm, bn, warps, stages, words, d_split, page, qk_int8, new_copy in product(
             (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), int8_options,
-            (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options):
+            (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options, int8_options):
+        if qk_int8 and new_copy:
+            continue
         # shared memory, ≤ ~200 KB of an H100's 227: the Q tile + `stages` K and V tiles as cached, and for int8
         # caches one converted (fp16) K and V tile (sm_90a: the shipped int8 64×128 / 3 stages takes 84 KB)
         kv_bytes = 1 if p.kv_dtype == torch.int8 else 2
@@ -483,6 +601,7 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
         extra += (("PAGE_ADDR", 1),) if page else ()
         extra += (("QK_INT8", 1),) if qk_int8 else ()
         extra += (("WORDS", 1),) if words else ()
+        extra += (("NEW_COPY", 1),) if new_copy else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))
     return configs

@@ -225,6 +225,45 @@ def test_page_addressing_is_bitwise_identical(cache_dtype, block_size, device):
         assert_close(outs[1], _ref(c, **kw), name=name)
 
 
+@pytest.mark.parametrize("dtype,words", [(torch.float16, 1), (torch.bfloat16, 0)])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_new_tokens_from_their_copy_change_no_bit(block_size, dtype, words, device):
+    """NEW_COPY (int8 caches: tiles of new tokens only read a q-dtype copy of their cached int8 values) gives the
+    cache path's bits: whole prompts, chunks after a prefix ending inside a tile, decode tokens, a sequence
+    without queries, a window with soft-cap; the copy holds each query token's cached rows exactly."""
+    from angel_kernels.attention.paged_prefill import launch_paged_varlen, new_kv_copy
+    from angel_kernels.tuning import KernelConfig
+
+    lens, q_lens = zip(*(MIXED + [(100, 41), (64, 64)]))
+    c = varlen_case(lens, q_lens, cache_dtype=torch.int8, dtype=dtype, block_size=block_size, seed=23,
+                    device=device)
+    args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    block_m, block_n = (16, 16) if device.type == "cpu" else (64, 64)
+    for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
+        outs = []
+        for on in (0, 1):
+            extra = (("NEW_COPY", on), ("PAGE_ADDR", 1), ("WORDS", words))
+            out = launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=2,
+                                                              extra=extra), **kw)
+            assert not out.isnan().any()
+            outs.append(out)
+        name = f"page {block_size} {dtype} words {words} {kw}"
+        assert torch.equal(outs[0], outs[1]), name
+        assert_close(outs[1], _ref(c, **kw), name=name)
+    nk, nv = new_kv_copy(c["q"], c["key_cache"], c["value_cache"], c["block_table"], c["seq_lens"],
+                         c["query_start_loc"])
+    t = 0
+    for b, (L, n) in enumerate(zip(lens, q_lens)):
+        for pos in range(L - n, L):
+            blk = int(c["block_table"][b, pos // block_size])
+            for copy, cache in ((nk, c["key_cache"]), (nv, c["value_cache"])):
+                assert torch.equal(copy[t], cache[blk, pos % block_size].to(dtype)), (b, pos)
+            t += 1
+    with pytest.raises(ValueError, match="NEW_COPY needs QK_INT8 off"):
+        launch_paged_varlen(*args, cfg=KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=2,
+                                                    extra=(("NEW_COPY", 1), ("QK_INT8", 1))))
+
+
 @pytest.mark.parametrize("cache_dtype,words", [(torch.int8, 0), (torch.int8, 1), (torch.float16, 0),
                                                (torch.bfloat16, 0)])
 def test_head_dim_halves(cache_dtype, words, device):
