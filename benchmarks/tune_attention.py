@@ -64,15 +64,14 @@ def focus_decode_space(p):
 def focus_prefill_space(p):
     """Around the H100 leaders (int8 64×128 / 4 warps with int8 q·kᵀ and the word path, fp16 128×64 / 8 warps with
     the head-dim halves, both with page addressing): 64×128 / 4 warps and 128×64 / 8 warps at 2-3 stages, 64×64 /
-    4 warps at 2; int8 also with the new tokens read from their copy (NEW_COPY, whole head dim and halves)
-    (15 int8, 4 fp16 configs)."""
+    4 warps at 2; int8 with and without fresh prompts on their dequantized rows (FRESH_COPY) (10 int8, 4 fp16
+    configs)."""
     shapes = ((64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2))
 
     def keep(c):
         x = dict(c.extra)
         if p.kv_dtype == torch.int8:
-            variant = x.get("WORDS") == 1 and (
-                (x.get("QK_INT8") == 1 and "D_SPLIT" not in x) or x.get("NEW_COPY") == 1)
+            variant = x.get("WORDS") == 1 and x.get("QK_INT8") == 1 and "D_SPLIT" not in x
         else:
             variant = x.get("D_SPLIT") == 2
         return (c.BLOCK_M, c.BLOCK_N, c.num_warps, c.num_stages) in shapes and x.get("PAGE_ADDR") and variant

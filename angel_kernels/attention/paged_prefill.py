@@ -24,6 +24,7 @@ the KV split across SMs. No split-KV here: prefill has ``cdiv(Q_b, BLOCK_Q) · H
 Candidates (``ANGEL_KERNELS_FORCE_PAGED_PREFILL`` / ``ANGEL_KERNELS_DISABLE=paged_prefill.<name>``): ``varlen``
 (Triton, above) and ``reference`` (fp32 pure torch, the CPU path).
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -47,8 +48,6 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4
 
 
 PagedPrefillProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
-# the new tokens' copy: rows of H_kv · D elements of 2 bytes from a fresh allocation, D a multiple of 16
-COPY_ALIGN = tl.constexpr(8)
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -76,15 +75,14 @@ def _attend_kv_tile(
     HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, MAGIC: tl.constexpr, MASKED: tl.constexpr,
     K_ALIGN: tl.constexpr, V_ALIGN: tl.constexpr, WORDS: tl.constexpr, ASM: tl.constexpr, D_SPLIT: tl.constexpr,
     PAGE_ADDR: tl.constexpr, BF16: tl.constexpr, QK_INT8: tl.constexpr, FENCE_V: tl.constexpr,
-    nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh, FROM_COPY: tl.constexpr,
+    copy_row0, FROM_COPY: tl.constexpr,
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
     the second halves; unused scalars otherwise). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
     q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise.
-    FROM_COPY (int8 caches, a tile of the sequence's new tokens only): K and V rows from the copy of their int8
-    values in q's dtype (``_new_kv_copy_kernel``; row ``copy_base + position``), the scales from the cache: the
-    operands the MMAs see are the ones the conversion of the cached rows gives, unconverted."""
+    FROM_COPY: kc_ptr / vc_ptr are a contiguous [T, H_kv, D] copy (``dequantized_fresh_kv``), position p at row
+    ``copy_row0 + p`` (slot stride = row stride); no block table."""
     PART: tl.constexpr = HEAD_DIM // D_SPLIT
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     dims = tl.arange(0, PART)
@@ -93,29 +91,27 @@ def _attend_kv_tile(
         pos_ok = pos < L
     else:
         pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # all true (a constant: the loads below drop their masks)
-    slot, k_page, v_page, ks_page, vs_page = _tile_pages(
-        bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR, ASM)
     if FROM_COPY:
-        row = (copy_base + pos).to(tl.int64) * stride_nt + kvh * stride_nh
-        k_tok = tl.multiple_of(nk_ptr + row, COPY_ALIGN)
-        v_tok = tl.multiple_of(nv_ptr + row, COPY_ALIGN)
+        row = (copy_row0 + pos).to(tl.int64)
+        k_tok = tl.multiple_of(kc_ptr + row * stride_kcs + kvh * stride_kch, K_ALIGN)
+        v_tok = tl.multiple_of(vc_ptr + row * stride_vcs + kvh * stride_vch, V_ALIGN)
     else:
+        slot, k_page, v_page, ks_page, vs_page = _tile_pages(
+            bt_row, stride_btn, n0, pos_ok, stride_kcb, stride_vcb, stride_ksb, stride_vsb, PAGE, BLOCK_N, PAGE_ADDR,
+            ASM)
         k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
         v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-    # the copy's rows are q-dtype values: read as stored
-    KV_WORDS: tl.constexpr = WORDS and not FROM_COPY
-    KV_MAGIC: tl.constexpr = MAGIC and not FROM_COPY
     if QK_INT8:  # the keys go to int8 MMAs as loaded (paged_decode's _int8_qk)
         s = _int8_qk(k_tok, q, q_lo, q2, q2_lo, dims, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, D_SPLIT)
     else:
         # int8 rows: WORDS reads int32 words (paged_decode's word conversion), else MAGIC converts element-wise
-        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, KV_WORDS, KV_MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
+        kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART)
         if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
             s = tl.dot(q, kt.to(tl.float32))
         else:
             s = tl.dot(q, kt.to(DT))  # int8 → fp16/bf16 is exact for [-128, 127]
         if D_SPLIT == 2:
-            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, KV_WORDS, KV_MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+            kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
                           PART)
             if DOT_FP32:
                 s = tl.dot(q2, kt.to(tl.float32), s)
@@ -141,7 +137,7 @@ def _attend_kv_tile(
         s = tl.where(visible, s, float("-inf"))
     m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, FOLD, ROW_FOLD)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _kv_tile(v_tok, 0, dims, pos_ok, False, KV_WORDS, KV_MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
+    v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, FENCE_V)
     if QUANT:
         v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh, mask=pos_ok, other=0.0)
         v_max = tl.max(v_sc, axis=0)
@@ -154,7 +150,7 @@ def _attend_kv_tile(
         pv = pv * v_max
     acc = acc * alpha[:, None] + pv
     if D_SPLIT == 2:
-        v = _kv_tile(v_tok, PART, dims, pos_ok, False, KV_WORDS, KV_MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+        v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
                      FENCE_V)
         pv = tl.dot(p, v.to(p.dtype))
         if QUANT:
@@ -182,8 +178,8 @@ def _paged_varlen_kernel(
     PAGE_ADDR: tl.constexpr = False,  # page offsets by a 32-bit wide multiply (see paged_decode)
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
-    nk_ptr=None, nv_ptr=None, stride_nt=0, stride_nh=0,  # the new tokens' copy (NEW_COPY)
-    NEW_COPY: tl.constexpr = False,  # int8 caches: tiles of new tokens only read from nk / nv (_attend_kv_tile)
+    FROM_COPY: tl.constexpr = False,  # kc / vc: fresh prompts' dequantized rows (_attend_kv_tile)
+    SEQS: tl.constexpr = 0,  # the sequences served: 0 all, 1 fresh prompts (no cached prefix), 2 the others
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     # Longest first: one grid axis, the KV heads of a query tile side by side and the tiles in reverse, so a
@@ -197,10 +193,15 @@ def _paged_varlen_kernel(
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     q_tile = tile_id - (q_start // BLOCK_Q + b)  # this program's tile within its sequence
-    if q_tile * BLOCK_Q < q_len:
-        b64 = b.to(tl.int64)
-        L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
-        ctx = L - q_len  # cached tokens before the sequence's first query
+    b64 = b.to(tl.int64)
+    L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
+    ctx = L - q_len  # cached tokens before the sequence's first query
+    serve = q_tile * BLOCK_Q < q_len
+    if SEQS == 1:
+        serve = serve & (ctx <= 0)
+    if SEQS == 2:
+        serve = serve & (ctx > 0)
+    if serve:
 
         rows = tl.arange(0, BLOCK_M)
         tok = q_tile * BLOCK_Q + rows // GROUP  # query token within the sequence
@@ -243,55 +244,26 @@ def _paged_varlen_kernel(
         else:
             n_lo = first_q * 0
             n_full = ((first_q + 1) // BLOCK_N) * BLOCK_N  # tiles ending at or before first_q + 1: unmasked
-        # NEW_COPY: tiles from n_new on hold new tokens only and read their copy; the rest read the cache
-        if NEW_COPY:
-            n_new = tl.cdiv(ctx, BLOCK_N) * BLOCK_N
-        else:
-            n_new = kv_end + BLOCK_N  # past every tile
-        copy_base = q_start - ctx  # copy row of position pos: copy_base + pos
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         bt_row = bt_ptr + b64 * stride_btb
-        # unmasked tiles, then masked ones; each from the cache, then from the copy
-        for n0 in range(n_lo, tl.minimum(n_full, n_new), BLOCK_N):
+        for n0 in range(n_lo, n_full, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh,
-                False)
-        if NEW_COPY:
-            for n0 in range(tl.maximum(n_lo, n_new), n_full, BLOCK_N):
-                acc, acc2, m_i, l_i = _attend_kv_tile(
-                    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
-                    kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
-                    ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt,
-                    stride_nh, True)
-        for n0 in range(n_full, tl.minimum(kv_end, tl.maximum(n_full, n_new)), BLOCK_N):
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, q_start - ctx, FROM_COPY)
+        for n0 in range(n_full, kv_end, BLOCK_N):
             acc, acc2, m_i, l_i = _attend_kv_tile(
                 acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt, stride_nh,
-                False)
-        if NEW_COPY:
-            for n0 in range(tl.maximum(n_full, n_new), kv_end, BLOCK_N):
-                acc, acc2, m_i, l_i = _attend_kv_tile(
-                    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
-                    kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, True, K_ALIGN, V_ALIGN, WORDS,
-                    ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, nk_ptr, nv_ptr, copy_base, stride_nt,
-                    stride_nh, True)
+                ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, q_start - ctx, FROM_COPY)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -300,16 +272,19 @@ def _paged_varlen_kernel(
 
 
 @triton.jit
-def _new_kv_copy_kernel(
-    kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, nk_ptr, nv_ptr,
+def _fresh_kv_copy_kernel(
+    kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, qsl_ptr, nk_ptr, nv_ptr,
     capacity, num_seqs, num_kv_heads,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     stride_btb, stride_btn, stride_nt, stride_nh,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """Query token t's cached int8 K and V rows (every KV head), as q-dtype values (exact), into row t of nk / nv.
-    Token t is position ``seq_lens[b] - Q_b + (t - query_start_loc[b])`` of its sequence b; a position outside
-    [0, capacity) (a length shorter than its query: bad input) gives zeros."""
+    """Query token t of a fresh prompt (no cached prefix): its cached K and V rows, every KV head, dequantized
+    (int8 · scale in fp32, rounded once to the output dtype) into row t of nk / nv. Token t is position
+    ``t - query_start_loc[b]`` of its sequence b (``seq_lens[b] - Q_b + ...`` with Q_b = seq_lens[b]); rows of
+    other sequences are not written (the fresh launch does not read them); a position outside [0, L) (a length
+    shorter than its query: bad input) gives zeros."""
     t = tl.program_id(0)
     # the last sequence starting at or before t (sequences without queries share the next one's start)
     lo = t * 0
@@ -323,36 +298,42 @@ def _new_kv_copy_kernel(
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
-    pos = L - q_len + (t - q_start)
-    heads = tl.arange(0, HEADS)
-    dims = tl.arange(0, HEAD_DIM)
-    keep = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)  # [HEADS, HEAD_DIM]
-    pos_2d = pos + tl.zeros((HEADS, HEAD_DIM), dtype=tl.int32)  # as a tile: the interpreter's masks are tiles
-    m = keep & (pos_2d >= 0) & (pos_2d < L)
-    pos = tl.where((pos >= 0) & (pos < L), pos, 0)
-    blk = tl.load(bt_ptr + b * stride_btb + (pos // PAGE) * stride_btn).to(tl.int64)  # column 0 where not ok
-    slot = pos % PAGE
-    k = tl.load(kc_ptr + blk * stride_kcb + slot * stride_kcs + heads[:, None] * stride_kch + dims[None, :], mask=m,
-                other=0)
-    v = tl.load(vc_ptr + blk * stride_vcb + slot * stride_vcs + heads[:, None] * stride_vch + dims[None, :], mask=m,
-                other=0)
-    row = t.to(tl.int64) * stride_nt + heads[:, None] * stride_nh + dims[None, :]
-    # through fp32 (exact either way): the interpreter's int8 → bf16 conversion is wrong
-    tl.store(nk_ptr + row, k.to(tl.float32).to(nk_ptr.dtype.element_ty), mask=keep)
-    tl.store(nv_ptr + row, v.to(tl.float32).to(nv_ptr.dtype.element_ty), mask=keep)
+    if L - q_len <= 0:  # the fresh launch's sequences (_paged_varlen_kernel, SEQS 1)
+        pos = L - q_len + (t - q_start)
+        heads = tl.arange(0, HEADS)
+        dims = tl.arange(0, HEAD_DIM)
+        keep = (heads[:, None] < num_kv_heads) & (dims[None, :] < HEAD_DIM)  # [HEADS, HEAD_DIM]
+        pos_2d = pos + tl.zeros((HEADS, HEAD_DIM), dtype=tl.int32)  # as a tile: the interpreter's masks are tiles
+        m = keep & (pos_2d >= 0) & (pos_2d < L)
+        pos = tl.where((pos >= 0) & (pos < L), pos, 0)
+        blk = tl.load(bt_ptr + b * stride_btb + (pos // PAGE) * stride_btn).to(tl.int64)  # column 0 where not ok
+        slot = pos % PAGE
+        k = tl.load(kc_ptr + blk * stride_kcb + slot * stride_kcs + heads[:, None] * stride_kch + dims[None, :],
+                    mask=m, other=0)
+        v = tl.load(vc_ptr + blk * stride_vcb + slot * stride_vcs + heads[:, None] * stride_vch + dims[None, :],
+                    mask=m, other=0)
+        head_ok = heads < num_kv_heads
+        k_sc = tl.load(ks_ptr + blk * stride_ksb + slot * stride_kss + heads * stride_ksh, mask=head_ok, other=0.0)
+        v_sc = tl.load(vs_ptr + blk * stride_vsb + slot * stride_vss + heads * stride_vsh, mask=head_ok, other=0.0)
+        row = t.to(tl.int64) * stride_nt + heads[:, None] * stride_nh + dims[None, :]
+        tl.store(nk_ptr + row, (k.to(tl.float32) * k_sc[:, None]).to(nk_ptr.dtype.element_ty), mask=keep)
+        tl.store(nv_ptr + row, (v.to(tl.float32) * v_sc[:, None]).to(nv_ptr.dtype.element_ty), mask=keep)
 
 
-def new_kv_copy(q, key_cache, value_cache, block_table, seq_lens, query_start_loc):
-    """The cached int8 K and V rows of every query token as q-dtype values: (nk, nv), each [T, H_kv, D]."""
+def dequantized_fresh_kv(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens, query_start_loc):
+    """The K and V rows of every query token of a fresh prompt, dequantized to q's dtype: (nk, nv), each
+    [T, H_kv, D] (rows of other sequences left unwritten). Read once here instead of converted once per query
+    tile that sees them (a 1024-token prompt's KV tile is seen by ~32 of its query tiles)."""
     T, Hkv, D = q.shape[0], key_cache.shape[2], key_cache.shape[3]
     nk = torch.empty((T, Hkv, D), dtype=q.dtype, device=q.device)
     nv = torch.empty_like(nk)
     page = key_cache.shape[1]
-    _new_kv_copy_kernel[(T,)](
-        key_cache, value_cache, block_table, seq_lens, query_start_loc, nk, nv,
+    _fresh_kv_copy_kernel[(T,)](
+        key_cache, value_cache, k_scale, v_scale, block_table, seq_lens, query_start_loc, nk, nv,
         block_table.shape[1] * page, seq_lens.shape[0], Hkv,
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        *k_scale.stride(), *v_scale.stride(),
         block_table.stride(0), block_table.stride(1), nk.stride(0), nk.stride(1),
         PAGE=page, HEAD_DIM=D, HEADS=triton.next_power_of_2(Hkv), num_warps=4,
     )
@@ -379,6 +360,11 @@ def config_for(p: PagedPrefillProblem) -> KernelConfig:
     return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
 
 
+def fresh_prompt_config(p: PagedPrefillProblem) -> KernelConfig:
+    """The config of an int8 problem's fresh-prompt launch (``FRESH_COPY``): the plain-cache one of its heads."""
+    return config_for(dataclasses.replace(p, kv_dtype=p.dtype, packed_rows=False))
+
+
 def block_q_for(group: int, block_m: int) -> int:
     """Query tokens per tile: as many whole GQA groups as fit the MMA rows (at least one token)."""
     return max(1, block_m // group)
@@ -388,7 +374,9 @@ def launch_paged_varlen(
     q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale: float, k_scale=None, v_scale=None,
     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None, *, cfg: Optional[KernelConfig] = None,
 ) -> torch.Tensor:
-    """The varlen kernel with an explicit (or the default) config; returns [T, H_q, D]."""
+    """The varlen kernel with an explicit (or the default) config; returns [T, H_q, D]. An int8 config with
+    ``FRESH_COPY`` serves fresh prompts (no cached prefix) by a second launch over their dequantized rows, with the
+    plain-cache config of the same heads (``fresh_prompt_config``)."""
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     Hkv, page = key_cache.shape[2], key_cache.shape[1]
@@ -397,6 +385,27 @@ def launch_paged_varlen(
     out = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
     if T == 0 or B == 0:
         return out
+    quant = key_cache.dtype == torch.int8
+    # lengths are clamped to the block table's capacity, the same in both launches
+    caches = (block_table, seq_lens, query_start_loc, out, scale, sliding_window, soft_cap, page,
+              block_table.shape[1] * page)
+    if quant and dict(cfg.extra).get("FRESH_COPY", 0):
+        nk, nv = dequantized_fresh_kv(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens,
+                                      query_start_loc)
+        # the copy as a cache of one block of T slots (row alignment and strides as for a cache)
+        _launch_varlen(q, nk.unsqueeze(0), nv.unsqueeze(0), None, None, *caches, fresh_prompt_config(p),
+                       from_copy=True, seqs=1)
+        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *caches, cfg, seqs=2)
+    else:
+        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *caches, cfg)
+    return out
+
+
+def _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens, query_start_loc, out, scale,
+                   sliding_window, soft_cap, page, capacity, cfg, *, from_copy=False, seqs=0):
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    Hkv = key_cache.shape[2]
     group = Hq // Hkv
     block_m = max(cfg.BLOCK_M, triton.next_power_of_2(group))
     block_q = block_q_for(group, block_m)
@@ -404,20 +413,11 @@ def launch_paged_varlen(
     has_softcap = soft_cap is not None
     grid = ((T // block_q + B) * Hkv,)
     k_align, v_align = row_alignment(key_cache), row_alignment(value_cache)
-    qk_int8 = quant and bool(dict(cfg.extra).get("QK_INT8", 0))
-    new_copy = quant and bool(dict(cfg.extra).get("NEW_COPY", 0))
-    if new_copy and qk_int8:  # int8 q·kᵀ on cached tiles would sum differently from the copy's fp tiles
-        raise ValueError("NEW_COPY needs QK_INT8 off: cached and copied tiles must give the same bits")
-    if new_copy:
-        nk, nv = new_kv_copy(q, key_cache, value_cache, block_table, seq_lens, query_start_loc)
-        copy_args = dict(nk_ptr=nk, nv_ptr=nv, stride_nt=nk.stride(0), stride_nh=nk.stride(1), NEW_COPY=True)
-    else:
-        copy_args = dict(nk_ptr=q, nv_ptr=q, stride_nt=0, stride_nh=0, NEW_COPY=False)
     _paged_varlen_kernel[grid](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, query_start_loc, out,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
-        int(sliding_window) if sliding_window is not None else 0, block_table.shape[1] * page, B, Hkv,
+        int(sliding_window) if sliding_window is not None else 0, capacity, B, Hkv,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
@@ -430,13 +430,12 @@ def launch_paged_varlen(
         K_ALIGN=k_align, V_ALIGN=v_align,
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda", D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
-        PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
-        QK_INT8=qk_int8,
+        PAGE_ADDR=not from_copy and page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
+        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
-        **copy_args,
+        FROM_COPY=from_copy, SEQS=seqs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
@@ -583,13 +582,11 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
     # QK_INT8 (int8 caches): K from the cache straight into int8 MMAs, q in two int8 parts (paged_decode); the
     # score tile then takes an int → float conversion (sm_90a, 64×128 / 4 warps with WORDS: 1672 → 1760
     # instructions per masked tile, spills 228 → 116 B; timed 4-8 % faster on three of four H100 cases, NOTES.md)
-    # NEW_COPY (int8 caches, not with QK_INT8): tiles of new tokens only read a q-dtype copy of their values
+    # FRESH_COPY (int8 caches): fresh prompts by a second launch over their dequantized rows
     int8_options = (0, 1) if p.kv_dtype == torch.int8 else (0,)
-    for bm, bn, warps, stages, words, d_split, page, qk_int8, new_copy in product(
+    for bm, bn, warps, stages, words, d_split, page, qk_int8, fresh in product(
             (64, 128), (32, 64, 128), (4, 8), (2, 3, 4), int8_options,
             (1, 2) if p.head_dim >= 128 else (1,), (0, 1), int8_options, int8_options):
-        if qk_int8 and new_copy:
-            continue
         # shared memory, ≤ ~200 KB of an H100's 227: the Q tile + `stages` K and V tiles as cached, and for int8
         # caches one converted (fp16) K and V tile (sm_90a: the shipped int8 64×128 / 3 stages takes 84 KB)
         kv_bytes = 1 if p.kv_dtype == torch.int8 else 2
@@ -601,7 +598,7 @@ def tuning_space(p: PagedPrefillProblem) -> list[KernelConfig]:
         extra += (("PAGE_ADDR", 1),) if page else ()
         extra += (("QK_INT8", 1),) if qk_int8 else ()
         extra += (("WORDS", 1),) if words else ()
-        extra += (("NEW_COPY", 1),) if new_copy else ()
+        extra += (("FRESH_COPY", 1),) if fresh else ()
         configs.append(KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=p.head_dim, num_warps=warps, num_stages=stages,
                                     extra=extra))
     return configs
