@@ -17,6 +17,15 @@ tiles a query tile can see: those entirely before its first query need no causal
 Dequantization is fused as in the decode kernel (K scale on the scores, V scales folded into the probabilities);
 softmax in fp32, base 2.
 
+Fresh prompts over an int8 cache (``FRESH_COPY`` in the config, shipped on the H100): a prompt with no cached
+prefix reads only its own new tokens, and each KV tile of a 1024-token prompt is seen by ~32 query tiles, each of
+which converted it from int8 again. Such sequences are served by a second launch instead: one small kernel writes
+their rows dequantized (int8 · scale, rounded once to q's dtype) into a [T, H_kv, D] copy (2 × T × H_kv × D
+elements, freed after the call), and the plain-cache kernel path reads it with the plain-cache config; the other
+sequences (a cached prefix, decode tokens) take the int8 path as before. Which launch serves a sequence depends on
+that sequence only (batch-invariant). H100, int8 time / SDPA flash fp16's in the same run, before → after:
+1×1024 0.93 → 0.78 (41.9 µs), 4×1024 1.30 → 1.02 (159.4 µs), 1×4096 1.06 → 0.84 (426.3 µs).
+
 A batch whose queries are all single tokens (``max_query_len == 1``) goes to the split-KV decode kernel
 (``paged_decode``): a query tile of 1 token would leave ~97 % of a 128-row MMA tile empty, and long decodes need
 the KV split across SMs. No split-KV here: prefill has ``cdiv(Q_b, BLOCK_Q) · H_kv`` programs per sequence.
