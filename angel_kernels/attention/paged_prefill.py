@@ -354,10 +354,11 @@ def heuristic_config(p: PagedPrefillProblem) -> KernelConfig:
     """Untuned default: 128-row query tiles (two warpgroups of wgmma on Hopper) and 64-token KV tiles for
     D ≤ 128 (a 128×128 fp16 Q tile + K and V tiles of 64×128 fit with two stages in ~100 KB of shared memory);
     64 rows / 32 tokens at D = 256. int8 caches at D = 128: the H100 winner (64-row query tiles × 128-token KV
-    tiles, 4 warps, 3 stages, page addressing, V by the word path, q·kᵀ on int8 MMAs)."""
+    tiles, 4 warps, 2 stages, page addressing, V by the word path, q·kᵀ on int8 MMAs, fresh prompts on their
+    dequantized rows)."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8:
-        return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3,
-                            extra=(("PAGE_ADDR", 1), ("QK_INT8", 1), ("WORDS", 1)))
+        return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=2,
+                            extra=(("PAGE_ADDR", 1), ("QK_INT8", 1), ("WORDS", 1), ("FRESH_COPY", 1)))
     if p.head_dim <= 128:
         return KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=p.head_dim, num_warps=8, num_stages=2)
     return KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=p.head_dim, num_warps=4, num_stages=2)
