@@ -551,34 +551,6 @@ def split_policy(p: PagedDecodeProblem, cfg: Optional[KernelConfig] = None) -> S
     return SplitPolicy(cfg.BLOCK_N, extra["MIN_SPLIT_TILES"], max_splits, extra.get("MIN_SPLITS", 1))
 
 
-# programs of a compiled split kernel that fit one SM, by launch (first launch: compiled then, known after)
-_RESIDENT: dict = {}
-
-
-def resident_programs(compiled, device: torch.device) -> int:
-    """Programs of a compiled kernel that one SM holds at once (registers, shared memory, threads), 0 if unknown.
-    Registers are granted per warp in units of 256, shared memory per block with 1 KB reserved."""
-    try:
-        regs, smem, warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
-    except AttributeError:
-        return 0
-    props = torch.cuda.get_device_properties(device)
-    warp_regs = -(-regs * 32 // 256) * 256
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(1, warp_regs * warps)
-    by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // (smem + 1024)
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
-    return max(0, min(by_regs, by_smem, by_threads, 32))
-
-
-def one_wave_grid_splits(programs: int, max_splits: int, slots: int) -> int:
-    """Programs per (sequence, KV head) for the ONE_WAVE grid: ``max_splits`` (one per split) if that fits
-    ``slots`` (one wave) or if even one program per (sequence, KV head) would not; otherwise as many as one wave
-    holds, so every program loops over an equal share of the splits and none waits for a second wave."""
-    if programs * max_splits <= slots or programs > slots:
-        return max_splits
-    return max(1, slots // programs)
-
-
 def launch_paged_attention(
     q: torch.Tensor,  # [B, Q, H_q, D]: the last Q positions of each sequence (Q = 1: decode)
     key_cache, value_cache, block_table, seq_lens, scale: float, k_scale=None, v_scale=None,
@@ -610,18 +582,11 @@ def launch_paged_attention(
         partial_lse = torch.empty((B, Q, Hq, max_ns), dtype=torch.float32, device=q.device)
     else:  # no sequence can have two splits: no scratch, no reduction
         partial_o = partial_lse = out
-    launch_key = (q.device, q.dtype, key_cache.dtype, cfg, policy, Q, Hq, Hkv, D, page, k_align, v_align, quant,
-                  sliding_window is not None, soft_cap is not None)
     if grid_splits is None:
-        # parallelism only (see module doc): one program per split, or with ONE_WAVE, when those would take several
-        # waves but one program per (sequence, KV head) fits one, the fewest programs per sequence that fill one
-        # wave (``one_wave_grid_splits``; the programs each loop over a share of the splits). More than a wave of
-        # programs looping over several splits leaves a tail: at batch 64 × 16k, 512 programs of 32 splits each on
-        # 132 SMs × 3 resident (fp16 tiles, 2 stages) ran as 1.3 waves, 69 % of the floor.
+        # parallelism only (see module doc): one program per split. Fewer programs looping over several splits
+        # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
+        # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
-        resident = _RESIDENT.get(launch_key)
-        if resident and dict(cfg.extra).get("ONE_WAVE", 0):
-            grid_splits = one_wave_grid_splits(B * Hkv, max_ns, resident * num_sms(q.device))
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -631,7 +596,7 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    compiled = _paged_attn_split_kernel[(B * Hkv, grid_splits)](
+    _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, out, partial_o, partial_lse,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
@@ -655,8 +620,6 @@ def launch_paged_attention(
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
     )
-    if launch_key not in _RESIDENT and q.device.type == "cuda":
-        _RESIDENT[launch_key] = resident_programs(compiled, q.device)
     if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,

@@ -224,28 +224,6 @@ def test_grid_split_mapping_does_not_change_bits(device):
     assert_close(outs[0][:, 0], _ref(c))
 
 
-def test_one_wave_grid(monkeypatch):
-    """ONE_WAVE: one program per split while that fits one wave or one per (sequence, head) would not; otherwise
-    the programs that fill one wave (H100, fp16 tiles at 4 per SM: 528 slots)."""
-    from types import SimpleNamespace
-
-    from angel_kernels.attention.paged_decode import one_wave_grid_splits, resident_programs
-
-    assert one_wave_grid_splits(64 * 8, 16, 528) == 1  # batch 64 × 16k: 512 programs of 16 splits each
-    assert one_wave_grid_splits(32 * 8, 16, 528) == 2
-    assert one_wave_grid_splits(8 * 8, 32, 528) == 8
-    assert one_wave_grid_splits(8 * 8, 4, 528) == 4  # 256 programs: one wave already
-    assert one_wave_grid_splits(128 * 8, 16, 528) == 16  # more sequences × heads than slots
-    compiled = SimpleNamespace(n_regs=122, metadata=SimpleNamespace(shared=49152, num_warps=4))
-    props = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
-                            max_threads_per_multi_processor=2048)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    assert resident_programs(compiled, None) == 4  # 128 registers × 128 threads: 4 by registers
-    compiled.n_regs = 96
-    assert resident_programs(compiled, None) == 4  # 5 by registers, 4 by shared memory (49 + 1 KB)
-    assert resident_programs(object(), None) == 0
-
-
 @pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 1), (5, 1, 1),
                                                             (16, 1, 1), (16, 4, 8), (4, 8, 3)])
 def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device):
