@@ -57,6 +57,10 @@ INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=0, num_warps=4
 
 
 PagedPrefillProblem = PagedAttentionProblem  # one problem description for the decode and varlen kernels
+# FRESH_COPY serves prompts of at least this many tokens (no cached prefix) on their dequantized rows: a shorter
+# one has few query tiles to convert its KV tiles for, and a batch whose longest query is shorter (decode tokens,
+# tree verification) skips the copy and its launch (host-side, from max_query_len)
+FRESH_MIN_TOKENS = tl.constexpr(64)
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -188,7 +192,7 @@ def _paged_varlen_kernel(
     QK_INT8: tl.constexpr = False,  # int8 caches: q·kᵀ on int8 MMAs, q split in two int8 parts (see paged_decode)
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
     FROM_COPY: tl.constexpr = False,  # kc / vc: fresh prompts' dequantized rows (_attend_kv_tile)
-    SEQS: tl.constexpr = 0,  # the sequences served: 0 all, 1 fresh prompts (no cached prefix), 2 the others
+    SEQS: tl.constexpr = 0,  # the sequences served: 0 all, 1 fresh prompts (FRESH_MIN_TOKENS), 2 the others
 ):
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     # Longest first: one grid axis, the KV heads of a query tile side by side and the tiles in reverse, so a
@@ -206,10 +210,11 @@ def _paged_varlen_kernel(
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
     ctx = L - q_len  # cached tokens before the sequence's first query
     serve = q_tile * BLOCK_Q < q_len
+    fresh = (ctx <= 0) & (q_len >= FRESH_MIN_TOKENS)  # served by FRESH_COPY's launch on the copy
     if SEQS == 1:
-        serve = serve & (ctx <= 0)
+        serve = serve & fresh
     if SEQS == 2:
-        serve = serve & (ctx > 0)
+        serve = serve & (fresh == 0)
     if serve:
 
         rows = tl.arange(0, BLOCK_M)
@@ -289,11 +294,10 @@ def _fresh_kv_copy_kernel(
     stride_btb, stride_btn, stride_nt, stride_nh,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """Query token t of a fresh prompt (no cached prefix): its cached K and V rows, every KV head, dequantized
-    (int8 · scale in fp32, rounded once to the output dtype) into row t of nk / nv. Token t is position
-    ``t - query_start_loc[b]`` of its sequence b (``seq_lens[b] - Q_b + ...`` with Q_b = seq_lens[b]); rows of
-    other sequences are not written (the fresh launch does not read them); a position outside [0, L) (a length
-    shorter than its query: bad input) gives zeros."""
+    """Query token t of a fresh prompt (no cached prefix, at least FRESH_MIN_TOKENS queries): its cached K and V
+    rows, every KV head, dequantized (int8 · scale in fp32, rounded once to the output dtype) into row t of nk / nv.
+    Rows of other sequences are not written (the fresh launch does not read them); a position outside [0, L) (a
+    length shorter than its query: bad input) gives zeros."""
     t = tl.program_id(0)
     # the last sequence starting at or before t (sequences without queries share the next one's start)
     lo = t * 0
@@ -307,7 +311,7 @@ def _fresh_kv_copy_kernel(
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
-    if L - q_len <= 0:  # the fresh launch's sequences (_paged_varlen_kernel, SEQS 1)
+    if (L - q_len <= 0) & (q_len >= FRESH_MIN_TOKENS):  # the fresh launch's sequences (_paged_varlen_kernel)
         pos = L - q_len + (t - q_start)
         heads = tl.arange(0, HEADS)
         dims = tl.arange(0, HEAD_DIM)
@@ -383,10 +387,12 @@ def block_q_for(group: int, block_m: int) -> int:
 def launch_paged_varlen(
     q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale: float, k_scale=None, v_scale=None,
     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None, *, cfg: Optional[KernelConfig] = None,
+    max_query_len: Optional[int] = None,
 ) -> torch.Tensor:
     """The varlen kernel with an explicit (or the default) config; returns [T, H_q, D]. An int8 config with
-    ``FRESH_COPY`` serves fresh prompts (no cached prefix) by a second launch over their dequantized rows, with the
-    plain-cache config of the same heads (``fresh_prompt_config``)."""
+    ``FRESH_COPY`` serves fresh prompts (no cached prefix, ≥ ``FRESH_MIN_TOKENS`` tokens) by a second launch over
+    their dequantized rows, with the plain-cache config of the same heads (``fresh_prompt_config``), unless
+    ``max_query_len`` (the longest query, if known) says no sequence qualifies."""
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
     Hkv, page = key_cache.shape[2], key_cache.shape[1]
@@ -399,7 +405,8 @@ def launch_paged_varlen(
     # lengths are clamped to the block table's capacity, the same in both launches
     caches = (block_table, seq_lens, query_start_loc, out, scale, sliding_window, soft_cap, page,
               block_table.shape[1] * page)
-    if quant and dict(cfg.extra).get("FRESH_COPY", 0):
+    may_be_fresh = max_query_len is None or max_query_len >= FRESH_MIN_TOKENS
+    if quant and dict(cfg.extra).get("FRESH_COPY", 0) and may_be_fresh:
         nk, nv = dequantized_fresh_kv(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens,
                                       query_start_loc)
         # the copy as a cache of one block of T slots (row alignment and strides as for a cache)
@@ -450,13 +457,13 @@ def _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, block_table, seq
 
 # ------------------------------------------------------------------------------------------------- dispatch
 def _run_varlen(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
-                sliding_window, soft_cap):
+                sliding_window, soft_cap, max_query_len=None):
     return launch_paged_varlen(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale,
-                               k_scale, v_scale, sliding_window, soft_cap)
+                               k_scale, v_scale, sliding_window, soft_cap, max_query_len=max_query_len)
 
 
 def _run_reference(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
-                   sliding_window, soft_cap):
+                   sliding_window, soft_cap, max_query_len=None):
     return paged_varlen_attention_ref(q, key_cache, value_cache, block_table, seq_lens, query_start_loc, k_scale,
                                       v_scale, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
@@ -573,7 +580,7 @@ def paged_attention(
                             key_cache.dtype, q.device)
     cand = PAGED_PREFILL.select(p, force="reference" if reference_forced() else None)
     return cand.run(p, q, key_cache, value_cache, block_table, seq_lens, query_start_loc, scale, k_scale, v_scale,
-                    sliding_window, soft_cap)
+                    sliding_window, soft_cap, max_query_len=max_query_len)
 
 
 # --------------------------------------------------------------------------------------------------- tuning

@@ -229,14 +229,15 @@ def test_page_addressing_is_bitwise_identical(cache_dtype, block_size, device):
 @pytest.mark.parametrize("dtype,qk_int8", [(torch.float16, 1), (torch.bfloat16, 0)])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_fresh_prompts_on_their_dequantized_rows(block_size, dtype, qk_int8, device):
-    """FRESH_COPY (int8 caches): fresh prompts (no cached prefix) give the bits of the plain-cache launch over their
-    dequantized rows, the other sequences (chunks after a prefix, decode tokens, one without queries) the bits of
-    the int8 config without FRESH_COPY; all against the reference; with a window and soft-cap too."""
-    from angel_kernels.attention.paged_prefill import (PagedPrefillProblem, fresh_prompt_config,
+    """FRESH_COPY (int8 caches): fresh prompts (no cached prefix, ≥ FRESH_MIN_TOKENS tokens) give the bits of the
+    plain-cache launch over their dequantized rows, the other sequences (shorter prompts, chunks after a prefix,
+    decode tokens, one without queries) the bits of the int8 config without FRESH_COPY, as does every sequence when
+    max_query_len rules fresh prompts out; all against the reference; with a window and soft-cap too."""
+    from angel_kernels.attention.paged_prefill import (FRESH_MIN_TOKENS, PagedPrefillProblem, fresh_prompt_config,
                                                        launch_paged_varlen)
     from angel_kernels.tuning import KernelConfig
 
-    lens, q_lens = zip(*(MIXED + [(100, 41), (64, 64)]))
+    lens, q_lens = zip(*(MIXED + [(100, 41), (64, 64), (90, 90)]))
     c = varlen_case(lens, q_lens, cache_dtype=torch.int8, dtype=dtype, block_size=block_size, seed=23,
                     device=device)
     args = [c[a] for a in ARGS[:6]] + [c["scale"], c["k_scale"], c["v_scale"]]
@@ -248,7 +249,7 @@ def test_fresh_prompts_on_their_dequantized_rows(block_size, dtype, qk_int8, dev
     extra = (("PAGE_ADDR", 1), ("QK_INT8", qk_int8), ("WORDS", 1))
     rows, t = [], 0
     for L, n in zip(lens, q_lens):
-        rows.append(torch.arange(t, t + n) if L == n else torch.arange(0))
+        rows.append(torch.arange(t, t + n) if L == n and n >= FRESH_MIN_TOKENS else torch.arange(0))
         t += n
     fresh = torch.cat(rows).to(device)
     other = torch.tensor([i for i in range(t) if i not in set(fresh.tolist())], dtype=torch.int64, device=device)
@@ -256,11 +257,14 @@ def test_fresh_prompts_on_their_dequantized_rows(block_size, dtype, qk_int8, dev
     for kw in ({}, {"sliding_window": 19, "soft_cap": 20.0}):
         name = f"page {block_size} {dtype} {kw}"
         cfg = KernelConfig(block_m, block_n, 0, num_warps=4, num_stages=2, extra=extra)
-        out = launch_paged_varlen(*args, cfg=dataclasses.replace(cfg, extra=extra + (("FRESH_COPY", 1),)), **kw)
+        fresh_cfg = dataclasses.replace(cfg, extra=extra + (("FRESH_COPY", 1),))
+        out = launch_paged_varlen(*args, cfg=fresh_cfg, **kw)
         assert not out.isnan().any(), name
         assert_close(out, _ref(c, **kw), name=name)
         cached = launch_paged_varlen(*args, cfg=cfg, **kw)
         assert torch.equal(out[other], cached[other]), name
+        assert torch.equal(launch_paged_varlen(*args, cfg=fresh_cfg, max_query_len=FRESH_MIN_TOKENS - 1, **kw),
+                           cached), name
         plain = launch_paged_varlen(*args[:1], *deq, *args[3:7], None, None, cfg=fresh_prompt_config(p), **kw)
         if device.type == "cpu" and dtype == torch.bfloat16:  # the interpreter truncates fp32 → bf16 (the GPU rounds)
             torch.testing.assert_close(out[fresh], plain[fresh], rtol=2**-6, atol=2**-5, msg=name)
