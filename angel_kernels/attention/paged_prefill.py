@@ -60,7 +60,8 @@ PagedPrefillProblem = PagedAttentionProblem  # one problem description for the d
 # FRESH_COPY serves prompts of at least this many tokens (no cached prefix) on their dequantized rows: a shorter
 # one has few query tiles to convert its KV tiles for, and a batch whose longest query is shorter (decode tokens,
 # tree verification) skips the copy and its launch (host-side, from max_query_len)
-FRESH_MIN_TOKENS = tl.constexpr(64)
+FRESH_MIN_TOKENS = 64
+_FRESH_MIN = tl.constexpr(FRESH_MIN_TOKENS)  # the same, inside kernels
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
@@ -210,7 +211,7 @@ def _paged_varlen_kernel(
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
     ctx = L - q_len  # cached tokens before the sequence's first query
     serve = q_tile * BLOCK_Q < q_len
-    fresh = (ctx <= 0) & (q_len >= FRESH_MIN_TOKENS)  # served by FRESH_COPY's launch on the copy
+    fresh = (ctx <= 0) & (q_len >= _FRESH_MIN)  # served by FRESH_COPY's launch on the copy
     if SEQS == 1:
         serve = serve & fresh
     if SEQS == 2:
@@ -311,7 +312,7 @@ def _fresh_kv_copy_kernel(
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
-    if (L - q_len <= 0) & (q_len >= FRESH_MIN_TOKENS):  # the fresh launch's sequences (_paged_varlen_kernel)
+    if (L - q_len <= 0) & (q_len >= _FRESH_MIN):  # the fresh launch's sequences (_paged_varlen_kernel)
         pos = L - q_len + (t - q_start)
         heads = tl.arange(0, HEADS)
         dims = tl.arange(0, HEAD_DIM)
