@@ -66,17 +66,29 @@ _FRESH_MIN = tl.constexpr(FRESH_MIN_TOKENS)  # the same, inside kernels
 
 # ------------------------------------------------------------------------------------------------------ kernel
 @triton.jit
-def _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr):
-    """The last sequence b whose first tile ``qsl[b] // BLOCK_Q + b`` is ≤ tile_id (binary search)."""
+def _find_sequence(qsl_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr, TILES: tl.constexpr = True):
+    """The last sequence b whose first tile ``qsl[b] // BLOCK_Q + b`` is ≤ tile_id (binary search). TILES=False:
+    tile_id is a query token, and b the last sequence whose first token ``qsl[b]`` is ≤ it (sequences without
+    queries share the next one's start, and the last of equals is the one that owns the token)."""
     lo = tile_id * 0
     hi = num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if TILES:
+            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        else:
+            first = tl.load(qsl_ptr + mid)
         go_right = first <= tile_id
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid - 1)
     return lo
+
+
+@triton.jit
+def _fresh_prompt(L, q_len):
+    """Whether FRESH_COPY serves the sequence on its dequantized rows: no cached prefix, ≥ FRESH_MIN_TOKENS queries
+    (the varlen kernel's SEQS and the copy kernel agree through this)."""
+    return (L - q_len <= 0) & (q_len >= _FRESH_MIN)
 
 
 @triton.jit
@@ -211,7 +223,7 @@ def _paged_varlen_kernel(
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b64), 0), capacity)
     ctx = L - q_len  # cached tokens before the sequence's first query
     serve = q_tile * BLOCK_Q < q_len
-    fresh = (ctx <= 0) & (q_len >= _FRESH_MIN)  # served by FRESH_COPY's launch on the copy
+    fresh = _fresh_prompt(L, q_len)  # served by FRESH_COPY's launch on the copy
     if SEQS == 1:
         serve = serve & fresh
     if SEQS == 2:
@@ -300,19 +312,11 @@ def _fresh_kv_copy_kernel(
     Rows of other sequences are not written (the fresh launch does not read them); a position outside [0, L) (a
     length shorter than its query: bad input) gives zeros."""
     t = tl.program_id(0)
-    # the last sequence starting at or before t (sequences without queries share the next one's start)
-    lo = t * 0
-    hi = num_seqs - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        go_right = tl.load(qsl_ptr + mid) <= t
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    b = lo.to(tl.int64)
+    b = _find_sequence(qsl_ptr, t, num_seqs, 1, TILES=False).to(tl.int64)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
-    if (L - q_len <= 0) & (q_len >= _FRESH_MIN):  # the fresh launch's sequences (_paged_varlen_kernel)
+    if _fresh_prompt(L, q_len):  # the fresh launch's sequences (_paged_varlen_kernel, SEQS 1)
         pos = L - q_len + (t - q_start)
         heads = tl.arange(0, HEADS)
         dims = tl.arange(0, HEAD_DIM)
@@ -404,18 +408,18 @@ def launch_paged_varlen(
         return out
     quant = key_cache.dtype == torch.int8
     # lengths are clamped to the block table's capacity, the same in both launches
-    caches = (block_table, seq_lens, query_start_loc, out, scale, sliding_window, soft_cap, page,
+    common = (block_table, seq_lens, query_start_loc, out, scale, sliding_window, soft_cap, page,
               block_table.shape[1] * page)
     may_be_fresh = max_query_len is None or max_query_len >= FRESH_MIN_TOKENS
     if quant and dict(cfg.extra).get("FRESH_COPY", 0) and may_be_fresh:
         nk, nv = dequantized_fresh_kv(q, key_cache, value_cache, k_scale, v_scale, block_table, seq_lens,
                                       query_start_loc)
         # the copy as a cache of one block of T slots (row alignment and strides as for a cache)
-        _launch_varlen(q, nk.unsqueeze(0), nv.unsqueeze(0), None, None, *caches, fresh_prompt_config(p),
+        _launch_varlen(q, nk.unsqueeze(0), nv.unsqueeze(0), None, None, *common, fresh_prompt_config(p),
                        from_copy=True, seqs=1)
-        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *caches, cfg, seqs=2)
+        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *common, cfg, seqs=2)
     else:
-        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *caches, cfg)
+        _launch_varlen(q, key_cache, value_cache, k_scale, v_scale, *common, cfg)
     return out
 
 
