@@ -2,7 +2,9 @@
 
 One program serves one (sequence, KV head) and all the query rows that read that head — the ``H_q / H_kv``
 query heads of the GQA group (× the query tokens of the sequence, ``NUM_QUERIES``; 1 for decode) — so each KV
-byte is read once. The rows are padded to a 16-row MMA tile; ``q·kᵀ`` and ``p·v`` run on tensor cores.
+byte is read once. ``q·kᵀ`` and ``p·v`` run on tensor cores, the rows padded to the MMA's 16-row M side, or
+(``HEADS_N``) to its 8-wide N side with the tiles transposed (``k·qᵀ``, ``vᵀ·pᵀ``): 4 real rows of 8 instead of 16
+halve the accumulator and score registers (the shipped int8 tile: 255 → 168 registers).
 
 Dequantization is fused: the scores of an int8 K tile are ``(q · k_int8ᵀ) · k_scale[token]`` (K itself is
 never dequantized), and the V scales are folded into the probabilities, ``p · (v_scale / max v_scale)``, with the
@@ -38,6 +40,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
@@ -154,40 +157,53 @@ def _split_q_rows(q, q2, D_SPLIT: tl.constexpr):
 @triton.jit
 def _int8_qk(k_tok, q_hi, q_lo, q2_hi, q2_lo, dims, pos_ok, K_ALIGN: tl.constexpr, BF16: tl.constexpr,
              ASM: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
-             D_SPLIT: tl.constexpr, MASK: tl.constexpr = True):
+             D_SPLIT: tl.constexpr, MASK: tl.constexpr = True, HEADS_N: tl.constexpr = 0):
     """q·kᵀ of a KV tile on int8 MMAs (``_split_q_rows`` parts; the keys go to the MMAs as loaded), as fp32 before
     the row step and the key scales. int32, exact: |hi·k| ≤ 127² · HEAD_DIM, and · 254 stays below 2^31 up to
-    HEAD_DIM 256."""
-    kt = _kv_tile(k_tok, 0, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART, MASK=MASK)
-    s_hi = tl.dot(q_hi, kt, out_dtype=tl.int32)
-    s_lo = tl.dot(q_lo, kt, out_dtype=tl.int32)
+    HEAD_DIM 256. HEADS_N: the transposed product k · qᵀ [BLOCK_N, rows] (q parts given as [PART, rows])."""
+    kt = _kv_tile(k_tok, 0, dims, pos_ok, 1 - HEADS_N, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+                  MASK=MASK)
+    s_hi = _mma(q_hi, kt, None, HEADS_N, tl.int32)
+    s_lo = _mma(q_lo, kt, None, HEADS_N, tl.int32)
     if D_SPLIT == 2:
-        kt = _kv_tile(k_tok, PART, dims, pos_ok, True, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
-                      MASK=MASK)
-        s_hi = tl.dot(q2_hi, kt, s_hi, out_dtype=tl.int32)
-        s_lo = tl.dot(q2_lo, kt, s_lo, out_dtype=tl.int32)
+        kt = _kv_tile(k_tok, PART, dims, pos_ok, 1 - HEADS_N, False, False, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                      PART, MASK=MASK)
+        s_hi = _mma(q2_hi, kt, s_hi, HEADS_N, tl.int32)
+        s_lo = _mma(q2_lo, kt, s_lo, HEADS_N, tl.int32)
     return (s_hi * 254 + s_lo).to(tl.float32)
 
 
 @triton.jit
-def _exp2_step(s, m_i, scale, row_scale, FOLD: tl.constexpr, ROW_FOLD: tl.constexpr):
+def _mma(query_side, kv_side, acc, HEADS_N: tl.constexpr, OUT: tl.constexpr = tl.float32):
+    """The tile product in either orientation: ``query_side · kv_side`` (query rows on the MMA's M side), or with
+    HEADS_N ``kv_side · query_side`` — both operands then come transposed, so the product is the transposed one
+    (kᵀ·qᵀ-style: [BLOCK_N, rows] scores, [PART, rows] outputs)."""
+    if HEADS_N:
+        return tl.dot(kv_side, query_side, acc, out_dtype=OUT)
+    else:
+        return tl.dot(query_side, kv_side, acc, out_dtype=OUT)
+
+
+@triton.jit
+def _exp2_step(s, m_i, scale, row_scale, FOLD: tl.constexpr, ROW_FOLD: tl.constexpr, TOK_AXIS: tl.constexpr = 1):
     """The online-softmax step (base 2) of a masked score tile: (m_new, alpha, p). FOLD: s still lacks the scalar
     ``scale``, ROW_FOLD: the per-row ``row_scale``; either (> 0) scales the row max (max(s · c) = c · max(s),
-    rounding being monotonic) and goes into the exponent's FFMA, one multiply per score fewer."""
+    rounding being monotonic) and goes into the exponent's FFMA, one multiply per score fewer. TOK_AXIS: the
+    tile's token axis (0 for transposed [BLOCK_N, rows] tiles)."""
     if FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * scale)
+        m_new = tl.maximum(m_i, tl.max(s, axis=TOK_AXIS) * scale)
     elif ROW_FOLD:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * row_scale)
+        m_new = tl.maximum(m_i, tl.max(s, axis=TOK_AXIS) * row_scale)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=TOK_AXIS))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
     alpha = tl.exp2(m_i - m_safe)
     if FOLD:
-        p = tl.exp2(s * scale - m_safe[:, None])
+        p = tl.exp2(s * scale - tl.expand_dims(m_safe, TOK_AXIS))
     elif ROW_FOLD:
-        p = tl.exp2(s * row_scale[:, None] - m_safe[:, None])
+        p = tl.exp2(s * tl.expand_dims(row_scale, TOK_AXIS) - tl.expand_dims(m_safe, TOK_AXIS))
     else:
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s - tl.expand_dims(m_safe, TOK_AXIS))
     return m_new, alpha, p
 
 
@@ -271,7 +287,13 @@ def _paged_attn_split_kernel(
     FENCE_V: tl.constexpr = False,  # int8 caches: the converted V tile with the 16-bit MMA operand layout
     PAGE_ADDR: tl.constexpr = False,  # page and slot from the tile index, page offsets by a 32-bit wide multiply,
     #                                   int8 K/V rows read unmasked (rows past the length read block 0)
+    HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
+    #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
+    PDL: tl.constexpr = False,  # launched early by programmatic dependent launch (``uses_pdl``)
 ):
+    if PDL:  # launched before the previous kernel finished: wait for its writes (q, the caches); then let the
+        gdc_wait()  # reduce kernel launch as soon as every program here has started
+        gdc_launch_dependents()
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -304,6 +326,19 @@ def _paged_attn_split_kernel(
         q_hi, q_lo, q2_hi, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
     else:
         q_row_scale = 0.0  # unused
+    # tile axes: [rows, tokens] / acc [rows, PART], or transposed with HEADS_N
+    TOK_AXIS: tl.constexpr = 1 - HEADS_N
+    ROW_AXIS: tl.constexpr = HEADS_N
+    if HEADS_N:
+        q = tl.trans(q)
+        if QK_INT8:
+            q_hi = tl.trans(q_hi)
+            q_lo = tl.trans(q_lo)
+        if D_SPLIT == 2:
+            q2 = tl.trans(q2)
+            if QK_INT8:
+                q2_hi = tl.trans(q2_hi)
+                q2_lo = tl.trans(q2_lo)
     # int8 q·kᵀ: the per-row step (> 0 by construction) goes into the row max and the exponent (_exp2_step); a
     # soft-cap needs the scaled score first
     ROW_FOLD: tl.constexpr = QK_INT8 and not HAS_SOFTCAP
@@ -328,9 +363,17 @@ def _paged_attn_split_kernel(
         tile_hi = tl.minimum(tile_lo + tiles_per_split, end_tile)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
+        if HEADS_N:
+            acc = tl.zeros((PART, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         if D_SPLIT == 2:
-            acc2 = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
+            acc2 = tl.zeros_like(acc)
+        # int8 V: acc holds the output in units of the last tile's largest V scale (``v_unit``), so each tile's
+        # p · v accumulates inside the MMA (acc · alpha · v_unit / v_max as its accumulator input) instead of a
+        # zero-initialised product scaled and added after it (sm_90a, the shipped one-warp tile: 64 zeroing
+        # moves, 64 multiplies and 64 adds fewer per tile)
+        v_unit = 1.0
         for tile in range(tile_lo, tile_hi):
             pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             pos_ok = pos < L
@@ -345,63 +388,60 @@ def _paged_attn_split_kernel(
             k_tok = tl.multiple_of(kc_ptr + k_page + slot * stride_kcs + kvh * stride_kch, K_ALIGN)
             if QK_INT8:
                 s = _int8_qk(k_tok, q_hi, q_lo, q2_hi, q2_lo, dims, pos_ok, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                             PART, D_SPLIT, KV_MASK)
+                             PART, D_SPLIT, KV_MASK, HEADS_N)
                 if not ROW_FOLD:
-                    s = s * q_row_scale[:, None]
+                    s = s * tl.expand_dims(q_row_scale, TOK_AXIS)
             else:
-                kt = _kv_tile(k_tok, 0, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
-                              MASK=KV_MASK)
-                if DOT_FP32:  # the interpreter's bf16 dot is wrong: fp32 there
-                    s = tl.dot(q, kt.to(tl.float32))
-                else:
-                    s = tl.dot(q, kt.to(q.dtype))  # int8 → fp16/bf16 is exact for [-128, 127]
+                kt = _kv_tile(k_tok, 0, dims, pos_ok, 1 - HEADS_N, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
+                              BLOCK_N, PART, MASK=KV_MASK)
+                # int8 → fp16/bf16 is exact for [-128, 127]; the interpreter's bf16 dot is wrong: fp32 there
+                s = _mma(q, kt.to(q.dtype), None, HEADS_N)
                 if D_SPLIT == 2:
-                    kt = _kv_tile(k_tok, PART, dims, pos_ok, True, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
+                    kt = _kv_tile(k_tok, PART, dims, pos_ok, 1 - HEADS_N, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
                                   BLOCK_N, PART, MASK=KV_MASK)
-                    if DOT_FP32:
-                        s = tl.dot(q2, kt.to(tl.float32), s)
-                    else:
-                        s = tl.dot(q2, kt.to(q.dtype), s)
+                    s = _mma(q2, kt.to(q.dtype), s, HEADS_N)
             if QUANT:
                 k_sc = tl.load(ks_ptr + ks_page + slot * stride_kss + kvh * stride_ksh,
                                mask=pos_ok, other=0.0)
-                s = s * (k_sc * qk_scale)[None, :]
+                s = s * tl.expand_dims(k_sc * qk_scale, ROW_AXIS)
             else:
                 s = s * qk_scale
             if HAS_SOFTCAP:  # s holds scale · q·k here; cap · tanh(s / cap), tanh via exp, then to base 2
                 e = tl.exp(2.0 * s / soft_cap)
                 s = (soft_cap * LOG2E_C) * (1.0 - 2.0 / (e + 1.0))
-            visible = pos_ok[None, :] & (pos[None, :] < row_hi[:, None]) & (pos[None, :] >= row_lo[:, None])
+            tok = tl.expand_dims(pos, ROW_AXIS)
+            visible = (tl.expand_dims(pos_ok, ROW_AXIS) & (tok < tl.expand_dims(row_hi, TOK_AXIS))
+                       & (tok >= tl.expand_dims(row_lo, TOK_AXIS)))
             s = tl.where(visible, s, float("-inf"))
-            m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, False, ROW_FOLD)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_new, alpha, p = _exp2_step(s, m_i, qk_scale, q_row_scale, False, ROW_FOLD, TOK_AXIS)
+            l_i = l_i * alpha + tl.sum(p, axis=TOK_AXIS)
             v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
-            v = _kv_tile(v_tok, 0, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
+            v = _kv_tile(v_tok, 0, dims, pos_ok, HEADS_N, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
                          FENCE_V, KV_MASK)
             if QUANT:
                 v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh,
                                mask=pos_ok, other=0.0)
                 v_max = tl.max(v_sc, axis=0)
                 v_max = tl.where(v_max > 0, v_max, 1.0)
-                p = p * (v_sc / v_max)[None, :]
+                p = p * tl.expand_dims(v_sc / v_max, ROW_AXIS)
+                alpha = alpha * (v_unit / v_max)
+                v_unit = v_max
             if not DOT_FP32:
                 p = p.to(q.dtype)
-            pv = tl.dot(p, v.to(p.dtype))
-            if QUANT:
-                pv = pv * v_max
-            acc = acc * alpha[:, None] + pv
+            acc = _mma(p, v.to(p.dtype), acc * tl.expand_dims(alpha, TOK_AXIS), HEADS_N)
             if D_SPLIT == 2:
-                v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
+                v = _kv_tile(v_tok, PART, dims, pos_ok, HEADS_N, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
                              PART, FENCE_V, KV_MASK)
-                pv = tl.dot(p, v.to(p.dtype))
-                if QUANT:
-                    pv = pv * v_max
-                acc2 = acc2 * alpha[:, None] + pv
+                acc2 = _mma(p, v.to(p.dtype), acc2 * tl.expand_dims(alpha, TOK_AXIS), HEADS_N)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
+        o = acc * tl.expand_dims(v_unit / l_safe, TOK_AXIS)
+        if HEADS_N:
+            o = tl.trans(o)
         if D_SPLIT == 2:
-            o2 = acc2 / l_safe[:, None]
+            o2 = acc2 * tl.expand_dims(v_unit / l_safe, TOK_AXIS)
+            if HEADS_N:
+                o2 = tl.trans(o2)
         if num_splits == 1:
             tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
             if D_SPLIT == 2:
@@ -424,9 +464,12 @@ def _paged_attn_reduce_kernel(
     stride_ob, stride_ot, stride_oh,
     NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """One program per (sequence, query token, query head): combine its splits' partials in split order."""
+    """One program per (sequence, query token, query head): combine its splits' partials in split order. PDL: this
+    kernel was launched while the split kernel ran (it waits for it before reading the partials)."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     h = pid % num_q_heads
     t = (pid // num_q_heads) % NUM_QUERIES
@@ -434,6 +477,8 @@ def _paged_attn_reduce_kernel(
     L = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), capacity)
     _f, _e, _tps, num_splits = _split_range(L, window, NUM_QUERIES, HAS_WINDOW, BLOCK_N, MIN_SPLIT_TILES, MAX_SPLITS,
                                             MIN_SPLITS)
+    if PDL:
+        gdc_wait()
     if num_splits > 1:  # 0 and 1 split were written by the split kernel
         splits = tl.arange(0, SPLITS_PAD)
         ok = splits < num_splits
@@ -472,6 +517,18 @@ def page_addressing(cfg: KernelConfig, *caches) -> bool:
     return bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and all(c.stride(0) < 2**31 for c in caches if c is not None)
 
 
+def uses_pdl(programs: int, device: torch.device) -> bool:
+    """Programmatic dependent launch (sm_90 and later) for grids of at most one program per SM: the split kernel
+    launches while the previous kernel of the stream finishes and the reduce kernel while the split kernel runs,
+    each waiting (``gdc_wait``) before it reads what the one before wrote — launch latency hidden, the same bits.
+    H100, CUDA graphs, one run, µs without / with, int8 and fp16: B=1×1k 8.5 / 7.5 and 10.1 / 8.5, B=1×4k
+    16.9 / 16.1 and 22.9 / 21.4 (128 programs); with a full wave of programs it cost (B=8×4k int8, 1024 one-warp
+    programs: 33.3 / 34.1; fp16 55.1 / 58.2) and larger batches did not move."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    return programs <= num_sms(device)
+
+
 def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
@@ -501,9 +558,9 @@ def row_alignment(cache: torch.Tensor) -> int:
 
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. Head dim 128: the H100 winners (per-case timing, Llama-3-8B heads), which also serve
-    untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, q·kᵀ on int8 MMAs, V by the word path
-    with the 16-bit MMA layout (FENCE_V), page addressing, 3 stages, 256-token splits with a floor of 16 splits,
-    8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
+    untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, the query rows on the MMA's N side, K
+    and V by the word path, V with the 16-bit MMA layout (FENCE_V), page addressing, 2 stages, 256-token splits
+    with a floor of 16 splits, 8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
     alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
     B=64×16k: 1465 vs 1500 µs with 64-token splits), page addressing, exactly 3 programs per SM for one sequence.
     Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token
@@ -522,11 +579,14 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
         # (130.4), 64×16k 853.1 (901.7); but B=1×4k 17.9 (13.1): 256-token splits leave a single sequence 128
         # one-warp programs (NOTES.md). SPLITS_CAP 128: a 32k context in 128 splits of 256 tokens instead of 64 of
         # 512 (B=1×32k 39.4 → 34.0 µs, the 1024 programs of 8 KV heads fill 132 SMs × 8; B=8×32k 213 → 227: the
-        # partials double and each program's prologue is spread over half the tokens).
-        return KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=3,
-                            extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("MIN_SPLITS", 16), ("MIN_SPLIT_TILES", 8),
-                                   ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 8), ("QK_INT8", 1), ("SPLITS_CAP", 128),
-                                   ("WORDS", 1)))
+        # partials double and each program's prologue is spread over half the tokens). HEADS_N: 168 instead of 255
+        # registers; per-case tuning (H100, same run, µs, the previous default with int8 q·kᵀ and 3 stages → this):
+        # B=1×1k 9.1 → 8.5, 1×4k 17.6 → 17.0, 8×4k 33.7 → 33.2, 32×4k 118.4 → 113.1, 64×16k 870.8 → 862.8 (with
+        # int8 q·kᵀ as well: within 1 % of it).
+        return KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=1, num_stages=2,
+                            extra=(("D_SPLIT", 1), ("FENCE_V", 1), ("HEADS_N", 1), ("MIN_SPLITS", 16),
+                                   ("MIN_SPLIT_TILES", 8), ("PAGE_ADDR", 1), ("PROGRAMS_PER_SM", 8),
+                                   ("SPLITS_CAP", 128), ("WORDS", 1)))
     if p.head_dim == 128:  # a single sequence's splits: 3 programs per SM, not rounded to a power of two
         return KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=2,
                             extra=(("D_SPLIT", 2), ("EXACT_SPLITS", 1), ("MIN_SPLITS", 8), ("MIN_SPLIT_TILES", 16),
@@ -574,7 +634,9 @@ def launch_paged_attention(
     if B == 0:
         return out
     group = Hq // Hkv
-    block_m = max(16, triton.next_power_of_2(group * Q))
+    heads_n = int(dict(cfg.extra).get("HEADS_N", 0))
+    # query rows: a 16-row MMA M side, or an 8-wide N side with HEADS_N
+    block_m = max(8 if heads_n else 16, triton.next_power_of_2(group * Q))
     capacity = block_table.shape[1] * page
     max_ns = policy.max_num_splits(capacity)
     if max_ns > 1:
@@ -587,6 +649,7 @@ def launch_paged_attention(
         # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
+    pdl = uses_pdl(B * Hkv * grid_splits, q.device)
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -618,7 +681,9 @@ def launch_paged_attention(
         QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
+        HEADS_N=heads_n, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
+        **({"launch_pdl": True} if pdl else {}),
     )
     if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
@@ -627,7 +692,7 @@ def launch_paged_attention(
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            num_warps=4 if D >= 128 else 2, **consts,
+            num_warps=4 if D >= 128 else 2, **consts, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
         )
     return out
 
@@ -725,7 +790,8 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     programs per SM for one long sequence (the largest split count: 2, 4 or 8 per SM, rounded to a power of two,
     or 3 per SM exactly; one-warp programs at 8 per SM with a cap of 128 splits) × head-dim halves (D_SPLIT), and
     for int8 caches the word path, int8 q·kᵀ and a register cap (WORDS, QK_INT8, MAX_REGS) × the short-context
-    split floor (MIN_SPLITS 1, 8 or 16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches).
+    split floor (MIN_SPLITS 1, 8 or 16) × page addressing (PAGE_ADDR, with FENCE_V for int8 caches) × the query
+    rows' MMA side (HEADS_N).
     Every config is a valid partition, and the
     store keys it by model shape only (``p.key()``), so whichever wins, outputs stay batch-invariant."""
     from itertools import product
@@ -741,9 +807,12 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
     int8_options = (0, 1) if int8 else (0,)
     # PAGE_ADDR (page addressing) and, for int8, FENCE_V with it: sm_90a, int8 BLOCK_N 128 with WORDS and
     # QK_INT8, 1808 → 1260 instructions per tile; the H100 winners use both (NOTES.md)
-    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits, page in product(
+    # HEADS_N (query rows on an 8-wide MMA N side, transposed tiles): sm_90a, the int8 one-warp 32-token tile with
+    # WORDS and QK_INT8, 255 → 168 registers and 1213 → 950 instructions per tile; fp16 64-token halves on 4 warps
+    # 122 → 96 registers, 892 → 848
+    for bn, warps, stages, min_tokens, per_sm, d_split, words, qk_int8, max_regs, min_splits, page, heads_n in product(
             (32, 64, 128), (1, 2, 4, 8), (1, 2, 3, 4), (64, 128, 256, 512, 1024), (2, 3, 4, 8), (1, 2), int8_options,
-            int8_options, (0, 168) if int8 else (0,), (1, 8, 16), (0, 1)):
+            int8_options, (0, 168) if int8 else (0,), (1, 8, 16), (0, 1), (0, 1)):
         if bn * p.head_dim > 16384 or min_tokens < bn:  # K and V tiles beyond ~32 K registers' worth spill
             continue
         if max_regs and warps != 4:
@@ -753,6 +822,7 @@ def tuning_space(p: PagedDecodeProblem) -> list[KernelConfig]:
         extra = (("D_SPLIT", d_split),)
         extra += (("EXACT_SPLITS", 1),) if per_sm == 3 else ()  # rounded to a power of two, 3 per SM is 2
         extra += (("FENCE_V", 1),) if page and int8 else ()
+        extra += (("HEADS_N", 1),) if heads_n else ()
         if max_regs:
             extra += (("MAX_REGS", max_regs),)  # sorted by name, as the store reads them
         extra += (("MIN_SPLITS", min_splits),) if min_splits > 1 else ()

@@ -93,7 +93,7 @@ def _fresh_prompt(L, q_len):
 
 @triton.jit
 def _attend_kv_tile(
-    acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+    acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
     kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -105,7 +105,8 @@ def _attend_kv_tile(
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
-    the second halves; unused scalars otherwise). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
+    the second halves; unused scalars otherwise). v_unit: int8 V, the accumulator's unit (paged_decode's split
+    kernel: the last tile's largest V scale, so p · v accumulates inside the MMA). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
     q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise.
     FROM_COPY: kc_ptr / vc_ptr are a contiguous [T, H_kv, D] copy (``dequantized_fresh_kv``), position p at row
     ``copy_row0 + p`` (slot stride = row stride); no block table."""
@@ -169,20 +170,16 @@ def _attend_kv_tile(
         v_max = tl.max(v_sc, axis=0)
         v_max = tl.where(v_max > 0, v_max, 1.0)
         p = p * (v_sc / v_max)[None, :]
+        alpha = alpha * (v_unit / v_max)
+        v_unit = v_max
     if not DOT_FP32:
         p = p.to(DT)
-    pv = tl.dot(p, v.to(p.dtype))
-    if QUANT:
-        pv = pv * v_max
-    acc = acc * alpha[:, None] + pv
+    acc = tl.dot(p, v.to(p.dtype), acc * alpha[:, None])
     if D_SPLIT == 2:
         v = _kv_tile(v_tok, PART, dims, pos_ok, False, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
                      FENCE_V)
-        pv = tl.dot(p, v.to(p.dtype))
-        if QUANT:
-            pv = pv * v_max
-        acc2 = acc2 * alpha[:, None] + pv
-    return acc, acc2, m_new, l_i
+        acc2 = tl.dot(p, v.to(p.dtype), acc2 * alpha[:, None])
+    return acc, acc2, m_new, l_i, v_unit
 
 
 @triton.jit
@@ -274,18 +271,19 @@ def _paged_varlen_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
+        v_unit = 1.0
         bt_row = bt_ptr + b64 * stride_btb
         for n0 in range(n_lo, n_full, BLOCK_N):
-            acc, acc2, m_i, l_i = _attend_kv_tile(
-                acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+            acc, acc2, m_i, l_i, v_unit = _attend_kv_tile(
+                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                 HEAD_DIM, PAGE, BLOCK_N, QUANT, HAS_SOFTCAP, DOT_FP32, MAGIC, False, K_ALIGN, V_ALIGN, WORDS,
                 ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, q_start - ctx, FROM_COPY)
         for n0 in range(n_full, kv_end, BLOCK_N):
-            acc, acc2, m_i, l_i = _attend_kv_tile(
-                acc, acc2, m_i, l_i, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+            acc, acc2, m_i, l_i, v_unit = _attend_kv_tile(
+                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -293,9 +291,10 @@ def _paged_varlen_kernel(
                 ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, q_start - ctx, FROM_COPY)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o_ptrs = out_ptr + q_rows[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptrs, (acc * (v_unit / l_safe)[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if D_SPLIT == 2:
-            tl.store(o_ptrs + PART, (acc2 / l_safe[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(o_ptrs + PART, (acc2 * (v_unit / l_safe)[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
 
 @triton.jit

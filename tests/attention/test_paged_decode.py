@@ -157,6 +157,36 @@ def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
             torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_query_rows_on_the_mma_n_side(cache_dtype, device):
+    """HEADS_N (transposed tiles: scores [tokens, rows], acc [head dim, rows], the query rows on an 8-wide MMA N
+    side) computes the same attention as the 16-row M side: int8 with q·kᵀ on int8 MMAs and the word path, the
+    element path with head-dim halves, fp16 whole and in halves; windows and soft-cap; 4 rows of 8 (GQA 4 of 2 KV
+    heads), 8 of 8 (two query tokens) and 16 rows (an N side of 16); ragged and empty sequences, several splits."""
+    from angel_kernels.tuning import KernelConfig
+
+    c = build_case([300, 1, 17, 0, 40], head_dim=64, cache_dtype=cache_dtype, seed=37, device=device)
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    int8 = cache_dtype == torch.int8
+    variants = ((("D_SPLIT", 1), ("QK_INT8", 1), ("WORDS", 1)), (("D_SPLIT", 2),)) if int8 else (
+        (("D_SPLIT", 1),), (("D_SPLIT", 2),))
+    g = make_generator(37)
+    for num_queries in (1, 2, 4):
+        q = c["q"][:, None] if num_queries == 1 else randn(5, num_queries, 4, 64, generator=g).to(device)
+        for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
+            ref = paged_attention_ref(q, *args, **kw)
+            for base in variants:
+                outs = []
+                for heads_n in (0, 1):
+                    extra = tuple(sorted(base + (("HEADS_N", heads_n), ("MIN_SPLIT_TILES", 2))))
+                    cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=1, num_stages=1, extra=extra)
+                    outs.append(launch_paged_attention(q, *args, cfg=cfg, **kw))
+                name = f"{cache_dtype} Q={num_queries} {dict(base)} {kw}"
+                assert torch.isfinite(outs[1]).all(), name
+                assert_close(outs[1], ref, name=name)
+                assert_close(outs[1], outs[0], name=f"HEADS_N vs M side: {name}")
+
+
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_page_addressing_is_bitwise_identical(block_size, cache_dtype, device):
@@ -646,7 +676,7 @@ def test_packed_rows_have_their_own_key_and_default():
     assert packed.key() == rows16.key() + ",rows=packed"
     extra = dict(heuristic_config(packed).extra)
     assert extra.get("WORDS") == 1 and not extra.get("QK_INT8") and not extra.get("PAGE_ADDR")
-    assert dict(heuristic_config(rows16).extra).get("QK_INT8") == 1
+    assert dict(heuristic_config(rows16).extra).get("HEADS_N") == 1
 
 
 def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
