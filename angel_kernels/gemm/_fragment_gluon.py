@@ -71,6 +71,21 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
 
 
 @gluon.jit
+def _gdc_wait():
+    """griddepcontrol.wait: under programmatic dependent launch, block until the previous kernel of the stream has
+    completed and its writes are visible (a no-op without it)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gdc_launch_dependents():
+    """griddepcontrol.launch_dependents: the next kernel (if launched dependently) may start once every program of
+    this one has passed here."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
     """K-block i's weight words and (int4) the scales of the thread's two rows; masked past the split range."""
     w = gl.load(w_ptrs + i * (128 * WORDS), mask=i < n_blocks)
@@ -107,7 +122,10 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = False):
+    """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
+    launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
+    split scratch only after."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -139,9 +157,6 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     x_ptrs = x_ptr + offs_xm[:, None].to(gl.int64) * stride_xm + (k_start + offs_xk)[None, :]
     mask_xm = (offs_xm < M)[:, None]
 
-    for t in gl.static_range(STAGES - 1):
-        cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
-        cp.commit_group()
     # the weight words (and int4 scales) of the next AHEAD K-blocks in flight, one register set per block: the
     # loop is unrolled AHEAD times so that each set is reloaded in place once its block is converted (a set
     # handed on to the next (w_a = w_b) is a register move that waits for the load in flight: one block ahead)
@@ -153,6 +168,12 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         w_c, s0_c, s1_c = _load_block(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
     if AHEAD == 4:
         w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
+    if PDL:  # x (and the partials and counters) may still be written by the previous kernel
+        _gdc_wait()
+        _gdc_launch_dependents()
+    for t in gl.static_range(STAGES - 1):
+        cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
+        cp.commit_group()
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
     for i in range(0, n_blocks, AHEAD):
         acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
@@ -374,11 +395,13 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
-           block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2) -> None:
+           block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
+           pdl: bool = False) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
-    of weight words in flight (2-4)."""
+    of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
+    while the previous kernel of the stream finishes)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
@@ -392,4 +415,5 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, num_warps=4 * warpgroups)
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
+        **({"launch_pdl": True} if pdl else {}))
