@@ -57,8 +57,8 @@ def focus_decode_space(p):
             return (c.num_warps == 4 and c.BLOCK_N == 128 and x["PROGRAMS_PER_SM"] == 2 and tokens == 256
                     and x.get("MIN_SPLITS") == 8 and x.get("QK_INT8") == 1)
         # 1024-token splits: 16 instead of 32 splits at 16k (half the partials; B=64×16k trails vLLM's fp16 kernel)
-        return (c.num_warps == 4 and not x.get("HEADS_N") and x["PROGRAMS_PER_SM"] == 3 and c.BLOCK_N == 64 and x["D_SPLIT"] == 2
-                and x.get("MIN_SPLITS", 1) in (1, 8) and (tokens <= 256 or tokens == 1024))
+        return (not x.get("HEADS_N") and c.num_warps == 4 and x["PROGRAMS_PER_SM"] == 3 and c.BLOCK_N == 64
+                and x["D_SPLIT"] == 2 and x.get("MIN_SPLITS", 1) in (1, 8) and (tokens <= 256 or tokens == 1024))
 
     return [c for c in paged_decode.tuning_space(p) if keep(c)]
 

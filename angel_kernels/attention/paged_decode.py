@@ -175,9 +175,9 @@ def _int8_qk(k_tok, q_hi, q_lo, q2_hi, q2_lo, dims, pos_ok, K_ALIGN: tl.constexp
 
 @triton.jit
 def _mma(query_side, kv_side, acc, HEADS_N: tl.constexpr, OUT: tl.constexpr = tl.float32):
-    """The tile product in either orientation: ``query_side · kv_side`` (query rows on the MMA's M side), or with
-    HEADS_N ``kv_side · query_side`` — both operands then come transposed, so the product is the transposed one
-    (kᵀ·qᵀ-style: [BLOCK_N, rows] scores, [PART, rows] outputs)."""
+    """The tile product in either orientation: ``query_side · kv_side`` (query rows on the MMA's M side: q · kᵀ,
+    p · v), or with HEADS_N ``kv_side · query_side`` on operands that come transposed (k · qᵀ gives the scores as
+    [BLOCK_N, rows], vᵀ · pᵀ the output as [PART, rows])."""
     if HEADS_N:
         return tl.dot(kv_side, query_side, acc, out_dtype=OUT)
     else:
@@ -291,8 +291,10 @@ def _paged_attn_split_kernel(
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
     PDL: tl.constexpr = False,  # launched early by programmatic dependent launch (``uses_pdl``)
 ):
-    if PDL:  # launched before the previous kernel finished: wait for its writes (q, the caches); then let the
-        gdc_wait()  # reduce kernel launch as soon as every program here has started
+    if PDL:
+        # launched before the previous kernel of the stream finished: wait for its writes (q, the caches), then let
+        # the reduce kernel launch as soon as every program here has started
+        gdc_wait()
         gdc_launch_dependents()
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -560,8 +562,8 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     """Untuned default. Head dim 128: the H100 winners (per-case timing, Llama-3-8B heads), which also serve
     untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, the query rows on the MMA's N side, K
     and V by the word path, V with the 16-bit MMA layout (FENCE_V), page addressing, 2 stages, 256-token splits
-    with a floor of 16 splits, 8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed int8 rows the word path
-    alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
+    with a floor of 16 splits, 8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed
+    int8 rows the word path alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
     B=64×16k: 1465 vs 1500 µs with 64-token splits), page addressing, exactly 3 programs per SM for one sequence.
     Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token
     splits, whose partial output (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's

@@ -105,9 +105,10 @@ def _attend_kv_tile(
 ):
     """One online-softmax step over the KV tile [n0, n0 + BLOCK_N). Unmasked tiles lie entirely below L and
     before every row's first query position. D_SPLIT 2: q, K, V and the accumulator in head-dim halves (q2, acc2:
-    the second halves; unused scalars otherwise). v_unit: int8 V, the accumulator's unit (paged_decode's split
-    kernel: the last tile's largest V scale, so p · v accumulates inside the MMA). QK_INT8: q and q2 are the int8 high parts of the query, q_lo and
-    q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``); unused scalars otherwise.
+    the second halves; unused scalars otherwise). v_unit: int8 V, the accumulator's unit (as paged_decode's split
+    kernel: the last tile's largest V scale, so p · v accumulates inside the MMA). QK_INT8: q and q2 are the int8
+    high parts of the query, q_lo and q2_lo the low parts, q_row_scale their per-row step (``_split_q_rows``);
+    unused scalars otherwise.
     FROM_COPY: kc_ptr / vc_ptr are a contiguous [T, H_kv, D] copy (``dequantized_fresh_kv``), position p at row
     ``copy_row0 + p`` (slot stride = row stride); no block table."""
     PART: tl.constexpr = HEAD_DIM // D_SPLIT
