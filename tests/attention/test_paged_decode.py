@@ -551,6 +551,30 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_gpu_early_launch_changes_no_bit(cache_dtype):
+    """Programmatic dependent launch (``uses_pdl``: grids of at most one program per SM) only moves launches: a
+    sequence launched alone that way gives the bits it gets in a batch of 64 launched plainly."""
+    from angel_kernels.attention.paged_decode import uses_pdl
+
+    g = torch.Generator().manual_seed(65)
+    lens = torch.randint(1, 1001, (64,), generator=g).tolist()
+    lens[:3] = [1, 17, 1000]
+    c = _gpu_case(lens, cache_dtype=cache_dtype, seed=65)
+    p = PagedDecodeProblem(HQ, HKV, D, BS, c["q"].dtype, cache_dtype, torch.device("cuda"))
+    max_ns = split_policy(p).max_num_splits(c["block_table"].shape[1] * BS)
+    assert uses_pdl(HKV * max_ns, p.device) and not uses_pdl(64 * HKV * max_ns, p.device)
+    full = _run(c)
+    for b in (0, 1, 2, 9, 63):
+        alone = dict(c)
+        for name in ("q", "block_table", "seq_lens"):
+            alone[name] = c[name][b : b + 1]
+        assert torch.equal(_run(alone), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone vs batch 64"
+    torch.cuda.synchronize()
+    assert_close(full, _ref(c))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_gpu_page_addressing_at_the_tuned_config(cache_dtype, block_size):
