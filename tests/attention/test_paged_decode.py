@@ -671,6 +671,19 @@ def test_head_dim_128_default_configs(cache_dtype, device):
         assert_close(out, _ref(c, **kw), name=f"{cache_dtype} {kw}")
 
 
+def test_early_launch_only_for_small_grids_on_hopper(monkeypatch):
+    """``uses_pdl``: programmatic dependent launch on sm_90 and later for grids of at most one program per SM; never
+    before sm_90 or off CUDA."""
+    import angel_kernels.attention.paged_decode as pd
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(pd, "num_sms", lambda device: 132)
+    for capability, small, large in (((9, 0), True, False), ((10, 0), True, False), ((8, 0), False, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert pd.uses_pdl(132, cuda) is small and pd.uses_pdl(133, cuda) is large, capability
+    assert not pd.uses_pdl(1, torch.device("cpu"))
+
+
 def test_launcher_keys_vllms_packed_rows_apart(monkeypatch, device):
     """A launch on vLLM's packed int8 cache (4-byte aligned rows) looks its config up as ``rows=packed``; a launch
     on separate 16-byte rows does not."""
