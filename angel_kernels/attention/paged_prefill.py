@@ -276,7 +276,8 @@ def _paged_varlen_kernel(
         bt_row = bt_ptr + b64 * stride_btb
         for n0 in range(n_lo, n_full, BLOCK_N):
             acc, acc2, m_i, l_i, v_unit = _attend_kv_tile(
-                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row,
+                stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
@@ -284,7 +285,8 @@ def _paged_varlen_kernel(
                 ASM, D_SPLIT, PAGE_ADDR, BF16, QK_INT8, FENCE_V, q_start - ctx, FROM_COPY)
         for n0 in range(n_full, kv_end, BLOCK_N):
             acc, acc2, m_i, l_i, v_unit = _attend_kv_tile(
-                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row, stride_btn,
+                acc, acc2, m_i, l_i, v_unit, q, q2, q_lo, q2_lo, q_row_scale, n0, L, row_lo, row_hi, bt_row,
+                stride_btn,
                 kc_ptr, vc_ptr, ks_ptr, vs_ptr, kvh, qk_scale, soft_cap,
                 stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
                 stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,

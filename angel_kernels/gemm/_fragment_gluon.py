@@ -24,6 +24,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
 from . import fragment
@@ -68,21 +69,6 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
     t = gl.reshape(t, [WARPS, 8, 4, STEPS, 2, 2, 2])  # (w, g, c, s, h, r, e)
     t = gl.permute(t, [0, 5, 1, 3, 4, 2, 6])  # row 16 w + 8 r + g, column 16 s + 8 h + 2 c + e
     return gl.convert_layout(gl.reshape(t, [16 * WARPS, 16 * STEPS]), a_l)
-
-
-@gluon.jit
-def _gdc_wait():
-    """griddepcontrol.wait: under programmatic dependent launch, block until the previous kernel of the stream has
-    completed and its writes are visible (a no-op without it)."""
-    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _gdc_launch_dependents():
-    """griddepcontrol.launch_dependents: the next kernel (if launched dependently) may start once every program of
-    this one has passed here."""
-    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
-                              pack=1)
 
 
 @gluon.jit
@@ -169,8 +155,8 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     if AHEAD == 4:
         w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
     if PDL:  # x (and the partials and counters) may still be written by the previous kernel
-        _gdc_wait()
-        _gdc_launch_dependents()
+        gdc_wait()
+        gdc_launch_dependents()
     for t in gl.static_range(STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
