@@ -11,7 +11,7 @@ import torch
 import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
-from angel_kernels.gemm._fragment_gluon import launch, launch_tma
+from angel_kernels.gemm._fragment_gluon import launch, launch_piped, launch_tma
 from angel_kernels.gemm._splitk import plan_split
 from angel_kernels.gemm.fragment import (
     TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8,
@@ -31,6 +31,12 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
         return y
+    if cfg[0] == "s":  # piped tiles: ("s", warpgroups, block_m, x halves in flight, register cap, word stages)
+        _s, wg, bm, hs, regs, ws = cfg
+        tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=True)
+        launch_piped(x, words, scales, None, y, plan, bm, int4, hs, wg, regs, ws)
+        return y
     wg, bm, stages, overlap = cfg[:4]
     ahead = cfg[4] if len(cfg) > 4 else 2
     serial = bool(cfg[5]) if len(cfg) > 5 else False
@@ -49,7 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
+    configs = [("s",) + tuple(int(v) for v in c[1:].split(",")) if c.startswith("s") else
+               tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if n % (64 * cfg[0]):
+                    if n % (64 * cfg[1 if cfg[0] == "s" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if n % (64 * cfg[0]):
+                        if n % (64 * cfg[1 if cfg[0] == "s" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))

@@ -289,12 +289,13 @@ def _paged_attn_split_kernel(
     #                                   int8 K/V rows read unmasked (rows past the length read block 0)
     HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
-    PDL: tl.constexpr = False,  # launched early by programmatic dependent launch (``uses_pdl``)
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late
 ):
     if PDL:
-        # launched before the previous kernel of the stream finished: wait for its writes (q, the caches), then let
-        # the reduce kernel launch as soon as every program here has started
+        # launched before the previous kernel of the stream finished: wait for its writes (q, the caches)
         gdc_wait()
+    if PDL == 1:
+        # and let the reduce kernel launch as soon as every program here has started (2: as they exit)
         gdc_launch_dependents()
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -531,6 +532,20 @@ def uses_pdl(programs: int, device: torch.device) -> bool:
     return programs <= num_sms(device)
 
 
+def pdl_modes(programs: int, quant: bool, device: torch.device) -> tuple:
+    """(the split kernel's PDL mode, whether the reduce kernel launches dependently). Grids of at most one program
+    per SM: both early (``uses_pdl``, mode 1). Fuller grids over fp16 / bf16 caches: both dependent, but the split
+    kernel with no early trigger (mode 2: the reduce kernel launches as the split programs exit, so none of its
+    programs sits resident beside running split programs). H100, CUDA graphs, one run, µs plain / mode 2 (two
+    samples each): fp16 B=8×4k 54.9, 54.6 / 53.9, 53.4; 32×4k 195.7, 195.4 / 194.9, 194.9; 64×16k 1466.5, 1462.2 /
+    1459.9, 1455.7. Not int8 (8×4k 32.7, 32.5 / 33.6, 33.4; 1×32k 32.7, 32.5 / 33.6, 33.6)."""
+    if uses_pdl(programs, device):
+        return 1, True
+    if quant or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        return 0, False
+    return 2, True
+
+
 def num_sms(device: torch.device) -> int:
     return runtime_num_sms(device, INTERPRETER_SMS)
 
@@ -651,7 +666,7 @@ def launch_paged_attention(
         # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
-    pdl = uses_pdl(B * Hkv * grid_splits, q.device)
+    pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device)
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -694,7 +709,8 @@ def launch_paged_attention(
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            num_warps=4 if D >= 128 else 2, **consts, PDL=pdl, **({"launch_pdl": True} if pdl else {}),
+            num_warps=4 if D >= 128 else 2, **consts, PDL=reduce_pdl,
+            **({"launch_pdl": True} if reduce_pdl else {}),
         )
     return out
 

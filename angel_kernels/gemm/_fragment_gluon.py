@@ -18,12 +18,21 @@ A registers instead of 32) so that two programs of two warpgroups fit an SM (int
 and the split ranges are the decode tiles', so are the bits; SERIAL runs a split weight's ranges one after the
 other in one program and sums them in registers in split order (what the last-arrival sum of the partials does).
 ncu (H100, int8 28672×4096, M = 1024): tensor pipe active 76 % of the cycles against cuBLAS's 96 %.
+
+Piped tiles (``_fragment_gemm_piped_kernel``): the batch tiles' operands and bits, with the MMAs left in flight. A
+warpgroup converts k64 half j + 1 into a second A register set while half j's wgmma runs and then waits only for
+half j - 1's; the weight words come through a cp.async ring (each thread reads back only what it copied, so no
+barrier), x through a TMA ring of k64 halves. 256-token tiles, one program per SM (int4: 220 registers).
+ncu (H100, 28672×4096, M = 1024, one program of 256 tokens per SM): tensor pipe 78 % (int4), 71 % (int8, whose
+words in registers then needed 254).
 """
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+)
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
@@ -403,3 +412,163 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
         **({"launch_pdl": True} if pdl else {}))
+
+
+# ------------------------------------------------------------------------------------------------ piped tiles
+@gluon.jit
+def _issue_x_half(x_desc, x_ring, ready, j, off_m, k, HS: gl.constexpr, pred):
+    """TMA of the stream's k64 half j of x [BLOCK_M, 64] into slot j % HS."""
+    bar = ready.index(j % HS)
+    mbarrier.expect(bar, x_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_ring.index(j % HS), pred=pred)
+
+
+@gluon.jit
+def _piped_half(acc, a_prev, j, w, s0, s1, x_desc, x_ring, ready, off_m, k_start, n_halves, INT4: gl.constexpr,
+                BF16: gl.constexpr, HS: gl.constexpr, a_l: gl.constexpr):
+    """Half j (k64) of the stream: its words converted into a second A register set while MMA j - 1 (on a_prev)
+    runs, one async wgmma on x's half j, then MMA j - 1 waited for (one group left in flight) and x's slot of half
+    j - 1 refilled with half j - 1 + HS. Returns (acc, this half's A registers, still read by MMA j)."""
+    a = _fragments(w, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    mbarrier.wait(ready.index(j % HS), (j // HS) & 1)
+    acc = warpgroup_mma(a, x_ring.index(j % HS).permute((1, 0)), acc, is_async=True)
+    acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))
+    gl.thread_barrier()  # every warpgroup's MMA j - 1 is complete
+    nxt = j - 1 + HS
+    _issue_x_half(x_desc, x_ring, ready, nxt, off_m, k_start + nxt * 64, HS, (j >= 1) & (nxt < n_halves))
+    return acc, a
+
+
+@gluon.jit
+def _issue_words(w_ring, w_ptrs, ones, i, n_blocks, WORDS: gl.constexpr, WS: gl.constexpr):
+    """cp.async of K-block i's weight words (each thread its own run) into ring slot i % WS, one commit group per
+    block (empty past the stream, so that the group count stays one per block)."""
+    cp.async_copy_global_to_shared(w_ring.index(i % WS), w_ptrs + i * (128 * WORDS), mask=ones & (i < n_blocks))
+    cp.commit_group()
+
+
+@gluon.jit
+def _load_scales(s_ptrs, i, n_blocks, N, INT4: gl.constexpr, DT: gl.constexpr):
+    """int4: K-block i's scales of the thread's two rows r0 and r0 + 8 (int8: unused zeros)."""
+    if INT4:
+        s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(DT)
+        s1 = gl.load(s_ptrs + i * N + 8, mask=i < n_blocks).to(DT)
+    else:
+        s0 = gl.full(s_ptrs.shape, 0, DT, s_ptrs.type.layout)
+        s1 = s0
+    return s0, s1
+
+
+@gluon.jit
+def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready, off_m,
+                 range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                 WS: gl.constexpr, HS: gl.constexpr, SERIAL: gl.constexpr, w_ld: gl.constexpr, a_l: gl.constexpr):
+    """K-block i as two piped halves, its words read back from the ring (each thread reads only what its own
+    cp.async wrote: no barrier), then block i + WS - 1's words into the slot just read; block i + 2's scales into
+    the registers of block i's. SERIAL: a finished split range's sum joins the total once its MMAs are complete."""
+    HW: gl.constexpr = WORDS // 2
+    cp.wait_group(WS - 2)  # block i's group is complete (the WS - 2 after it may still fly)
+    slot = w_ring.index(i % WS)
+    w_lo = slot.slice(0, HW, dim=1).load(w_ld)
+    w_hi = slot.slice(HW, HW, dim=1).load(w_ld)
+    _issue_words(w_ring, w_ptrs, ones, i + WS - 1, n_blocks, WORDS, WS)
+    acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16, HS,
+                         a_l)
+    acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16,
+                         HS, a_l)
+    s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
+    if SERIAL:
+        if ((i + 1) % range_blocks == 0) | (i + 1 == n_blocks):
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            total = gl.where(i < range_blocks, acc, total + acc)
+            acc = gl.zeros_like(acc)
+    return acc, a, total, s0, s1
+
+
+@gluon.jit
+def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, K_PER_SPLIT, stride_ym,
+                                INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr, WS: gl.constexpr,
+                                SERIAL: gl.constexpr):
+    """Piped batch tiles: the batch tiles' operands (each warpgroup its 64 weight rows as wgmma's A operand from
+    the registers its words are converted in, x [BLOCK_M, 64] halves by TMA as B), but the MMAs stay in flight:
+    a warpgroup converts half j + 1 into a second A register set while half j's MMAs run, and waits only for the
+    MMAs before them. x arrives in a ring of HS k64 halves, the weight words by cp.async in a ring of WS K-blocks
+    (in shared memory, not registers). Unsplit weights, or SERIAL split ranges."""
+    WORDS: gl.constexpr = 8 if INT4 else 16
+    HW: gl.constexpr = WORDS // 2
+    ROWS: gl.constexpr = 64 * WG
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    tile = gl.program_id(0)
+    pid_n = tile // num_pid_m
+    pid_m = tile % num_pid_m
+    w_cp: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4 * WG, 1], [1, 0])  # a thread's whole run
+    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])  # one k64 half of it
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    x_ring = gl.allocate_shared_memory(DT, [HS, BLOCK_M, 64], x_desc.layout)
+    w_ring = gl.allocate_shared_memory(gl.int32, [WS, 128 * WG, WORDS],
+                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [HS, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(HS):
+        mbarrier.init(ready.index(t), count=1)
+
+    n_blocks = K // TILE_K  # split weights run SERIAL: one stream over the whole K, ranges of K_PER_SPLIT
+    range_blocks = K_PER_SPLIT // TILE_K
+    off_m = pid_m * BLOCK_M
+    for t in gl.static_range(HS):
+        _issue_x_half(x_desc, x_ring, ready, t, off_m, t * 64, HS, t < 2 * n_blocks)
+    thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_cp))
+    row_block = pid_n * WG + thr // 128
+    w_offs = ((row_block.to(gl.int64) * (K // TILE_K))[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
+              + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_cp))[None, :])
+    w_ptrs = w_ptr + w_offs
+    ones = w_offs >= 0
+    for t in gl.static_range(WS - 1):
+        _issue_words(w_ring, w_ptrs, ones, t, n_blocks, WORDS, WS)
+    thr_s = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
+    s_ptrs = s_ptr + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
+    s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
+    s0_b, s1_b = _load_scales(s_ptrs, 1, n_blocks, N, INT4, DT)
+    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
+    a = gl.zeros([ROWS, 64], DT, a_l)  # no MMA in flight yet
+    total = acc  # SERIAL: the ranges summed so far
+    for i in range(0, n_blocks, 2):
+        acc, a, total, s0_a, s1_a = _piped_block(
+            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready, off_m,
+            range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
+        if i + 1 < n_blocks:
+            acc, a, total, s0_b, s1_b = _piped_block(
+                acc, a, total, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready,
+                off_m, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
+    acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+    cp.wait_group(0)
+    for t in gl.static_range(HS):
+        mbarrier.invalidate(ready.index(t))
+    if SERIAL:
+        acc = total
+    _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
+                  INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
+
+
+def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
+                 block_m: int = 128, int4: bool = True, halves: int = 4, warpgroups: int = 2,
+                 max_regs: int = 0, word_stages: int = 3) -> None:
+    """``_fragment_gemm_piped_kernel``: unsplit weights or a ``serial`` plan (no partials). ``max_regs``: ptxas's
+    register cap (0: none)."""
+    M, K = x2.shape
+    N = y.shape[1]
+    if plan.split_k > 1 and not plan.serial:
+        raise ValueError("piped tiles run split weights serially (plan.serial)")
+    if N % (64 * warpgroups):
+        raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
+    x2 = _rows_16_byte_aligned(x2)
+    num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
+    _fragment_gemm_piped_kernel[(num_tiles,)](
+        x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
+        M, N, K, plan.k_per_split, y.stride(0),
+        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, num_warps=4 * warpgroups,
+        **({"maxnreg": max_regs} if max_regs else {}))

@@ -553,8 +553,9 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_gpu_early_launch_changes_no_bit(cache_dtype):
-    """Programmatic dependent launch (``uses_pdl``: grids of at most one program per SM) only moves launches: a
-    sequence launched alone that way gives the bits it gets in a batch of 64 launched plainly."""
+    """Programmatic dependent launch only moves launches: a sequence launched alone with an early trigger
+    (``uses_pdl``: grids of at most one program per SM) gives the bits it gets in a batch of 64 (int8: plain
+    launches; fp16: dependent launches with no early trigger, ``pdl_modes``)."""
     from angel_kernels.attention.paged_decode import uses_pdl
 
     g = torch.Generator().manual_seed(65)
@@ -681,7 +682,13 @@ def test_early_launch_only_for_small_grids_on_hopper(monkeypatch):
     for capability, small, large in (((9, 0), True, False), ((10, 0), True, False), ((8, 0), False, False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert pd.uses_pdl(132, cuda) is small and pd.uses_pdl(133, cuda) is large, capability
+        # fuller grids: fp16 caches dependent with no early trigger (mode 2), int8 plain
+        hopper = capability >= (9, 0)
+        assert pd.pdl_modes(132, True, cuda) == pd.pdl_modes(132, False, cuda) == ((1, True) if hopper else (0, False))
+        assert pd.pdl_modes(133, False, cuda) == ((2, True) if hopper else (0, False))
+        assert pd.pdl_modes(133, True, cuda) == (0, False)
     assert not pd.uses_pdl(1, torch.device("cpu"))
+    assert pd.pdl_modes(1000, False, torch.device("cpu")) == (0, False)
 
 
 def test_launcher_keys_vllms_packed_rows_apart(monkeypatch, device):

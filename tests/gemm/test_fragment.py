@@ -10,7 +10,7 @@ from angel_kernels import (
 )
 from angel_kernels.gemm.fragment import (
     LARGE_M_FRAGMENT, W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, batch_tile_for, block_m_for, fragment_fits,
-    fragment_major_int4, fragment_major_int8, packed_from_fragment,
+    fragment_major_int4, fragment_major_int8, packed_from_fragment, piped_tile_for,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
@@ -246,6 +246,18 @@ def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
     assert batch_tile_for(CPU, 256, 576, 1024, int4) is None  # N % 128 != 0
 
 
+def test_piped_tiles_serve_int4_unsplit_weights_from_m_256():
+    piped = (2, 256, 4, 3)
+    assert piped_tile_for(CPU, 256, 28672, 4096, True) == piped
+    assert piped_tile_for(CPU, 1024, 28672, 8192, True) == piped
+    assert piped_tile_for(CPU, 300, 640, 1024, True) == piped  # two warpgroups' rows (N % 128 == 0)
+    assert piped_tile_for(CPU, 255, 28672, 4096, True) is None  # batch tiles
+    assert piped_tile_for(CPU, 1025, 28672, 4096, True) is None  # dequantize + cuBLAS
+    assert piped_tile_for(CPU, 512, 28672, 4096, False) is None  # int8: batch tiles
+    assert piped_tile_for(CPU, 512, 8192, 28672, True) is None  # split weights: serial batch tiles
+    assert piped_tile_for(CPU, 512, 576, 1024, True) is None  # N % 128 != 0
+
+
 @pytest.mark.parametrize("int4", [True, False])
 def test_serial_batch_tiles_serve_split_weights_where_they_fill_their_waves(int4):
     serial = (2, 128, 3, True)
@@ -275,11 +287,12 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("int4", [True, False])
 @pytest.mark.parametrize("n,k,m", [(1024, 1024, 65), (1024, 1024, 300), (1024, 1024, 1000), (640, 1024, 300),
-                                   (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256)])
-def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m):
+                                   (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256), (1024, 1024, 200),
+                                   (1152, 1024, 257), (1024, 128, 300)])
+def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
-    2 where N % 256 != 0; split weights: the ranges run serially), with a bias, bf16 activations, x a strided view
-    (TMA reads it in place)."""
+    2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
+    ranges run serially), with a bias, bf16 activations, x a strided view (TMA reads it in place)."""
     if batch_tile_for(torch.device("cuda"), m, n, k, int4) is None:
         pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
@@ -298,6 +311,11 @@ def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m):
     assert not torch.isnan(full).any()
     for i in sorted({0, m // 2, m - 1}):
         assert torch.equal(full[i : i + 1].view(torch.int16), op(x[i : i + 1], words, s, b).view(torch.int16))
+    if piped_tile_for(torch.device("cuda"), m, n, k, int4) is not None:  # every row: the batch tiles' bits
+        from angel_kernels.gemm import fragment as mod
+
+        monkeypatch.setattr(mod, "PIPED", False)
+        assert torch.equal(full.view(torch.int16), op(x, words, s, b).view(torch.int16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
