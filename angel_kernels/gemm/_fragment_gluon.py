@@ -23,8 +23,8 @@ Piped tiles (``_fragment_gemm_piped_kernel``): the batch tiles' operands and bit
 warpgroup converts k64 half j + 1 into a second A register set while half j's wgmma runs and then waits only for
 half j - 1's; the weight words come through a cp.async ring (each thread reads back only what it copied, so no
 barrier), x through a TMA ring of k64 halves. 256-token tiles, one program per SM (int4: 220 registers).
-ncu (H100, 28672×4096, M = 1024, one program of 256 tokens per SM): tensor pipe 78 % (int4), 71 % (int8, whose
-words in registers then needed 254).
+ncu (H100, 28672×4096, M = 1024, a first version that held the words in registers): tensor pipe 78 % (int4), 71 %
+(int8, at 254 registers).
 """
 import torch
 from triton.experimental import gluon
