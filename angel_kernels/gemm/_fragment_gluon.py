@@ -22,7 +22,7 @@ ncu (H100, int8 28672×4096, M = 1024): tensor pipe active 76 % of the cycles ag
 Piped tiles (``_fragment_gemm_piped_kernel``): the batch tiles' operands and bits, with the MMAs left in flight. A
 warpgroup converts k64 half j + 1 into a second A register set while half j's wgmma runs and then waits only for
 half j - 1's; the weight words come through a cp.async ring (each thread reads back only what it copied, so no
-barrier), x through a TMA ring of k64 halves. 256-token tiles, one program per SM (int4: 220 registers).
+barrier), x through a TMA ring of k64 halves. 256-token tiles, one program per SM.
 ncu (H100, 28672×4096, M = 1024, a first version that held the words in registers): tensor pipe 78 % (int4), 71 %
 (int8, at 254 registers).
 """
@@ -440,10 +440,10 @@ def _piped_half(acc, a_prev, j, w, s0, s1, x_desc, x_ring, ready, off_m, k_start
 
 
 @gluon.jit
-def _issue_words(w_ring, w_ptrs, ones, i, n_blocks, WORDS: gl.constexpr, WS: gl.constexpr):
+def _issue_words(w_ring, w_ptrs, i, n_blocks, WORDS: gl.constexpr, WS: gl.constexpr):
     """cp.async of K-block i's weight words (each thread its own run) into ring slot i % WS, one commit group per
-    block (empty past the stream, so that the group count stays one per block)."""
-    cp.async_copy_global_to_shared(w_ring.index(i % WS), w_ptrs + i * (128 * WORDS), mask=ones & (i < n_blocks))
+    block. Past the stream it copies the last block again (unused; unmasked copies keep no predicate registers)."""
+    cp.async_copy_global_to_shared(w_ring.index(i % WS), w_ptrs + gl.minimum(i, n_blocks - 1) * (128 * WORDS))
     cp.commit_group()
 
 
@@ -460,7 +460,7 @@ def _load_scales(s_ptrs, i, n_blocks, N, INT4: gl.constexpr, DT: gl.constexpr):
 
 
 @gluon.jit
-def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready, off_m,
+def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
                  range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
                  WS: gl.constexpr, HS: gl.constexpr, SERIAL: gl.constexpr, w_ld: gl.constexpr, a_l: gl.constexpr):
     """K-block i as two piped halves, its words read back from the ring (each thread reads only what its own
@@ -470,10 +470,10 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, ones, s_ptr
     cp.wait_group(WS - 2)  # block i's group is complete (the WS - 2 after it may still fly)
     slot = w_ring.index(i % WS)
     w_lo = slot.slice(0, HW, dim=1).load(w_ld)
-    w_hi = slot.slice(HW, HW, dim=1).load(w_ld)
-    _issue_words(w_ring, w_ptrs, ones, i + WS - 1, n_blocks, WORDS, WS)
     acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16, HS,
                          a_l)
+    w_hi = slot.slice(HW, HW, dim=1).load(w_ld)
+    _issue_words(w_ring, w_ptrs, i + WS - 1, n_blocks, WORDS, WS)
     acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16,
                          HS, a_l)
     s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
@@ -509,8 +509,11 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
                                                     instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
     x_ring = gl.allocate_shared_memory(DT, [HS, BLOCK_M, 64], x_desc.layout)
-    w_ring = gl.allocate_shared_memory(gl.int32, [WS, 128 * WG, WORDS],
-                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    # a thread's run of words is one row; its 16-byte vectors XOR-swizzled by the row, so that the 8 threads of a
+    # quarter warp reading a 16-byte vector each hit 8 different bank groups (int8 rows are 64 bytes: unswizzled,
+    # 4-way conflicts)
+    w_ring = gl.allocate_shared_memory(gl.int32, [WS, 128 * WG, WORDS], gl.SwizzledSharedLayout(
+        vec=4, per_phase=1, max_phase=WORDS // 4, order=[1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [HS, 1], mbarrier.MBarrierLayout())
     for t in gl.static_range(HS):
         mbarrier.init(ready.index(t), count=1)
@@ -525,9 +528,8 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     w_offs = ((row_block.to(gl.int64) * (K // TILE_K))[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
               + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_cp))[None, :])
     w_ptrs = w_ptr + w_offs
-    ones = w_offs >= 0
     for t in gl.static_range(WS - 1):
-        _issue_words(w_ring, w_ptrs, ones, t, n_blocks, WORDS, WS)
+        _issue_words(w_ring, w_ptrs, t, n_blocks, WORDS, WS)
     thr_s = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
     s_ptrs = s_ptr + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
     s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
@@ -537,11 +539,11 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     total = acc  # SERIAL: the ranges summed so far
     for i in range(0, n_blocks, 2):
         acc, a, total, s0_a, s1_a = _piped_block(
-            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready, off_m,
+            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
             range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
         if i + 1 < n_blocks:
             acc, a, total, s0_b, s1_b = _piped_block(
-                acc, a, total, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, ones, s_ptrs, x_desc, x_ring, ready,
+                acc, a, total, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready,
                 off_m, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
     acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
     cp.wait_group(0)

@@ -22,8 +22,8 @@ The results are bit for bit those of ``w4a16_gemm`` on the packed layout run wit
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
 Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
-LARGE_M_BATCH (1024) on unsplit weights (int4 from M = 256: piped tiles, ``piped_tile_for``, the same operands with
-the MMAs kept in flight) and from 129 to 512 on split ones where they fill their waves, decode tiles below
+LARGE_M_BATCH (1024) on unsplit weights (from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
+MMAs kept in flight) and from 129 to 512 on split ones where they fill their waves, decode tiles below
 LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves symmetric group-128
 weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
 ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
@@ -71,16 +71,18 @@ LARGE_M_FRAGMENT = 512
 BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
 SERIAL_BATCH_TILE = (2, 128, 3)
 LARGE_M_BATCH = 1024
-# Piped tiles (``_fragment_gemm_piped_kernel``): int4, unsplit weights, PIPED_MIN_M ≤ M ≤ LARGE_M_BATCH. The batch
-# tiles' operands, but a warpgroup converts the next k64 half into a second A register set while this half's MMAs
-# run (one wgmma group left in flight instead of waiting after each), weight words through a cp.async ring instead
-# of registers. (warpgroups, token tile, x halves in flight, word stages): 220 registers, 156 KB, one program per
-# SM. H100, CUDA graphs, µs batch tiles → piped (cuBLAS fp16), same run, two samples each: 28672×4096 M = 256
-# 120.1, 125.2 → 105.4, 106.0 (105.9); M = 512 243.8, 248.4 → 201.9, 206.6 (188.0); M = 1024 443.7, 446.2 → 385.0,
-# 409.3 (354.6); 28672×8192 M = 256 230.7, 255.0 → 197.1, 198.3 (216.9); M = 512 450.4, 474.0 → 402.5, 387.3
-# (369.0); M = 1024 837.6, 850.5 → 673.3, 761.5 (751.1). Not int8 (16 words per thread: 255 registers and spills
-# at this tile; 28672×4096 M = 1024 473.5 vs 440.4), not split weights (the SERIAL sums spill), not 128-token
-# tiles (with one or two programs per SM: slower than 256).
+# Piped tiles (``_fragment_gemm_piped_kernel``): unsplit weights, PIPED_MIN_M ≤ M ≤ LARGE_M_BATCH. The batch tiles'
+# operands, but a warpgroup converts the next k64 half into a second A register set while this half's MMAs run (one
+# wgmma group left in flight instead of waiting after each), weight words through a swizzled cp.async ring instead
+# of registers. (warpgroups, token tile, x halves in flight, word stages); one program per SM. H100, CUDA graphs,
+# µs batch tiles → piped (cuBLAS fp16), same run: int4 (two samples each) 28672×4096 M = 256 120.1, 125.2 → 105.4,
+# 106.0 (105.9); M = 512 243.8, 248.4 → 201.9, 206.6 (188.0); M = 1024 443.7, 446.2 → 385.0, 409.3 (354.6);
+# 28672×8192 M = 256 230.7, 255.0 → 197.1, 198.3 (216.9); M = 512 450.4, 474.0 → 402.5, 387.3 (369.0); M = 1024
+# 837.6, 850.5 → 673.3, 761.5 (751.1). int8 28672×4096 M = 256 117.8 → 114.0 (103.9), M = 512 247.9 → 232.2
+# (181.7), M = 1024 450.7 → 437.9 (368.0); 28672×8192 242.0 → 223.4 (212.4), 504.6 → 435.2 (370.2), 833.6 → 785.3
+# (730.1); int8 needed the swizzle (unswizzled, its 64-byte rows of words read back with 4-way bank conflicts:
+# 473.5 µs at 28672×4096 M = 1024). Not split weights (the SERIAL sums spill), not 128-token tiles (with one or
+# two programs per SM: slower than 256).
 PIPED_TILE = (2, 256, 4, 3)
 PIPED_MIN_M = 256
 PIPED = True
@@ -232,9 +234,9 @@ def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
 
 
 def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
-    """(warpgroups, token tile, x halves, word stages) of the piped tiles for this problem, or None: int4 weights
-    that the unsplit batch tiles serve with two or more warpgroups, from PIPED_MIN_M tokens."""
-    if not (PIPED and int4 and m >= PIPED_MIN_M):
+    """(warpgroups, token tile, x halves, word stages) of the piped tiles for this problem, or None: weights that
+    the unsplit batch tiles serve with two or more warpgroups, from PIPED_MIN_M tokens."""
+    if not (PIPED and m >= PIPED_MIN_M):
         return None
     batch = batch_tile_for(device, m, n, k, int4)
     if batch is None or batch[3] or n % (TILE_N * PIPED_TILE[0]):
@@ -489,7 +491,7 @@ def w8a16_fragment_gemm(
     elsewhere; where only one of the two dequantizes, they agree within rounding).
 
     Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (decode tiles, batch tiles:
-    ``batch_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA
-    when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
+    ``batch_tile_for``, piped tiles: ``piped_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch
+    tile serves (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
     _validate(x, words, scales, bias, int4=False)
     return _gemm(W8A16_FRAGMENT, x, words, scales, bias)

@@ -246,16 +246,16 @@ def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
     assert batch_tile_for(CPU, 256, 576, 1024, int4) is None  # N % 128 != 0
 
 
-def test_piped_tiles_serve_int4_unsplit_weights_from_m_256():
+@pytest.mark.parametrize("int4", [True, False])
+def test_piped_tiles_serve_unsplit_weights_from_m_256(int4):
     piped = (2, 256, 4, 3)
-    assert piped_tile_for(CPU, 256, 28672, 4096, True) == piped
-    assert piped_tile_for(CPU, 1024, 28672, 8192, True) == piped
-    assert piped_tile_for(CPU, 300, 640, 1024, True) == piped  # two warpgroups' rows (N % 128 == 0)
-    assert piped_tile_for(CPU, 255, 28672, 4096, True) is None  # batch tiles
-    assert piped_tile_for(CPU, 1025, 28672, 4096, True) is None  # dequantize + cuBLAS
-    assert piped_tile_for(CPU, 512, 28672, 4096, False) is None  # int8: batch tiles
-    assert piped_tile_for(CPU, 512, 8192, 28672, True) is None  # split weights: serial batch tiles
-    assert piped_tile_for(CPU, 512, 576, 1024, True) is None  # N % 128 != 0
+    assert piped_tile_for(CPU, 256, 28672, 4096, int4) == piped
+    assert piped_tile_for(CPU, 1024, 28672, 8192, int4) == piped
+    assert piped_tile_for(CPU, 300, 640, 1024, int4) == piped  # two warpgroups' rows (N % 128 == 0)
+    assert piped_tile_for(CPU, 255, 28672, 4096, int4) is None  # batch tiles
+    assert piped_tile_for(CPU, 1025, 28672, 4096, int4) is None  # dequantize + cuBLAS
+    assert piped_tile_for(CPU, 512, 8192, 28672, int4) is None  # split weights: serial batch tiles
+    assert piped_tile_for(CPU, 512, 576, 1024, int4) is None  # N % 128 != 0
 
 
 @pytest.mark.parametrize("int4", [True, False])
