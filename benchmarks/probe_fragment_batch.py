@@ -1,8 +1,11 @@
-"""Probe of the fragment-major batch-tile kernel (``_fragment_gemm_tma_kernel``: x through TMA, several
-warpgroups of 64 weight rows sharing it) against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op
-(CUDA-graph times over L2-rotating inputs).
+"""Probe of the fragment-major batch-tile kernels (``_fragment_gemm_tma_kernel``: x through TMA, several
+warpgroups of 64 weight rows sharing it; ``_fragment_gemm_piped_kernel``: the same with the MMAs left in flight)
+against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-graph times over L2-rotating inputs).
 
-    python benchmarks/probe_fragment_batch.py --m 128,256,512,1024 [--configs "2,128,3,0;4,128,3,0"]
+    python benchmarks/probe_fragment_batch.py --m 128,256,512,1024 [--configs "2,128,3,0;4,128,3,0;p2,256,4,0,3"]
+
+A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles, or
+"p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles.
 """
 import argparse
 import sys
@@ -31,7 +34,7 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
         return y
-    if cfg[0] == "s":  # piped tiles: ("s", warpgroups, block_m, x halves in flight, register cap, word stages)
+    if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=True)
@@ -55,7 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [("s",) + tuple(int(v) for v in c[1:].split(",")) if c.startswith("s") else
+    configs = [("p",) + tuple(int(v) for v in c[1:].split(",")) if c.startswith("p") else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if n % (64 * cfg[1 if cfg[0] == "s" else 0]):
+                    if n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if n % (64 * cfg[1 if cfg[0] == "s" else 0]):
+                        if n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))

@@ -30,9 +30,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
@@ -556,7 +554,7 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
 
 
 def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
-                 block_m: int = 128, int4: bool = True, halves: int = 4, warpgroups: int = 2,
+                 block_m: int = 256, int4: bool = True, halves: int = 4, warpgroups: int = 2,
                  max_regs: int = 0, word_stages: int = 3) -> None:
     """``_fragment_gemm_piped_kernel``: unsplit weights or a ``serial`` plan (no partials). ``max_regs``: ptxas's
     register cap (0: none)."""
