@@ -258,6 +258,22 @@ def test_piped_tiles_serve_unsplit_weights_from_m_256(int4):
     assert piped_tile_for(CPU, 512, 576, 1024, int4) is None  # N % 128 != 0
 
 
+def test_piped_launcher_refuses_what_it_cannot_run():
+    from angel_kernels.gemm._fragment_gluon import launch_piped
+    from angel_kernels.gemm._splitk import plan_split
+
+    x = torch.zeros(300, 1024, dtype=torch.float16)
+    words = torch.zeros(192, 1024 // 8, dtype=torch.int32)
+    scales = torch.ones(1024 // 128, 192, dtype=torch.float16)
+    y = torch.empty(300, 192, dtype=torch.float16)
+    split = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=2, serial=False)
+    with pytest.raises(ValueError, match="serially"):
+        launch_piped(x, words, scales, None, y, split)
+    whole = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=1)
+    with pytest.raises(ValueError, match="multiple of 128 rows"):
+        launch_piped(x, words, scales, None, y, whole)
+
+
 @pytest.mark.parametrize("int4", [True, False])
 def test_serial_batch_tiles_serve_split_weights_where_they_fill_their_waves(int4):
     serial = (2, 128, 3, True)
