@@ -23,10 +23,10 @@ split ranges, chain of k16 MMA steps, dequantization and rounding; its own split
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
 Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
 LARGE_M_BATCH (1024) on unsplit weights (from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
-MMAs kept in flight) and from 129 to 512 on split ones where they fill their waves, decode tiles below
-LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves symmetric group-128
-weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
-``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
+MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; at 512 where they fill their waves),
+decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves
+symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and
+K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
 ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores
 sm_90 layers that way.
 """
@@ -63,13 +63,29 @@ LARGE_M_FRAGMENT = 512
 #   M = 512 290.3 → 231.8; 28672×8192 M = 256 293.4 → 237.9, M = 1024 972.3 → 802.1; int4 28672×8192
 #   M = 256 298.3 → 233.5, M = 1024 947.8 → 857.0 (cuBLAS fp16 226.4 / 716.3). Warpgroups per program, token tile
 #   and x stages by width (int4 unpacks cheaper, so four warpgroups share one x tile there).
-# - split weights, 128 < M ≤ LARGE_M_FRAGMENT, where the tiles fill their waves (≥ 90 %; 216 registers: one
-#   program per SM): the split ranges one after the other in one program (SERIAL), no partials. H100, µs op →
-#   serial tiles, int8 / int4: 4096×14336 M = 512 142.7 → 112.6 / 132.9 → 116.2; 8192×28672 M = 256 285.1 →
-#   223.0 / 298.9 → 229.6, M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8.
-#   Where the last wave is part-empty they lost (6144×4096 M = 512, 192 tiles: 64.1 → 71.6).
+# - split weights, 128 < M ≤ LARGE_M_FRAGMENT: the split ranges one after the other in one program (SERIAL), no
+#   partials; the shape of the tile from SERIAL_BATCH_TILES (``serial_tile_for``). At M = LARGE_M_FRAGMENT only where
+#   the tiles fill their waves to ≥ 90 % (dequantize + cuBLAS otherwise). H100, µs op → serial (2, 128, 3), int8 /
+#   int4: 4096×14336 M = 512 142.7 → 112.6 / 132.9 → 116.2; 8192×28672 M = 256 285.1 → 223.0 / 298.9 → 229.6,
+#   M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8; where the last wave is
+#   part-empty it lost to dequantize + cuBLAS (6144×4096 M = 512, 192 tiles: 64.1 → 71.6).
 BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
-SERIAL_BATCH_TILE = (2, 128, 3)
+# Serial tiles for split weights: (warpgroups, token tile, x stages, programs per SM, time of a full wave relative
+# to the first). The time of a launch is taken as its waves (tiles / (programs per SM · SMs), rounded up) times the
+# last field; the cheapest serves. Programs per SM as the probe's wave steps show them (H200, 132 SMs, int8
+# 6144×4096): one warpgroup on 128 tokens 96 / 192 / 288 tiles 24.9 / 33.7 / 55.9 µs (two fit an SM), on 64 tokens
+# 288 / 384 / 480 tiles 32.4 / 36.3 / 54.2 (three), two warpgroups on 128 one, four on 64 one (48-120 tiles
+# 42.3-44.0, 144-168 85.1-85.7). Full waves against one warpgroup on 128 tokens' (same run): 1.05, 1.07, 1.30.
+# One warpgroup on 128 tokens is not used where the last token tile is at most half full (M % 128 in 1..64: int8
+# 8192×28672 M = 192 343.6 µs against 226.7 at M = 256, same tiles; two warpgroups do not show it).
+# H200, µs decode tiles → serial tiles chosen so (cuBLAS fp16), int8, same run: 6144×4096 M = 192 42.3 → 32.4
+# (20.0), M = 256 43.6 → 33.7 (21.6), M = 320 71.7 → 44.0 (30.9), M = 384 75.1 → 55.9 (28.8); 4096×4096 M = 256
+# 31.4 → 24.3 (15.5), M = 384 42.3 → 32.9 (22.5); 4096×14336 M = 192 99.5 → 83.2 (49.2), M = 256 88.3 → 78.3
+# (55.2), M = 384 145.3 → 106.8 (66.3); 8192×28672 M = 256 → 226.7 (the (2, 128) tiles 240.8; cuBLAS 198.6).
+# Lost: 8192×28672 int8 M = 320 / 384 (decode tiles 406.7 / 408.2, chosen 428.8 / 432.4; int4 won there: 400.9 →
+# 385.5, 417.6 → 411.5) and M = 512 (two warpgroups 467.0, chosen 490.0; int4 476.7 → 441.3). Every config gives the
+# decode tiles' bits (probe: every case).
+SERIAL_BATCH_TILES = ((1, 128, 3, 2, 1.00), (1, 64, 3, 3, 1.05), (2, 128, 3, 1, 1.07), (4, 64, 3, 1, 1.30))
 LARGE_M_BATCH = 1024
 # Piped tiles (``_fragment_gemm_piped_kernel``): unsplit weights, PIPED_MIN_M ≤ M ≤ LARGE_M_BATCH. The batch tiles'
 # operands, but a warpgroup converts the next k64 half into a second A register set while this half's MMAs run (one
@@ -212,8 +228,8 @@ def blocks_ahead(block_m: int) -> int:
 
 def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
     """(warpgroups, token tile, x stages, serial) of the batch-tile kernel for this problem, or None: the decode
-    tiles up to M = 64 (and on split weights where the batch tiles would leave waves part-empty), dequantize +
-    cuBLAS above LARGE_M_BATCH (split weights: from LARGE_M_FRAGMENT), N not a multiple of 128."""
+    tiles up to M = 64 (split weights: up to 128), dequantize + cuBLAS above LARGE_M_BATCH (split weights: above
+    LARGE_M_FRAGMENT, and at it where the serial tiles leave waves part-empty), N not a multiple of 128."""
     if m <= 64 or n % (2 * TILE_N):
         return None
     if split_k_on(device, "w4a16_fragment", n, k, TILE_K) == 1:
@@ -223,14 +239,26 @@ def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
         while n % (TILE_N * warpgroups):
             warpgroups //= 2
         return warpgroups, block_m, stages, False
-    warpgroups, block_m, stages = SERIAL_BATCH_TILE
     if not 2 * TILE_N < m <= LARGE_M_FRAGMENT:
         return None
-    tiles = n // (TILE_N * warpgroups) * triton.cdiv(m, block_m)
-    sms = num_sms(device, DEFAULT_SMS)
-    if tiles < 0.9 * triton.cdiv(tiles, sms) * sms:
+    return serial_tile_for(m, n, num_sms(device, DEFAULT_SMS))
+
+
+def serial_tile_for(m: int, n: int, sms: int):
+    """(warpgroups, token tile, x stages, True): the serial tile of SERIAL_BATCH_TILES with the fewest weighted
+    waves for M tokens on N rows (ties: the earlier), or None at M = LARGE_M_FRAGMENT when its waves are under
+    90 % full (dequantize + cuBLAS serves there)."""
+    best = None
+    for warpgroups, block_m, stages, per_sm, wave_time in SERIAL_BATCH_TILES:
+        if n % (TILE_N * warpgroups) or (warpgroups == 1 and block_m == 128 and 0 < m % 128 <= 64):
+            continue
+        tiles = n // (TILE_N * warpgroups) * triton.cdiv(m, block_m)
+        waves = triton.cdiv(tiles, per_sm * sms)
+        if best is None or waves * wave_time < best[0]:
+            best = waves * wave_time, tiles / (waves * per_sm * sms), (warpgroups, block_m, stages, True)
+    if best is None or (m >= LARGE_M_FRAGMENT and best[1] < 0.9):
         return None
-    return warpgroups, block_m, stages, True
+    return best[2]
 
 
 def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):

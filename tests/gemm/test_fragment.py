@@ -275,15 +275,29 @@ def test_piped_launcher_refuses_what_it_cannot_run():
 
 
 @pytest.mark.parametrize("int4", [True, False])
-def test_serial_batch_tiles_serve_split_weights_where_they_fill_their_waves(int4):
-    serial = (2, 128, 3, True)
-    assert batch_tile_for(CPU, 512, 4096, 14336, int4) == serial  # split 8, 32 · 4 = 128 tiles on 132 SMs
-    assert batch_tile_for(CPU, 256, 8192, 28672, int4) == serial  # 128 tiles
-    assert batch_tile_for(CPU, 512, 8192, 28672, int4) == serial  # 256 tiles: two full waves
-    assert batch_tile_for(CPU, 256, 4096, 14336, int4) is None  # 64 tiles: half the SMs idle
-    assert batch_tile_for(CPU, 512, 6144, 4096, int4) is None  # 192 tiles: the second wave half empty
+def test_serial_batch_tiles_serve_split_weights_from_m_129_to_512(int4):
+    one_128, one_64, two_128, four_64 = (1, 128, 3, True), (1, 64, 3, True), (2, 128, 3, True), (4, 64, 3, True)
+    assert batch_tile_for(CPU, 256, 4096, 14336, int4) == one_128  # 128 tiles, two per SM: one wave
+    assert batch_tile_for(CPU, 384, 6144, 4096, int4) == one_128  # 288 tiles: two waves, as every other tile
+    assert batch_tile_for(CPU, 192, 6144, 4096, int4) == one_64  # last 128-token tile half full: 64-token tiles
+    assert batch_tile_for(CPU, 129, 8192, 28672, int4) == one_64  # 384 tiles, three per SM: one wave
+    assert batch_tile_for(CPU, 448, 4096, 4096, int4) == two_128  # 128 tiles: one wave (one_64: 448, two)
+    assert batch_tile_for(CPU, 320, 6144, 4096, int4) == four_64  # 120 tiles: the only one-wave choice
+    assert batch_tile_for(CPU, 512, 4096, 14336, int4) == one_128  # 256 tiles: 97 % of one wave
+    assert batch_tile_for(CPU, 512, 8192, 28672, int4) == one_128  # 512 tiles: two waves, 97 % full
+    assert batch_tile_for(CPU, 512, 6144, 4096, int4) is None  # 73 % at best: dequantize + cuBLAS
     assert batch_tile_for(CPU, 128, 8192, 28672, int4) is None  # decode tiles up to M = 128
     assert batch_tile_for(CPU, 513, 8192, 28672, int4) is None  # dequantize + cuBLAS
+
+
+def test_serial_tile_choice_counts_waves():
+    from angel_kernels.gemm.fragment import serial_tile_for
+
+    assert serial_tile_for(320, 6144, 132)[:2] == (4, 64)  # 120 tiles: one wave; the others' need two
+    assert serial_tile_for(320, 6144, 240)[:2] == (1, 64)  # 480 tiles in 720 slots: one wave, cheaper
+    assert serial_tile_for(256, 6144, 66)[:2] == (1, 128)  # 192 tiles, 132 slots: two waves at 1.0 each
+    assert serial_tile_for(320, 384, 132)[:2] == (1, 64)  # N = 384: four warpgroups (256 rows) do not divide it
+    assert serial_tile_for(512, 6144, 200) == (1, 128, 3, True)  # 384 tiles in 400 slots: 96 % full
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
@@ -304,7 +318,8 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
 @pytest.mark.parametrize("int4", [True, False])
 @pytest.mark.parametrize("n,k,m", [(1024, 1024, 65), (1024, 1024, 300), (1024, 1024, 1000), (640, 1024, 300),
                                    (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256), (1024, 1024, 200),
-                                   (1152, 1024, 257), (1024, 128, 300)])
+                                   (1152, 1024, 257), (1024, 128, 300), (6144, 4096, 192), (6144, 4096, 320),
+                                   (4096, 4096, 448), (4096, 14336, 300)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
     2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
