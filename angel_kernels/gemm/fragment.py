@@ -23,12 +23,12 @@ split ranges, chain of k16 MMA steps, dequantization and rounding; its own split
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
 Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
 LARGE_M_BATCH (1024) on unsplit weights (from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
-MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; at 512 where they fill their waves),
-decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves
-symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and
-K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
-``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores
-sm_90 layers that way.
+MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; on weights of 2^27 elements or more and
+at 512 where they fill their waves), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from
+there dequantize + cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors W4A16 default)
+with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``)
+is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales
+applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -78,13 +78,17 @@ BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
 # 42.3-44.0, 144-168 85.1-85.7). Full waves against one warpgroup on 128 tokens' (same run): 1.05, 1.07, 1.30.
 # One warpgroup on 128 tokens is not used where the last token tile is at most half full (M % 128 in 1..64: int8
 # 8192×28672 M = 192 343.6 µs against 226.7 at M = 256, same tiles; two warpgroups do not show it).
-# H200, µs decode tiles → serial tiles chosen so (cuBLAS fp16), int8, same run: 6144×4096 M = 192 42.3 → 32.4
-# (20.0), M = 256 43.6 → 33.7 (21.6), M = 320 71.7 → 44.0 (30.9), M = 384 75.1 → 55.9 (28.8); 4096×4096 M = 256
-# 31.4 → 24.3 (15.5), M = 384 42.3 → 32.9 (22.5); 4096×14336 M = 192 99.5 → 83.2 (49.2), M = 256 88.3 → 78.3
-# (55.2), M = 384 145.3 → 106.8 (66.3); 8192×28672 M = 256 → 226.7 (the (2, 128) tiles 240.8; cuBLAS 198.6).
-# Lost: 8192×28672 int8 M = 320 / 384 (decode tiles 406.7 / 408.2, chosen 428.8 / 432.4; int4 won there: 400.9 →
-# 385.5, 417.6 → 411.5) and M = 512 (two warpgroups 467.0, chosen 490.0; int4 476.7 → 441.3). Every config gives the
-# decode tiles' bits (probe: every case).
+# Weights of 2^27 elements or more take them only where the waves are ≥ 90 % full (as at M = LARGE_M_FRAGMENT):
+# there the decode tiles beat part-empty second waves (H200, 8192×28672, int8 / int4: M = 320 396.7 / 380.4 against
+# 456.7 / 453.3, M = 384 421.3 / 418.4 against 489.3 / 443.8), on smaller ones they lost even to those.
+# H200, one run, µs op before (decode tiles; the (2, 128) serial tiles where they filled 90 %) → after (cuBLAS
+# fp16), int8 / int4: 6144×4096 M = 192 42.3 / 39.8 → 32.4 / 31.9 (20.2), M = 256 45.5 / 43.3 → 34.4 / 33.7
+# (24.7), M = 320 69.4 / 65.2 → 44.5 / 42.7 (31.8), M = 384 73.2 / 70.2 → 57.3 / 56.7 (33.4), M = 448 88.5 / 85.8
+# → 69.6 / 65.1 (42.5); 4096×4096 M = 256 30.6 / 29.9 → 24.6 / 23.7 (15.4), M = 384 44.1 / 42.3 → 33.1 / 32.3
+# (23.8); 4096×14336 M = 256 92.7 / 90.1 → 77.8 / 75.4 (59.2), M = 320 130.9 / 124.5 → 110.4 / 114.0 (69.1);
+# 8192×28672 M = 192 272.8 / 248.7 → 253.3 / 248.7 (179.2), M = 256 260.1 / 249.6 → 255.1 / 237.3 (206.6). The
+# same config timed twice in one run differed by up to 25 % on 4096×14336 (M = 512: 145.5 and 120.3 µs), so the
+# wave weights are coarse on purpose. Every config gives the decode tiles' bits (probe: every case).
 SERIAL_BATCH_TILES = ((1, 128, 3, 2, 1.00), (1, 64, 3, 3, 1.05), (2, 128, 3, 1, 1.07), (4, 64, 3, 1, 1.30))
 LARGE_M_BATCH = 1024
 # Piped tiles (``_fragment_gemm_piped_kernel``): unsplit weights, PIPED_MIN_M ≤ M ≤ LARGE_M_BATCH. The batch tiles'
@@ -241,13 +245,13 @@ def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
         return warpgroups, block_m, stages, False
     if not 2 * TILE_N < m <= LARGE_M_FRAGMENT:
         return None
-    return serial_tile_for(m, n, num_sms(device, DEFAULT_SMS))
+    return serial_tile_for(m, n, k, num_sms(device, DEFAULT_SMS))
 
 
-def serial_tile_for(m: int, n: int, sms: int):
+def serial_tile_for(m: int, n: int, k: int, sms: int):
     """(warpgroups, token tile, x stages, True): the serial tile of SERIAL_BATCH_TILES with the fewest weighted
-    waves for M tokens on N rows (ties: the earlier), or None at M = LARGE_M_FRAGMENT when its waves are under
-    90 % full (dequantize + cuBLAS serves there)."""
+    waves for M tokens on N rows (ties: the earlier), or None where its waves must be ≥ 90 % full and are not: at
+    M = LARGE_M_FRAGMENT (dequantize + cuBLAS serves there) and on weights of 2^27 elements or more (decode tiles)."""
     best = None
     for warpgroups, block_m, stages, per_sm, wave_time in SERIAL_BATCH_TILES:
         if n % (TILE_N * warpgroups) or (warpgroups == 1 and block_m == 128 and 0 < m % 128 <= 64):
@@ -256,7 +260,7 @@ def serial_tile_for(m: int, n: int, sms: int):
         waves = triton.cdiv(tiles, per_sm * sms)
         if best is None or waves * wave_time < best[0]:
             best = waves * wave_time, tiles / (waves * per_sm * sms), (warpgroups, block_m, stages, True)
-    if best is None or (m >= LARGE_M_FRAGMENT and best[1] < 0.9):
+    if best is None or ((m >= LARGE_M_FRAGMENT or n * k >= 2**27) and best[1] < 0.9):
         return None
     return best[2]
 

@@ -286,6 +286,8 @@ def test_serial_batch_tiles_serve_split_weights_from_m_129_to_512(int4):
     assert batch_tile_for(CPU, 512, 4096, 14336, int4) == one_128  # 256 tiles: 97 % of one wave
     assert batch_tile_for(CPU, 512, 8192, 28672, int4) == one_128  # 512 tiles: two waves, 97 % full
     assert batch_tile_for(CPU, 512, 6144, 4096, int4) is None  # 73 % at best: dequantize + cuBLAS
+    assert batch_tile_for(CPU, 448, 8192, 28672, int4) == two_128  # 2^27 elements or more: 256 tiles, 97 %
+    assert batch_tile_for(CPU, 384, 8192, 28672, int4) is None  # 384 tiles, two waves 73 % full: decode tiles
     assert batch_tile_for(CPU, 128, 8192, 28672, int4) is None  # decode tiles up to M = 128
     assert batch_tile_for(CPU, 513, 8192, 28672, int4) is None  # dequantize + cuBLAS
 
@@ -293,11 +295,13 @@ def test_serial_batch_tiles_serve_split_weights_from_m_129_to_512(int4):
 def test_serial_tile_choice_counts_waves():
     from angel_kernels.gemm.fragment import serial_tile_for
 
-    assert serial_tile_for(320, 6144, 132)[:2] == (4, 64)  # 120 tiles: one wave; the others' need two
-    assert serial_tile_for(320, 6144, 240)[:2] == (1, 64)  # 480 tiles in 720 slots: one wave, cheaper
-    assert serial_tile_for(256, 6144, 66)[:2] == (1, 128)  # 192 tiles, 132 slots: two waves at 1.0 each
-    assert serial_tile_for(320, 384, 132)[:2] == (1, 64)  # N = 384: four warpgroups (256 rows) do not divide it
-    assert serial_tile_for(512, 6144, 200) == (1, 128, 3, True)  # 384 tiles in 400 slots: 96 % full
+    assert serial_tile_for(320, 6144, 4096, 132)[:2] == (4, 64)  # 120 tiles: one wave; the others' need two
+    assert serial_tile_for(320, 6144, 4096, 240)[:2] == (1, 64)  # 480 tiles in 720 slots: one wave, cheaper
+    assert serial_tile_for(256, 6144, 4096, 66)[:2] == (1, 128)  # 192 tiles, 132 slots: two waves at 1.0 each
+    assert serial_tile_for(384, 6144, 4096, 132)[:2] == (1, 128)  # two waves, 55 % full: fine below 2^27
+    assert serial_tile_for(384, 8192, 16384, 132) is None  # 2^27 elements: the same waves are not
+    assert serial_tile_for(320, 384, 4096, 132)[:2] == (1, 64)  # N = 384: four warpgroups (256 rows) do not divide
+    assert serial_tile_for(512, 6144, 4096, 200) == (1, 128, 3, True)  # 384 tiles in 400 slots: 96 % full
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
