@@ -86,9 +86,9 @@ BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
 # (24.7), M = 320 69.4 / 65.2 → 44.5 / 42.7 (31.8), M = 384 73.2 / 70.2 → 57.3 / 56.7 (33.4), M = 448 88.5 / 85.8
 # → 69.6 / 65.1 (42.5); 4096×4096 M = 256 30.6 / 29.9 → 24.6 / 23.7 (15.4), M = 384 44.1 / 42.3 → 33.1 / 32.3
 # (23.8); 4096×14336 M = 256 92.7 / 90.1 → 77.8 / 75.4 (59.2), M = 320 130.9 / 124.5 → 110.4 / 114.0 (69.1);
-# 8192×28672 M = 192 272.8 / 248.7 → 253.3 / 248.7 (179.2), M = 256 260.1 / 249.6 → 255.1 / 237.3 (206.6). The
-# same config timed twice in one run differed by up to 25 % on 4096×14336 (M = 512: 145.5 and 120.3 µs), so the
-# wave weights are coarse on purpose. Every config gives the decode tiles' bits (probe: every case).
+# 8192×28672 M = 192 272.8 / 248.7 → 253.3 / 248.7 (179.2), M = 256 260.1 / 249.6 → 255.1 / 237.3 (206.6). In
+# three runs on that card the same config took 115.9, 124.5 and 145.5 µs (4096×14336 M = 512, two warpgroups), so
+# the wave weights are coarse on purpose. Every config gives the decode tiles' bits (probe: every case).
 SERIAL_BATCH_TILES = ((1, 128, 3, 2, 1.00), (1, 64, 3, 3, 1.05), (2, 128, 3, 1, 1.07), (4, 64, 3, 1, 1.30))
 LARGE_M_BATCH = 1024
 # Piped tiles (``_fragment_gemm_piped_kernel``): unsplit weights, PIPED_MIN_M ≤ M ≤ LARGE_M_BATCH. The batch tiles'
@@ -232,8 +232,9 @@ def blocks_ahead(block_m: int) -> int:
 
 def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
     """(warpgroups, token tile, x stages, serial) of the batch-tile kernel for this problem, or None: the decode
-    tiles up to M = 64 (split weights: up to 128), dequantize + cuBLAS above LARGE_M_BATCH (split weights: above
-    LARGE_M_FRAGMENT, and at it where the serial tiles leave waves part-empty), N not a multiple of 128."""
+    tiles up to M = 64 (split weights: up to 128, and on weights of 2^27 elements or more where the serial tiles
+    leave waves part-empty), dequantize + cuBLAS above LARGE_M_BATCH (split weights: above LARGE_M_FRAGMENT, and at
+    it where the serial tiles leave waves part-empty), N not a multiple of 128."""
     if m <= 64 or n % (2 * TILE_N):
         return None
     if split_k_on(device, "w4a16_fragment", n, k, TILE_K) == 1:

@@ -278,7 +278,7 @@ def test_piped_launcher_refuses_what_it_cannot_run():
 def test_serial_batch_tiles_serve_split_weights_from_m_129_to_512(int4):
     one_128, one_64, two_128, four_64 = (1, 128, 3, True), (1, 64, 3, True), (2, 128, 3, True), (4, 64, 3, True)
     assert batch_tile_for(CPU, 256, 4096, 14336, int4) == one_128  # 128 tiles, two per SM: one wave
-    assert batch_tile_for(CPU, 384, 6144, 4096, int4) == one_128  # 288 tiles: two waves, as every other tile
+    assert batch_tile_for(CPU, 384, 6144, 4096, int4) == one_128  # 288 tiles: two waves, as every other shape
     assert batch_tile_for(CPU, 192, 6144, 4096, int4) == one_64  # last 128-token tile half full: 64-token tiles
     assert batch_tile_for(CPU, 129, 8192, 28672, int4) == one_64  # 384 tiles, three per SM: one wave
     assert batch_tile_for(CPU, 448, 4096, 4096, int4) == two_128  # 128 tiles: one wave (one_64: 448, two)
