@@ -1,11 +1,11 @@
-"""Tune the paged attention kernels (decode and varlen prefill) on this GPU and write the config table.
+"""Tune the paged attention kernels (decode, varlen prefill, KV write) on this GPU and write the config table.
 
 For each kernel and KV dtype (int8, fp16) at Llama-3-8B heads (32 query / 8 KV, head 128, block 16): time the
 configs (CUDA-graph medians, ``angel_kernels.tuning.timing``) on the kernel's tuning cases, each checked against
 the heuristic config's output, and print the heuristic's time next to the five fastest. Writes
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
-Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill] [--kv int8,fp16]
+Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill,kv_write] [--kv int8,fp16]
        [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
 large cases and then print the top configs of a small one. --per-case with prefill: the benchmark's four cases.)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from angel_kernels.attention import paged_decode, paged_prefill
+from angel_kernels.attention import kv_write, paged_decode, paged_prefill
 from angel_kernels.tuning import TunedConfigStore, gpu_slug
 
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -136,11 +136,24 @@ def main():
     dev = torch.device("cuda")
     store = TunedConfigStore(args.out)
     for kernel in args.kernels.split(","):
-        mod = paged_decode if kernel == "decode" else paged_prefill
+        mod = {"decode": paged_decode, "prefill": paged_prefill, "kv_write": kv_write}[kernel]
         for kv in args.kv.split(","):
             kv_dtype = torch.int8 if kv == "int8" else torch.float16
             t0 = time.time()
-            if kernel == "decode":
+            if kernel == "kv_write":  # the sum over kv_write.TUNE_TOKENS, then each case alone for the leaders
+                p = kv_write.KVWriteProblem(max(kv_write.TUNE_TOKENS), HEADS_KV, HEAD_DIM, BLOCK, torch.float16,
+                                            kv_dtype, dev)
+                best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype, store=store)
+                leaders = sorted(timings, key=timings.__getitem__)[:6]
+                leaders += [kv_write.heuristic_config(p)] if kv_write.heuristic_config(p) not in leaders else []
+                print(f"\n## kv_write kv={kv} each case alone (µs), configs: "
+                      + "; ".join(f"{c.BLOCK_M}x{c.BLOCK_N}/{c.num_warps}w" for c in leaders))
+                for tokens in (64, 512, 4096, 16384):
+                    _, alone = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
+                                             store=TunedConfigStore(tempfile.mkdtemp()), configs=leaders,
+                                             cases=(tokens,))
+                    print(f"  T={tokens}: " + "  ".join(f"{alone.get(c, float('nan')):.1f}" for c in leaders))
+            elif kernel == "decode":
                 p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
                 spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space}
                 configs = spaces[args.space](p)

@@ -7,7 +7,8 @@ so caches written by vLLM's own kernel, which rounds half away from zero and may
 too). fp16/bf16 caches: a copy.
 
 Candidates (``ANGEL_KERNELS_FORCE_KV_WRITE`` / ``ANGEL_KERNELS_DISABLE=kv_write.<name>``):
-- ``triton``: one program per (token, group of KV heads); a negative slot skips the token.
+- ``triton``: one program per (tokens, KV heads) tile, its shape the card's tuned config (``config_for``); a
+  negative slot skips the token.
 - ``reference``: the pure-torch write (CPU path).
 """
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
 from ..runtime import reference_forced, triton_runnable_on
+from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
 # Adding then subtracting 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum
@@ -30,6 +32,7 @@ from .kv_cache import check_kv_caches, check_query_dtype
 _RNE_MAGIC = 12582912.0
 # ~4K elements per program: Llama-3-8B (8 KV heads × 128) writes one token's K and V with one program each.
 _ELEMS_PER_PROGRAM = 4096
+KERNEL_NAME = "kv_write"
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,21 @@ class KVWriteProblem:
     cache_dtype: torch.dtype
     device: torch.device
 
+    def key(self) -> str:
+        kind = "int8" if self.cache_dtype == torch.int8 else "fp"
+        return f"H={self.num_kv_heads},D={self.head_dim},page={self.block_size},kv={kind}"
+
 
 @triton.jit
 def _write_rows(
-    src_ptr, stride_src_h, dst_ptr, stride_dst_h, scale_ptr, stride_scale_h,
-    heads, head_mask, dims,
+    src_rows, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
 ):
-    """Copy (or quantize) the rows ``heads`` × [HEAD_DIM] of one token from ``src`` into one cache slot."""
-    src = src_ptr + heads[:, None] * stride_src_h + dims[None, :]
-    dst = dst_ptr + heads[:, None] * stride_dst_h + dims[None, :]
-    x = tl.load(src, mask=head_mask[:, None], other=0.0)
+    """Copy (or quantize) rows of [HEAD_DIM] elements, one per (token, head) pair of the program, from ``src_rows``
+    to ``dst_rows`` (per-row pointers; rows not ``live`` are neither read nor written)."""
+    src = src_rows[:, None] + dims[None, :]
+    dst = dst_rows[:, None] + dims[None, :]
+    x = tl.load(src, mask=live[:, None], other=0.0)
     if QUANT:
         # Bit-exact with reference.quantize_kv_ref; every step is one correctly rounded IEEE fp32 operation:
         # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
@@ -66,67 +73,162 @@ def _write_rows(
         y = tl.math.div_rn(xf, scale[:, None])
         y = (y + RNE_MAGIC) - RNE_MAGIC  # round half to even (|y| <= ~128 << 2^22)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(dst, y.to(tl.int8), mask=head_mask[:, None])
-        tl.store(scale_ptr + heads * stride_scale_h, scale, mask=head_mask)
+        tl.store(dst, y.to(tl.int8), mask=live[:, None])
+        tl.store(scale_rows, scale, mask=live)
     else:
-        tl.store(dst, x.to(dst_ptr.dtype.element_ty), mask=head_mask[:, None])
+        tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])
 
 
 @triton.jit
 def _kv_write_kernel(
     key_ptr, value_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
-    num_heads, num_slots,
+    num_tokens, num_heads, num_slots,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
 ):
-    tok = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + tok)  # int64: block · block_size + offset; negative = padding
-    # out-of-range slots are skipped too (the launcher rejects them when it can check without a device sync)
-    if (slot >= 0) & (slot < num_slots):
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        head_mask = heads < num_heads
-        dims = tl.arange(0, HEAD_DIM)
-        _write_rows(
-            key_ptr + tok * stride_kt, stride_kh,
-            kc_ptr + blk * stride_kcb + off * stride_kcs, stride_kch,
-            ks_ptr + blk * stride_ksb + off * stride_kss, stride_ksh,
-            heads, head_mask, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
-        )
-        _write_rows(
-            value_ptr + tok * stride_vt, stride_vh,
-            vc_ptr + blk * stride_vcb + off * stride_vcs, stride_vch,
-            vs_ptr + blk * stride_vsb + off * stride_vss, stride_vsh,
-            heads, head_mask, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
-        )
+    """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + rows // BLOCK_H
+    heads = tl.program_id(1) * BLOCK_H + rows % BLOCK_H
+    in_range = tok < num_tokens
+    slot = tl.load(slot_ptr + tok, mask=in_range, other=-1)  # int64: block · block_size + offset
+    # negative slots are padding; out-of-range ones are skipped too (the launcher rejects them when it can check
+    # without a device sync)
+    live = in_range & (slot >= 0) & (slot < num_slots) & (heads < num_heads)
+    blk = tl.where(live, slot, 0) // BLOCK_SIZE
+    off = tl.where(live, slot, 0) % BLOCK_SIZE
+    dims = tl.arange(0, HEAD_DIM)
+    _write_rows(
+        key_ptr + tok * stride_kt + heads * stride_kh,
+        kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
+        ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
+        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
+    )
+    _write_rows(
+        value_ptr + tok * stride_vt + heads * stride_vh,
+        vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
+        vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
+        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
+    )
 
 
-def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale) -> None:
+def heuristic_config(p: KVWriteProblem) -> KernelConfig:
+    """One token per program, all of its KV heads up to ~4K elements (Llama-3-8B, 8 × 128: one token's K and V per
+    program), 4 warps from 1024 elements per operand."""
+    block_h = min(triton.next_power_of_2(p.num_kv_heads), max(1, _ELEMS_PER_PROGRAM // p.head_dim))
+    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim,
+                        num_warps=4 if block_h * p.head_dim >= 1024 else 2, num_stages=1)
+
+
+def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
+    """Tokens per program 1-16, heads per program all of them or half, 1-8 warps, at most 16K elements per operand
+    and program (64 fp32 registers per thread at 8 warps)."""
+    heads_all = triton.next_power_of_2(p.num_kv_heads)
+    space = []
+    for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
+        for tokens in (1, 2, 4, 8, 16):
+            elems = tokens * block_h * p.head_dim
+            for warps in (1, 2, 4, 8):
+                if elems <= 16384 and elems >= 32 * warps * 4:  # at least 4 elements per thread
+                    space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
+                                              num_warps=warps, num_stages=1))
+    return space
+
+
+def config_for(p: KVWriteProblem) -> KernelConfig:
+    """The card's tuned config for these heads (``configs/<gpu>.json``, kernel ``kv_write``), else the heuristic."""
+    if p.device.type != "cuda":
+        return heuristic_config(p)
+    return default_store().lookup(KERNEL_NAME, p.key(), p.device) or heuristic_config(p)
+
+
+def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, cfg=None) -> None:
     T, H, D = key.shape
     num_blocks, block_size = key_cache.shape[:2]
     quant = key_cache.dtype == torch.int8
-    block_h = min(triton.next_power_of_2(H), max(1, _ELEMS_PER_PROGRAM // D))
+    if cfg is None:
+        cfg = config_for(KVWriteProblem(T, H, D, block_size, key.dtype, key_cache.dtype, key.device))
     # unquantized caches: the scale pointers are never dereferenced (QUANT is a constexpr)
     ks = k_scale if quant else key_cache
     vs = v_scale if quant else value_cache
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
-    grid = (T, triton.cdiv(H, block_h))
+    grid = (triton.cdiv(T, cfg.BLOCK_M), triton.cdiv(H, cfg.BLOCK_N))
     _kv_write_kernel[grid](
         key, value, key_cache, value_cache, ks, vs, slot_mapping,
-        H, num_blocks * block_size,
+        T, H, num_blocks * block_size,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
         *ks_strides, *vs_strides,
-        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_H=block_h,
+        BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        num_warps=4 if block_h * D >= 1024 else 2,
+        num_warps=cfg.num_warps,
     )
+
+
+TUNE_TOKENS = (4096, 16384)  # prefill chunks; short writes (a decode step) are launch-bound on any config
+
+
+def tune(num_kv_heads: int, head_dim: int, *, block_size: int = 16, cache_dtype=torch.int8, dtype=torch.float16,
+         cases=TUNE_TOKENS, device="cuda", store=None, bench=None, configs=None):
+    """Time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (token counts, slots of shuffled blocks; int8
+    caches as ``int8_page_views`` pages, the plugin's layout), check that each config writes the heuristic
+    config's bytes, record the fastest. Returns (best config, {config: µs}); timing as ``paged_decode.tune``."""
+    from functools import partial
+
+    from ..tuning import l2_bytes, rotation_count, tune_kernel
+    from .kv_cache import int8_page_bytes, int8_page_views
+
+    device = torch.device(device)
+    p = KVWriteProblem(max(cases), num_kv_heads, head_dim, block_size, dtype, cache_dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def make_set():
+        inputs = []
+        for tokens in cases:
+            nb = -(-tokens // block_size)
+            slots = (torch.randperm(nb, device=device, generator=gen)[:, None] * block_size
+                     + torch.arange(block_size, device=device)).reshape(-1)[:tokens]
+            key = torch.randn(tokens, num_kv_heads, head_dim, device=device, generator=gen).to(dtype)
+            value = torch.randn(tokens, num_kv_heads, head_dim, device=device, generator=gen).to(dtype)
+            if cache_dtype == torch.int8:
+                pages = torch.zeros(nb, int8_page_bytes(block_size, num_kv_heads, head_dim), dtype=torch.int8,
+                                    device=device)
+                caches = int8_page_views(pages, block_size, num_kv_heads, head_dim)
+            else:
+                pages = torch.zeros(nb, block_size, num_kv_heads, 2 * head_dim, dtype=cache_dtype, device=device)
+                caches = (pages[..., :head_dim], pages[..., head_dim:], None, None)
+            inputs.append(((key, value, caches[0], caches[1], slots, caches[2], caches[3]), pages))
+        return inputs
+
+    sets = [make_set()]
+    set_bytes = sum(t.numel() * t.element_size() for args, pages in sets[0] for t in (*args[:2], pages))
+    sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(device)))]
+
+    def make_call(cfg):
+        for _, pages in sets[0]:  # the checked call starts from zeroed pages: a config that skips a row fails
+            pages.zero_()
+
+        def run(inputs):
+            for args, _ in inputs:
+                launch_kv_write(*args, cfg=cfg)
+            return [pages for _, pages in inputs]
+
+        return [partial(run, inputs) for inputs in sets]
+
+    baseline = [pages.clone() for pages in make_call(heuristic_config(p))[0]()]
+
+    def check(outs):
+        for out, ref in zip(outs, baseline):
+            if not torch.equal(out, ref):
+                raise ValueError("the cache bytes differ from the default config's")
+
+    return tune_kernel(store or default_store(), KERNEL_NAME, p.key(), configs or tuning_space(p), make_call, device,
+                       check=check, bench=bench)
 
 
 def _run_triton(p, *args):

@@ -273,6 +273,58 @@ def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
     assert KV_WRITE.select(p).name == "triton"
 
 
+def _config_sample():
+    """Program shapes of the tuning space (tokens × heads per program, warps) on a 3-head case."""
+    from angel_kernels.attention.kv_write import KVWriteProblem, tuning_space
+
+    p = KVWriteProblem(23, 3, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    space = tuning_space(p)
+    assert {c.BLOCK_M for c in space} == {1, 2, 4, 8, 16} and {c.BLOCK_N for c in space} == {4, 2}
+    return [c for c in space if c.num_warps == 2 or c.BLOCK_M == 16]
+
+
+@pytest.mark.parametrize("cfg", _config_sample(), ids=lambda c: f"t{c.BLOCK_M}h{c.BLOCK_N}w{c.num_warps}")
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype):
+    """23 tokens (no tile of 2-16 tokens divides them), 3 heads (no head tile of 2 or 4 does), padding slots:
+    each program shape writes exactly the reference's bytes and nothing else."""
+    from angel_kernels.attention.kv_write import launch_kv_write
+
+    key, value, slots, caches = _case(23, 3, 64, 16, 3, cache_dtype, torch.float16, seed=cfg.BLOCK_M, pad_every=3)
+    want = _clone(*caches)
+    write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
+    launch_kv_write(key, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
+    _assert_same(caches, want, str(cfg.as_dict()))
+
+
+def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, monkeypatch):
+    """``tune`` under the interpreter with a fake timer: each config's first call starts from zeroed pages and is
+    checked against the default config's bytes, so a config that writes nothing does not compete even when it
+    is the "fastest"; the fastest correct one is recorded under the problem's key."""
+    from angel_kernels.attention import kv_write
+    from angel_kernels.tuning import TunedConfigStore
+
+    p = kv_write.KVWriteProblem(40, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    good = [c for c in kv_write.tuning_space(p) if c.num_warps == 1][:3]
+    broken = [c for c in kv_write.tuning_space(p) if c.num_warps == 2][0]
+    fake_us = {cfg: 10.0 - i for i, cfg in enumerate(good)}
+    fake_us[broken] = 1.0
+    real_launch = kv_write.launch_kv_write
+    last = []
+
+    def launch(*args, cfg=None):
+        last.append(cfg)
+        if cfg != broken:
+            real_launch(*args, cfg=cfg)
+
+    monkeypatch.setattr(kv_write, "launch_kv_write", launch)
+    store = TunedConfigStore(tmp_path)
+    best, timings = kv_write.tune(2, 64, cases=(40, 7), device="cpu", store=store,
+                                  bench=lambda calls: fake_us[last[-1]], configs=good + [broken])
+    assert broken not in timings and set(timings) == set(good)
+    assert best == good[-1] and store.lookup("kv_write", p.key(), "cpu") == best
+
+
 # ---------------------------------------------------------------- GPU tier: real shapes, compiled kernel
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -325,3 +377,23 @@ def test_gpu_vllm_packed_layout():
         qv, sv = quantize_kv_ref(value.to(where))
         assert torch.equal(kc[blk, off].to(where), qk) and torch.equal(vc[blk, off].to(where), qv), where
         assert torch.equal(ks[blk, off].to(where), sk) and torch.equal(vs[blk, off].to(where), sv), where
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype):
+    """Llama-3-8B KV heads (8 × 128), 1001 tokens (no token tile divides them) with padding: every config of the
+    tuning space writes the reference's bytes, so the tuned table can pick any of them."""
+    from angel_kernels.attention.kv_write import KVWriteProblem, launch_kv_write, tuning_space
+
+    T, H, D, bs = 1001, 8, 128, 16
+    nb = -(-T // bs) + 2
+    key, value, slots, caches = _case(T, H, D, bs, nb, cache_dtype, torch.float16, seed=5, pad_every=7, scale=3.0)
+    key, value, slots = key.cuda(), value.cuda(), slots.cuda()
+    want = [None if c is None else c.cuda() for c in caches]
+    write_kv_cache_ref(key, value, want[0], want[1], slots, want[2], want[3])
+    p = KVWriteProblem(T, H, D, bs, torch.float16, cache_dtype, torch.device("cuda"))
+    for cfg in tuning_space(p):
+        got = [None if c is None else c.cuda() for c in caches]
+        launch_kv_write(key, value, got[0], got[1], slots, got[2], got[3], cfg=cfg)
+        _assert_same(got, want, str(cfg.as_dict()))
