@@ -4,8 +4,10 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 
     python benchmarks/probe_fragment_batch.py --m 128,256,512,1024 [--configs "2,128,3,0;4,128,3,0;p2,256,4,0,3"]
 
-A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles, or
-"p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles.
+A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
+"p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles, or
+"d<ahead>[,<programs per SM>]" for the decode tiles with that many K-blocks of weight words in flight (and that
+split rule: split K until a launch has that many programs per SM).
 """
 import argparse
 import sys
@@ -15,7 +17,8 @@ import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
 from angel_kernels.gemm._fragment_gluon import launch, launch_piped, launch_tma
-from angel_kernels.gemm._splitk import plan_split
+from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
+from angel_kernels.runtime import num_sms
 from angel_kernels.gemm.fragment import (
     TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8,
 )
@@ -33,6 +36,13 @@ def run(x, words, scales, n, int4, cfg=None):
         tiles = n // TILE_N * triton.cdiv(M, bm)
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
+        return y
+    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM])
+        bm = block_m_for(M, n, K)
+        tiles = n // TILE_N * triton.cdiv(M, bm)
+        split = None if len(cfg) < 3 else split_k_for(n, K, TILE_K, num_sms(x.device, DEFAULT_SMS), cfg[2])
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
+        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
         return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg
@@ -58,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [("p",) + tuple(int(v) for v in c[1:].split(",")) if c.startswith("p") else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pd" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
@@ -82,7 +92,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                    if cfg[0] != "d" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -104,7 +114,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                        if cfg[0] != "d" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))
