@@ -143,7 +143,9 @@ def main():
             if kernel == "kv_write":  # the sum over kv_write.TUNE_TOKENS, then each case alone for the leaders
                 p = kv_write.KVWriteProblem(max(kv_write.TUNE_TOKENS), HEADS_KV, HEAD_DIM, BLOCK, torch.float16,
                                             kv_dtype, dev)
-                best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype, store=store)
+                configs = kv_write.tuning_space(p)
+                best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype, store=store,
+                                              configs=configs)
                 leaders = sorted(timings, key=timings.__getitem__)[:6]
                 leaders += [kv_write.heuristic_config(p)] if kv_write.heuristic_config(p) not in leaders else []
                 print(f"\n## kv_write kv={kv} each case alone (µs), configs: "

@@ -27,8 +27,8 @@ from ..runtime import reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
-# Adding then subtracting 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum
-# lands where the fp32 spacing is 1), i.e. torch.round; Triton has no portable rint (libdevice is CUDA-only).
+# Adding 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum lands where the fp32
+# spacing is 1), i.e. torch.round; Triton has no portable rint (libdevice is CUDA-only).
 _RNE_MAGIC = 12582912.0
 # ~4K elements per program: Llama-3-8B (8 KV heads × 128) writes one token's K and V with one program each.
 _ELEMS_PER_PROGRAM = 4096
@@ -51,6 +51,11 @@ class KVWriteProblem:
 
 
 @triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _write_rows(
     src_rows, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
@@ -61,19 +66,35 @@ def _write_rows(
     dst = dst_rows[:, None] + dims[None, :]
     x = tl.load(src, mask=live[:, None], other=0.0)
     if QUANT:
-        # Bit-exact with reference.quantize_kv_ref; every step is one correctly rounded IEEE fp32 operation:
+        # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
+        # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
+        # half to even. Those divisions and the float → int conversions run on the SM's quarter-rate pipe and
+        # bounded the write (H200, 16384 tokens of 8 × 128: 36 µs against a 24 µs floor). Here each row takes one
+        # correctly rounded reciprocal 1/s, and each element q = x · (1/s) refined once with the exact residual
+        # (Markstein: r = fma(−s, q, x), q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is
+        # within one ulp of RN(x/s), and both round to the same integer unless q' lies within 2^-15 (≥ 4 ulps
+        # below 128) of a half-integer. Such elements, and non-finite ones (NaN q'), send the whole tile down
+        # the exact path: div_rn per element, as the reference does. |x/s| ≤ 127 (1 + 2^-23) for finite rows
+        # (s = RN(absmax / 127) or eps), so the clamp only matters on the exact path (NaN / inf rows).
         # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
-        # - both divisions are tl.math.div_rn (PTX div.rn.f32): Triton's plain fp32 '/' lowers to the
-        #   approximate div.full.f32 on NVIDIA GPUs, and a reciprocal multiply x · (1/127) is a second rounding
-        #   (it differs from x / 127 in the last bit for ~4.5 % of inputs);
-        # - the rounding is two separate fp32 adds (add.rn is PTX's default) and no multiplication is anywhere
-        #   in the chain, so FMA contraction (which fuses a mul into an add) cannot change a result.
+        # - div_rn is PTX div.rn.f32 (Triton's plain fp32 '/' is the approximate div.full.f32 on NVIDIA GPUs);
+        # - every multiply-add is an explicit fma and every other step a single add, so FMA contraction cannot
+        #   change a result;
+        # - adding 1.5 · 2^23 rounds |y| < 2^22 to the nearest integer, ties to even, and leaves that integer in
+        #   the low mantissa bits (bits 0x4B400000 + n): its low byte is the int8, no float → int conversion.
         xf = x.to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), axis=1), QMAX), SCALE_EPS)
-        y = tl.math.div_rn(xf, scale[:, None])
-        y = (y + RNE_MAGIC) - RNE_MAGIC  # round half to even (|y| <= ~128 << 2^22)
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
-        tl.store(dst, y.to(tl.int8), mask=live[:, None])
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        q = xf * inv[:, None]
+        q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
+        t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
+        # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
+        worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
+        if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
+            y = tl.math.div_rn(xf, scale[:, None])
+            y = (y + RNE_MAGIC) - RNE_MAGIC
+            t = tl.minimum(tl.maximum(y, -QMAX), QMAX) + RNE_MAGIC
+        tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
         tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])

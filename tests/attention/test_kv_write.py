@@ -273,6 +273,48 @@ def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
     assert KV_WRITE.select(p).name == "triton"
 
 
+def test_near_ties_and_non_finite_rows_match_the_reference(device):
+    """fp16 rows whose quotients x / scale are exact half-integers or one input ulp from one, with scales whose
+    reciprocal is inexact (absmax 127 · s, s = an odd 3-15 times 2^e, so scale = s exactly and x = (k + ½) · s
+    is exact in fp16): there a product with the rounded reciprocal lands an fp32 ulp off the tie and would round
+    the other way. Mixed with random rows in the same programs and in programs of their own, the write matches
+    the reference bit for bit. Rows with inf / NaN take the exact path too (their own bits are not compared:
+    the reference leaves them unspecified; the finite rows beside them are)."""
+    T, H, D = (64 if device.type == "cuda" else 12), 4, 64
+    g = make_generator(11)
+    odd = (2 * torch.randint(1, 8, (T, H, 1), generator=g) + 1).to(torch.float32)  # 3, 5, ..., 15
+    pow2 = 2.0 ** torch.randint(-6, 3, (T, H, 1), generator=g).to(torch.float32)
+    kmax = ((2047 / odd - 1) // 2).clamp(max=126)  # (2k + 1) · odd ≤ 2047: exact in fp16
+    k = (torch.rand(T, H, D, generator=g) * (kmax + 1)).floor() * torch.sign(torch.randn(T, H, D, generator=g))
+    near = ((k + 0.5 * torch.sign(k + 0.25)) * odd * pow2).half()
+    step = torch.randint(-1, 2, (T, H, D), generator=g).to(torch.int16)  # -1, 0 or +1 fp16 ulp
+    near = torch.where(torch.rand(T, H, D, generator=g) < 0.5, near, (near.view(torch.int16) + step).view(torch.half))
+    near[..., 0] = (127 * odd[..., 0] * pow2[..., 0]).half()  # absmax → scale exactly odd · 2^e
+    rand = randn(T, H, D, dtype=torch.float16, generator=g, scale=3.0)
+    key = torch.where((torch.arange(T) % 3 == 0)[:, None, None], rand, near)  # tokens 0, 3, 6 ... random
+    value = torch.where((torch.arange(H) % 2 == 0)[None, :, None], near, rand)  # heads 0, 2 near ties
+    slots = torch.randperm(T + 16, generator=g)[:T]
+
+    def write(key, value, write_fn):
+        caches = [None if c is None else c.to(device) for c in empty_caches(T // 16 + 2, 16, H, D, torch.int8)]
+        write_fn(key.to(device), value.to(device), caches[0], caches[1], slots.to(device), caches[2], caches[3])
+        return [c.cpu() for c in caches]
+
+    got, want = write(key, value, write_kv_cache), write(key, value, write_kv_cache_ref)
+    _assert_same(got, want, "near ties")
+    assert torch.equal(want[2].view(-1, H)[slots][1], (odd * pow2)[1, :, 0])  # the scales are odd · 2^e
+
+    bad = key.clone()
+    bad[1, 0, 3], bad[2, 1, 5] = float("inf"), float("nan")
+    got, want = write(bad, value, write_kv_cache), write(bad, value, write_kv_cache_ref)
+    finite = torch.ones(T, H, dtype=torch.bool)
+    finite[1, 0] = finite[2, 1] = False
+    blk, off = slots // 16, slots % 16
+    for i in (0, 2):  # key rows and their scales
+        assert torch.equal(_bits(got[i][blk, off][finite]), _bits(want[i][blk, off][finite]))
+    _assert_same(got[1::2], want[1::2], "values beside non-finite keys")
+
+
 def _config_sample():
     """Program shapes of the tuning space (tokens × heads per program, warps) on a 3-head case."""
     from angel_kernels.attention.kv_write import KVWriteProblem, tuning_space
