@@ -140,21 +140,25 @@ def main():
         for kv in args.kv.split(","):
             kv_dtype = torch.int8 if kv == "int8" else torch.float16
             t0 = time.time()
-            if kernel == "kv_write":  # the sum over kv_write.TUNE_TOKENS, then each case alone for the leaders
-                p = kv_write.KVWriteProblem(max(kv_write.TUNE_TOKENS), HEADS_KV, HEAD_DIM, BLOCK, torch.float16,
-                                            kv_dtype, dev)
-                configs = kv_write.tuning_space(p)
-                best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype, store=store,
-                                              configs=configs)
-                leaders = sorted(timings, key=timings.__getitem__)[:6]
-                leaders += [kv_write.heuristic_config(p)] if kv_write.heuristic_config(p) not in leaders else []
-                print(f"\n## kv_write kv={kv} each case alone (µs), configs: "
-                      + "; ".join(f"{c.BLOCK_M}x{c.BLOCK_N}/{c.num_warps}w" for c in leaders))
-                for tokens in (64, 512, 4096, 16384):
-                    _, alone = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
-                                             store=TunedConfigStore(tempfile.mkdtemp()), configs=leaders,
-                                             cases=(tokens,))
-                    print(f"  T={tokens}: " + "  ".join(f"{alone.get(c, float('nan')):.1f}" for c in leaders))
+            if kernel == "kv_write":  # per token bucket: the sum over its cases, then each case alone
+                for bucket, cases in kv_write.TUNE_TOKENS.items():
+                    p = kv_write.KVWriteProblem(max(cases), HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
+                    configs = kv_write.tuning_space(p)
+                    best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
+                                                  store=store, configs=configs, cases=cases)
+                    heur = kv_write.heuristic_config(p)
+                    leaders = sorted(timings, key=timings.__getitem__)[:6] + [heur]
+                    print(f"\n## kv_write kv={kv} T={bucket} {p.key()}: {len(timings)}/{len(configs)} configs; "
+                          f"heuristic {timings.get(heur, float('nan')):.1f} µs; leaders, each case alone (µs):")
+                    for tokens in cases:
+                        _, alone = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
+                                                 store=TunedConfigStore(tempfile.mkdtemp()), configs=leaders,
+                                                 cases=(tokens,))
+                        print(f"  T={tokens}: " + "  ".join(f"{alone.get(c, float('nan')):.1f}" for c in leaders))
+                    for c in leaders:
+                        print(f"  {timings.get(c, float('nan')):9.1f} µs  {c.as_dict()}")
+                store.save(dev)
+                continue
             elif kernel == "decode":
                 p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
                 spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space}

@@ -30,9 +30,10 @@ from .kv_cache import check_kv_caches, check_query_dtype
 # Adding 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum lands where the fp32
 # spacing is 1), i.e. torch.round; Triton has no portable rint (libdevice is CUDA-only).
 _RNE_MAGIC = 12582912.0
-# ~4K elements per program: Llama-3-8B (8 KV heads × 128) writes one token's K and V with one program each.
-_ELEMS_PER_PROGRAM = 4096
 KERNEL_NAME = "kv_write"
+# Writes of up to this many tokens (decode steps, short chunks) are latency-bound and tuned apart from prefill
+# chunks, which stream: one config per bucket and card.
+SMALL_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ class KVWriteProblem:
 
     def key(self) -> str:
         kind = "int8" if self.cache_dtype == torch.int8 else "fp"
-        return f"H={self.num_kv_heads},D={self.head_dim},page={self.block_size},kv={kind}"
+        tokens = "small" if self.num_tokens <= SMALL_TOKENS else "large"
+        return f"H={self.num_kv_heads},D={self.head_dim},page={self.block_size},kv={kind},T={tokens}"
 
 
 @triton.jit
@@ -59,6 +61,7 @@ def _max_propagating_nan(a, b):
 def _write_rows(
     src_rows, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
+    RECIP: tl.constexpr,
 ):
     """Copy (or quantize) rows of [HEAD_DIM] elements, one per (token, head) pair of the program, from ``src_rows``
     to ``dst_rows`` (per-row pointers; rows not ``live`` are neither read nor written)."""
@@ -68,10 +71,8 @@ def _write_rows(
     if QUANT:
         # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
         # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
-        # half to even. Those divisions and the float → int conversions run on the SM's quarter-rate pipe and
-        # bounded the write (H200, 16384 tokens of 8 × 128: 36 µs against a 24 µs floor). Here each row takes one
-        # correctly rounded reciprocal 1/s, and each element q = x · (1/s) refined once with the exact residual
-        # (Markstein: r = fma(−s, q, x), q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is
+        # half to even. With RECIP (streaming writes) each row takes one correctly rounded reciprocal 1/s, and
+        # each element q = x · (1/s) refined once with the exact residual (Markstein: r = fma(−s, q, x), q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is
         # within one ulp of RN(x/s), and both round to the same integer unless q' lies within 2^-15 (≥ 4 ulps
         # below 128) of a half-integer. Such elements, and non-finite ones (NaN q'), send the whole tile down
         # the exact path: div_rn per element, as the reference does. |x/s| ≤ 127 (1 + 2^-23) for finite rows
@@ -84,16 +85,19 @@ def _write_rows(
         #   the low mantissa bits (bits 0x4B400000 + n): its low byte is the int8, no float → int conversion.
         xf = x.to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), axis=1), QMAX), SCALE_EPS)
-        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-        q = xf * inv[:, None]
-        q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
-        t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
-        # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
-        worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
-        if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
+        if RECIP:
+            inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+            q = xf * inv[:, None]
+            q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
+            t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
+            # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
+            worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
+            if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
+                y = tl.math.div_rn(xf, scale[:, None])
+                t = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX) + RNE_MAGIC
+        else:  # the exact path throughout: a shorter dependency chain per program (small, latency-bound writes)
             y = tl.math.div_rn(xf, scale[:, None])
-            y = (y + RNE_MAGIC) - RNE_MAGIC
-            t = tl.minimum(tl.maximum(y, -QMAX), QMAX) + RNE_MAGIC
+            t = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX) + RNE_MAGIC
         tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
@@ -109,6 +113,7 @@ def _kv_write_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
+    RECIP: tl.constexpr,
 ):
     """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs."""
     rows = tl.arange(0, BLOCK_T * BLOCK_H)
@@ -126,36 +131,45 @@ def _kv_write_kernel(
         key_ptr + tok * stride_kt + heads * stride_kh,
         kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
         ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
-        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
+        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP,
     )
     _write_rows(
         value_ptr + tok * stride_vt + heads * stride_vh,
         vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
         vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
-        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC,
+        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP,
     )
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
-    """One token per program, all of its KV heads up to ~4K elements (Llama-3-8B, 8 × 128: one token's K and V per
-    program), 4 warps from 1024 elements per operand."""
-    block_h = min(triton.next_power_of_2(p.num_kv_heads), max(1, _ELEMS_PER_PROGRAM // p.head_dim))
-    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim,
-                        num_warps=4 if block_h * p.head_dim >= 1024 else 2, num_stages=1)
+    """One token per program. Small writes (≤ SMALL_TOKENS): all KV heads up to 1024 elements on 4 warps, exact
+    division per element (H200, µs at 64 / 512 tokens: 2.5 / 4.3, where the reciprocal path on one warp took
+    3.3 / 4.8: its longer chain per program). Larger writes: one warp, 512 elements per operand for int8 caches
+    (Llama-3-8B, 8 × 128: four KV heads) with the refined reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA
+    graphs, tuning timer (sum over 4096 + 16384 tokens), µs: int8 this 46.1, one token × 8 heads on 2 warps 50.0,
+    on 4 warps 63.1 (with exact division: 42.6 + 11.9 per case), two tokens × 4 heads on 2 warps 50.1; fp16 45.6
+    against 45.7-46.3 for the other leaders."""
+    quant = p.cache_dtype == torch.int8
+    small = p.num_tokens <= SMALL_TOKENS
+    elems = 1024 if small or not quant else 512
+    block_h = min(triton.next_power_of_2(p.num_kv_heads), max(1, elems // p.head_dim))
+    warps = 4 if small and block_h * p.head_dim >= 1024 else 2 if small else 1
+    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim, num_warps=warps, num_stages=1,
+                        extra=(("RECIP", int(quant and not small)),))
 
 
 def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
-    """Tokens per program 1-16, heads per program all of them or half, 1-8 warps, at most 16K elements per operand
-    and program (64 fp32 registers per thread at 8 warps)."""
+    """Tokens per program 1-4, heads per program all of them or half, 1-4 warps, with and without the reciprocal
+    (int8 caches), at least 4 elements per thread."""
     heads_all = triton.next_power_of_2(p.num_kv_heads)
     space = []
-    for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
-        for tokens in (1, 2, 4, 8, 16):
-            elems = tokens * block_h * p.head_dim
-            for warps in (1, 2, 4, 8):
-                if elems <= 16384 and elems >= 32 * warps * 4:  # at least 4 elements per thread
-                    space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
-                                              num_warps=warps, num_stages=1))
+    for recip in ((0, 1) if p.cache_dtype == torch.int8 else (0,)):
+        for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
+            for tokens in (1, 2, 4):
+                for warps in (1, 2, 4):
+                    if tokens * block_h * p.head_dim >= 32 * warps * 4:
+                        space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
+                                                  num_warps=warps, num_stages=1, extra=(("RECIP", recip),)))
     return space
 
 
@@ -187,18 +201,19 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        num_warps=cfg.num_warps,
+        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), num_warps=cfg.num_warps,
     )
 
 
-TUNE_TOKENS = (4096, 16384)  # prefill chunks; short writes (a decode step) are launch-bound on any config
+TUNE_TOKENS = {"small": (64, 512), "large": (4096, 16384)}  # a decode step of batch 64 and short chunks; prefill
 
 
 def tune(num_kv_heads: int, head_dim: int, *, block_size: int = 16, cache_dtype=torch.int8, dtype=torch.float16,
-         cases=TUNE_TOKENS, device="cuda", store=None, bench=None, configs=None):
+         cases=TUNE_TOKENS["large"], device="cuda", store=None, bench=None, configs=None):
     """Time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (token counts, slots of shuffled blocks; int8
     caches as ``int8_page_views`` pages, the plugin's layout), check that each config writes the heuristic
-    config's bytes, record the fastest. Returns (best config, {config: µs}); timing as ``paged_decode.tune``."""
+    config's bytes, record the fastest under the token bucket of the largest case. Returns (best config,
+    {config: µs}); timing as ``paged_decode.tune``."""
     from functools import partial
 
     from ..tuning import l2_bytes, rotation_count, tune_kernel
