@@ -72,11 +72,12 @@ def _write_rows(
         # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
         # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
         # half to even. With RECIP (streaming writes) each row takes one correctly rounded reciprocal 1/s, and
-        # each element q = x · (1/s) refined once with the exact residual (Markstein: r = fma(−s, q, x), q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is
-        # within one ulp of RN(x/s), and both round to the same integer unless q' lies within 2^-15 (≥ 4 ulps
-        # below 128) of a half-integer. Such elements, and non-finite ones (NaN q'), send the whole tile down
-        # the exact path: div_rn per element, as the reference does. |x/s| ≤ 127 (1 + 2^-23) for finite rows
-        # (s = RN(absmax / 127) or eps), so the clamp only matters on the exact path (NaN / inf rows).
+        # each element q = x · (1/s) refined once with the exact residual (Markstein: r = fma(−s, q, x),
+        # q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is within one ulp of RN(x/s), and both
+        # round to the same integer unless q' lies within 2^-15 (≥ 4 ulps below 128) of a half-integer. Such
+        # elements, and non-finite ones (NaN q'), send the whole tile down the exact path: div_rn per element, as
+        # the reference does. |x/s| ≤ 127 (1 + 2^-23) for finite rows (s = RN(absmax / 127) or eps), so the clamp
+        # only matters on the exact path (NaN / inf rows).
         # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
         # - div_rn is PTX div.rn.f32 (Triton's plain fp32 '/' is the approximate div.full.f32 on NVIDIA GPUs);
         # - every multiply-add is an explicit fma and every other step a single add, so FMA contraction cannot
