@@ -96,10 +96,13 @@ def _write_rows(
             if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
                 y = tl.math.div_rn(xf, scale[:, None])
                 t = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX) + RNE_MAGIC
+            tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
         else:  # the exact path throughout: a shorter dependency chain per program (small, latency-bound writes)
+            # (the rounded value converted by F2I: the low-byte store above, straight-line on 4 warps, left vLLM's
+            # packed rows unwritten under Triton 3.6 (H200; 2 warps and the branchy RECIP path wrote them))
             y = tl.math.div_rn(xf, scale[:, None])
-            t = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX) + RNE_MAGIC
-        tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
+            y = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX)
+            tl.store(dst, y.to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
         tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])

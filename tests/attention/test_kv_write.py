@@ -432,21 +432,30 @@ def test_gpu_vllm_packed_layout():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype):
-    """Llama-3-8B KV heads (8 × 128), 1001 tokens (no token tile divides them) with padding: the tuning space's
-    program shapes and the card's config write the reference's bytes."""
+@pytest.mark.parametrize("cache_dtype,layout", [(torch.int8, "pages"), (torch.int8, "vllm"), (torch.float16, "pages")])
+def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype, layout):
+    """Llama-3-8B KV heads (8 × 128), 1001 tokens (no token tile divides them) with padding, into plain caches and
+    into vLLM's packed rows (inline scales, V rows 4-byte aligned): the tuning space's program shapes and the
+    card's configs (both token buckets) write the reference's bytes."""
     from angel_kernels.attention.kv_write import KVWriteProblem, config_for, launch_kv_write, tuning_space
 
     T, H, D, bs = 1001, 8, 128, 16
     nb = -(-T // bs) + 2
     key, value, slots, caches = _case(T, H, D, bs, nb, cache_dtype, torch.float16, seed=5, pad_every=7, scale=3.0)
     key, value, slots = key.cuda(), value.cuda(), slots.cuda()
-    want = [None if c is None else c.cuda() for c in caches]
+
+    def fresh():
+        if layout == "vllm":
+            return list(inline_scale_views(vllm_packed_int8_cache(nb, bs, H, D, device="cuda")[1], D))
+        return [None if c is None else c.cuda() for c in caches]
+
+    want = fresh()
     write_kv_cache_ref(key, value, want[0], want[1], slots, want[2], want[3])
-    p = KVWriteProblem(T, H, D, bs, torch.float16, cache_dtype, torch.device("cuda"))
+    dev = torch.device("cuda")
+    cards = [config_for(KVWriteProblem(t, H, D, bs, torch.float16, cache_dtype, dev)) for t in (64, 4096)]
     # every token and head tile on 1 and 4 warps (each config compiles: the whole space takes minutes)
-    for cfg in [c for c in tuning_space(p) if c.num_warps in (1, 4)] + [config_for(p)]:
-        got = [None if c is None else c.cuda() for c in caches]
+    space = tuning_space(KVWriteProblem(T, H, D, bs, torch.float16, cache_dtype, dev))
+    for cfg in [c for c in space if c.num_warps in (1, 4)] + cards:
+        got = fresh()
         launch_kv_write(key, value, got[0], got[1], slots, got[2], got[3], cfg=cfg)
         _assert_same(got, want, str(cfg.as_dict()))
