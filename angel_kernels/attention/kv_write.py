@@ -290,12 +290,14 @@ KV_WRITE: KernelFamily[KVWriteProblem] = KernelFamily(
 
 
 def _validate(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):
-    num_blocks, block_size, heads, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale, writable=True)
+    num_blocks, block_size, heads, head_dim, _ = check_kv_caches(key_cache, value_cache, k_scale, v_scale,
+                                                                 writable=True)
     check_query_dtype("key", key, key_cache.dtype)
     check_tensor("value", value, dtypes=(key.dtype,))
     for name, t in (("key", key), ("value", value)):
         if t.dim() != 3 or tuple(t.shape[1:]) != (heads, head_dim):
-            raise ValueError(f"{name} must have shape [num_tokens, {heads}, {head_dim}] to match the cache, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape [num_tokens, {heads}, {head_dim}] to match the cache,"
+                             f" got {tuple(t.shape)}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last (head) dim, got strides {t.stride()}")
     if key.shape[0] != value.shape[0]:
@@ -314,7 +316,8 @@ def _check_slots_on_host(slot_mapping: torch.Tensor, num_slots: int) -> None:
         return
     top = int(slot_mapping.max())
     if top >= num_slots:
-        raise ValueError(f"slot_mapping has slot {top} but the cache holds {num_slots} slots (num_blocks · block_size)")
+        raise ValueError(f"slot_mapping has slot {top} but the cache holds {num_slots} slots"
+                         " (num_blocks · block_size)")
 
 
 def _write_fake(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale):

@@ -57,7 +57,8 @@ def test_write_matches_reference_bitwise_and_skips_padding(candidate, cache_dtyp
     written = torch.zeros(3 * block_size, dtype=torch.bool)
     written[slots[slots >= 0]] = True
     flat_k = caches[0].reshape(-1, 3, 64)
-    assert torch.equal(_bits(flat_k[~written]), _bits(poison(flat_k[~written].clone()))), "a padded/unused slot was written"
+    unused = flat_k[~written]
+    assert torch.equal(_bits(unused), _bits(poison(unused.clone()))), "a padded/unused slot was written"
     if cache_dtype == torch.int8:
         assert torch.isnan(caches[2].reshape(-1, 3)[~written]).all()
         assert (caches[2].reshape(-1, 3)[written] > 0).all()
