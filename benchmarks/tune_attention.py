@@ -147,7 +147,8 @@ def main():
                     best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
                                                   store=store, configs=configs, cases=cases)
                     heur = kv_write.heuristic_config(p)
-                    leaders = sorted(timings, key=timings.__getitem__)[:6] + [heur]
+                    leaders = sorted(timings, key=timings.__getitem__)[:6]
+                    leaders += [heur] if heur not in leaders else []
                     print(f"\n## kv_write kv={kv} T={bucket} {p.key()}: {len(timings)}/{len(configs)} configs; "
                           f"heuristic {timings.get(heur, float('nan')):.1f} µs; leaders, each case alone (µs):")
                     for tokens in cases:

@@ -58,6 +58,14 @@ def _max_propagating_nan(a, b):
 
 
 @triton.jit
+def _quantize_exact(xf, scale, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr):
+    """clamp(round_half_even(x / s), ±QMAX) as fp32 integers, one correctly rounded division per element (the
+    reference's arithmetic)."""
+    y = tl.math.div_rn(xf, scale[:, None])
+    return tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX)
+
+
+@triton.jit
 def _write_rows(
     src_rows, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
@@ -94,15 +102,12 @@ def _write_rows(
             # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
             worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
             if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
-                y = tl.math.div_rn(xf, scale[:, None])
-                t = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX) + RNE_MAGIC
+                t = _quantize_exact(xf, scale, QMAX, RNE_MAGIC) + RNE_MAGIC
             tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
         else:  # the exact path throughout: a shorter dependency chain per program (small, latency-bound writes)
             # (the rounded value converted by F2I: the low-byte store above, straight-line on 4 warps, left vLLM's
             # packed rows unwritten under Triton 3.6 (H200; 2 warps and the branchy RECIP path wrote them))
-            y = tl.math.div_rn(xf, scale[:, None])
-            y = tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX)
-            tl.store(dst, y.to(tl.int8), mask=live[:, None])
+            tl.store(dst, _quantize_exact(xf, scale, QMAX, RNE_MAGIC).to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
         tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])

@@ -338,10 +338,8 @@ def _config_sample():
 @pytest.mark.parametrize("cfg", _config_sample(), ids=lambda c: f"t{c.BLOCK_M}h{c.BLOCK_N}w{c.num_warps}")
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype):
-    """23 tokens (no tile of 2-16 tokens divides them), 3 heads (no head tile of 2 or 4 does), padding slots:
+    """23 tokens (no tile of 2 or 4 tokens divides them), 3 heads (no head tile of 2 or 4 does), padding slots:
     each program shape writes exactly the reference's bytes and nothing else."""
-    from angel_kernels.attention.kv_write import launch_kv_write
-
     key, value, slots, caches = _case(23, 3, 64, 16, 3, cache_dtype, torch.float16, seed=cfg.BLOCK_M, pad_every=3)
     want = _clone(*caches)
     write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
@@ -438,7 +436,7 @@ def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype, layout):
     """Llama-3-8B KV heads (8 × 128), 1001 tokens (no token tile divides them) with padding, into plain caches and
     into vLLM's packed rows (inline scales, V rows 4-byte aligned): the tuning space's program shapes and the
     card's configs (both token buckets) write the reference's bytes."""
-    from angel_kernels.attention.kv_write import KVWriteProblem, config_for, launch_kv_write, tuning_space
+    from angel_kernels.attention.kv_write import KVWriteProblem, config_for, tuning_space
 
     T, H, D, bs = 1001, 8, 128, 16
     nb = -(-T // bs) + 2

@@ -22,7 +22,7 @@ def results(tmp_path_factory):
     return run_in_child("cache", str(tmp_path_factory.mktemp("tiny_llama_d64")))
 
 
-def _batch_invariant_cpu_linear() -> bool:
+def _batch_invariant_cpu_engine() -> bool:
     """An Intel CPU with AVX-512, where the equality above was measured."""
     with open("/proc/cpuinfo") as f:
         info = f.read()
@@ -40,7 +40,7 @@ LOGPROB_TOL_ELSEWHERE = 1e-3
 def _same_outputs(a, b):
     assert all(len(s) == MAX_TOKENS for s in a["tokens"] + b["tokens"])
     assert a["tokens"] == b["tokens"], f"\n{a['tokens']}\n{b['tokens']}"
-    if _batch_invariant_cpu_linear():
+    if _batch_invariant_cpu_engine():
         assert a["logprobs"] == b["logprobs"]
     else:
         worst = max(abs(x - y) for s, t in zip(a["logprobs"], b["logprobs"]) for x, y in zip(s, t))
