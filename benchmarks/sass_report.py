@@ -127,7 +127,10 @@ def hottest_loop(sass: str) -> collections.Counter:
 
 def report(launch: Launch, dump: str | None = None) -> str:
     signature, constexprs, attrs, options = _specialize(launch)
-    src = ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    source = ASTSource
+    if getattr(launch.fn, "is_gluon", lambda: False)():  # Gluon kernels carry their layouts: their own source
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=TARGET, options=options)
     name = launch.fn.__name__
     with tempfile.TemporaryDirectory() as tmp:
