@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["arrival_counters", "interpreter_active", "reference_forced", "triton_runnable_on"]
+__all__ = ["interpreter_active", "reference_forced", "triton_runnable_on"]
 
 
 def _env_flag(name: str) -> bool:
@@ -46,25 +46,3 @@ def num_sms(device: torch.device, default: int) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return default
-
-
-# Arrival counters of the kernels whose last program to finish combines the others' results (split-K GEMMs,
-# decode splits): one zeroed int32 buffer per (pool, device), grown on demand; every launch leaves the counters it
-# used at zero (launches on one stream never overlap; two streams running such kernels at once would share them).
-# Made outside CUDA-graph capture: a buffer first zeroed inside a captured graph holds garbage for every other
-# graph until that one replays (vLLM warms up eagerly before it captures).
-_COUNTERS: dict = {}
-
-
-def arrival_counters(device: torch.device, n: int, pool: str, minimum: int = 4096) -> torch.Tensor:
-    """At least ``n`` zeroed int32 counters of ``pool`` on ``device`` (at least ``minimum`` when first made)."""
-    buf = _COUNTERS.get((pool, device))
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"{pool}: {n} arrival counters are needed for the first time during CUDA-graph capture; run the"
-                " same shapes once outside the capture first (warm-up)"
-            )
-        buf = torch.zeros(max(n, minimum), dtype=torch.int32, device=device)
-        _COUNTERS[(pool, device)] = buf
-    return buf

@@ -6,7 +6,7 @@ the heuristic config's output, and print the heuristic's time next to the five f
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill,kv_write] [--kv int8,fp16]
-       [--space full|small|focus|merge] [--cases 1x1024,64x16384] [--per-case] [--ship]
+       [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
 large cases and then print the top configs of a small one. --per-case with prefill: the benchmark's four cases.)
 """
@@ -81,17 +81,6 @@ def focus_prefill_space(p):
     return [c for c in paged_prefill.tuning_space(p) if keep(c)]
 
 
-def merge_decode_space(p):
-    """The package's config for this GPU (its table entry, else the heuristic) with its decode splits combined by
-    the reduce kernel (MERGE_GROUP 0) or inside the split kernel in groups of 4-32 (5 configs)."""
-    from dataclasses import replace
-
-    base = paged_decode.config_for(p)
-    extra = {k: v for k, v in base.extra if k != "MERGE_GROUP"}
-    return [replace(base, extra=tuple(sorted({**extra, **({"MERGE_GROUP": g} if g else {})}.items())))
-            for g in (0, 4, 8, 16, 32)]
-
-
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs"
 
 
@@ -136,9 +125,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernels", default="decode,prefill")
     ap.add_argument("--kv", default="int8,fp16")
-    ap.add_argument("--space", choices=("full", "small", "focus", "merge"), default="full",
-                    help="the whole space, a 4/8-warp decode slice, the configs around earlier leaders, or the"
-                         " package's decode config with each way of combining the splits")
+    ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
+                    help="the whole space, a 4/8-warp decode slice, or the configs around earlier leaders")
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
     ap.add_argument("--cases", default=None, help="decode cases, e.g. 1x1024,8x4096 (default: TUNE_CASES)")
     ap.add_argument("--per-case", action="store_true",
@@ -174,8 +162,7 @@ def main():
                 continue
             elif kernel == "decode":
                 p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
-                spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space,
-                          "merge": merge_decode_space}
+                spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space}
                 configs = spaces[args.space](p)
                 configs = [paged_decode.heuristic_config(p)] + [c for c in configs
                                                                 if c != paged_decode.heuristic_config(p)]

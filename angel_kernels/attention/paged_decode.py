@@ -46,7 +46,7 @@ from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
-from ..runtime import arrival_counters, interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import interpreter_active, reference_forced, triton_runnable_on
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
@@ -60,12 +60,6 @@ PROGRAMS_PER_SM = 2
 # Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
 # batch × query heads × splits × head dim fp32 partials: 2 MB per sequence at 128 splits for Llama-3-8B heads.
 MAX_SPLITS_CAP = 64
-# Splits combined inside the split kernel (a config's MERGE_GROUP > 0; 0, the default: the reduce kernel): the last
-# program of each group of MERGE_GROUP consecutive splits to finish combines the group, and where a sequence has
-# several groups the last group to finish combines the groups. No second kernel, so no launch gap and no second
-# wave of loads of the lengths before the partials (see ``_merge_after_split``).
-# Registers per thread that one combination step may fill with partial outputs (MERGE_CHUNK slots at a time).
-MERGE_REGS = 128
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
 INTERPRETER_SMS = 4
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
@@ -272,80 +266,8 @@ def _tile_pages(bt_row, stride_btn, first, pos_ok, stride_kcb, stride_vcb, strid
 
 
 @triton.jit
-def _combine_slots(po_rows, stride_pos, pl_rows, row_ok, first, count, stride, CHUNK: tl.constexpr):
-    """Combine ``count`` partial results kept at slots first, first + stride, … — each a normalized output
-    (``po_rows`` [R, D] + slot · stride_pos) and its log2-sum-exp (``pl_rows`` [R] + slot) — in slot order, CHUNK
-    slots' loads at a time (one memory latency per chunk), the running maximum rescaling what came before (online
-    softmax). Returns (output [R, D], lse [R]); a row no slot saw anything of gets 0 and -inf. Reads bypass L1:
-    the slots were written by other SMs."""
-    js = tl.arange(0, CHUNK)
-    m = tl.full(pl_rows.shape, float("-inf"), tl.float32)
-    m_safe = tl.zeros(pl_rows.shape, tl.float32)
-    den = tl.zeros(pl_rows.shape, tl.float32)
-    acc = tl.zeros(po_rows.shape, tl.float32)
-    for c in range(0, count, CHUNK):
-        ok = (c + js < count)[:, None] & row_ok[None, :]  # [CHUNK, R]
-        slots = first + (c + js) * stride
-        lse = tl.load(pl_rows[None, :] + slots[:, None], mask=ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(po_rows[None, :, :] + (slots * stride_pos)[:, None, None], mask=ok[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe[None, :])
-        den = den * alpha + tl.sum(w, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, axis=0)
-        m = m_new
-    ok = den > 0
-    return acc / tl.where(ok, den, 1.0)[:, None], tl.where(ok, m_safe + tl.log2(tl.where(ok, den, 1.0)),
-                                                           float("-inf"))
-
-
-@triton.jit
-def _merge_after_split(split, num_splits, b, kvh, num_kv_heads, cnt_ptr, po_ptr, plse_ptr, out_ptr,
-                       stride_pob, stride_pot, stride_poh, stride_pos, stride_plb, stride_plt, stride_plh,
-                       stride_ob, stride_ot, stride_oh,
-                       GROUP: tl.constexpr, NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       MERGE_GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-                       MERGE_SLOTS: tl.constexpr):
-    """Called by a program once it stored a split's partial (of a sequence with several splits): the last of the
-    split's group of ``MERGE_GROUP`` consecutive splits to arrive (an acq_rel counter per group) combines the group;
-    with one group it writes the output, otherwise the group's result replaces the partial of the group's first
-    split and the last group to arrive combines the groups (slots 0, MERGE_GROUP, …). Counters per (sequence, KV
-    head): MERGE_SLOTS − 1 for the groups, the last for the groups' arrivals; each is reset by its last arrival.
-    The combination tree depends on the sequence's split count only: deterministic and independent of the batch."""
-    rows = tl.arange(0, MERGE_ROWS)
-    row_ok = rows < GROUP * NUM_QUERIES
-    t = rows // GROUP
-    qh = kvh * GROUP + rows % GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    po_rows = po_ptr + b * stride_pob + t[:, None] * stride_pot + qh[:, None] * stride_poh + dims[None, :]
-    pl_rows = plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh
-    o_rows = out_ptr + b * stride_ob + t[:, None] * stride_ot + qh[:, None] * stride_oh + dims[None, :]
-    counters = cnt_ptr + (b * num_kv_heads + kvh) * MERGE_SLOTS
-    group = split // MERGE_GROUP
-    first = group * MERGE_GROUP
-    members = tl.minimum(num_splits - first, MERGE_GROUP)
-    tl.debug_barrier()  # every thread's partial stores precede the release below
-    if tl.atomic_add(counters + group, 1, sem="acq_rel") == members - 1:
-        tl.store(counters + group, 0)
-        o, lse = _combine_slots(po_rows, stride_pos, pl_rows, row_ok, first, members, 1, MERGE_CHUNK)
-        if num_splits <= MERGE_GROUP:
-            tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:
-            tl.store(po_rows + first * stride_pos, o, mask=row_ok[:, None])
-            tl.store(pl_rows + first, lse, mask=row_ok)
-            groups = tl.cdiv(num_splits, MERGE_GROUP)
-            tl.debug_barrier()
-            if tl.atomic_add(counters + MERGE_SLOTS - 1, 1, sem="acq_rel") == groups - 1:
-                tl.store(counters + MERGE_SLOTS - 1, 0)
-                o, lse = _combine_slots(po_rows, stride_pos, pl_rows, row_ok, 0, groups, MERGE_GROUP, MERGE_CHUNK)
-                tl.store(o_rows, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
@@ -368,8 +290,6 @@ def _paged_attn_split_kernel(
     HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
     PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late
-    MERGE_GROUP: tl.constexpr = 0,  # > 0: the splits are combined here (_merge_after_split), no reduce kernel
-    MERGE_ROWS: tl.constexpr = 16, MERGE_CHUNK: tl.constexpr = 1, MERGE_SLOTS: tl.constexpr = 1,
 ):
     if PDL:
         # launched before the previous kernel of the stream finished: wait for its writes (q, the caches)
@@ -536,11 +456,6 @@ def _paged_attn_split_kernel(
             if D_SPLIT == 2:
                 tl.store(po_ptr + part[:, None] + PART + dims[None, :], o2, mask=row_ok[:, None])
             tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
-            if MERGE_GROUP > 0:
-                _merge_after_split(split, num_splits, b, kvh, num_kv_heads, cnt_ptr, po_ptr, plse_ptr, out_ptr,
-                                   stride_pob, stride_pot, stride_poh, stride_pos, stride_plb, stride_plt, stride_plh,
-                                   stride_ob, stride_ot, stride_oh, GROUP, NUM_QUERIES, HEAD_DIM, MERGE_GROUP,
-                                   MERGE_ROWS, MERGE_CHUNK, MERGE_SLOTS)
 
 
 @triton.jit
@@ -591,20 +506,6 @@ def register_cap(cfg: KernelConfig) -> dict:
     3 programs share an SM, ≤ 128 four (the int8 tile with WORDS and head-dim halves needs 248 uncapped)."""
     regs = int(dict(cfg.extra).get("MAX_REGS", 0))
     return {"maxnreg": regs} if regs else {}
-
-
-def merge_options(cfg: KernelConfig, max_splits: int, rows: int, head_dim: int, num_warps: int) -> dict:
-    """Kernel constants of the in-kernel combination of splits (``_merge_after_split``): the config's MERGE_GROUP
-    (0 = the reduce kernel), the padded query rows, how many split slots one combination step loads at once (their
-    partial outputs fill at most MERGE_REGS registers per thread) and the counters per (sequence, KV head)."""
-    group = int(dict(cfg.extra).get("MERGE_GROUP", 0))
-    if max_splits <= 1 or group <= 0:
-        return dict(MERGE_GROUP=0)
-    merge_rows = triton.next_power_of_2(rows)
-    chunk = max(1, min(group, MERGE_REGS * 32 * num_warps // (merge_rows * head_dim)))
-    groups = -(-max_splits // group)
-    return dict(MERGE_GROUP=group, MERGE_ROWS=merge_rows, MERGE_CHUNK=1 << (chunk.bit_length() - 1),
-                MERGE_SLOTS=groups + (1 if groups > 1 else 0))
 
 
 def words_path(cfg: KernelConfig, quant: bool, k_align: int, v_align: int) -> bool:
@@ -775,14 +676,9 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    merge = merge_options(cfg, max_ns, group * Q, D, cfg.num_warps)
-    # at least 64 K counters when first made: a CUDA-graph capture of a larger batch than any warm-up saw needs
-    # no new buffer (B · H_kv · slots: 256 sequences × 8 KV heads × 17 slots at 128 splits in groups of 8)
-    counters = (arrival_counters(q.device, B * Hkv * merge["MERGE_SLOTS"], "decode splits", minimum=1 << 16)
-                if merge["MERGE_GROUP"] else out)
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
-        block_table, seq_lens, out, partial_o, partial_lse, counters,
+        block_table, seq_lens, out, partial_o, partial_lse,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
         window, capacity, Hkv, grid_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -803,10 +699,10 @@ def launch_paged_attention(
         FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **merge, **register_cap(cfg),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
         **({"launch_pdl": True} if pdl else {}),
     )
-    if max_ns > 1 and not merge["MERGE_GROUP"]:
+    if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,
             window, capacity, Hq,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..runtime import arrival_counters, num_sms
+from ..runtime import num_sms
 
 # Split K until a decode launch has PROGRAMS_PER_SM programs per SM. Why several: a program is one warpgroup
 # stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200: 20 % of warp
@@ -130,9 +130,24 @@ def with_decode_dot_t_choices(configs: list) -> list:
                       for c in configs if c.num_warps == 4 and c.num_stages == 3 for stages in (2, 3)]
 
 
+# Split-K tile counters: one zeroed int32 buffer per device, shared by the kernels, grown on demand; every launch
+# leaves the counters it used at zero (launches on one stream never overlap; two streams running split-K GEMMs at
+# once would share them). Made outside CUDA-graph capture: a buffer first zeroed inside a captured graph holds
+# garbage for every other graph until that one replays (vLLM warms up eagerly before it captures).
+_COUNTERS: dict = {}
+
+
 def tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Split-K tile counters (``runtime.arrival_counters``), one pool shared by the GEMM kernels."""
-    return arrival_counters(device, n, "split-K GEMM")
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"split-K GEMM: {n} tile counters are needed for the first time during CUDA-graph capture; run the"
+                " same shapes once outside the capture first (warm-up)"
+            )
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 @triton.jit

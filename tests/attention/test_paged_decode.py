@@ -254,60 +254,6 @@ def test_grid_split_mapping_does_not_change_bits(device):
     assert_close(outs[0][:, 0], _ref(c))
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-@pytest.mark.parametrize("merge_group", [1, 3, 16])
-def test_splits_combined_in_the_split_kernel(merge_group, cache_dtype, device):
-    """MERGE_GROUP: the last program of each group of splits combines it (and the last group the groups) instead of
-    the reduce kernel: one level (16 ≥ 10 splits), two (groups of 3, the last one short; groups of 1). Correct on
-    mixed lengths (empty and one-split sequences among them), the same bits whichever program computes a split and
-    alone or in a batch, and every arrival counter back at zero."""
-    from dataclasses import replace
-
-    from angel_kernels.runtime import arrival_counters
-
-    lens = [300, 0, 17, 129, 1, 320]
-    c = build_case(lens, cache_dtype=cache_dtype, seed=11, device=device)
-    p = PagedDecodeProblem(4, 2, 64, 16, torch.float16, cache_dtype, c["q"].device)
-    cfg = config_for(p)
-    cfg = replace(cfg, extra=tuple(sorted({**dict(cfg.extra), "MERGE_GROUP": merge_group}.items())))
-    policy = SplitPolicy(cfg.BLOCK_N, 1, 16, 1)  # 300 tokens: 10 splits of one 32-token tile
-
-    def run(case, grid_splits=None):
-        args = [case[a] for a in ARGS[1:5]] + [case["scale"], case["k_scale"], case["v_scale"]]
-        out = launch_paged_attention(case["q"][:, None], *args, cfg=cfg, policy=policy, grid_splits=grid_splits)
-        return out[:, 0]
-
-    full = run(c)
-    assert_close(full, _ref(c), name=f"MERGE_GROUP={merge_group}")
-    assert (full[1] == 0).all(), "an empty sequence attends to nothing: zeros"
-    for g in (1, 3):
-        assert torch.equal(run(c, grid_splits=g), full), f"grid_splits={g} changed bits"
-    for b in (0, 3, 5):
-        alone = dict(c)
-        for name in ("q", "block_table", "seq_lens"):
-            alone[name] = c[name][b : b + 1]
-        assert torch.equal(run(alone), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone"
-    assert int(arrival_counters(c["q"].device, 1, "decode splits").abs().sum()) == 0
-
-
-def test_merge_options_budget():
-    """Chunks of partial outputs within MERGE_REGS registers per thread; one counter per group, plus one for the
-    groups where there are several; the reduce kernel (no MERGE_GROUP) needs none."""
-    from dataclasses import replace
-
-    from angel_kernels.attention.paged_decode import merge_options
-
-    base = heuristic_config(PagedDecodeProblem(32, 8, 128, 16, torch.float16, torch.int8, torch.device("cpu")))
-    base = replace(base, extra=tuple((k, v) for k, v in base.extra if k != "MERGE_GROUP"))
-    assert merge_options(base, 128, 4, 128, 1) == {"MERGE_GROUP": 0}
-    merged = replace(base, extra=tuple(sorted({**dict(base.extra), "MERGE_GROUP": 8}.items())))
-    assert merge_options(merged, 128, 4, 128, 1) == dict(MERGE_GROUP=8, MERGE_ROWS=4, MERGE_CHUNK=8, MERGE_SLOTS=17)
-    assert merge_options(merged, 8, 4, 128, 1)["MERGE_SLOTS"] == 1
-    assert merge_options(merged, 1, 4, 128, 1) == {"MERGE_GROUP": 0}  # one split: nothing to combine
-    assert merge_options(merged, 16, 8, 256, 1)["MERGE_CHUNK"] == 2  # 8 rows × 256 dims: 64 registers per slot
-    assert merge_options(merged, 16, 4, 128, 4)["MERGE_CHUNK"] == 8  # never more slots than a group has
-
-
 @pytest.mark.parametrize("max_splits,min_tiles,min_splits", [(1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 2, 1), (5, 1, 1),
                                                             (16, 1, 1), (16, 4, 8), (4, 8, 3)])
 def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device):
@@ -602,49 +548,6 @@ def test_gpu_mixed_lengths_and_batch_invariance(cache_dtype):
         for name in ("q", "block_table", "seq_lens"):
             eight[name] = c[name][max(0, b - 7) : b + 1]
         assert torch.equal(_run(eight)[-1:], full[b : b + 1]), f"sequence {b} differs in a batch of 8"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("merge_group", [0, 8, 16])
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_gpu_splits_combined_in_the_split_kernel(cache_dtype, merge_group):
-    """MERGE_GROUP at the shipped config, Llama-3-8B heads, a batch of 64 with lengths 1..32k (up to 128 splits: two
-    combination levels): against the references, each sequence the same bits alone (a small grid: early launch)
-    and in a batch of 8, within rounding of the other way of combining, and every arrival counter back at zero."""
-    from dataclasses import replace
-
-    from angel_kernels.runtime import arrival_counters
-
-    g = torch.Generator().manual_seed(66)
-    lens = torch.randint(1, 32769, (64,), generator=g).tolist()
-    lens[:6] = [1, 15, 16, 17, 32768, 4096]
-    c = _gpu_case(lens, cache_dtype=cache_dtype, seed=66)
-    p = PagedDecodeProblem(HQ, HKV, D, BS, c["q"].dtype, cache_dtype, torch.device("cuda"))
-    base = config_for(p)
-    extra = {k: v for k, v in base.extra if k != "MERGE_GROUP"}
-    cfgs = {m: replace(base, extra=tuple(sorted({**extra, **({"MERGE_GROUP": m} if m else {})}.items())))
-            for m in (0, merge_group)}
-
-    def run(case, m):
-        args = [case[a] for a in ARGS[1:5]] + [case["scale"], case["k_scale"], case["v_scale"]]
-        return launch_paged_attention(case["q"][:, None], *args, cfg=cfgs[m])[:, 0]
-
-    full = run(c, merge_group)
-    assert_close(full, _ref(c))
-    exact = paged_decode_attention_ref(c["q"].float(), c["kf"], c["vf"], c["block_table"], c["seq_lens"], c["scale"])
-    assert relative_error(full, exact) <= (1e-2 if cache_dtype == torch.int8 else 2e-3)
-    assert relative_error(full, run(c, 0)) <= 1e-3
-    for b in (0, 1, 3, 4, 5, 17, 63):
-        alone = dict(c)
-        for name in ("q", "block_table", "seq_lens"):
-            alone[name] = c[name][b : b + 1]
-        assert torch.equal(run(alone, merge_group), full[b : b + 1]), f"sequence {b} (L={lens[b]}) differs alone"
-        eight = dict(c)
-        for name in ("q", "block_table", "seq_lens"):
-            eight[name] = c[name][max(0, b - 7) : b + 1]
-        assert torch.equal(run(eight, merge_group)[-1:], full[b : b + 1]), f"sequence {b} differs in a batch of 8"
-    torch.cuda.synchronize()
-    assert int(arrival_counters(c["q"].device, 1, "decode splits").abs().sum()) == 0
 
 
 @pytest.mark.gpu
