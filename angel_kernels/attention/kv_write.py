@@ -23,7 +23,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
-from ..runtime import reference_forced, triton_runnable_on
+from ..runtime import num_sms, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
@@ -34,6 +34,7 @@ KERNEL_NAME = "kv_write"
 # Writes of up to this many tokens (decode steps, short chunks) are latency-bound and tuned apart from prefill
 # chunks, which stream: one config per bucket and card.
 SMALL_TOKENS = 1024
+DEFAULT_SMS = 4  # looping programs off a GPU (the interpreter): a pretend 4-SM device, so CPU tests loop
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,14 @@ def _quantize_exact(xf, scale, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr):
 
 @triton.jit
 def _write_rows(
-    src_rows, dst_rows, scale_rows, live, dims,
+    x, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
     RECIP: tl.constexpr,
 ):
-    """Copy (or quantize) rows of [HEAD_DIM] elements, one per (token, head) pair of the program, from ``src_rows``
-    to ``dst_rows`` (per-row pointers; rows not ``live`` are neither read nor written)."""
-    src = src_rows[:, None] + dims[None, :]
+    """Copy (or quantize) the loaded rows x [rows, HEAD_DIM], one per (token, head) pair of the tile, to
+    ``dst_rows`` (per-row pointers; rows not ``live`` are not written: padding, whose rows were read anyway, see
+    ``_load_tile``)."""
     dst = dst_rows[:, None] + dims[None, :]
-    x = tl.load(src, mask=live[:, None], other=0.0)
     if QUANT:
         # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
         # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
@@ -114,6 +114,42 @@ def _write_rows(
 
 
 @triton.jit
+def _load_tile(tile, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads, stride_kt, stride_kh, stride_vt,
+               stride_vh, dims, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Tile ``tile`` of BLOCK_T tokens × BLOCK_H heads: (slots, heads, key rows, value rows), rows (token, head)
+    pairs. The rows are read whether or not the token's slot is padding, so that their loads do not wait for the
+    slots' (one memory latency per tile instead of two); only live rows are written."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)
+    tok = (tile * BLOCK_T + rows // BLOCK_H).to(tl.int64)  # token counts stay far below 2^31
+    heads = pid_h * BLOCK_H + rows % BLOCK_H
+    ok = (tok < num_tokens) & (heads < num_heads)
+    slot = tl.load(slot_ptr + tok, mask=ok, other=-1)  # int64: block · block_size + offset
+    k = tl.load(key_ptr + (tok * stride_kt + heads * stride_kh)[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(value_ptr + (tok * stride_vt + heads * stride_vh)[:, None] + dims[None, :], mask=ok[:, None],
+                other=0.0)
+    return slot, heads, k, v
+
+
+@triton.jit
+def _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr,
+                RNE_MAGIC: tl.constexpr, RECIP: tl.constexpr):
+    """A loaded tile into the cache. Negative slots are padding; out-of-range ones are skipped too (the launcher
+    rejects them when it can check without a device sync); tokens and heads past the end carry slot -1."""
+    live = (slot >= 0) & (slot < num_slots)
+    blk = tl.where(live, slot, 0) // BLOCK_SIZE
+    off = tl.where(live, slot, 0) % BLOCK_SIZE
+    _write_rows(k, kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
+                ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+    _write_rows(v, vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
+                vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+
+
+@triton.jit
 def _kv_write_kernel(
     key_ptr, value_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
     num_tokens, num_heads, num_slots,
@@ -122,32 +158,32 @@ def _kv_write_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
-    RECIP: tl.constexpr,
+    RECIP: tl.constexpr, LOOP: tl.constexpr = False,
 ):
-    """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs."""
-    rows = tl.arange(0, BLOCK_T * BLOCK_H)
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + rows // BLOCK_H
-    heads = tl.program_id(1) * BLOCK_H + rows % BLOCK_H
-    in_range = tok < num_tokens
-    slot = tl.load(slot_ptr + tok, mask=in_range, other=-1)  # int64: block · block_size + offset
-    # negative slots are padding; out-of-range ones are skipped too (the launcher rejects them when it can check
-    # without a device sync)
-    live = in_range & (slot >= 0) & (slot < num_slots) & (heads < num_heads)
-    blk = tl.where(live, slot, 0) // BLOCK_SIZE
-    off = tl.where(live, slot, 0) % BLOCK_SIZE
+    """Tiles of BLOCK_T consecutive tokens × BLOCK_H KV heads: one per program, or with LOOP every
+    ``num_programs(0)``-th tile from the program's own, the next tile's rows loaded before this one is written
+    (its loads in flight while this one is quantized; no block launch per tile)."""
+    pid_h = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
-    _write_rows(
-        key_ptr + tok * stride_kt + heads * stride_kh,
-        kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
-        ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
-        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP,
-    )
-    _write_rows(
-        value_ptr + tok * stride_vt + heads * stride_vh,
-        vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
-        vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
-        live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP,
-    )
+    tile = tl.program_id(0)
+    slot, heads, k, v = _load_tile(tile, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads, stride_kt,
+                                   stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
+    if LOOP:
+        step = tl.num_programs(0)
+        for nxt in range(tile + step, tl.cdiv(num_tokens, BLOCK_T) + step, step):
+            # tile nxt - step is in registers; past the last tile the loads are masked (slots -1)
+            slot_n, heads_n, k_n, v_n = _load_tile(nxt, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads,
+                                                   stride_kt, stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
+            _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
+                        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                        BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+            slot, heads, k, v = slot_n, heads_n, k_n, v_n
+    else:
+        _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
+                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                    BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
@@ -169,16 +205,22 @@ def heuristic_config(p: KVWriteProblem) -> KernelConfig:
 
 def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
     """Tokens per program 1-4, heads per program all of them or half, 1-4 warps, with and without the reciprocal
-    (int8 caches), at least 4 elements per thread."""
+    (int8 caches), at least 4 elements per thread; one program per tile, or (one-token tiles) 8, 16 or 32
+    looping programs per SM (LOOP; at most 32 blocks fit an SM)."""
     heads_all = triton.next_power_of_2(p.num_kv_heads)
     space = []
     for recip in ((0, 1) if p.cache_dtype == torch.int8 else (0,)):
         for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
             for tokens in (1, 2, 4):
                 for warps in (1, 2, 4):
-                    if tokens * block_h * p.head_dim >= 32 * warps * 4:
+                    if tokens * block_h * p.head_dim < 32 * warps * 4:
+                        continue
+                    for loop in (0, 8, 16, 32) if tokens == 1 else (0,):
+                        if loop * warps > 64:  # 64 warps per SM
+                            continue
+                        extra = (("LOOP", loop),) if loop else ()
                         space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
-                                                  num_warps=warps, num_stages=1, extra=(("RECIP", recip),)))
+                                                  num_warps=warps, num_stages=1, extra=extra + (("RECIP", recip),)))
     return space
 
 
@@ -200,7 +242,11 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
     vs = v_scale if quant else value_cache
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
-    grid = (triton.cdiv(T, cfg.BLOCK_M), triton.cdiv(H, cfg.BLOCK_N))
+    tiles, head_tiles = triton.cdiv(T, cfg.BLOCK_M), triton.cdiv(H, cfg.BLOCK_N)
+    per_sm = int(dict(cfg.extra).get("LOOP", 0))  # looping programs: this many per SM, each over several tiles
+    if per_sm:
+        tiles = min(tiles, max(1, per_sm * num_sms(key.device, DEFAULT_SMS) // head_tiles))
+    grid = (tiles, head_tiles)
     _kv_write_kernel[grid](
         key, value, key_cache, value_cache, ks, vs, slot_mapping,
         T, H, num_blocks * block_size,
@@ -210,7 +256,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), num_warps=cfg.num_warps,
+        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), LOOP=bool(per_sm), num_warps=cfg.num_warps,
     )
 
 
