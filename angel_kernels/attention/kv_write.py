@@ -23,7 +23,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
-from ..runtime import num_sms, reference_forced, triton_runnable_on
+from ..runtime import reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
@@ -34,7 +34,6 @@ KERNEL_NAME = "kv_write"
 # Writes of up to this many tokens (decode steps, short chunks) are latency-bound and tuned apart from prefill
 # chunks, which stream: one config per bucket and card.
 SMALL_TOKENS = 1024
-DEFAULT_SMS = 4  # looping programs off a GPU (the interpreter): a pretend 4-SM device, so CPU tests loop
 
 
 @dataclass(frozen=True)
@@ -158,32 +157,16 @@ def _kv_write_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
-    RECIP: tl.constexpr, LOOP: tl.constexpr = False,
+    RECIP: tl.constexpr,
 ):
-    """Tiles of BLOCK_T consecutive tokens × BLOCK_H KV heads: one per program, or with LOOP every
-    ``num_programs(0)``-th tile from the program's own, the next tile's rows loaded before this one is written
-    (its loads in flight while this one is quantized; no block launch per tile)."""
-    pid_h = tl.program_id(1)
+    """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs."""
     dims = tl.arange(0, HEAD_DIM)
-    tile = tl.program_id(0)
-    slot, heads, k, v = _load_tile(tile, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads, stride_kt,
-                                   stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
-    if LOOP:
-        step = tl.num_programs(0)
-        for nxt in range(tile + step, tl.cdiv(num_tokens, BLOCK_T) + step, step):
-            # tile nxt - step is in registers; past the last tile the loads are masked (slots -1)
-            slot_n, heads_n, k_n, v_n = _load_tile(nxt, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads,
-                                                   stride_kt, stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
-            _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
-                        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                        stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                        BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
-            slot, heads, k, v = slot_n, heads_n, k_n, v_n
-    else:
-        _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
-                    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                    stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                    BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+    slot, heads, k, v = _load_tile(tl.program_id(0), tl.program_id(1), key_ptr, value_ptr, slot_ptr, num_tokens,
+                                   num_heads, stride_kt, stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
+    _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
+                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
+                BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
@@ -205,22 +188,16 @@ def heuristic_config(p: KVWriteProblem) -> KernelConfig:
 
 def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
     """Tokens per program 1-4, heads per program all of them or half, 1-4 warps, with and without the reciprocal
-    (int8 caches), at least 4 elements per thread; one program per tile, or (one-token tiles) 8, 16 or 32
-    looping programs per SM (LOOP; at most 32 blocks fit an SM)."""
+    (int8 caches), at least 4 elements per thread."""
     heads_all = triton.next_power_of_2(p.num_kv_heads)
     space = []
     for recip in ((0, 1) if p.cache_dtype == torch.int8 else (0,)):
         for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
             for tokens in (1, 2, 4):
                 for warps in (1, 2, 4):
-                    if tokens * block_h * p.head_dim < 32 * warps * 4:
-                        continue
-                    for loop in (0, 8, 16, 32) if tokens == 1 else (0,):
-                        if loop * warps > 64:  # 64 warps per SM
-                            continue
-                        extra = (("LOOP", loop),) if loop else ()
+                    if tokens * block_h * p.head_dim >= 32 * warps * 4:
                         space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
-                                                  num_warps=warps, num_stages=1, extra=extra + (("RECIP", recip),)))
+                                                  num_warps=warps, num_stages=1, extra=(("RECIP", recip),)))
     return space
 
 
@@ -242,11 +219,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
     vs = v_scale if quant else value_cache
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
-    tiles, head_tiles = triton.cdiv(T, cfg.BLOCK_M), triton.cdiv(H, cfg.BLOCK_N)
-    per_sm = int(dict(cfg.extra).get("LOOP", 0))  # looping programs: this many per SM, each over several tiles
-    if per_sm:
-        tiles = min(tiles, max(1, per_sm * num_sms(key.device, DEFAULT_SMS) // head_tiles))
-    grid = (tiles, head_tiles)
+    grid = (triton.cdiv(T, cfg.BLOCK_M), triton.cdiv(H, cfg.BLOCK_N))
     _kv_write_kernel[grid](
         key, value, key_cache, value_cache, ks, vs, slot_mapping,
         T, H, num_blocks * block_size,
@@ -256,7 +229,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), LOOP=bool(per_sm), num_warps=cfg.num_warps,
+        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), num_warps=cfg.num_warps,
     )
 
 

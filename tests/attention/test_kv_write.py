@@ -347,24 +347,6 @@ def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype):
     _assert_same(caches, want, str(cfg.as_dict()))
 
 
-@pytest.mark.parametrize("tokens", [1, 23, 40])
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_looping_programs_write_every_tile_once(tokens, cache_dtype):
-    """LOOP: a program per SM of the pretend 4-SM device (4 programs, or 2 per head half) walks every 4th tile, the
-    next tile's rows loaded before this one is written: each tile written once, the last program's extra load
-    past the end masked, padding skipped, with and without the reciprocal path."""
-    for recip in (0, 1):
-        for block_h in (4, 2):
-            cfg = KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=64, num_warps=1, num_stages=1,
-                               extra=(("LOOP", 1), ("RECIP", recip)))
-            key, value, slots, caches = _case(tokens, 3, 64, 16, 4, cache_dtype, torch.float16, seed=tokens,
-                                              pad_every=5)
-            want = _clone(*caches)
-            write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
-            launch_kv_write(key, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
-            _assert_same(caches, want, str(cfg.as_dict()))
-
-
 def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, monkeypatch):
     """``tune`` under the interpreter with a fake timer: each config's first call starts from zeroed pages and is
     checked against the default config's bytes, so a config that writes nothing does not compete even when it
