@@ -6,8 +6,9 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles, or
-"d<ahead>[,<programs per SM>]" for the decode tiles with that many K-blocks of weight words in flight (and that
-split rule: split K until a launch has that many programs per SM).
+"d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
+(and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
+instead of the op's).
 """
 import argparse
 import sys
@@ -37,10 +38,11 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
         return y
-    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM])
-        bm = block_m_for(M, n, K)
+    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM[, token tile]])
+        bm = cfg[3] if len(cfg) > 3 else block_m_for(M, n, K)
         tiles = n // TILE_N * triton.cdiv(M, bm)
-        split = None if len(cfg) < 3 else split_k_for(n, K, TILE_K, num_sms(x.device, DEFAULT_SMS), cfg[2])
+        per_sm = cfg[2] if len(cfg) > 2 else 0
+        split = split_k_for(n, K, TILE_K, num_sms(x.device, DEFAULT_SMS), per_sm) if per_sm else None
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
         return y
