@@ -213,10 +213,13 @@ def _gluon_runnable(p: FragmentProblem) -> tuple[bool, str]:
 
 def block_m_for(m: int, n: int, k: int) -> int:
     """Token tile by M, from the H100 probe (benchmarks/NOTES.md; six Llama shapes, one run): 8 up to M = 8
-    (M = 1: 8 beat 16 on all six), 16 up to 16, 64 up to 64, and up to 128 while the weight is under 2^27 elements
-    (M = 128: 64-token tiles won on the four smaller shapes, e.g. 6144×4096 24.2 vs 31.7 µs, 128-token ones on the
-    two 70B shapes, 155 vs 167), else 128."""
-    for bm in (8, 16, 64):
+    (M = 1: 8 beat 16 on all six), 16 up to 16, 32 up to 32, 64 up to 64, and up to 128 while the weight is under
+    2^27 elements (M = 128: 64-token tiles won on the four smaller shapes, e.g. 6144×4096 24.2 vs 31.7 µs,
+    128-token ones on the two 70B shapes, 155 vs 167), else 128. 32-token tiles at 17-32 tokens (H200, same run,
+    M = 32, µs 64- → 32-token tiles, int8 / int4): 6144×4096 14.3 → 11.9 / 12.8 → 12.2, 4096×4096 11.8 → 9.4 /
+    10.9 → 8.3, 4096×14336 25.6 → 21.9 / 22.8 → 20.3, 28672×4096 43.5 → 35.8 / 38.7 → 31.1; at 48 and 64 tokens
+    two of them lost (6144×4096 int8 M = 64: 15.9 → 18.0)."""
+    for bm in (8, 16, 32, 64):
         if m <= bm:
             return bm
     return 64 if m <= 128 and n * k < 2**27 else 128

@@ -145,8 +145,8 @@ def test_validation():
 
 
 def test_block_m_by_m():
-    assert [block_m_for(m, 4096, 4096) for m in (1, 8, 9, 16, 17, 64, 65, 128, 129, 500)] == [
-        8, 8, 16, 16, 64, 64, 64, 64, 128, 128]
+    assert [block_m_for(m, 4096, 4096) for m in (1, 8, 9, 16, 17, 32, 33, 64, 65, 128, 129, 500)] == [
+        8, 8, 16, 16, 32, 32, 64, 64, 64, 64, 128, 128]
     assert block_m_for(100, 28672, 8192) == 128  # large weights: 128-token tiles from M = 65
 
 
@@ -227,7 +227,7 @@ def test_gpu_int8_mode_bits_equal_w8a16(m, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [9, 100, 700])
+@pytest.mark.parametrize("m", [9, 30, 100, 700])
 def test_gpu_batch_invariance(m, monkeypatch):
     check_batch_invariance(OP, 4096, 4096, m, monkeypatch, candidate="gluon")
 
@@ -428,6 +428,6 @@ def test_gpu_int8_op_bits_equal_w8a16(n, k, m, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [9, 100, 300])
+@pytest.mark.parametrize("m", [9, 30, 100, 300])
 def test_gpu_int8_batch_invariance(m, monkeypatch):
     check_batch_invariance(OP_INT8, 4096, 4096, m, monkeypatch, candidate="gluon")
