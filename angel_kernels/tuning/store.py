@@ -57,6 +57,9 @@ class TunedConfigStore:
     def __init__(self, directory: Path | str = CONFIG_DIR):
         self.directory = Path(directory)
         self._tables: dict[str, dict] = {}  # slug -> {"meta": ..., "kernels": ...}
+        # (kernel, key, device) -> the config or None: the launchers look a config up on every call, and the GPU's
+        # name, its slug and the config object cost microseconds of host time per call in eager mode
+        self._found: dict[tuple, KernelConfig | None] = {}
 
     def _table(self, slug: str) -> dict:
         table = self._tables.get(slug)
@@ -86,12 +89,20 @@ class TunedConfigStore:
         return {"meta": meta, "kernels": data.get("kernels", {})}
 
     def lookup(self, kernel: str, key: str, device: torch.device | str) -> KernelConfig | None:
-        """The tuned config for ``kernel`` at ``key`` on this device's GPU, or None."""
-        entry = self._table(gpu_slug(device))["kernels"].get(kernel, {}).get(key)
-        return KernelConfig.from_dict(entry) if entry is not None else None
+        """The tuned config for ``kernel`` at ``key`` on this device's GPU, or None (remembered per device)."""
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # the current device: which one is it now
+            device = torch.device("cuda", torch.cuda.current_device())
+        found_key = (kernel, key, device)
+        if found_key not in self._found:
+            entry = self._table(gpu_slug(device))["kernels"].get(kernel, {}).get(key)
+            self._found[found_key] = KernelConfig.from_dict(entry) if entry is not None else None
+        return self._found[found_key]
 
     def record(self, kernel: str, key: str, cfg: KernelConfig, device: torch.device | str) -> None:
         self._table(gpu_slug(device))["kernels"].setdefault(kernel, {})[key] = cfg.as_dict()
+        self._found.clear()
 
     def save(self, device: torch.device | str, path: Path | str | None = None) -> Path:
         device = torch.device(device)

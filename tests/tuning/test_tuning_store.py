@@ -53,6 +53,21 @@ def test_store_record_save_and_lazy_reload(tmp_path):
     assert fresh.lookup("k", "N=1,K=2,M=1", "cpu") == cfg
 
 
+def test_lookup_is_remembered_until_a_record(tmp_path):
+    """Launchers look configs up on every call: the second lookup returns the same object without reading the
+    table again; a record replaces what was remembered."""
+    store = TunedConfigStore(tmp_path)
+    cfg = KernelConfig(32, 64, 64)
+    store.record("k", "x", cfg, "cpu")
+    first = store.lookup("k", "x", "cpu")
+    store._tables.clear()  # a second lookup must not need the table
+    assert store.lookup("k", "x", torch.device("cpu")) is first == cfg
+    assert store.lookup("k", "y", "cpu") is None
+    newer = KernelConfig(16, 64, 64)
+    store.record("k", "x", newer, "cpu")
+    assert store.lookup("k", "x", "cpu") == newer
+
+
 def test_store_ignores_unknown_format(tmp_path):
     (tmp_path / "cpu.json").write_text(json.dumps({"meta": {"format": 99}, "kernels": {"k": {"x": {}}}}))
     assert TunedConfigStore(tmp_path).lookup("k", "x", "cpu") is None
