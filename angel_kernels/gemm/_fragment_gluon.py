@@ -47,21 +47,13 @@ _INT8_BF16 = gl.constexpr(_WORD_TO_BF16.value)
 # (2, 6), r0 + 8 for (1, 5), (3, 7)); $8 the word, $9 / $10 the scales
 _INT4_F16 = gl.constexpr(_word_dequant_ptx(False, False, row_pair_scales=True))
 _INT4_BF16 = gl.constexpr(_word_dequant_ptx(True, False, row_pair_scales=True))
-# SCALE_AFTER (decode tiles, probe): q − 8 only, the group scale applied to each K-block's fp32 product instead
-_INT4_F16_Q = gl.constexpr(_word_dequant_ptx(False, False, row_pair_scales=True, scaled=False))
-_INT4_BF16_Q = gl.constexpr(_word_dequant_ptx(True, False, row_pair_scales=True, scaled=False))
 
 
 @gluon.jit
-def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.constexpr, SCALED: gl.constexpr = True):
+def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.constexpr):
     """Words [128 threads, words per thread] → the A operand [64, 16 · k16 steps] in wgmma's register layout a_l. The
-    reshape / permute only renames registers: the result already sits where a_l wants it (no shared memory).
-    int4 without SCALED: q − 8, exact (s0 / s1 unused)."""
-    if INT4 and not SCALED:
-        v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
-            asm=_INT4_BF16_Q if BF16 else _INT4_F16_Q, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[w],
-            dtype=(gl.bfloat16 if BF16 else gl.float16,) * 8, is_pure=True, pack=1)
-    elif INT4 and BF16:
+    reshape / permute only renames registers: the result already sits where a_l wants it (no shared memory)."""
+    if INT4 and BF16:
         v0, v1, v2, v3, v4, v5, v6, v7 = gl.inline_asm_elementwise(
             asm=_INT4_BF16, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", args=[w, s0, s1], dtype=(gl.bfloat16,) * 8,
             is_pure=True, pack=1)
@@ -87,15 +79,10 @@ def _fragments(w, s0, s1, INT4: gl.constexpr, BF16: gl.constexpr, a_l: gl.conste
 
 
 @gluon.jit
-def _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr,
-                SCALE_AFTER: gl.constexpr = False):
-    """K-block i's weight words and (int4) the scales of the thread's two rows (SCALE_AFTER: of the accumulator's
-    rows, fp32, in s0); masked past the split range."""
+def _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """K-block i's weight words and (int4) the scales of the thread's two rows; masked past the split range."""
     w = gl.load(w_ptrs + i * (128 * WORDS), mask=i < n_blocks)
-    if INT4 and SCALE_AFTER:
-        s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(gl.float32)
-        s1 = s0
-    elif INT4:
+    if INT4:
         s0 = gl.load(s_ptrs + i * N, mask=i < n_blocks).to(DT)
         s1 = gl.load(s_ptrs + i * N + 8, mask=i < n_blocks).to(DT)
     else:  # int8: unused
@@ -107,24 +94,17 @@ def _load_block(w_ptrs, s_ptrs, i, n_blocks, N, WORDS: gl.constexpr, INT4: gl.co
 @gluon.jit
 def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N, WORDS: gl.constexpr,
              INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr, STAGES: gl.constexpr,
-             a_l: gl.constexpr, SCALE_AFTER: gl.constexpr = False):
+             a_l: gl.constexpr):
     """K-block i: its words w (loaded AHEAD blocks earlier) → A operand, block i + AHEAD's words into the same
-    registers, one wgmma group on x's stage, x's refill. Returns (acc, words and scales of block i + AHEAD).
-    SCALE_AFTER (int4): the block's product of q − 8 with x (fp32) times the rows' group scales, added to acc."""
-    a = _fragments(w, s0[:, None], s1[:, None], INT4, BF16, a_l, not SCALE_AFTER)
-    s_block = s0
-    w, s0, s1 = _load_block(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT, SCALE_AFTER)
+    registers, one wgmma group on x's stage, x's refill. Returns (acc, words and scales of block i + AHEAD)."""
+    a = _fragments(w, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    w, s0, s1 = _load_block(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
     cp.wait_group(STAGES - 2)
     gl.thread_barrier()
-    if SCALE_AFTER:
-        blk = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, use_acc=False, is_async=True)
-        blk = warpgroup_mma_wait(num_outstanding=0, deps=(blk, a))[0]
-        acc = acc + blk * s_block[:, None]
-    else:
-        acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-        # wait at once: the next cp.async refills the stage block i - 1's MMA read (waiting one MMA behind would
-        # need a ring one stage deeper; at these sizes it bought nothing)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
+    acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    # wait at once: the next cp.async refills the stage block i - 1's MMA read (waiting one MMA behind would
+    # need a ring one stage deeper; at these sizes it bought nothing)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
     nxt = i + STAGES - 1
     cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K, mask=mask_xm & (nxt < n_blocks))
     cp.commit_group()
@@ -135,7 +115,7 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = False, SCALE_AFTER: gl.constexpr = False):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = False):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
     split scratch only after."""
@@ -162,11 +142,8 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     row_block = pid_n * WG + thr // 128  # this thread's 64-row tile
     w_ptrs = (w_ptr + (row_block.to(gl.int64) * (K // TILE_K) + kb0)[:, None] * (128 * WORDS)
               + ((thr % 128) * WORDS)[:, None] + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_ld))[None, :])
-    if SCALE_AFTER:  # int4 scales [K // 128, N] of the accumulator's rows
-        s_ptrs = (s_ptr + kb0.to(gl.int64) * N + pid_n * ROWS
-                  + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l)))
-    else:  # int4 scales [K // 128, N]: this thread's rows r0 and r0 + 8
-        s_ptrs = s_ptr + kb0.to(gl.int64) * N + row_block * TILE_N + (thr % 128 // 32) * 16 + (thr % 32) // 4
+    # int4 scales [K // 128, N]: this thread's rows r0 and r0 + 8
+    s_ptrs = s_ptr + kb0.to(gl.int64) * N + row_block * TILE_N + (thr % 128 // 32) * 16 + (thr % 32) // 4
 
     offs_xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, x_ld))
     offs_xk = gl.arange(0, TILE_K, layout=gl.SliceLayout(0, x_ld))
@@ -176,14 +153,14 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     # the weight words (and int4 scales) of the next AHEAD K-blocks in flight, one register set per block: the
     # loop is unrolled AHEAD times so that each set is reloaded in place once its block is converted (a set
     # handed on to the next (w_a = w_b) is a register move that waits for the load in flight: one block ahead)
-    w_a, s0_a, s1_a = _load_block(w_ptrs, s_ptrs, 0, n_blocks, N, WORDS, INT4, DT, SCALE_AFTER)
-    w_b, s0_b, s1_b = _load_block(w_ptrs, s_ptrs, 1, n_blocks, N, WORDS, INT4, DT, SCALE_AFTER)
+    w_a, s0_a, s1_a = _load_block(w_ptrs, s_ptrs, 0, n_blocks, N, WORDS, INT4, DT)
+    w_b, s0_b, s1_b = _load_block(w_ptrs, s_ptrs, 1, n_blocks, N, WORDS, INT4, DT)
     w_c, s0_c, s1_c = w_b, s0_b, s1_b  # used from AHEAD = 3
     w_d, s0_d, s1_d = w_b, s0_b, s1_b  # AHEAD = 4
     if AHEAD >= 3:
-        w_c, s0_c, s1_c = _load_block(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT, SCALE_AFTER)
+        w_c, s0_c, s1_c = _load_block(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
     if AHEAD == 4:
-        w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT, SCALE_AFTER)
+        w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
     if PDL:  # x (and the partials and counters) may still be written by the previous kernel
         gdc_wait()
         gdc_launch_dependents()
@@ -193,18 +170,18 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
     for i in range(0, n_blocks, AHEAD):
         acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
-                                        N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l, SCALE_AFTER)
+                                        N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
         if i + 1 < n_blocks:
             acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs,
-                                            mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l, SCALE_AFTER)
+                                            mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
         if AHEAD >= 3:
             if i + 2 < n_blocks:
                 acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
-                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l, SCALE_AFTER)
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
         if AHEAD == 4:
             if i + 3 < n_blocks:
                 acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
-                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l, SCALE_AFTER)
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
     _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
                   INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
@@ -412,7 +389,7 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: bool = False, scale_after: bool = False) -> None:
+           pdl: bool = False) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
@@ -431,8 +408,8 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SCALE_AFTER=scale_after and int4,
-        num_warps=4 * warpgroups, **({"launch_pdl": True} if pdl else {}))
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
+        **({"launch_pdl": True} if pdl else {}))
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles

@@ -105,7 +105,7 @@ def _dequant_pair(w, j: tl.constexpr, zc, off, s, MAGIC: tl.constexpr, MAGIC_BIT
     return (lo - off) * s, (hi - off) * s
 
 
-def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False, scaled: bool = True) -> str:
+def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False) -> str:
     """PTX for one word: 8 nibbles → 8 values (q − z) · s in fp16/bf16, two per 32-bit op: 3 shifts, 4 LOP3
     (AND the lane masks, OR the magic bits; asymmetric adds zc first), 4 packed subtracts, 4 packed multiplies.
     Operands: $0…$7 the values of nibbles 0…7, $8 the word, $9 zc, $10 the scale, $11 the offset to subtract.
@@ -113,17 +113,15 @@ def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False, sc
     rounding either way), which the compiler does not schedule as tightly (~3 instructions per weight, SASS).
 
     ``row_pair_scales`` (fragment-major words, symmetric): the nibble pairs (0, 4), (2, 6) take the scale of row
-    r0, (1, 5), (3, 7) that of r0 + 8; operands $9 / $10 those scales, the offset (base + 8) an immediate; without
-    ``scaled`` the values are q − 8 (exact) and there are no scale operands."""
+    r0, (1, 5), (3, 7) that of r0 + 8; operands $9 / $10 those scales, the offset (base + 8) an immediate."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
     if row_pair_scales:
         if zeros:
             raise ValueError("row-pair scales serve symmetric weights only")
         off = "0x43084308" if bf16 else "0x64086408"  # bf16 136 / fp16 1032: the magic base + 8
-        lines = [".reg .b32 t0, t1, t2, t3, c, sa, sb;", f"mov.b32 c, {off};"]
-        if scaled:
-            lines += ["mov.b32 sa, {$9, $9};", "mov.b32 sb, {$10, $10};"]
+        lines = [".reg .b32 t0, t1, t2, t3, c, sa, sb;", f"mov.b32 c, {off};", "mov.b32 sa, {$9, $9};",
+                 "mov.b32 sb, {$10, $10};"]
     else:
         lines = [".reg .b32 t<4>, c, s2;", "mov.b32 c, {$11, $11};", "mov.b32 s2, {$10, $10};"]
     for j in range(4):
@@ -135,10 +133,7 @@ def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False, sc
         else:
             lines.append(f"lop3.b32 t{j}, {src}, 0x000F000F, {magic}, 0xEA;")  # (a & b) | c
         scale = ("sa" if j % 2 == 0 else "sb") if row_pair_scales else "s2"
-        lines.append(f"sub.{ty} t{j}, t{j}, c;")
-        if scaled:
-            lines.append(f"mul.{ty} t{j}, t{j}, {scale};")
-        lines.append(f"mov.b32 {{${j}, ${j + 4}}}, t{j};")
+        lines += [f"sub.{ty} t{j}, t{j}, c;", f"mul.{ty} t{j}, t{j}, {scale};", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
