@@ -73,7 +73,7 @@ def _write_rows(
 ):
     """Copy (or quantize) the loaded rows x [rows, HEAD_DIM], one per (token, head) pair of the tile, to
     ``dst_rows`` (per-row pointers; rows not ``live`` are not written: padding, whose rows were read anyway, see
-    ``_load_tile``)."""
+    ``_kv_write_kernel``)."""
     dst = dst_rows[:, None] + dims[None, :]
     if QUANT:
         # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
@@ -113,42 +113,6 @@ def _write_rows(
 
 
 @triton.jit
-def _load_tile(tile, pid_h, key_ptr, value_ptr, slot_ptr, num_tokens, num_heads, stride_kt, stride_kh, stride_vt,
-               stride_vh, dims, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Tile ``tile`` of BLOCK_T tokens × BLOCK_H heads: (slots, heads, key rows, value rows), rows (token, head)
-    pairs. The rows are read whether or not the token's slot is padding, so that their loads do not wait for the
-    slots' (one memory latency per tile instead of two); only live rows are written."""
-    rows = tl.arange(0, BLOCK_T * BLOCK_H)
-    tok = (tile * BLOCK_T + rows // BLOCK_H).to(tl.int64)  # token counts stay far below 2^31
-    heads = pid_h * BLOCK_H + rows % BLOCK_H
-    ok = (tok < num_tokens) & (heads < num_heads)
-    slot = tl.load(slot_ptr + tok, mask=ok, other=-1)  # int64: block · block_size + offset
-    k = tl.load(key_ptr + (tok * stride_kt + heads * stride_kh)[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
-    v = tl.load(value_ptr + (tok * stride_vt + heads * stride_vh)[:, None] + dims[None, :], mask=ok[:, None],
-                other=0.0)
-    return slot, heads, k, v
-
-
-@triton.jit
-def _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
-                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr,
-                RNE_MAGIC: tl.constexpr, RECIP: tl.constexpr):
-    """A loaded tile into the cache. Negative slots are padding; out-of-range ones are skipped too (the launcher
-    rejects them when it can check without a device sync); tokens and heads past the end carry slot -1."""
-    live = (slot >= 0) & (slot < num_slots)
-    blk = tl.where(live, slot, 0) // BLOCK_SIZE
-    off = tl.where(live, slot, 0) % BLOCK_SIZE
-    _write_rows(k, kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
-                ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
-    _write_rows(v, vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
-                vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
-
-
-@triton.jit
 def _kv_write_kernel(
     key_ptr, value_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
     num_tokens, num_heads, num_slots,
@@ -160,13 +124,28 @@ def _kv_write_kernel(
     RECIP: tl.constexpr,
 ):
     """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs."""
+    rows = tl.arange(0, BLOCK_T * BLOCK_H)
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + rows // BLOCK_H
+    heads = tl.program_id(1) * BLOCK_H + rows % BLOCK_H
+    ok = (tok < num_tokens) & (heads < num_heads)
     dims = tl.arange(0, HEAD_DIM)
-    slot, heads, k, v = _load_tile(tl.program_id(0), tl.program_id(1), key_ptr, value_ptr, slot_ptr, num_tokens,
-                                   num_heads, stride_kt, stride_kh, stride_vt, stride_vh, dims, BLOCK_T, BLOCK_H)
-    _write_tile(slot, heads, k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, num_slots, dims,
-                stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                BLOCK_SIZE, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+    # the rows are read whether or not the token's slot is padding, so that their loads do not wait for the slots'
+    # (one memory latency per program instead of two); only live rows are written
+    slot = tl.load(slot_ptr + tok, mask=ok, other=-1)  # int64: block · block_size + offset
+    k = tl.load(key_ptr + (tok * stride_kt + heads * stride_kh)[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
+    v = tl.load(value_ptr + (tok * stride_vt + heads * stride_vh)[:, None] + dims[None, :], mask=ok[:, None],
+                other=0.0)
+    # negative slots are padding; out-of-range ones are skipped too (the launcher rejects them when it can check
+    # without a device sync); tokens and heads past the end carry slot -1
+    live = (slot >= 0) & (slot < num_slots)
+    blk = tl.where(live, slot, 0) // BLOCK_SIZE
+    off = tl.where(live, slot, 0) % BLOCK_SIZE
+    _write_rows(k, kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
+                ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+    _write_rows(v, vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
+                vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
