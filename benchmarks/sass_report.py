@@ -100,6 +100,10 @@ def _specialize(launch: Launch):
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[name] = "fp32"
+        elif type(v).__name__ == "TensorDescriptor":  # TMA descriptors: Triton's own type string
+            from triton.runtime.jit import mangle_type
+
+            signature[name] = mangle_type(v)
         else:
             raise TypeError(f"{launch.fn.__name__}: cannot specialize {name}={v!r}")
     return signature, constexprs, attrs, options

@@ -459,7 +459,7 @@ def _load_scales(s_ptrs, i, n_blocks, N, INT4: gl.constexpr, DT: gl.constexpr):
 
 @gluon.jit
 def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
-                 range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                 k_start, range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
                  WS: gl.constexpr, HS: gl.constexpr, SERIAL: gl.constexpr, w_ld: gl.constexpr, a_l: gl.constexpr):
     """K-block i as two piped halves, its words read back from the ring (each thread reads only what its own
     cp.async wrote: no barrier), then block i + WS - 1's words into the slot just read; block i + 2's scales into
@@ -468,12 +468,12 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_d
     cp.wait_group(WS - 2)  # block i's group is complete (the WS - 2 after it may still fly)
     slot = w_ring.index(i % WS)
     w_lo = slot.slice(0, HW, dim=1).load(w_ld)
-    acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16, HS,
-                         a_l)
+    acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, k_start, 2 * n_blocks, INT4,
+                         BF16, HS, a_l)
     w_hi = slot.slice(HW, HW, dim=1).load(w_ld)
     _issue_words(w_ring, w_ptrs, i + WS - 1, n_blocks, WORDS, WS)
-    acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16,
-                         HS, a_l)
+    acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, k_start, 2 * n_blocks,
+                         INT4, BF16, HS, a_l)
     s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
     if SERIAL:
         if ((i + 1) % range_blocks == 0) | (i + 1 == n_blocks):
@@ -484,15 +484,16 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_d
 
 
 @gluon.jit
-def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, K_PER_SPLIT, stride_ym,
-                                INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                                BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr, WS: gl.constexpr,
-                                SERIAL: gl.constexpr):
+def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
+                                stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr,
+                                WS: gl.constexpr, SERIAL: gl.constexpr):
     """Piped batch tiles: the batch tiles' operands (each warpgroup its 64 weight rows as wgmma's A operand from
     the registers its words are converted in, x [BLOCK_M, 64] halves by TMA as B), but the MMAs stay in flight:
     a warpgroup converts half j + 1 into a second A register set while half j's MMAs run, and waits only for the
     MMAs before them. x arrives in a ring of HS k64 halves, the weight words by cp.async in a ring of WS K-blocks
-    (in shared memory, not registers). Unsplit weights, or SERIAL split ranges."""
+    (in shared memory, not registers). Unsplit weights, SERIAL split ranges, or one split range per program
+    (partials summed by the last to arrive, as the decode tiles)."""
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     ROWS: gl.constexpr = 64 * WG
@@ -501,6 +502,7 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     tile = gl.program_id(0)
     pid_n = tile // num_pid_m
     pid_m = tile % num_pid_m
+    pid_k = gl.program_id(1)
     w_cp: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4 * WG, 1], [1, 0])  # a thread's whole run
     w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])  # one k64 half of it
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
@@ -516,20 +518,26 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     for t in gl.static_range(HS):
         mbarrier.init(ready.index(t), count=1)
 
-    n_blocks = K // TILE_K  # split weights run SERIAL: one stream over the whole K, ranges of K_PER_SPLIT
+    if SERIAL or SPLIT_K == 1:  # one stream over the whole K (SERIAL: ranges of K_PER_SPLIT in it)
+        k_start = 0
+        n_blocks = K // TILE_K
+    else:  # this program's split range
+        k_start = pid_k * K_PER_SPLIT
+        n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
+    kb0 = k_start // TILE_K
     range_blocks = K_PER_SPLIT // TILE_K
     off_m = pid_m * BLOCK_M
     for t in gl.static_range(HS):
-        _issue_x_half(x_desc, x_ring, ready, t, off_m, t * 64, HS, t < 2 * n_blocks)
+        _issue_x_half(x_desc, x_ring, ready, t, off_m, k_start + t * 64, HS, t < 2 * n_blocks)
     thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_cp))
     row_block = pid_n * WG + thr // 128
-    w_offs = ((row_block.to(gl.int64) * (K // TILE_K))[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
+    w_offs = ((row_block.to(gl.int64) * (K // TILE_K) + kb0)[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
               + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_cp))[None, :])
     w_ptrs = w_ptr + w_offs
     for t in gl.static_range(WS - 1):
         _issue_words(w_ring, w_ptrs, t, n_blocks, WORDS, WS)
     thr_s = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
-    s_ptrs = s_ptr + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
+    s_ptrs = s_ptr + kb0.to(gl.int64) * N + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
     s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
     s0_b, s1_b = _load_scales(s_ptrs, 1, n_blocks, N, INT4, DT)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
@@ -537,38 +545,38 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     total = acc  # SERIAL: the ranges summed so far
     for i in range(0, n_blocks, 2):
         acc, a, total, s0_a, s1_a = _piped_block(
-            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
+            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m, k_start,
             range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
         if i + 1 < n_blocks:
             acc, a, total, s0_b, s1_b = _piped_block(
                 acc, a, total, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready,
-                off_m, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
+                off_m, k_start, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
     acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
     cp.wait_group(0)
     for t in gl.static_range(HS):
         mbarrier.invalidate(ready.index(t))
     if SERIAL:
-        acc = total
-    _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
-                  INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
+        _store_result(total, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
+                      INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
+    else:
+        _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                      INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
 
 
 def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                  block_m: int = 256, int4: bool = True, halves: int = 4, warpgroups: int = 2,
                  max_regs: int = 0, word_stages: int = 3) -> None:
-    """``_fragment_gemm_piped_kernel``: unsplit weights or a ``serial`` plan (no partials). ``max_regs``: ptxas's
-    register cap (0: none)."""
+    """``_fragment_gemm_piped_kernel`` for a ``plan`` of any kind (unsplit, ``serial``, or partials with counters
+    for ``N // (64 · warpgroups) · cdiv(M, block_m)`` tiles). ``max_regs``: ptxas's register cap (0: none)."""
     M, K = x2.shape
     N = y.shape[1]
-    if plan.split_k > 1 and not plan.serial:
-        raise ValueError("piped tiles run split weights serially (plan.serial)")
     if N % (64 * warpgroups):
         raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
     x2 = _rows_16_byte_aligned(x2)
     num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
-    _fragment_gemm_piped_kernel[(num_tiles,)](
+    _fragment_gemm_piped_kernel[(num_tiles, plan.grid_k)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
-        M, N, K, plan.k_per_split, y.stride(0),
-        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
+        plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
+        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, num_warps=4 * warpgroups,
         **({"maxnreg": max_regs} if max_regs else {}))
