@@ -6,7 +6,9 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>[,<serial>]" for the piped tiles
-(serial 1, the default: split weights' ranges in one program; 0: one program per range, partials), or
+(serial 1, the default: split weights' ranges in one program; 0: one program per range, partials),
+"w<token tile>,<x stages>,<worker registers>" for the paired tiles (split weights: two warp-specialized
+warpgroups on one tile, even and odd split ranges), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
 (and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
 instead of the op's).
@@ -18,7 +20,7 @@ import torch
 import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
-from angel_kernels.gemm._fragment_gluon import launch, launch_piped, launch_tma
+from angel_kernels.gemm._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
 from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
 from angel_kernels.runtime import num_sms
 from angel_kernels.gemm.fragment import (
@@ -47,6 +49,11 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
         return y
+    if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, worker registers)
+        _s, bm, stages, regs = cfg
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
+        launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs)
+        return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages[,
         _s, wg, bm, hs, regs, ws = cfg[:6]  # serial])
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pd" else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdw" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if cfg[0] != "d" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                    if cfg[0] not in "dw" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if cfg[0] != "d" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                        if cfg[0] not in "dw" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))
