@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if cfg[0] not in "dw" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                    if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if cfg[0] not in "dw" and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                        if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))
