@@ -584,17 +584,17 @@ def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bi
 
 # ------------------------------------------------------------------------------------------------ paired tiles
 @gluon.jit
-def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr):
-    """The K-block of a consumer's stream block i: consumer PART runs split ranges PART, PART + 2, … (RB K-blocks
-    each) one after the other."""
-    return (i // RB) * (2 * RB) + PART * RB + i % RB
+def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr):
+    """The K-block of a consumer's stream block i: with two consumers (PAIRS 2) consumer PART runs split ranges
+    PART, PART + 2, … (RB K-blocks each) one after the other; alone, every range in order."""
+    return (i // RB) * (PAIRS * RB) + PART * RB + i % RB
 
 
 @gluon.jit
-def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr,
-                  INT4: gl.constexpr, DT: gl.constexpr):
+def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr,
+                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
     """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
-    kb = _paired_kb(i, PART, RB)
+    kb = _paired_kb(i, PART, RB, PAIRS)
     w_lo, s0, s1 = _load_block(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4,
                                DT)
     w_hi = gl.load(w_row + kb * (128 * WORDS) + WORDS // 2, mask=i < n)
@@ -603,7 +603,7 @@ def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, W
 
 @gluon.jit
 def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready, empty, N, PART: gl.constexpr,
-                  RB: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                  RB: gl.constexpr, PAIRS: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
                   STAGES: gl.constexpr, a_l: gl.constexpr):
     """Stream block i as the batch tiles' K-block (two k64 halves, waited at once), block i + 2's words into the
     same registers; x's stage handed back to the loader once the warpgroup's MMAs on it are complete."""
@@ -612,7 +612,7 @@ def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready
     acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
-    w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, WORDS, INT4, DT)
+    w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
     acc = warpgroup_mma(b, x_hi.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, b))[0]
     gl.thread_barrier()  # every warp of the warpgroup is done with the stage (one arrival per warpgroup)
@@ -622,12 +622,14 @@ def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready
 
 @gluon.jit
 def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: gl.constexpr,
-                      acc_l: gl.constexpr):
+                      PAIRS: gl.constexpr, acc_l: gl.constexpr):
     """After stream block i: where a range ends, consumer 1 hands its sum to consumer 0 through `xchg`;
     consumer 0 adds its own range's sum and then consumer 1's to the total (split order: ((p0 + p1) + p2) + …)."""
     if (i + 1) % RB == 0:
         r = i // RB  # the consumer's range count
-        if PART == 0:
+        if PAIRS == 1:  # alone: its own ranges in order
+            total = gl.where(r == 0, acc, total + acc)
+        elif PART == 0:
             total = gl.where(r == 0, acc, total + acc)
             mbarrier.wait(full, r & 1)
             total = total + xchg.load(acc_l)
@@ -645,7 +647,8 @@ def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: 
 @gluon.jit
 def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                      stride_ym, PART: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                     SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                     SPLIT_K: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr,
+                     STAGES: gl.constexpr):
     """One warpgroup of a paired tile: split ranges PART, PART + 2, … of 64 weight rows × BLOCK_M tokens. Consumer
     0 ends with the tile's epilogue."""
     WORDS: gl.constexpr = 8 if INT4 else 16
@@ -655,7 +658,7 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     tile = gl.program_id(0)
     pid_n = tile // num_pid_m
     pid_m = tile % num_pid_m
-    n = (SPLIT_K // 2) * RB  # this consumer's stream
+    n = (SPLIT_K // PAIRS) * RB  # this consumer's stream
     w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
@@ -664,19 +667,20 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
              + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
     s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
-    lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, WORDS, INT4, DT)
-    lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, WORDS, INT4, DT)
+    lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
     acc = gl.zeros([64, BLOCK_M], gl.float32, acc_l)
     total = acc
     for i in range(0, n, 2):
         acc, lo_a, hi_a, s0_a, s1_a = _paired_block(acc, i, n, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_lo, x_hi,
-                                                    ready, empty, N, PART, RB, WORDS, INT4, BF16, DT, STAGES, a_l)
-        acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, acc_l)
+                                                    ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16, DT,
+                                                    STAGES, a_l)
+        acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, PAIRS, acc_l)
         if i + 1 < n:
             acc, lo_b, hi_b, s0_b, s1_b = _paired_block(acc, i + 1, n, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_lo,
-                                                        x_hi, ready, empty, N, PART, RB, WORDS, INT4, BF16, DT,
-                                                        STAGES, a_l)
-            acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, acc_l)
+                                                        x_hi, ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16,
+                                                        DT, STAGES, a_l)
+            acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, PAIRS, acc_l)
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
                       INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
@@ -687,44 +691,50 @@ def _paired_consumer_1(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr
                        stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                        SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
+                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)
 
 
 @gluon.jit
 def _paired_loader(x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K: gl.constexpr,
-                   RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: both consumers' x tiles by TMA, each stage refilled once its consumer handed it back."""
+                   RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the consumers' x tiles by TMA, each stage refilled once its consumer handed it back."""
     off_m = gl.program_id(0) % gl.cdiv(M, BLOCK_M) * BLOCK_M
-    for i in range(0, (SPLIT_K // 2) * RB):
+    for i in range(0, (SPLIT_K // PAIRS) * RB):
         phase = ((i // STAGES) & 1) ^ 1  # (the first round passes: the phase before a fresh barrier's first)
         mbarrier.wait(empty0.index(i % STAGES), phase)
-        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _paired_kb(i, 0, RB) * TILE_K, STAGES, True)
-        mbarrier.wait(empty1.index(i % STAGES), phase)
-        _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _paired_kb(i, 1, RB) * TILE_K, STAGES, True)
+        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _paired_kb(i, 0, RB, PAIRS) * TILE_K, STAGES, True)
+        if PAIRS == 2:
+            mbarrier.wait(empty1.index(i % STAGES), phase)
+            _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _paired_kb(i, 1, RB, PAIRS) * TILE_K, STAGES, True)
 
 
 @gluon.jit
 def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, INT4: gl.constexpr,
                                  BF16: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-                                 RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                                 RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Paired tiles (split weights): two warpgroups on one tile of 64 weight rows × BLOCK_M tokens, warp-specialized:
     the default partition runs the even split ranges, a worker warpgroup the odd ones, each with its own x ring that
     a loader warp fills by TMA; the odd consumer hands each range's fp32 sum over through shared memory, and the
     even one sums them in split order. Same k16 chains and sums as the serial batch tiles (so the decode tiles'
     bits), with two warpgroups' MMAs on an SM where the serial tiles have one (split weights give ~one 64-row ×
-    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops."""
+    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops. PAIRS 1: one
+    consumer runs every range (the serial batch tiles' order) with the loader warp beside it."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x0_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
     x0_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x1_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x1_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x1_lo = x0_lo  # (two consumers: their own ring)
+    x1_hi = x0_hi
+    xchg = gl.allocate_shared_memory(gl.float32, [1, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    if PAIRS == 2:
+        x1_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+        x1_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+        xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     sync = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     for t in gl.static_range(STAGES):
         mbarrier.init(ready0.index(t), count=1)
         mbarrier.init(empty0.index(t), count=1)
@@ -734,25 +744,35 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     spent = sync.index(1)  # consumer 0 has read it
     mbarrier.init(full, count=1)
     mbarrier.init(spent, count=1)
-    gl.warp_specialize([
-        (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                            stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-        (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                              K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-        (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB,
-                          BLOCK_M, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    if PAIRS == 2:
+        gl.warp_specialize([
+            (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)),
+            (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M,
+                                  N, K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 2,
+                              BLOCK_M, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+    else:
+        gl.warp_specialize([
+            (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 1, BLOCK_M, STAGES)),
+            (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 1,
+                              BLOCK_M, STAGES)),
+        ], [1], [LOADER_REGS])
 
 
 def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                   block_m: int = 128, int4: bool = True, stages: int = 2, consumer_regs: int = 232,
-                  loader_regs: int = 40) -> None:
-    """``_fragment_gemm_paired_kernel`` for a split ``plan`` (an even split count of equal ranges)."""
+                  loader_regs: int = 40, pairs: int = 2) -> None:
+    """``_fragment_gemm_paired_kernel`` for a split ``plan`` of equal ranges (an even count with ``pairs`` 2; any
+    plan with ``pairs`` 1: one consumer and the loader warp)."""
     M, K = x2.shape
     N = y.shape[1]
     rb = plan.k_per_split // 128
-    if plan.split_k < 2 or plan.split_k % 2 or rb * plan.split_k * 128 != K:
-        raise ValueError(f"paired tiles need an even split count of equal ranges (split {plan.split_k}, K={K})")
+    if pairs not in (1, 2) or plan.split_k % pairs or rb * plan.split_k * 128 != K:
+        raise ValueError(f"paired tiles ({pairs} consumers) need a split count they divide, of equal ranges "
+                         f"(split {plan.split_k}, K={K})")
     if N % 64:
         raise ValueError(f"N={N} is not a multiple of 64 rows")
     x2 = _rows_16_byte_aligned(x2)
@@ -760,5 +780,5 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
     _fragment_gemm_paired_kernel[(num_tiles,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
+        SPLIT_K=plan.split_k, RB=rb, PAIRS=pairs, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
         LOADER_REGS=loader_regs, num_warps=4)
