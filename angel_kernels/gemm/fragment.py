@@ -113,6 +113,19 @@ PIPED = True
 # 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Not for unsplit weights (28672 rows,
 # no such tail): 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1.
 DECODE_PDL = True
+# Paired tiles (``_fragment_gemm_paired_kernel``): split weights whose tiles of 64 rows × PAIRED_BLOCK_M tokens fill
+# PAIRED_MIN_FILL to 1 of one wave at one program per SM. Two warp-specialized warpgroups share a tile, one on the
+# even split ranges and one on the odd ones (each with its own x ring, filled by a TMA loader warp), summed in split
+# order: the decode tiles' bits with two warpgroups' MMAs on each SM where the serial tiles run one (ncu, H200,
+# int8 4096×4096 M = 256: tensor pipe 44 % → 53 %). H200, CUDA graphs, µs the op (decode tiles up to M = 128,
+# serial tiles above) → paired (cuBLAS fp16), int8 / int4, same run: 6144×4096 M = 128 27.1 / 22.6 → 20.9 / 19.7
+# (14.9 / 15.8); 8192×28672 M = 128 137.3 / 131.4 → 131.8 / 116.6 (137.3 / 138.9); 4096×4096 M = 256 24.5 / 23.5
+# → 21.9 / 20.4 (14.7 / 15.4); 4096×14336 M = 256 80.4 / 78.8 → 64.3 / 59.9 (56.9 / 57.6). Where they take two
+# waves or more they lose (6144×4096 M = 256 34.0 → 40.9), and 4096-row weights at M ≤ 128 (64 tiles: half the SMs)
+# lose to the decode tiles (17.0 → 19.6). A last token tile at most half full is slow, as for the serial (1, 128)
+# tiles (8192×28672 M = 192: 258.0 → 335.7): not taken there.
+PAIRED_BLOCK_M, PAIRED_STAGES = 128, 2
+PAIRED_MIN_FILL = 0.7
 
 
 def fragment_fits(n: int, k: int) -> bool:
@@ -280,6 +293,18 @@ def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
     return PIPED_TILE
 
 
+def paired_tiles_for(device: torch.device, m: int, n: int, k: int) -> bool:
+    """Whether the paired tiles serve this problem: a split weight of an even count of equal ranges, 64 < M <
+    LARGE_M_FRAGMENT with the last token tile more than half full, and PAIRED_MIN_FILL to 1 wave of tiles."""
+    if not TILE_N < m < LARGE_M_FRAGMENT or 0 < m % PAIRED_BLOCK_M <= PAIRED_BLOCK_M // 2:
+        return False
+    split = split_k_on(device, "w4a16_fragment", n, k, TILE_K)
+    if split < 2 or split % 2 or (k // TILE_K) % split:
+        return False
+    sms = num_sms(device, DEFAULT_SMS)
+    return PAIRED_MIN_FILL * sms <= n // TILE_N * triton.cdiv(m, PAIRED_BLOCK_M) <= sms
+
+
 def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
     if p.device.type != "cuda" or p.M < LARGE_M_FRAGMENT:
         return False, f"meant for CUDA with M >= {LARGE_M_FRAGMENT}"
@@ -289,8 +314,13 @@ def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
 
 
 def _run_gluon(p, x2, words, scales, bias, int4=True):
-    from ._fragment_gluon import launch, launch_piped, launch_tma
+    from ._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
 
+    if paired_tiles_for(x2.device, p.M, p.N, p.K):
+        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
+        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, serial=True)
+        launch_paired(x2, words, scales, bias, y, plan, PAIRED_BLOCK_M, int4=int4, stages=PAIRED_STAGES)
+        return y
     piped = piped_tile_for(x2.device, p.M, p.N, p.K, int4)
     if piped is not None:
         warpgroups, block_m, halves, word_stages = piped

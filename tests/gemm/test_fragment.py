@@ -301,6 +301,34 @@ def test_serial_tile_choice_counts_waves():
     assert serial_tile_for(512, 6144, 4096, 200) == (1, 128, 3, True)  # 384 tiles in 400 slots: 96 % full
 
 
+def test_paired_tiles_serve_split_weights_that_fill_one_wave():
+    from angel_kernels.gemm.fragment import paired_tiles_for
+
+    def ms(n, k):
+        return [m for m in (64, 65, 100, 128, 129, 192, 193, 256, 257, 320, 384, 512) if paired_tiles_for(CPU, m, n, k)]
+
+    assert ms(6144, 4096) == [65, 100, 128]  # 96 tiles of 128 tokens: 73 % of 132 SMs
+    assert ms(8192, 28672) == [65, 100, 128]  # 128 tiles
+    assert ms(4096, 4096) == [193, 256]  # 64 tiles at M ≤ 128 (decode tiles), 128 at 193-256
+    assert ms(4096, 14336) == [193, 256]
+    assert ms(28672, 4096) == []  # unsplit: no ranges to pair
+    assert ms(2048, 4096) == [384]  # 32 row tiles × 3 token tiles (M = 320: the last one half full)
+    assert paired_tiles_for(CPU, 500, 2048, 4096)  # × 4
+
+
+def test_paired_launcher_refuses_odd_splits():
+    from angel_kernels.gemm._fragment_gluon import launch_paired
+    from angel_kernels.gemm._splitk import plan_split
+
+    x = torch.zeros(200, 1536, dtype=torch.float16)
+    words = torch.zeros(128, 1536 // 8, dtype=torch.int32)
+    scales = torch.ones(1536 // 128, 128, dtype=torch.float16)
+    y = torch.empty(200, 128, dtype=torch.float16)
+    odd = plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 0, y, split_k=3, serial=True)
+    with pytest.raises(ValueError, match="split 3"):
+        launch_paired(x, words, scales, None, y, odd)
+
+
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
 def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, int4, monkeypatch):
     from angel_kernels.gemm import fragment as mod
@@ -320,12 +348,17 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
 @pytest.mark.parametrize("n,k,m", [(1024, 1024, 65), (1024, 1024, 300), (1024, 1024, 1000), (640, 1024, 300),
                                    (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256), (1024, 1024, 200),
                                    (1152, 1024, 257), (1024, 128, 300), (6144, 4096, 192), (6144, 4096, 320),
-                                   (4096, 4096, 448), (4096, 14336, 300)])
+                                   (4096, 4096, 448), (4096, 14336, 300), (6144, 4096, 100), (4096, 4096, 200),
+                                   (4096, 14336, 256), (8192, 28672, 128), (2048, 4096, 400)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
     2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
-    ranges run serially), with a bias, bf16 activations, x a strided view (TMA reads it in place)."""
-    if batch_tile_for(torch.device("cuda"), m, n, k, int4) is None:
+    ranges run serially, or paired on two warpgroups), with a bias, bf16 activations, x a strided view (TMA reads
+    it in place)."""
+    from angel_kernels.gemm.fragment import paired_tiles_for
+
+    cuda = torch.device("cuda")
+    if batch_tile_for(cuda, m, n, k, int4) is None and not paired_tiles_for(cuda, m, n, k):
         pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
     assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
