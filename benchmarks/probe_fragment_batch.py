@@ -7,7 +7,7 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>[,<serial>]" for the piped tiles
 (serial 1, the default: split weights' ranges in one program; 0: one program per range, partials),
-"w<token tile>,<x stages>,<consumer registers>[,<consumers>[,<chain>]]" for the paired tiles (split weights: two
+"w<token tile>,<x stages>,<consumer registers>[,<consumers>]" for the paired tiles (split weights: two
 warp-specialized warpgroups on one tile, even and odd split ranges, and a TMA loader warp; consumers 1: one
 warpgroup on every range beside the loader), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
@@ -53,8 +53,7 @@ def run(x, words, scales, n, int4, cfg=None):
     if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers[, consumers])
         _s, bm, stages, regs = cfg[:4]
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
-        launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs, pairs=cfg[4] if len(cfg) > 4 else 2,
-                      chain=bool(cfg[5]) if len(cfg) > 5 else True)
+        launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs, pairs=cfg[4] if len(cfg) > 4 else 2)
         return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages[,
         _s, wg, bm, hs, regs, ws = cfg[:6]  # serial])

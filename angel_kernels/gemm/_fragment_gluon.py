@@ -25,6 +25,13 @@ half j - 1's; the weight words come through a cp.async ring (each thread reads b
 barrier), x through a TMA ring of k64 halves. 256-token tiles, one program per SM.
 ncu (H100, 28672×4096, M = 1024, a first version that held the words in registers): tensor pipe 78 % (int4), 71 %
 (int8, at 254 registers).
+
+Paired tiles (``_fragment_gemm_paired_kernel``, warp-specialized): split weights give few tiles of 64 rows × 128
+tokens (4096×4096 at M = 256: 128, one per SM), and one warpgroup alone keeps the tensor pipe ~44 % busy (ncu, H200:
+it waits on its own MMAs and conversions). Two consumer warpgroups share the tile, one on the even split ranges and
+one on the odd ones, each with its own x ring that a loader warp fills by TMA; the odd one hands each range's fp32
+sum over through shared memory and the even one adds them in split order, so the bits are the serial tiles' (and
+the decode tiles'). ncu, H200, int8 4096×4096 M = 256: tensor pipe 44 → 53 %.
 """
 import torch
 from triton.experimental import gluon
@@ -604,20 +611,19 @@ def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, P
 @gluon.jit
 def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready, empty, N, PART: gl.constexpr,
                   RB: gl.constexpr, PAIRS: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                  DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr, CHAIN: gl.constexpr):
-    """Stream block i as the batch tiles' K-block (two k64 halves, waited at once), block i + 2's words into the
-    same registers; x's stage handed back to the loader once the warpgroup's MMAs on it are complete."""
+                  DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
+    """Stream block i as the batch tiles' K-block (two k64 halves), block i + 2's words into the same registers;
+    x's stage handed back to the loader once the warpgroup's MMAs on it are complete."""
     a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
     mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
     acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    if not CHAIN:
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
     w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
+    # the second half's MMAs chained behind the first's (same k16 order), one wait for both: H200, µs waiting after
+    # each half → once, int8 4096×4096 M = 256 21.6 → 20.7, 4096×14336 M = 256 67.5 → 65.0, 8192×28672 M = 128
+    # 132.3 → 128.6 (2-5 % on all 24 probe cases)
     acc = warpgroup_mma(b, x_hi.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, b))[0]
-    if not CHAIN:
-        gl.thread_barrier()
     # the warpgroup's MMAs on the stage are complete: one arrival hands it back to the loader
     mbarrier.arrive(empty.index(i % STAGES))
     return acc, w_lo, w_hi, s0, s1
@@ -651,7 +657,7 @@ def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: 
 def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                      stride_ym, PART: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                      SPLIT_K: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr, CHAIN: gl.constexpr):
+                     STAGES: gl.constexpr):
     """One warpgroup of a paired tile: split ranges PART, PART + 2, … of 64 weight rows × BLOCK_M tokens. Consumer
     0 ends with the tile's epilogue."""
     WORDS: gl.constexpr = 8 if INT4 else 16
@@ -677,12 +683,12 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     for i in range(0, n, 2):
         acc, lo_a, hi_a, s0_a, s1_a = _paired_block(acc, i, n, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_lo, x_hi,
                                                     ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16, DT,
-                                                    STAGES, a_l, CHAIN)
+                                                    STAGES, a_l)
         acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, PAIRS, acc_l)
         if i + 1 < n:
             acc, lo_b, hi_b, s0_b, s1_b = _paired_block(acc, i + 1, n, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_lo,
                                                         x_hi, ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16,
-                                                        DT, STAGES, a_l, CHAIN)
+                                                        DT, STAGES, a_l)
             acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, PAIRS, acc_l)
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
@@ -692,10 +698,9 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
 @gluon.jit
 def _paired_consumer_1(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                        stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                       CHAIN: gl.constexpr):
+                       SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES, CHAIN)
+                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)
 
 
 @gluon.jit
@@ -716,7 +721,7 @@ def _paired_loader(x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, e
 def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, INT4: gl.constexpr,
                                  BF16: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                                  RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, CHAIN: gl.constexpr = True):
+                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Paired tiles (split weights): two warpgroups on one tile of 64 weight rows × BLOCK_M tokens, warp-specialized:
     the default partition runs the even split ranges, a worker warpgroup the odd ones, each with its own x ring that
     a loader warp fills by TMA; the odd consumer hands each range's fp32 sum over through shared memory, and the
@@ -751,16 +756,16 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     if PAIRS == 2:
         gl.warp_specialize([
             (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES, CHAIN)),
+                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)),
             (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M,
-                                  N, K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES, CHAIN)),
+                                  N, K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
             (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 2,
                               BLOCK_M, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
     else:
         gl.warp_specialize([
             (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 1, BLOCK_M, STAGES, CHAIN)),
+                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 1, BLOCK_M, STAGES)),
             (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 1,
                               BLOCK_M, STAGES)),
         ], [1], [LOADER_REGS])
@@ -768,7 +773,7 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
 
 def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                   block_m: int = 128, int4: bool = True, stages: int = 2, consumer_regs: int = 232,
-                  loader_regs: int = 40, pairs: int = 2, chain: bool = True) -> None:
+                  loader_regs: int = 40, pairs: int = 2) -> None:
     """``_fragment_gemm_paired_kernel`` for a split ``plan`` of equal ranges (an even count with ``pairs`` 2; any
     plan with ``pairs`` 1: one consumer and the loader warp)."""
     M, K = x2.shape
@@ -785,4 +790,4 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         SPLIT_K=plan.split_k, RB=rb, PAIRS=pairs, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        LOADER_REGS=loader_regs, CHAIN=chain, num_warps=4)
+        LOADER_REGS=loader_regs, num_warps=4)
