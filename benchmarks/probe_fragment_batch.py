@@ -5,11 +5,9 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
     python benchmarks/probe_fragment_batch.py --m 128,256,512,1024 [--configs "2,128,3,0;4,128,3,0;p2,256,4,0,3"]
 
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
-"p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>[,<serial>]" for the piped tiles
-(serial 1, the default: split weights' ranges in one program; 0: one program per range, partials),
-"w<token tile>,<x stages>,<consumer registers>[,<consumers>]" for the paired tiles (split weights: two
-warp-specialized warpgroups on one tile, even and odd split ranges, and a TMA loader warp; consumers 1: one
-warpgroup on every range beside the loader), or
+"p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
+"w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
+warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
 (and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
 instead of the op's).
@@ -50,16 +48,15 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
         return y
-    if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers[, consumers])
-        _s, bm, stages, regs = cfg[:4]
+    if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers)
+        _s, bm, stages, regs = cfg
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
-        launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs, pairs=cfg[4] if len(cfg) > 4 else 2)
+        launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs)
         return y
-    if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages[,
-        _s, wg, bm, hs, regs, ws = cfg[:6]  # serial])
+    if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
+        _s, wg, bm, hs, regs, ws = cfg
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
-        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y,
-                          serial=bool(cfg[6]) if len(cfg) > 6 else True)
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=True)
         launch_piped(x, words, scales, None, y, plan, bm, int4, hs, wg, regs, ws)
         return y
     wg, bm, stages, overlap = cfg[:4]

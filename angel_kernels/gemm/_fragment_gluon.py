@@ -466,7 +466,7 @@ def _load_scales(s_ptrs, i, n_blocks, N, INT4: gl.constexpr, DT: gl.constexpr):
 
 @gluon.jit
 def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
-                 k_start, range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                 range_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
                  WS: gl.constexpr, HS: gl.constexpr, SERIAL: gl.constexpr, w_ld: gl.constexpr, a_l: gl.constexpr):
     """K-block i as two piped halves, its words read back from the ring (each thread reads only what its own
     cp.async wrote: no barrier), then block i + WS - 1's words into the slot just read; block i + 2's scales into
@@ -475,12 +475,12 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_d
     cp.wait_group(WS - 2)  # block i's group is complete (the WS - 2 after it may still fly)
     slot = w_ring.index(i % WS)
     w_lo = slot.slice(0, HW, dim=1).load(w_ld)
-    acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, k_start, 2 * n_blocks, INT4,
-                         BF16, HS, a_l)
+    acc, a = _piped_half(acc, a, 2 * i, w_lo, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16, HS,
+                         a_l)
     w_hi = slot.slice(HW, HW, dim=1).load(w_ld)
     _issue_words(w_ring, w_ptrs, i + WS - 1, n_blocks, WORDS, WS)
-    acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, k_start, 2 * n_blocks,
-                         INT4, BF16, HS, a_l)
+    acc, a = _piped_half(acc, a, 2 * i + 1, w_hi, s0, s1, x_desc, x_ring, ready, off_m, 0, 2 * n_blocks, INT4, BF16,
+                         HS, a_l)
     s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
     if SERIAL:
         if ((i + 1) % range_blocks == 0) | (i + 1 == n_blocks):
@@ -491,16 +491,15 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_d
 
 
 @gluon.jit
-def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
-                                stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                                SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr,
-                                WS: gl.constexpr, SERIAL: gl.constexpr):
+def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, K_PER_SPLIT, stride_ym,
+                                INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr, WS: gl.constexpr,
+                                SERIAL: gl.constexpr):
     """Piped batch tiles: the batch tiles' operands (each warpgroup its 64 weight rows as wgmma's A operand from
     the registers its words are converted in, x [BLOCK_M, 64] halves by TMA as B), but the MMAs stay in flight:
     a warpgroup converts half j + 1 into a second A register set while half j's MMAs run, and waits only for the
     MMAs before them. x arrives in a ring of HS k64 halves, the weight words by cp.async in a ring of WS K-blocks
-    (in shared memory, not registers). Unsplit weights, SERIAL split ranges, or one split range per program
-    (partials summed by the last to arrive, as the decode tiles)."""
+    (in shared memory, not registers). Unsplit weights, or SERIAL split ranges."""
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     ROWS: gl.constexpr = 64 * WG
@@ -509,7 +508,6 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr,
     tile = gl.program_id(0)
     pid_n = tile // num_pid_m
     pid_m = tile % num_pid_m
-    pid_k = gl.program_id(1)
     w_cp: gl.constexpr = gl.BlockedLayout([1, WORDS], [32, 1], [4 * WG, 1], [1, 0])  # a thread's whole run
     w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])  # one k64 half of it
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
@@ -525,26 +523,20 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr,
     for t in gl.static_range(HS):
         mbarrier.init(ready.index(t), count=1)
 
-    if SERIAL or SPLIT_K == 1:  # one stream over the whole K (SERIAL: ranges of K_PER_SPLIT in it)
-        k_start = 0
-        n_blocks = K // TILE_K
-    else:  # this program's split range
-        k_start = pid_k * K_PER_SPLIT
-        n_blocks = gl.minimum(K - k_start, K_PER_SPLIT) // TILE_K
-    kb0 = k_start // TILE_K
+    n_blocks = K // TILE_K  # split weights run SERIAL: one stream over the whole K, ranges of K_PER_SPLIT
     range_blocks = K_PER_SPLIT // TILE_K
     off_m = pid_m * BLOCK_M
     for t in gl.static_range(HS):
-        _issue_x_half(x_desc, x_ring, ready, t, off_m, k_start + t * 64, HS, t < 2 * n_blocks)
+        _issue_x_half(x_desc, x_ring, ready, t, off_m, t * 64, HS, t < 2 * n_blocks)
     thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_cp))
     row_block = pid_n * WG + thr // 128
-    w_offs = ((row_block.to(gl.int64) * (K // TILE_K) + kb0)[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
+    w_offs = ((row_block.to(gl.int64) * (K // TILE_K))[:, None] * (128 * WORDS) + ((thr % 128) * WORDS)[:, None]
               + gl.arange(0, WORDS, layout=gl.SliceLayout(0, w_cp))[None, :])
     w_ptrs = w_ptr + w_offs
     for t in gl.static_range(WS - 1):
         _issue_words(w_ring, w_ptrs, t, n_blocks, WORDS, WS)
     thr_s = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
-    s_ptrs = s_ptr + kb0.to(gl.int64) * N + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
+    s_ptrs = s_ptr + (pid_n * WG + thr_s // 128) * TILE_N + (thr_s % 128 // 32) * 16 + (thr_s % 32) // 4
     s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
     s0_b, s1_b = _load_scales(s_ptrs, 1, n_blocks, N, INT4, DT)
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
@@ -552,56 +544,56 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr,
     total = acc  # SERIAL: the ranges summed so far
     for i in range(0, n_blocks, 2):
         acc, a, total, s0_a, s1_a = _piped_block(
-            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m, k_start,
+            acc, a, total, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready, off_m,
             range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
         if i + 1 < n_blocks:
             acc, a, total, s0_b, s1_b = _piped_block(
                 acc, a, total, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, s_ptrs, x_desc, x_ring, ready,
-                off_m, k_start, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
+                off_m, range_blocks, N, WORDS, INT4, BF16, DT, WS, HS, SERIAL, w_ld, a_l)
     acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
     cp.wait_group(0)
     for t in gl.static_range(HS):
         mbarrier.invalidate(ready.index(t))
     if SERIAL:
-        _store_result(total, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
-                      INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
-    else:
-        _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
-                      INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+        acc = total
+    _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
+                  INT4, HAS_BIAS, 1, ROWS, BLOCK_M, acc_l)
 
 
 def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                  block_m: int = 256, int4: bool = True, halves: int = 4, warpgroups: int = 2,
                  max_regs: int = 0, word_stages: int = 3) -> None:
-    """``_fragment_gemm_piped_kernel`` for a ``plan`` of any kind (unsplit, ``serial``, or partials with counters
-    for ``N // (64 · warpgroups) · cdiv(M, block_m)`` tiles). ``max_regs``: ptxas's register cap (0: none)."""
+    """``_fragment_gemm_piped_kernel``: unsplit weights or a ``serial`` plan (no partials). ``max_regs``: ptxas's
+    register cap (0: none)."""
     M, K = x2.shape
     N = y.shape[1]
+    if plan.split_k > 1 and not plan.serial:
+        raise ValueError("piped tiles run split weights serially (plan.serial)")
     if N % (64 * warpgroups):
         raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
     x2 = _rows_16_byte_aligned(x2)
     num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
-    _fragment_gemm_piped_kernel[(num_tiles, plan.grid_k)](
+    _fragment_gemm_piped_kernel[(num_tiles,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
-        plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
-        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
+        M, N, K, plan.k_per_split, y.stride(0),
+        INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, num_warps=4 * warpgroups,
         **({"maxnreg": max_regs} if max_regs else {}))
 
 
 # ------------------------------------------------------------------------------------------------ paired tiles
 @gluon.jit
-def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr):
-    """The K-block of a consumer's stream block i: with two consumers (PAIRS 2) consumer PART runs split ranges
-    PART, PART + 2, … (RB K-blocks each) one after the other; alone, every range in order."""
-    return (i // RB) * (PAIRS * RB) + PART * RB + i % RB
+def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr):
+    """The K-block of a consumer's stream block i: consumer PART runs split ranges PART, PART + 2, … (RB K-blocks
+    each) one after the other."""
+    return (i // RB) * (2 * RB) + PART * RB + i % RB
 
 
 @gluon.jit
-def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr,
-                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr,
+                  INT4: gl.constexpr, DT: gl.constexpr):
     """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
-    kb = _paired_kb(i, PART, RB, PAIRS)
+    kb = _paired_kb(i, PART, RB)
     w_lo, s0, s1 = _load_block(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4,
                                DT)
     w_hi = gl.load(w_row + kb * (128 * WORDS) + WORDS // 2, mask=i < n)
@@ -610,15 +602,15 @@ def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, P
 
 @gluon.jit
 def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready, empty, N, PART: gl.constexpr,
-                  RB: gl.constexpr, PAIRS: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                  DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
+                  RB: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                  STAGES: gl.constexpr, a_l: gl.constexpr):
     """Stream block i as the batch tiles' K-block (two k64 halves), block i + 2's words into the same registers;
     x's stage handed back to the loader once the warpgroup's MMAs on it are complete."""
     a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
     mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
     acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
+    w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, WORDS, INT4, DT)
     # the second half's MMAs chained behind the first's (same k16 order), one wait for both: H200, µs waiting after
     # each half → once, int8 4096×4096 M = 256 21.6 → 20.7, 4096×14336 M = 256 67.5 → 65.0, 8192×28672 M = 128
     # 132.3 → 128.6 (2-5 % on all 24 probe cases)
@@ -631,14 +623,12 @@ def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready
 
 @gluon.jit
 def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: gl.constexpr,
-                      PAIRS: gl.constexpr, acc_l: gl.constexpr):
+                      acc_l: gl.constexpr):
     """After stream block i: where a range ends, consumer 1 hands its sum to consumer 0 through `xchg`;
     consumer 0 adds its own range's sum and then consumer 1's to the total (split order: ((p0 + p1) + p2) + …)."""
     if (i + 1) % RB == 0:
         r = i // RB  # the consumer's range count
-        if PAIRS == 1:  # alone: its own ranges in order
-            total = gl.where(r == 0, acc, total + acc)
-        elif PART == 0:
+        if PART == 0:
             total = gl.where(r == 0, acc, total + acc)
             mbarrier.wait(full, r & 1)
             total = total + xchg.load(acc_l)
@@ -656,8 +646,7 @@ def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: 
 @gluon.jit
 def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                      stride_ym, PART: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                     SPLIT_K: gl.constexpr, RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr,
-                     STAGES: gl.constexpr):
+                     SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup of a paired tile: split ranges PART, PART + 2, … of 64 weight rows × BLOCK_M tokens. Consumer
     0 ends with the tile's epilogue."""
     WORDS: gl.constexpr = 8 if INT4 else 16
@@ -667,7 +656,7 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     tile = gl.program_id(0)
     pid_n = tile // num_pid_m
     pid_m = tile % num_pid_m
-    n = (SPLIT_K // PAIRS) * RB  # this consumer's stream
+    n = (SPLIT_K // 2) * RB  # this consumer's stream
     w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
@@ -676,20 +665,19 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
              + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
     s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
-    lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
-    lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, PAIRS, WORDS, INT4, DT)
+    lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, WORDS, INT4, DT)
     acc = gl.zeros([64, BLOCK_M], gl.float32, acc_l)
     total = acc
     for i in range(0, n, 2):
         acc, lo_a, hi_a, s0_a, s1_a = _paired_block(acc, i, n, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_lo, x_hi,
-                                                    ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16, DT,
-                                                    STAGES, a_l)
-        acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, PAIRS, acc_l)
+                                                    ready, empty, N, PART, RB, WORDS, INT4, BF16, DT, STAGES, a_l)
+        acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, acc_l)
         if i + 1 < n:
             acc, lo_b, hi_b, s0_b, s1_b = _paired_block(acc, i + 1, n, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_lo,
-                                                        x_hi, ready, empty, N, PART, RB, PAIRS, WORDS, INT4, BF16,
-                                                        DT, STAGES, a_l)
-            acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, PAIRS, acc_l)
+                                                        x_hi, ready, empty, N, PART, RB, WORDS, INT4, BF16, DT,
+                                                        STAGES, a_l)
+            acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, acc_l)
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
                       INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
@@ -700,45 +688,39 @@ def _paired_consumer_1(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr
                        stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                        SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)
+                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
 
 
 @gluon.jit
 def _paired_loader(x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K: gl.constexpr,
-                   RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: the consumers' x tiles by TMA, each stage refilled once its consumer handed it back."""
+                   RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: both consumers' x tiles by TMA, each stage refilled once its consumer handed it back."""
     off_m = gl.program_id(0) % gl.cdiv(M, BLOCK_M) * BLOCK_M
-    for i in range(0, (SPLIT_K // PAIRS) * RB):
+    for i in range(0, (SPLIT_K // 2) * RB):
         phase = ((i // STAGES) & 1) ^ 1  # (the first round passes: the phase before a fresh barrier's first)
         mbarrier.wait(empty0.index(i % STAGES), phase)
-        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _paired_kb(i, 0, RB, PAIRS) * TILE_K, STAGES, True)
-        if PAIRS == 2:
-            mbarrier.wait(empty1.index(i % STAGES), phase)
-            _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _paired_kb(i, 1, RB, PAIRS) * TILE_K, STAGES, True)
+        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _paired_kb(i, 0, RB) * TILE_K, STAGES, True)
+        mbarrier.wait(empty1.index(i % STAGES), phase)
+        _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _paired_kb(i, 1, RB) * TILE_K, STAGES, True)
 
 
 @gluon.jit
 def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, INT4: gl.constexpr,
                                  BF16: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
-                                 RB: gl.constexpr, PAIRS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                                 RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                                  CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
     """Paired tiles (split weights): two warpgroups on one tile of 64 weight rows × BLOCK_M tokens, warp-specialized:
     the default partition runs the even split ranges, a worker warpgroup the odd ones, each with its own x ring that
     a loader warp fills by TMA; the odd consumer hands each range's fp32 sum over through shared memory, and the
     even one sums them in split order. Same k16 chains and sums as the serial batch tiles (so the decode tiles'
     bits), with two warpgroups' MMAs on an SM where the serial tiles have one (split weights give ~one 64-row ×
-    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops. PAIRS 1: one
-    consumer runs every range (the serial batch tiles' order) with the loader warp beside it."""
+    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x0_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
     x0_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x1_lo = x0_lo  # (two consumers: their own ring)
-    x1_hi = x0_hi
-    xchg = gl.allocate_shared_memory(gl.float32, [1, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    if PAIRS == 2:
-        x1_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-        x1_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-        xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    x1_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x1_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
     ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -753,35 +735,25 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     spent = sync.index(1)  # consumer 0 has read it
     mbarrier.init(full, count=1)
     mbarrier.init(spent, count=1)
-    if PAIRS == 2:
-        gl.warp_specialize([
-            (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 2, BLOCK_M, STAGES)),
-            (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M,
-                                  N, K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-            (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 2,
-                              BLOCK_M, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-    else:
-        gl.warp_specialize([
-            (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                K, stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, 1, BLOCK_M, STAGES)),
-            (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, 1,
-                              BLOCK_M, STAGES)),
-        ], [1], [LOADER_REGS])
+    gl.warp_specialize([
+        (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                            stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+        (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                              K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+        (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, BLOCK_M,
+                          STAGES)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                   block_m: int = 128, int4: bool = True, stages: int = 2, consumer_regs: int = 232,
-                  loader_regs: int = 40, pairs: int = 2) -> None:
-    """``_fragment_gemm_paired_kernel`` for a split ``plan`` of equal ranges (an even count with ``pairs`` 2; any
-    plan with ``pairs`` 1: one consumer and the loader warp)."""
+                  loader_regs: int = 40) -> None:
+    """``_fragment_gemm_paired_kernel`` for a split ``plan`` (an even split count of equal ranges)."""
     M, K = x2.shape
     N = y.shape[1]
     rb = plan.k_per_split // 128
-    if pairs not in (1, 2) or plan.split_k % pairs or rb * plan.split_k * 128 != K:
-        raise ValueError(f"paired tiles ({pairs} consumers) need a split count they divide, of equal ranges "
-                         f"(split {plan.split_k}, K={K})")
+    if plan.split_k < 2 or plan.split_k % 2 or rb * plan.split_k * 128 != K:
+        raise ValueError(f"paired tiles need an even split count of equal ranges (split {plan.split_k}, K={K})")
     if N % 64:
         raise ValueError(f"N={N} is not a multiple of 64 rows")
     x2 = _rows_16_byte_aligned(x2)
@@ -789,5 +761,5 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
     _fragment_gemm_paired_kernel[(num_tiles,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        SPLIT_K=plan.split_k, RB=rb, PAIRS=pairs, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
+        SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
         LOADER_REGS=loader_regs, num_warps=4)

@@ -266,6 +266,9 @@ def test_piped_launcher_refuses_what_it_cannot_run():
     words = torch.zeros(192, 1024 // 8, dtype=torch.int32)
     scales = torch.ones(1024 // 128, 192, dtype=torch.float16)
     y = torch.empty(300, 192, dtype=torch.float16)
+    split = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=2, serial=False)
+    with pytest.raises(ValueError, match="serially"):
+        launch_piped(x, words, scales, None, y, split)
     whole = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=1)
     with pytest.raises(ValueError, match="multiple of 128 rows"):
         launch_piped(x, words, scales, None, y, whole)
