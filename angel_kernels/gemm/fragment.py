@@ -25,7 +25,7 @@ Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgr
 LARGE_M_BATCH (1024) on unsplit weights (from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
 MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; on weights of 2^27 elements or more and
 at 512 where they fill their waves), paired tiles on split weights whose 128-token tiles fill most of one wave
-(``paired_tiles_for``: two warp-specialized warpgroups on one tile, even and odd split ranges), decode tiles below
+(``paired_tile_for``: two warp-specialized warpgroups on one tile, even and odd split ranges), decode tiles below
 LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors W4A16 default)
 with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout (``fragment_major_int8``)
 is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales
@@ -114,7 +114,7 @@ PIPED = True
 # 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Not for unsplit weights (28672 rows,
 # no such tail): 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1.
 DECODE_PDL = True
-# Paired tiles (``_fragment_gemm_paired_kernel``): split weights whose tiles of 64 rows × PAIRED_BLOCK_M tokens fill
+# Paired tiles (``_fragment_gemm_paired_kernel``): split weights whose tiles of 64 rows × 128 tokens (else 64) fill
 # PAIRED_MIN_FILL to 1 of one wave at one program per SM. Two warp-specialized warpgroups share a tile, one on the
 # even split ranges and one on the odd ones (each with its own x ring, filled by a TMA loader warp), summed in split
 # order: the decode tiles' bits with two warpgroups' MMAs on each SM where the serial tiles run one (ncu, H200,
@@ -124,8 +124,11 @@ DECODE_PDL = True
 # → 21.9 / 20.4 (14.7 / 15.4); 4096×14336 M = 256 80.4 / 78.8 → 64.3 / 59.9 (56.9 / 57.6). Where they take two
 # waves or more they lose (6144×4096 M = 256 34.0 → 40.9), and 4096-row weights at M ≤ 128 (64 tiles: half the SMs)
 # lose to the decode tiles (17.0 → 19.6). A last token tile at most half full is slow, as for the serial (1, 128)
-# tiles (8192×28672 M = 192: 258.0 → 335.7): not taken there.
-PAIRED_BLOCK_M, PAIRED_STAGES = 128, 2
+# tiles (8192×28672 M = 192: 258.0 → 335.7): not taken there. Where 128-token tiles are too few, 64-token ones that
+# fill the wave serve (4096-row weights at 97-128 tokens; µs decode tiles → paired 64-token tiles (cuBLAS fp16),
+# int8 / int4: 4096×4096 M = 128 17.3 / 15.8 → 15.6 / 13.7 (13.8 / 14.1), 4096×14336 M = 128 50.5 / 46.2 → 46.4 /
+# 40.8 (37.7 / 37.8); at M = 80, last tile a quarter full, 15.9 → 20.2).
+PAIRED_BLOCK_MS, PAIRED_STAGES = (128, 64), 2
 PAIRED_MIN_FILL = 0.7
 
 
@@ -294,16 +297,22 @@ def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
     return PIPED_TILE
 
 
-def paired_tiles_for(device: torch.device, m: int, n: int, k: int) -> bool:
-    """Whether the paired tiles serve this problem: a split weight of an even count of equal ranges, 64 < M <
-    LARGE_M_FRAGMENT with the last token tile more than half full, and PAIRED_MIN_FILL to 1 wave of tiles."""
-    if not TILE_N < m < LARGE_M_FRAGMENT or 0 < m % PAIRED_BLOCK_M <= PAIRED_BLOCK_M // 2:
-        return False
+def paired_tile_for(device: torch.device, m: int, n: int, k: int) -> Optional[int]:
+    """The token tile of the paired tiles for this problem, or None: a split weight of an even count of equal
+    ranges, 64 < M < LARGE_M_FRAGMENT, the first of PAIRED_BLOCK_MS whose last token tile is more than half full
+    and whose tiles fill PAIRED_MIN_FILL to 1 wave."""
+    if not TILE_N < m < LARGE_M_FRAGMENT:
+        return None
     split = split_k_on(device, "w4a16_fragment", n, k, TILE_K)
     if split < 2 or split % 2 or (k // TILE_K) % split:
-        return False
+        return None
     sms = num_sms(device, DEFAULT_SMS)
-    return PAIRED_MIN_FILL * sms <= n // TILE_N * triton.cdiv(m, PAIRED_BLOCK_M) <= sms
+    for block_m in PAIRED_BLOCK_MS:
+        if 0 < m % block_m <= block_m // 2:
+            continue
+        if PAIRED_MIN_FILL * sms <= n // TILE_N * triton.cdiv(m, block_m) <= sms:
+            return block_m
+    return None
 
 
 def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
@@ -317,10 +326,11 @@ def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
 def _run_gluon(p, x2, words, scales, bias, int4=True):
     from ._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
 
-    if paired_tiles_for(x2.device, p.M, p.N, p.K):
+    paired = paired_tile_for(x2.device, p.M, p.N, p.K)
+    if paired is not None:
         y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
         plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, serial=True)
-        launch_paired(x2, words, scales, bias, y, plan, PAIRED_BLOCK_M, int4=int4, stages=PAIRED_STAGES)
+        launch_paired(x2, words, scales, bias, y, plan, paired, int4=int4, stages=PAIRED_STAGES)
         return y
     piped = piped_tile_for(x2.device, p.M, p.N, p.K, int4)
     if piped is not None:

@@ -305,18 +305,20 @@ def test_serial_tile_choice_counts_waves():
 
 
 def test_paired_tiles_serve_split_weights_that_fill_one_wave():
-    from angel_kernels.gemm.fragment import paired_tiles_for
+    from angel_kernels.gemm.fragment import paired_tile_for
 
     def ms(n, k):
-        return [m for m in (64, 65, 100, 128, 129, 192, 193, 256, 257, 320, 384, 512) if paired_tiles_for(CPU, m, n, k)]
+        grid = (64, 65, 80, 100, 128, 129, 192, 193, 256, 257, 320, 384, 512)
+        return {m: paired_tile_for(CPU, m, n, k) for m in grid if paired_tile_for(CPU, m, n, k)}
 
-    assert ms(6144, 4096) == [65, 100, 128]  # 96 tiles of 128 tokens: 73 % of 132 SMs
-    assert ms(8192, 28672) == [65, 100, 128]  # 128 tiles
-    assert ms(4096, 4096) == [193, 256]  # 64 tiles at M ≤ 128 (decode tiles), 128 at 193-256
-    assert ms(4096, 14336) == [193, 256]
-    assert ms(28672, 4096) == []  # unsplit: no ranges to pair
-    assert ms(2048, 4096) == [384]  # 32 row tiles × 3 token tiles (M = 320: the last one half full)
-    assert paired_tiles_for(CPU, 500, 2048, 4096)  # × 4
+    assert ms(6144, 4096) == {65: 128, 80: 128, 100: 128, 128: 128}  # 96 tiles of 128 tokens: 73 % of 132 SMs
+    assert ms(8192, 28672) == {65: 128, 80: 128, 100: 128, 128: 128}  # 128 tiles
+    # 64 row tiles: 128 tiles of 64 tokens at 97-128 (at 65-96 the last one is at most half full), of 128 at 193-256
+    assert ms(4096, 4096) == {100: 64, 128: 64, 193: 128, 256: 128}
+    assert ms(4096, 14336) == {100: 64, 128: 64, 193: 128, 256: 128}
+    assert ms(28672, 4096) == {}  # unsplit: no ranges to pair
+    assert ms(2048, 4096) == {192: 64, 256: 64, 384: 128}  # 32 row tiles (M = 320: both last tiles half full)
+    assert paired_tile_for(CPU, 500, 2048, 4096) == 128  # × 4
 
 
 def test_paired_launcher_refuses_odd_splits():
@@ -352,16 +354,17 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
                                    (28672, 4096, 1000), (4096, 14336, 512), (8192, 4096, 256), (1024, 1024, 200),
                                    (1152, 1024, 257), (1024, 128, 300), (6144, 4096, 192), (6144, 4096, 320),
                                    (4096, 4096, 448), (4096, 14336, 300), (6144, 4096, 100), (4096, 4096, 200),
-                                   (4096, 14336, 256), (8192, 28672, 128), (2048, 4096, 400)])
+                                   (4096, 14336, 256), (8192, 28672, 128), (2048, 4096, 400), (4096, 4096, 120),
+                                   (4096, 14336, 128), (2048, 4096, 170)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
     2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
     ranges run serially, or paired on two warpgroups), with a bias, bf16 activations, x a strided view (TMA reads
     it in place)."""
-    from angel_kernels.gemm.fragment import paired_tiles_for
+    from angel_kernels.gemm.fragment import paired_tile_for
 
     cuda = torch.device("cuda")
-    if batch_tile_for(cuda, m, n, k, int4) is None and not paired_tiles_for(cuda, m, n, k):
+    if batch_tile_for(cuda, m, n, k, int4) is None and paired_tile_for(cuda, m, n, k) is None:
         pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
     assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
