@@ -258,20 +258,29 @@ def test_piped_tiles_serve_unsplit_weights_from_m_256(int4):
     assert piped_tile_for(CPU, 512, 576, 1024, int4) is None  # N % 128 != 0
 
 
-def test_piped_launcher_refuses_what_it_cannot_run():
-    from angel_kernels.gemm._fragment_gluon import launch_piped
+def _launch_operands(m, n, k):
+    """CPU operands for the launchers' argument checks (they refuse before anything runs)."""
+    x = torch.zeros(m, k, dtype=torch.float16)
+    words = torch.zeros(n, k // 8, dtype=torch.int32)
+    scales = torch.ones(k // 128, n, dtype=torch.float16)
+    return x, words, scales, torch.empty(m, n, dtype=torch.float16)
+
+
+def test_piped_and_paired_launchers_refuse_what_they_cannot_run():
+    from angel_kernels.gemm._fragment_gluon import launch_paired, launch_piped
     from angel_kernels.gemm._splitk import plan_split
 
-    x = torch.zeros(300, 1024, dtype=torch.float16)
-    words = torch.zeros(192, 1024 // 8, dtype=torch.int32)
-    scales = torch.ones(1024 // 128, 192, dtype=torch.float16)
-    y = torch.empty(300, 192, dtype=torch.float16)
+    x, words, scales, y = _launch_operands(300, 192, 1024)
     split = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=2, serial=False)
     with pytest.raises(ValueError, match="serially"):
         launch_piped(x, words, scales, None, y, split)
     whole = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 6, y, split_k=1)
     with pytest.raises(ValueError, match="multiple of 128 rows"):
         launch_piped(x, words, scales, None, y, whole)
+    x, words, scales, y = _launch_operands(200, 128, 1536)
+    odd = plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 0, y, split_k=3, serial=True)
+    with pytest.raises(ValueError, match="split 3"):
+        launch_paired(x, words, scales, None, y, odd)
 
 
 @pytest.mark.parametrize("int4", [True, False])
@@ -319,19 +328,6 @@ def test_paired_tiles_serve_split_weights_that_fill_one_wave():
     assert ms(28672, 4096) == {}  # unsplit: no ranges to pair
     assert ms(2048, 4096) == {192: 64, 256: 64, 384: 128}  # 32 row tiles (M = 320: both last tiles half full)
     assert paired_tile_for(CPU, 500, 2048, 4096) == 128  # × 4
-
-
-def test_paired_launcher_refuses_odd_splits():
-    from angel_kernels.gemm._fragment_gluon import launch_paired
-    from angel_kernels.gemm._splitk import plan_split
-
-    x = torch.zeros(200, 1536, dtype=torch.float16)
-    words = torch.zeros(128, 1536 // 8, dtype=torch.int32)
-    scales = torch.ones(1536 // 128, 128, dtype=torch.float16)
-    y = torch.empty(200, 128, dtype=torch.float16)
-    odd = plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 0, y, split_k=3, serial=True)
-    with pytest.raises(ValueError, match="split 3"):
-        launch_paired(x, words, scales, None, y, odd)
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
