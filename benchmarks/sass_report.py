@@ -12,7 +12,10 @@ instructions a K-block costs, shows here in seconds.
     python benchmarks/sass_report.py prefill --kv fp16 [--block-m 128 --block-n 64 --warps 8 --stages 3]
     python benchmarks/sass_report.py w8a16 --n 28672 --k 4096 --m 1 [--block-n 64 --warps 4 --stages 3]
     python benchmarks/sass_report.py w4a16 --n 28672 --k 4096 --m 1
+    python benchmarks/sass_report.py fragment --n 4096 --k 4096 --m 256 [--int4 1]
 
+``fragment``: whatever the fragment-major op launches at that M on an sm_90 GPU of 132 SMs (decode, batch, piped or
+paired tiles; Gluon kernels: Triton 3.6, the GPU machine's, e.g. from the wheel cache on PYTHONPATH).
 Counts come from the Triton installed here; the GPU machine's Triton version may differ (`triton.__version__` is
 printed). ``--dump DIR`` keeps the PTX, the SASS and the TTGIR.
 """
@@ -248,9 +251,23 @@ def _gemm_launch(args):
     return capture_launches(w4a16.launch_tiled, x, qw, sc, None, 128, None, None, cfg)
 
 
+def _fragment_launch(args):
+    from angel_kernels.gemm import fragment
+
+    x = torch.randn(args.m, args.k, dtype=torch.float16)
+    if args.int4:
+        words = torch.zeros(args.n, args.k // 8, dtype=torch.int32)
+        scales = torch.ones(args.k // 128, args.n, dtype=torch.float16)
+    else:
+        words = torch.zeros(args.n, args.k // 4, dtype=torch.int32)
+        scales = torch.ones(args.n)
+    p = fragment.FragmentProblem(args.m, args.n, args.k, x.dtype, x.device)  # CPU: the rules use 132 SMs
+    return capture_launches(fragment._run_gluon, p, x, words, scales, None, int4=bool(args.int4))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=("decode", "prefill", "w8a16", "w4a16"))
+    ap.add_argument("kernel", choices=("decode", "prefill", "w8a16", "w4a16", "fragment"))
     ap.add_argument("--kv", choices=("int8", "fp16"), default="int8")
     ap.add_argument("--n", type=int, default=28672)
     ap.add_argument("--k", type=int, default=4096)
@@ -265,6 +282,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-regs", type=int, default=0, help="decode: ptxas register cap (maxnreg)")
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dot-t", type=int, default=0, help="w8a16, w4a16: tokens on the MMA's M side (DOT_T)")
+    ap.add_argument("--int4", type=int, default=0, help="fragment: int4 words (default: int8)")
     ap.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE",
                     help="decode, prefill: another config flag, e.g. PAGE_ADDR=1 or FENCE_V=1 (repeatable)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")
@@ -277,6 +295,8 @@ def main(argv=None) -> int:
         args.block_n = args.block_n or 64
         args.stages = args.stages or 3
         launches = _prefill_launch(args)
+    elif args.kernel == "fragment":
+        launches = _fragment_launch(args)
     else:
         args.block_n = args.block_n or 64
         args.stages = args.stages or 3

@@ -57,3 +57,22 @@ def test_report_counts_registers_and_the_main_loop():
     out = _python(["benchmarks/sass_report.py", "w8a16", "--n", "256", "--k", "512"])
     assert "_w8a16_gemm_kernel" in out and "registers/thread" in out
     assert "HGMMA" in out.split("hottest loop:")[1]  # the tensor-core main loop of an sm_90a build
+
+
+FRAGMENT = """
+import json, torch
+from benchmarks import sass_report as S
+from angel_kernels.gemm import fragment
+x = torch.randn(256, 4096, dtype=torch.float16)
+words = torch.zeros(4096, 4096 // 4, dtype=torch.int32)
+p = fragment.FragmentProblem(256, 4096, 4096, x.dtype, x.device)
+launches = S.capture_launches(fragment._run_gluon, p, x, words, torch.ones(4096), None, int4=False)
+sig, consts, attrs, options = S._specialize(launches[0])
+print(json.dumps({"kernels": [l.fn.__name__ for l in launches], "x_desc": sig["x_desc"]}))
+"""
+
+
+def test_fragment_op_launches_specialize_with_their_tma_descriptors():
+    got = json.loads(_python(["-c", FRAGMENT]).strip().splitlines()[-1])
+    assert got["kernels"] == ["_fragment_gemm_paired_kernel"]  # 4096×4096, M = 256: paired tiles (132 SMs)
+    assert got["x_desc"].startswith("tensordesc<fp16[128, 64]")  # Triton's own type string for the descriptor
