@@ -594,10 +594,7 @@ def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, W
                   INT4: gl.constexpr, DT: gl.constexpr):
     """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
     kb = _paired_kb(i, PART, RB)
-    w_lo, s0, s1 = _load_block(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4,
-                               DT)
-    w_hi = gl.load(w_row + kb * (128 * WORDS) + WORDS // 2, mask=i < n)
-    return w_lo, w_hi, s0, s1
+    return _load_halves(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4, DT)
 
 
 @gluon.jit
