@@ -119,34 +119,13 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 
 
 @gluon.jit
-def _k_block_overlap(acc, a_prev, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N,
-                     WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
-                     AHEAD: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
-    """``_k_block`` with MMA i left in flight while block i + 1 converts: wait for MMA i - 1 only (its A registers
-    a_prev free then), and refill the stage of block i - 2, which every warp's MMA released before this step's
-    barrier (a ring of STAGES ≥ 4: two stages under MMAs, the rest loading). Returns (acc, this block's A
-    registers, still read by MMA i, the words and scales of block i + AHEAD)."""
-    a = _fragments(w, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    w, s0, s1 = _load_block(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
-    cp.wait_group(STAGES - 3)
-    gl.thread_barrier()
-    acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))[0]
-    nxt = i + STAGES - 2
-    cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K, mask=mask_xm & (nxt < n_blocks))
-    cp.commit_group()
-    return acc, a, w, s0, s1
-
-
-@gluon.jit
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = False, OVERLAP: gl.constexpr = False):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = False):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
-    split scratch only after. OVERLAP (AHEAD 2, STAGES ≥ 4): each K-block's MMA left in flight while the next block
-    converts (``_k_block_overlap``)."""
+    split scratch only after."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -192,42 +171,24 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     if PDL:  # x (and the partials and counters) may still be written by the previous kernel
         gdc_wait()
         gdc_launch_dependents()
-    PROLOGUE: gl.constexpr = STAGES - 2 if OVERLAP else STAGES - 1
-    for t in gl.static_range(PROLOGUE):
+    for t in gl.static_range(STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
-    if OVERLAP:
-        gl.static_assert(AHEAD == 2 and STAGES >= 4, "OVERLAP: AHEAD 2, STAGES >= 4")
-        # pairs of K-blocks with no branch inside (a branch between a wgmma and its wait makes ptxas wait after
-        # every wgmma), an odd last block after the loop
-        a = gl.zeros([ROWS, TILE_K], DT, a_l)
-        for i in range(0, n_blocks - 1, 2):
-            acc, a, w_a, s0_a, s1_a = _k_block_overlap(acc, a, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem,
-                                                       x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-            acc, a, w_b, s0_b, s1_b = _k_block_overlap(acc, a, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs,
-                                                       x_smem, x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD,
-                                                       STAGES, a_l)
-        if n_blocks % 2:
-            acc, a, w_a, s0_a, s1_a = _k_block_overlap(acc, a, n_blocks - 1, n_blocks, w_a, s0_a, s1_a, w_ptrs,
-                                                       s_ptrs, x_smem, x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT,
-                                                       AHEAD, STAGES, a_l)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
-    else:
-        for i in range(0, n_blocks, AHEAD):
-            acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
-                                            N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-            if i + 1 < n_blocks:
-                acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs,
-                                                mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-            if AHEAD >= 3:
-                if i + 2 < n_blocks:
-                    acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
-                                                    x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-            if AHEAD == 4:
-                if i + 3 < n_blocks:
-                    acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
-                                                    x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+    for i in range(0, n_blocks, AHEAD):
+        acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
+                                        N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if i + 1 < n_blocks:
+            acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs,
+                                            mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if AHEAD >= 3:
+            if i + 2 < n_blocks:
+                acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+        if AHEAD == 4:
+            if i + 3 < n_blocks:
+                acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
+                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
     _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
                   INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
@@ -435,17 +396,15 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: bool = False, overlap: bool = False) -> None:
+           pdl: bool = False) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
-    while the previous kernel of the stream finishes); ``overlap``: MMAs left in flight (ahead 2, stages ≥ 4)."""
+    while the previous kernel of the stream finishes)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
-    if overlap and (ahead != 2 or stages < 4):
-        raise ValueError(f"overlap needs ahead=2 and stages >= 4 (ahead={ahead}, stages={stages})")
     N = y.shape[1]
     x2 = _rows_16_byte_aligned(x2)  # cp.async copies 16-byte runs
     scales = scales.contiguous()
@@ -456,8 +415,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, OVERLAP=overlap,
-        num_warps=4 * warpgroups,
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
         **({"launch_pdl": True} if pdl else {}))
 
 
