@@ -22,7 +22,7 @@ The results are bit for bit those of ``w4a16_gemm`` on the packed layout run wit
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
 Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
-LARGE_M_BATCH (1024) on unsplit weights (from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
+LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs rows; from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
 MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; on weights of 2^27 elements or more and
 at 512 where they fill their waves), paired tiles on split weights whose 128- or 64-token tiles fill most of one
 wave (``paired_tile_for``: two warp-specialized warpgroups on one tile, even and odd split ranges), decode tiles
@@ -72,6 +72,13 @@ LARGE_M_FRAGMENT = 512
 #   M = 512 567.2 → 481.2 / 553.0 → 457.8; 4096×4096 M = 512 43.4 → 37.2 / 40.1 → 36.8; where the last wave is
 #   part-empty it lost to dequantize + cuBLAS (6144×4096 M = 512, 192 tiles: 64.1 → 71.6).
 BATCH_TILE = {True: (4, 128, 4), False: (2, 128, 3)}
+# - unsplit weights whose two-warpgroup tiles alone give every SM a program (N ≥ 128 · SMs), 32 < M ≤ 64: two
+#   warpgroups on the decode tiles' 64-token tile. H200, CUDA graphs, one run, µs decode tiles → (2, 64, 3) at M = 40
+#   / 48 / 56 / 64: int8 28672×4096 50.4 / 46.6 / 51.4 / 46.4 → 44.3 / 43.7 / 45.0 / 45.9, 28672×8192 100.9 / 93.7 /
+#   105.7 / 94.3 → 86.4 / 87.6 / 85.2 / 89.6; int4 28672×4096 40.8 / 41.2 / 43.8 / 43.8 → 39.1 / 39.7 / 40.1 / 41.8,
+#   28672×8192 80.9 / 81.2 / 86.4 / 86.1 → 76.6 / 77.8 / 79.0 / 79.5 (four warpgroups, or four x stages: within
+#   ±2 µs of two). Below 33 tokens the 32-token decode tiles serve.
+SMALL_BATCH_TILE = (2, 64, 3)
 # Serial tiles for split weights: (warpgroups, token tile, x stages, programs per SM, time of a full wave relative
 # to the first). The time of a launch is taken as its waves (tiles / (programs per SM · SMs), rounded up) times the
 # last field; the cheapest serves. Programs per SM as the probe's wave steps show them (H200, 132 SMs, int8
@@ -253,12 +260,15 @@ def blocks_ahead(block_m: int) -> int:
 
 def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
     """(warpgroups, token tile, x stages, serial) of the batch-tile kernel for this problem, or None: the decode
-    tiles up to M = 64 (split weights: up to 128, and on weights of 2^27 elements or more where the serial tiles
-    leave waves part-empty), dequantize + cuBLAS above LARGE_M_BATCH (split weights: above LARGE_M_FRAGMENT, and at
-    it where the serial tiles leave waves part-empty), N not a multiple of 128."""
-    if m <= 64 or n % (2 * TILE_N):
+    tiles up to M = 64 (unsplit weights of at least 128 · SMs rows: up to 32, SMALL_BATCH_TILE above; split weights:
+    up to 128, and on weights of 2^27 elements or more where the serial tiles leave waves part-empty), dequantize +
+    cuBLAS above LARGE_M_BATCH (split weights: above LARGE_M_FRAGMENT, and at it where the serial tiles leave waves
+    part-empty), N not a multiple of 128."""
+    if m <= 32 or n % (2 * TILE_N):
         return None
     if split_k_on(device, "w4a16_fragment", n, k, TILE_K) == 1:
+        if m <= 64:
+            return SMALL_BATCH_TILE + (False,) if n >= 2 * TILE_N * num_sms(device, DEFAULT_SMS) else None
         if m > LARGE_M_BATCH:
             return None
         warpgroups, block_m, stages = BATCH_TILE[int4]

@@ -240,7 +240,12 @@ def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
     assert batch_tile_for(CPU, 256, 28672, 4096, int4) == tile  # 448 row tiles: split 1
     assert batch_tile_for(CPU, 65, 28672, 8192, int4) == tile
     assert batch_tile_for(CPU, 1024, 1024, 1024, int4) == tile  # K = 1024 never splits
-    assert batch_tile_for(CPU, 64, 28672, 4096, int4) is None  # decode tiles
+    assert batch_tile_for(CPU, 64, 1024, 1024, int4) is None  # decode tiles (8 two-warpgroup tiles)
+    # from M = 33 where two-warpgroup tiles give each of the 132 SMs one: 64 tokens, two warpgroups
+    assert batch_tile_for(CPU, 64, 28672, 4096, int4) == (2, 64, 3, False)
+    assert batch_tile_for(CPU, 33, 16896, 1024, int4) == (2, 64, 3, False)  # K = 1024: split 1
+    assert batch_tile_for(CPU, 33, 16768, 1024, int4) is None  # 131 tiles
+    assert batch_tile_for(CPU, 32, 28672, 4096, int4) is None  # 32-token decode tiles
     assert batch_tile_for(CPU, 1025, 28672, 4096, int4) is None  # dequantize + cuBLAS
     assert batch_tile_for(CPU, 256, 640, 1024, int4) == (2,) + tile[1:]  # N % 256 != 0: two warpgroups
     assert batch_tile_for(CPU, 256, 576, 1024, int4) is None  # N % 128 != 0
@@ -351,7 +356,7 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
                                    (1152, 1024, 257), (1024, 128, 300), (6144, 4096, 192), (6144, 4096, 320),
                                    (4096, 4096, 448), (4096, 14336, 300), (6144, 4096, 100), (4096, 4096, 200),
                                    (4096, 14336, 256), (2048, 4096, 400), (4096, 4096, 120),
-                                   (4096, 14336, 128), (2048, 4096, 170)])
+                                   (4096, 14336, 128), (2048, 4096, 170), (28672, 4096, 40), (28672, 4096, 64)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
     2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
