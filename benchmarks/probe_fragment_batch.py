@@ -6,9 +6,8 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
-"s<token tile>,<x stages>,<consumer warpgroups>" for the streamed tiles (unsplit weights: persistent,
-warp-specialized), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two
-warp-specialized warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
+"w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
+warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
 (and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
 instead of the op's).
@@ -20,7 +19,7 @@ import torch
 import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
-from angel_kernels.gemm._fragment_gluon import launch, launch_paired, launch_piped, launch_streamed, launch_tma
+from angel_kernels.gemm._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
 from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
 from angel_kernels.runtime import num_sms
 from angel_kernels.gemm.fragment import (
@@ -54,10 +53,6 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
         launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs)
         return y
-    if cfg[0] == "s":  # streamed tiles: ("s", block_m, x stages, consumers)
-        _s, bm, stages, consumers = cfg
-        launch_streamed(x, words, scales, None, y, bm, int4, stages, consumers=consumers)
-        return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
@@ -82,7 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdws" else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdw" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
@@ -106,7 +101,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if cfg[0] not in ("d", "w", "s") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                    if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -128,7 +123,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if cfg[0] not in ("d", "w", "s") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                        if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))

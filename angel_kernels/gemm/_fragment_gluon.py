@@ -46,6 +46,7 @@ from .w4a16 import _word_dequant_ptx
 
 TILE_N = gl.constexpr(fragment.TILE_N)  # the layout's tile, as constants the kernel can read
 TILE_K = gl.constexpr(fragment.TILE_K)
+MAXNREG_PROBE = 0
 STAGES = 3  # x ring depth (H100: 3 and 4 took the same time at M = 1 and 16)
 
 _INT8_F16 = gl.constexpr(_WORD_TO_F16.value)  # the package's int8 word conversions
@@ -765,12 +766,12 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
 # ---------------------------------------------------------------------------------------------- streamed tiles
 @gluon.jit
 def _stream_words(w_row, s_row, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, PART: gl.constexpr,
-                  CONSUMERS: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
     """The consumer's words (two k64 halves) and int4 scales for block g of its program's stream: K-block
     g % n_blocks of the program's (g // n_blocks)-th tile; masked past its last tile."""
     tile = gl.program_id(0) + (g // n_blocks) * nprog
     kb = g % n_blocks
-    row_block = (tile // num_pid_m) * CONSUMERS + PART
+    row_block = (tile // num_pid_m) * 2 + PART
     w_off = (row_block.to(gl.int64) * (K // TILE_K) + kb) * (128 * WORDS)
     return _load_halves(w_row + w_off, s_row + kb * N + row_block * TILE_N, 0, (tile < num_tiles).to(gl.int32), N,
                         WORDS, INT4, DT)
@@ -778,9 +779,8 @@ def _stream_words(w_row, s_row, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, 
 
 @gluon.jit
 def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready, empty, n_blocks,
-                  num_tiles, num_pid_m, nprog, N, K, PART: gl.constexpr, CONSUMERS: gl.constexpr,
-                  WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
-                  STAGES: gl.constexpr, a_l: gl.constexpr):
+                  num_tiles, num_pid_m, nprog, N, K, PART: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr,
+                  BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
     """Stream block g in two k64 halves with one MMA group left in flight: each half's words converted while the
     MMA before runs; once the previous block's second half is complete its x stage goes back to the loader
     (release_prev: not across a tile's start, whose previous stage the epilogue's wait released). Block g + 2's
@@ -792,8 +792,8 @@ def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row
     acc, b_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, b_prev))
     mbarrier.arrive(empty.index((g + STAGES - 1) % STAGES), pred=release_prev)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    w_lo, w_hi, s0, s1 = _stream_words(w_row, s_row, g + 2, n_blocks, num_tiles, num_pid_m, nprog, N, K, PART,
-                                       CONSUMERS, WORDS, INT4, DT)
+    w_lo, w_hi, s0, s1 = _stream_words(w_row, s_row, g + 2, n_blocks, num_tiles, num_pid_m, nprog, N, K, PART, WORDS,
+                                       INT4, DT)
     acc = warpgroup_mma(b, x_hi.index(s).permute((1, 0)), acc, is_async=True)
     acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
     return acc, b, w_lo, w_hi, s0, s1
@@ -801,8 +801,8 @@ def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row
 
 @gluon.jit
 def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles,
-                     PART: gl.constexpr, CONSUMERS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                     PART: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """One warpgroup of the streamed tiles: rows PART · 64 … + 63 of each of its program's tiles, K-block after
     K-block with one MMA group in flight, the tile's epilogue (stores) while the loader already fills the next
     tile's x stages."""
@@ -821,9 +821,9 @@ def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M,
     w_row = w_ptr + (thr * WORDS)[:, None] + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :]
     s_row = s_ptr + (thr // 32) * 16 + (thr % 32) // 4
     lo_a, hi_a, s0_a, s1_a = _stream_words(w_row, s_row, 0, n_blocks, num_tiles, num_pid_m, nprog, N, K, PART,
-                                           CONSUMERS, WORDS, INT4, DT)
+                                           WORDS, INT4, DT)
     lo_b, hi_b, s0_b, s1_b = _stream_words(w_row, s_row, 1, n_blocks, num_tiles, num_pid_m, nprog, N, K, PART,
-                                           CONSUMERS, WORDS, INT4, DT)
+                                           WORDS, INT4, DT)
     b = gl.zeros([64, 64], DT, a_l)  # no MMA in flight yet
     for t in range(0, my_tiles):
         tile = gl.program_id(0) + t * nprog
@@ -832,13 +832,13 @@ def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M,
         for i in range(0, n_blocks, 2):
             acc, b, lo_a, hi_a, s0_a, s1_a = _stream_block(
                 acc, b, g0 + i, i > 0, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_lo, x_hi, ready, empty, n_blocks,
-                num_tiles, num_pid_m, nprog, N, K, PART, CONSUMERS, WORDS, INT4, BF16, DT, STAGES, a_l)
+                num_tiles, num_pid_m, nprog, N, K, PART, WORDS, INT4, BF16, DT, STAGES, a_l)
             acc, b, lo_b, hi_b, s0_b, s1_b = _stream_block(
                 acc, b, g0 + i + 1, True, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_lo, x_hi, ready, empty, n_blocks,
-                num_tiles, num_pid_m, nprog, N, K, PART, CONSUMERS, WORDS, INT4, BF16, DT, STAGES, a_l)
+                num_tiles, num_pid_m, nprog, N, K, PART, WORDS, INT4, BF16, DT, STAGES, a_l)
         acc, b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, b))
         mbarrier.arrive(empty.index((g0 + n_blocks - 1) % STAGES))
-        _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, (tile // num_pid_m) * CONSUMERS + PART,
+        _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, (tile // num_pid_m) * 2 + PART,
                       tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
 
 
@@ -846,7 +846,7 @@ def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M,
 def _stream_consumer_1(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles,
                        INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr,
                        STAGES: gl.constexpr):
-    _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, 1, 2,
+    _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, 1,
                      INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)
 
 
@@ -867,8 +867,8 @@ def _stream_loader(x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M: g
 @gluon.jit
 def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles,
                                  INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                 LOADER_REGS: gl.constexpr):
     """Streamed tiles (unsplit weights): persistent programs, one per SM, each walking tiles of 128 weight rows ×
     BLOCK_M tokens (every nprog-th, so neighbouring SMs share a tile's weight rows or its x at a time);
     warp-specialized: two consumer warpgroups of 64 rows share each x stage that a loader warp fills by TMA. The
@@ -880,37 +880,29 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for t in gl.static_range(STAGES):
         mbarrier.init(ready.index(t), count=1)
-        mbarrier.init(empty.index(t), count=CONSUMERS)  # every consumer hands a stage back
-    if CONSUMERS == 2:
-        gl.warp_specialize([
-            (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                                num_tiles, 0, CONSUMERS, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)),
-            (_stream_consumer_1, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                                  num_tiles, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)),
-            (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M, STAGES)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-    else:  # one consumer warpgroup: the function keeps 256 registers (two cap it at 168, where ptxas serializes
-        #     the wgmma pipeline: C7512)
-        gl.warp_specialize([
-            (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                                num_tiles, 0, CONSUMERS, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)),
-            (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M, STAGES)),
-        ], [1], [LOADER_REGS])
+        mbarrier.init(empty.index(t), count=2)  # both consumers hand a stage back
+    gl.warp_specialize([
+        (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles,
+                            0, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)),
+        (_stream_consumer_1, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
+                              num_tiles, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES)),
+        (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
 
 
 def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor,
                     block_m: int = 256, int4: bool = True, stages: int = 3, consumer_regs: int = 232,
-                    loader_regs: int = 40, programs: int = 0, consumers: int = 2) -> None:
+                    loader_regs: int = 40, programs: int = 0) -> None:
     """``_fragment_gemm_stream_kernel`` for an unsplit weight: min(tiles, ``programs`` or the SM count) programs."""
     M, K = x2.shape
     N = y.shape[1]
-    if N % (64 * consumers) or K % 256:
-        raise ValueError(f"streamed tiles need N % {64 * consumers} == 0 and K % 256 == 0 (N={N}, K={K})")
+    if N % 128 or K % 256:
+        raise ValueError(f"streamed tiles need N % 128 == 0 and K % 256 == 0 (N={N}, K={K})")
     x2 = _rows_16_byte_aligned(x2)
-    num_tiles = (N // (64 * consumers)) * ((M + block_m - 1) // block_m)
+    num_tiles = (N // 128) * ((M + block_m - 1) // block_m)
     grid = min(num_tiles, programs or fragment.num_sms(x2.device, fragment.DEFAULT_SMS))
     _fragment_gemm_stream_kernel[(grid,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), num_tiles, INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, STAGES=stages, CONSUMERS=consumers, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs,
-        num_warps=4)
+        BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs, LOADER_REGS=loader_regs, num_warps=4,
+        **({"maxnreg": MAXNREG_PROBE} if MAXNREG_PROBE else {}))
