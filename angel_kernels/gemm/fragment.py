@@ -22,15 +22,15 @@ The results are bit for bit those of ``w4a16_gemm`` on the packed layout run wit
 split ranges, chain of k16 MMA steps, dequantization and rounding; its own split rule takes fewer splits on two
 shapes): a GPU test checks it. The split depends on N, K and the GPU only, so the op is batch-invariant wherever a
 Gluon kernel serves: batch tiles (``batch_tile_for``: x shared by several warpgroups through TMA) from M = 65 to
-LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs rows; from M = 256 piped tiles, ``piped_tile_for``: the same operands with the
-MMAs kept in flight) and from 129 to 512 on split ones (``serial_tile_for``; on weights of 2^27 elements or more and
-at 512 where they fill their waves), paired tiles on split weights whose 128- or 64-token tiles fill most of one
-wave (``paired_tile_for``: two warp-specialized warpgroups on one tile, even and odd split ranges), decode tiles
-below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize + cuBLAS. Serves symmetric
-group-128 weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
-``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight;
-``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores
-sm_90 layers that way.
+LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs rows; from M = 256 piped tiles,
+``piped_tile_for``: the same operands with the MMAs kept in flight) and from 129 to 512 on split ones
+(``serial_tile_for``; on weights of 2^27 elements or more and at 512 where they fill their waves), paired tiles on
+split weights whose 128- or 64-token tiles fill most of one wave (``paired_tile_for``: two warp-specialized
+warpgroups on one tile, even and odd split ranges), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile
+serves; from there dequantize + cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors
+W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout
+(``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s
+bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial

@@ -236,7 +236,7 @@ CPU = torch.device("cpu")  # the split rule off the GPU assumes 132 SMs, as on a
 
 
 @pytest.mark.parametrize("int4,tile", [(True, (4, 128, 4, False)), (False, (2, 128, 3, False))])
-def test_batch_tiles_serve_unsplit_weights_from_m_65_to_1024(int4, tile):
+def test_batch_tiles_serve_unsplit_weights_from_m_33_to_1024(int4, tile):
     assert batch_tile_for(CPU, 256, 28672, 4096, int4) == tile  # 448 row tiles: split 1
     assert batch_tile_for(CPU, 65, 28672, 8192, int4) == tile
     assert batch_tile_for(CPU, 1024, 1024, 1024, int4) == tile  # K = 1024 never splits
@@ -358,10 +358,10 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
                                    (4096, 14336, 256), (2048, 4096, 400), (4096, 4096, 120),
                                    (4096, 14336, 128), (2048, 4096, 170), (28672, 4096, 40), (28672, 4096, 64)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
-    """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: int4 on 4 warpgroups, on
-    2 where N % 256 != 0, and piped tiles from M = 256, one row past a token tile at M = 257; split weights: the
-    ranges run serially, or paired on two warpgroups), with a bias, bf16 activations, x a strided view (TMA reads
-    it in place)."""
+    """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: two warpgroups on 64
+    tokens at M = 33-64, then int4 on 4 warpgroups, on 2 where N % 256 != 0, and piped tiles from M = 256, one row
+    past a token tile at M = 257; split weights: the ranges run serially, or paired on two warpgroups), with a bias,
+    bf16 activations, x a strided view (TMA reads it in place)."""
     from angel_kernels.gemm.fragment import paired_tile_for
 
     cuda = torch.device("cuda")
