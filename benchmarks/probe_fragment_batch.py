@@ -68,6 +68,14 @@ def run(x, words, scales, n, int4, cfg=None):
     return y
 
 
+def _fits(cfg, n: int) -> bool:
+    """Whether N rows fill a config's program tiles (batch and piped tiles: 64 rows per warpgroup; the decode and
+    paired tiles take any multiple of 64)."""
+    if cfg[0] in ("d", "w"):
+        return True
+    return n % (64 * cfg[1 if cfg[0] == "p" else 0]) == 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="6144x4096,4096x4096,28672x4096,4096x14336,28672x8192,8192x28672")
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
                 ref = run(*sets[0], n, int4)
                 row = []
                 for cfg in configs:
-                    if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                    if not _fits(cfg, n):
                         continue
                     try:
                         y = run(*sets[0], n, int4, cfg)
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if cfg[0] not in ("d", "w") and n % (64 * cfg[1 if cfg[0] == "p" else 0]):
+                        if not _fits(cfg, n):
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))
