@@ -6,7 +6,8 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
-"w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
+"s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
+serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
 (and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
@@ -19,7 +20,9 @@ import torch
 import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
-from angel_kernels.gemm._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
+from angel_kernels.gemm._fragment_gluon import (
+    launch, launch_paired, launch_piped, launch_streamed, launch_tma,
+)
 from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
 from angel_kernels.runtime import num_sms
 from angel_kernels.gemm.fragment import (
@@ -53,6 +56,11 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
         launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs)
         return y
+    if cfg[0] == "s":  # streamed tiles: ("s", block_m, x stages, warpgroups)
+        _s, bm, stages, wg = cfg
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
+        launch_streamed(x, words, scales, None, y, plan, bm, int4, stages, wg)
+        return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
@@ -73,6 +81,8 @@ def _fits(cfg, n: int) -> bool:
     paired tiles take any multiple of 64)."""
     if cfg[0] in ("d", "w"):
         return True
+    if cfg[0] == "s":
+        return n % (64 * cfg[3]) == 0
     return n % (64 * cfg[1 if cfg[0] == "p" else 0]) == 0
 
 
@@ -85,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdw" else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdws" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):
@@ -107,7 +117,7 @@ def main(argv=None) -> int:
 
                 sets = [make_set()]
                 ref = run(*sets[0], n, int4)
-                row = []
+                row, failed = [], set()
                 for cfg in configs:
                     if not _fits(cfg, n):
                         continue
@@ -116,6 +126,7 @@ def main(argv=None) -> int:
                         torch.cuda.synchronize()
                     except Exception as e:  # report, go on
                         row.append(f"{cfg} failed: {type(e).__name__}: {str(e)[:300]}")
+                        failed.add(cfg)
                         continue
                     ok = torch.equal(y, ref) and not torch.isnan(y).any().item()
                     diff = (y.float() - ref.float()).abs().max().item()
@@ -131,7 +142,7 @@ def main(argv=None) -> int:
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
                     for cfg in configs:
-                        if not _fits(cfg, n):
+                        if not _fits(cfg, n) or cfg in failed:
                             continue
                         t[str(cfg)] = time_calls([lambda a=a, c=cfg: run(*a, n, int4, c) for a in sets]).median_us
                     row.append(" ".join(f"{key} {v:.1f}" for key, v in t.items()))

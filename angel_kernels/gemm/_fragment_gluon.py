@@ -760,3 +760,158 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
         LOADER_REGS=loader_regs, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------- streamed tiles
+@gluon.jit
+def _stream_words(w_row, s_row, wg_thr, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG: gl.constexpr,
+                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """A thread's words (two k64 halves) and int4 scales for block g of its program's stream: K-block g % n_blocks
+    of the program's (g // n_blocks)-th tile, in the thread's warpgroup's 64 rows; masked past its last tile."""
+    tile = gl.program_id(0) + (g // n_blocks) * nprog
+    kb = g % n_blocks
+    row_block = (tile // num_pid_m) * WG + wg_thr
+    w_off = (row_block.to(gl.int64) * (K // TILE_K) + kb) * (128 * WORDS)
+    return _load_halves(w_row + w_off[:, None], s_row + kb * N + row_block * TILE_N, 0,
+                        (tile < num_tiles).to(gl.int32), N, WORDS, INT4, DT)
+
+
+@gluon.jit
+def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row, wg_thr, x_lo, x_hi, ready, empty,
+                  n_blocks, num_tiles, num_pid_m, nprog, N, K, WG: gl.constexpr,
+                  WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
+                  STAGES: gl.constexpr, a_l: gl.constexpr):
+    """Stream block g in two k64 halves with one MMA group left in flight: each half's words converted while the
+    MMA before runs; once the previous block's second half is complete (every warp: Triton syncs the partition
+    before an arrive) its x stage goes back to the loader (release_prev: not across a tile's start, whose
+    previous stage the epilogue's wait released). Block g + 2's words into the registers of block g's."""
+    s = g % STAGES
+    a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+    acc = warpgroup_mma(a, x_lo.index(s).permute((1, 0)), acc, is_async=True)
+    acc, b_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, b_prev))
+    mbarrier.arrive(empty.index((g + STAGES - 1) % STAGES), pred=release_prev)
+    b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    w_lo, w_hi, s0, s1 = _stream_words(w_row, s_row, wg_thr, g + 2, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                       WORDS, INT4, DT)
+    acc = warpgroup_mma(b, x_hi.index(s).permute((1, 0)), acc, is_async=True)
+    acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
+    return acc, b, w_lo, w_hi, s0, s1
+
+
+@gluon.jit
+def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, RB,
+                     WG: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SERIAL: gl.constexpr):
+    """The consumer partition of the streamed tiles (WG warpgroups): its program's tiles K-block after K-block
+    (split weights, SERIAL: their ranges of RB K-blocks one after the other, summed in split order), then each
+    tile's epilogue (stores) while the loader already fills the next tile's x stages."""
+    WORDS: gl.constexpr = 8 if INT4 else 16
+    HW: gl.constexpr = WORDS // 2
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    nprog = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    n_blocks = K // TILE_K
+    my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
+    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    thr = gl.arange(0, 128 * WG, layout=gl.SliceLayout(1, w_ld))
+    wg_thr = thr // 128
+    w_row = w_ptr + ((thr % 128) * WORDS)[:, None] + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :]
+    s_row = s_ptr + (thr % 128 // 32) * 16 + (thr % 32) // 4
+    lo_a, hi_a, s0_a, s1_a = _stream_words(w_row, s_row, wg_thr, 0, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                           WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _stream_words(w_row, s_row, wg_thr, 1, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                           WORDS, INT4, DT)
+    b = gl.zeros([64 * WG, 64], DT, a_l)
+    n_ranges = n_blocks // RB  # SERIAL: the split ranges, one after the other (RB even: the launcher checks)
+    for t in range(0, my_tiles):
+        tile = gl.program_id(0) + t * nprog
+        acc = gl.zeros([64 * WG, BLOCK_M], gl.float32, acc_l)
+        total = acc  # SERIAL: the ranges summed so far
+        for r in range(0, n_ranges):
+            g0 = t * n_blocks + r * RB
+            for i in range(0, RB, 2):
+                acc, b, lo_a, hi_a, s0_a, s1_a = _stream_block(
+                    acc, b, g0 + i, i > 0, lo_a, hi_a, s0_a, s1_a, w_row, s_row, wg_thr, x_lo, x_hi, ready, empty,
+                    n_blocks, num_tiles, num_pid_m, nprog, N, K, WG, WORDS, INT4, BF16, DT, STAGES, a_l)
+                acc, b, lo_b, hi_b, s0_b, s1_b = _stream_block(
+                    acc, b, g0 + i + 1, True, lo_b, hi_b, s0_b, s1_b, w_row, s_row, wg_thr, x_lo, x_hi, ready,
+                    empty, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG, WORDS, INT4, BF16, DT, STAGES, a_l)
+            acc, b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, b))
+            mbarrier.arrive(empty.index((g0 + RB - 1) % STAGES))
+            if SERIAL:  # the decode tiles' sum of the partials: ((p0 + p1) + p2) + …, p0 as it is (keeps a -0)
+                total = gl.where(r == 0, acc, total + acc)
+                acc = gl.zeros_like(acc)
+        if SERIAL:
+            acc = total
+        _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, tile // num_pid_m,
+                      tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64 * WG, BLOCK_M, acc_l)
+
+
+@gluon.jit
+def _stream_loader(x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the x tiles of the program's stream by TMA, each stage refilled once the consumers handed it
+    back."""
+    nprog = gl.num_programs(0)
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    n_blocks = K // TILE_K
+    my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
+    for g in range(0, my_tiles * n_blocks):
+        tile = gl.program_id(0) + (g // n_blocks) * nprog
+        mbarrier.wait(empty.index(g % STAGES), ((g // STAGES) & 1) ^ 1)  # (the first round passes)
+        _issue_x(x_desc, x_lo, x_hi, ready, g, tile % num_pid_m * BLOCK_M, g % n_blocks * TILE_K, STAGES, True)
+
+
+@gluon.jit
+def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, RB,
+                                 SERIAL: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                                 LOADER_REGS: gl.constexpr):
+    """Streamed tiles (unsplit weights): persistent programs, one per SM, each walking tiles of 64 · WG weight rows
+    × BLOCK_M tokens (every nprog-th, so neighbouring SMs share a tile's weight rows or its x at a time);
+    warp-specialized: one consumer partition of WG warpgroups (the batch tiles' operands: each warpgroup its 64
+    rows, all sharing the x stage) with one wgmma group in flight across K-blocks, and a loader warp filling the x
+    stages by TMA, the next tile's while the consumers store this one. The batch tiles' k16 chain,
+    dequantization and epilogue (so the decode tiles' bits). Two warpgroups in one partition, not two partitions
+    of one: with two consumer partitions Triton 3.6 caps the function at 168 registers and ptxas serializes every
+    wgmma of both (C7512, also with ptxas 13.0 and a patched .maxnreg 255)."""
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    x_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(STAGES):
+        mbarrier.init(ready.index(t), count=1)
+        mbarrier.init(empty.index(t), count=1)
+    gl.warp_specialize([
+        (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
+                            num_tiles, RB, WG, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES, SERIAL)),
+        (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M, STAGES)),
+    ], [1], [LOADER_REGS])
+
+
+def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
+                    block_m: int = 256, int4: bool = True, stages: int = 3, warpgroups: int = 2,
+                    loader_regs: int = 40, programs: int = 0) -> None:
+    """``_fragment_gemm_stream_kernel`` for an unsplit weight or a ``serial`` plan of split ranges of an even
+    number of K-blocks: min(tiles, ``programs`` or the SM count) programs."""
+    M, K = x2.shape
+    N = y.shape[1]
+    rows = 64 * warpgroups
+    rb = plan.k_per_split // 128 if plan.split_k > 1 else K // 128
+    if plan.split_k > 1 and not plan.serial:
+        raise ValueError("streamed tiles run split weights serially (plan.serial)")
+    if N % rows or rb % 2 or rb * 128 * plan.split_k != K:
+        raise ValueError(f"streamed tiles need N % {rows} == 0 and ranges of an even number of K-blocks "
+                         f"(N={N}, K={K}, split {plan.split_k})")
+    x2 = _rows_16_byte_aligned(x2)
+    num_tiles = (N // rows) * ((M + block_m - 1) // block_m)
+    grid = min(num_tiles, programs or fragment.num_sms(x2.device, fragment.DEFAULT_SMS))
+    _fragment_gemm_stream_kernel[(grid,)](
+        x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
+        M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4, BF16=x2.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups, LOADER_REGS=loader_regs,
+        num_warps=4 * warpgroups)
