@@ -870,12 +870,13 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                                  SERIAL: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
                                  LOADER_REGS: gl.constexpr):
-    """Streamed tiles (unsplit weights): persistent programs, one per SM, each walking tiles of 64 · WG weight rows
-    × BLOCK_M tokens (every nprog-th, so neighbouring SMs share a tile's weight rows or its x at a time);
-    warp-specialized: one consumer partition of WG warpgroups (the batch tiles' operands: each warpgroup its 64
-    rows, all sharing the x stage) with one wgmma group in flight across K-blocks, and a loader warp filling the x
-    stages by TMA, the next tile's while the consumers store this one. The batch tiles' k16 chain,
-    dequantization and epilogue (so the decode tiles' bits). Two warpgroups in one partition, not two partitions
+    """Streamed tiles (split weights whose tiles fill one wave, their ranges run serially; unsplit ones too):
+    persistent programs, one per SM, each walking tiles of 64 · WG weight rows × BLOCK_M tokens (every nprog-th,
+    so neighbouring SMs share a tile's weight rows or its x at a time); warp-specialized: one consumer partition of
+    WG warpgroups (the batch tiles' operands: each warpgroup its 64 rows, all sharing the x stage) with one wgmma
+    group in flight across K-blocks, and a loader warp filling the x stages by TMA, the next tile's while the
+    consumers store this one. The batch tiles' k16 chain, dequantization and epilogue (so the decode tiles' bits).
+    Two warpgroups in one partition, not two partitions
     of one: with two consumer partitions Triton 3.6 caps the function at 168 registers and ptxas serializes every
     wgmma of both (C7512, also with ptxas 13.0 and a patched .maxnreg 255)."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16

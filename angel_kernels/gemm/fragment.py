@@ -26,8 +26,10 @@ LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs
 ``piped_tile_for``: the same operands with the MMAs kept in flight) and from 129 to 512 on split ones
 (``serial_tile_for``; on weights of 2^27 elements or more and at 512 where they fill their waves), paired tiles on
 split weights whose 128- or 64-token tiles fill most of one wave (``paired_tile_for``: two warp-specialized
-warpgroups on one tile, even and odd split ranges), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile
-serves; from there dequantize + cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors
+warpgroups on one tile, even and odd split ranges), streamed tiles on split weights whose 256-token tiles fill most
+of one wave (``streamed_tile_for``: persistent, warp-specialized, the ranges serially; 8192-row weights at M =
+384-512 on 132 SMs), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize
++ cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors
 W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout
 (``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s
 bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
@@ -138,6 +140,23 @@ DECODE_PDL = True
 # 40.8 (37.7 / 37.8); at M = 80, last tile a quarter full, 15.9 → 20.2).
 PAIRED_BLOCK_MS, PAIRED_STAGES = (128, 64), 2
 PAIRED_MIN_FILL = 0.7
+# Streamed tiles (``_fragment_gemm_stream_kernel``): split weights whose tiles of 128 rows × 256 tokens fill
+# STREAMED_MIN_FILL to 1 of one wave, up to LARGE_M_FRAGMENT, the last token tile at least half full. Persistent
+# programs, one per SM: two warpgroups in one consumer partition sharing the x stage, a TMA loader warp, the split
+# ranges one after the other (the decode tiles' bits). Where the serial tiles run two waves of 128-token tiles,
+# these read each weight word once per 256 tokens. H200, CUDA graphs, one run, µs op → streamed (cuBLAS fp16),
+# int8 / int4: 8192×28672 M = 384 418.8 / 405.8 → 417.1 / 361.6 (287.4 / 288.5), M = 448 416.3 / 420.1 → 387.1 /
+# 375.4 (368.4 / 360.4), M = 512 493.2 / 463.1 → 409.4 / 386.7 (367.6 / 358.0; an earlier run 494.8 / 408.4 →
+# 407.3 / 390.6); 8192×8192 M = 384 147.3 / 125.9 → 139.9 / 119.8 (83.5 / 84.4), M = 448 147.4 / 144.6 → 131.4 /
+# 125.3 (105.7 / 104.6), M = 512 148.3 / 135.4 → 133.2 / 127.0 (108.2 / 106.8). A last token tile a quarter full
+# loses (8192×28672 M = 320: 371.0 → 469.2 int8), so do part-filled waves (4096-row weights, 64 tiles, and 6144
+# rows, 96: 4096×14336 M = 512 119.6 → 182.8) and two waves (8192×28672 M = 640: 570.6 → 705.9). 128-token
+# streamed tiles were within the runs' spread of the serial tiles (8192×28672 M = 256: 229.7 vs 242.5, then
+# 262.4 vs 229.2), one warpgroup on 64 rows behind everywhere; on the unsplit weights the streamed tiles tie the
+# piped ones (28672×4096 int8 M = 512 223.7 vs 230.3, int4 218.5 vs 213.5). Every case gave the decode tiles' bits.
+STREAMED_TILE = (2, 256, 3)
+STREAMED_MIN_FILL = 0.9
+STREAMED = True
 
 
 def fragment_fits(n: int, k: int) -> bool:
@@ -326,17 +345,40 @@ def paired_tile_for(device: torch.device, m: int, n: int, k: int) -> Optional[in
     return None
 
 
+def streamed_tile_for(device: torch.device, m: int, n: int, k: int):
+    """(warpgroups, token tile, x stages) of the streamed tiles for this problem, or None: a split weight whose
+    ranges are equal and of an even count of K-blocks, M ≤ LARGE_M_FRAGMENT with the last token tile at least half
+    full, and tiles filling STREAMED_MIN_FILL to 1 of one wave."""
+    warpgroups, block_m, stages = STREAMED_TILE
+    if not STREAMED or m > LARGE_M_FRAGMENT or 0 < m % block_m < block_m // 2 or n % (TILE_N * warpgroups):
+        return None
+    split = split_k_on(device, "w4a16_fragment", n, k, TILE_K)
+    blocks = k // TILE_K
+    if split < 2 or blocks % split or (blocks // split) % 2:
+        return None
+    sms = num_sms(device, DEFAULT_SMS)
+    tiles = n // (TILE_N * warpgroups) * triton.cdiv(m, block_m)
+    return STREAMED_TILE if STREAMED_MIN_FILL * sms <= tiles <= sms else None
+
+
 def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
     if p.device.type != "cuda" or p.M < LARGE_M_FRAGMENT:
         return False, f"meant for CUDA with M >= {LARGE_M_FRAGMENT}"
-    if batch_tile_for(p.device, p.M, p.N, p.K, int4) is not None:
+    if batch_tile_for(p.device, p.M, p.N, p.K, int4) is not None or streamed_tile_for(p.device, p.M, p.N, p.K):
         return False, "the batch-tile kernel serves this problem"
     return True, ""
 
 
 def _run_gluon(p, x2, words, scales, bias, int4=True):
-    from ._fragment_gluon import launch, launch_paired, launch_piped, launch_tma
+    from ._fragment_gluon import launch, launch_paired, launch_piped, launch_streamed, launch_tma
 
+    streamed = streamed_tile_for(x2.device, p.M, p.N, p.K)
+    if streamed is not None:
+        warpgroups, block_m, stages = streamed
+        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
+        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, serial=True)
+        launch_streamed(x2, words, scales, bias, y, plan, block_m, int4=int4, stages=stages, warpgroups=warpgroups)
+        return y
     paired = paired_tile_for(x2.device, p.M, p.N, p.K)
     if paired is not None:
         y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
@@ -532,8 +574,9 @@ def w4a16_fragment_gemm(
     (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
 
     Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (decode tiles, batch tiles: ``batch_tile_for``,
-    piped tiles: ``piped_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or
-    anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
+    piped tiles: ``piped_tile_for``, paired tiles: ``paired_tile_for``, streamed tiles: ``streamed_tile_for``),
+    dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA when forced), the
+    fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)
     return _gemm(W4A16_FRAGMENT, x, words, scales, bias)
 
@@ -579,8 +622,8 @@ def w8a16_fragment_gemm(
     elsewhere; where only one of the two dequantizes, they agree within rounding).
 
     Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (decode tiles, batch tiles:
-    ``batch_tile_for``, piped tiles: ``piped_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch
-    tile serves (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
+    ``batch_tile_for``, piped, paired and streamed tiles: ``piped_tile_for``, ``paired_tile_for``,
+    ``streamed_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
     ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
     _validate(x, words, scales, bias, int4=False)
     return _gemm(W8A16_FRAGMENT, x, words, scales, bias)

@@ -271,8 +271,8 @@ def _launch_operands(m, n, k):
     return x, words, scales, torch.empty(m, n, dtype=torch.float16)
 
 
-def test_piped_and_paired_launchers_refuse_what_they_cannot_run():
-    from angel_kernels.gemm._fragment_gluon import launch_paired, launch_piped
+def test_piped_paired_and_streamed_launchers_refuse_what_they_cannot_run():
+    from angel_kernels.gemm._fragment_gluon import launch_paired, launch_piped, launch_streamed
     from angel_kernels.gemm._splitk import plan_split
 
     x, words, scales, y = _launch_operands(300, 192, 1024)
@@ -286,6 +286,15 @@ def test_piped_and_paired_launchers_refuse_what_they_cannot_run():
     odd = plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 0, y, split_k=3, serial=True)
     with pytest.raises(ValueError, match="split 3"):
         launch_paired(x, words, scales, None, y, odd)
+    with pytest.raises(ValueError, match="even number of K-blocks"):  # ranges of 3 K-blocks
+        launch_streamed(x, words, scales, None, y, plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 0, y,
+                                                                split_k=4, serial=True))
+    with pytest.raises(ValueError, match="serially"):
+        launch_streamed(x, words, scales, None, y, plan_split(CPU, "w4a16_fragment", 200, 128, 1536, 128, 2, y,
+                                                                split_k=2, serial=False))
+    x, words, scales, y = _launch_operands(300, 192, 1024)
+    with pytest.raises(ValueError, match="N % 128"):
+        launch_streamed(x, words, scales, None, y, whole)
 
 
 @pytest.mark.parametrize("int4", [True, False])
@@ -335,6 +344,29 @@ def test_paired_tiles_serve_split_weights_that_fill_one_wave():
     assert paired_tile_for(CPU, 500, 2048, 4096) == 128  # × 4
 
 
+def test_streamed_tiles_serve_split_weights_whose_256_token_tiles_fill_one_wave(monkeypatch):
+    from angel_kernels.gemm import fragment as mod
+    from angel_kernels.gemm.fragment import STREAMED_TILE, streamed_tile_for
+
+    def ms(n, k):
+        return [m for m in range(1, 1100) if streamed_tile_for(CPU, m, n, k) is not None]
+
+    # 128 tiles on 132 SMs from M = 384 (the last 256-token tile half full) to LARGE_M_FRAGMENT
+    assert ms(8192, 28672) == ms(8192, 8192) == list(range(384, 513))
+    assert streamed_tile_for(CPU, 448, 8192, 28672) == STREAMED_TILE
+    assert ms(4096, 14336) == ms(6144, 4096) == []  # 64 / 96 tiles: the wave part-empty
+    assert ms(10240, 8192) == []  # 160 tiles: two waves
+    assert ms(28672, 4096) == []  # unsplit: the piped tiles
+    monkeypatch.setattr(mod, "num_sms", lambda device, default: 120)
+    assert ms(8192, 28672) == []  # 128 tiles on 120 SMs: two waves
+    monkeypatch.setattr(mod, "num_sms", lambda device, default: 132)
+    monkeypatch.setattr(mod, "split_k_on", lambda device, kernel, n, k, block: 4)
+    assert streamed_tile_for(CPU, 448, 8192, 1536) is None  # ranges of 3 K-blocks: the kernel takes them in pairs
+    assert streamed_tile_for(CPU, 448, 8192, 1024) == STREAMED_TILE
+    monkeypatch.setattr(mod, "STREAMED", False)
+    assert streamed_tile_for(CPU, 448, 8192, 1024) is None
+
+
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
 def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, int4, monkeypatch):
     from angel_kernels.gemm import fragment as mod
@@ -356,16 +388,19 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
                                    (1152, 1024, 257), (1024, 128, 300), (6144, 4096, 192), (6144, 4096, 320),
                                    (4096, 4096, 448), (4096, 14336, 300), (6144, 4096, 100), (4096, 4096, 200),
                                    (4096, 14336, 256), (2048, 4096, 400), (4096, 4096, 120),
-                                   (4096, 14336, 128), (2048, 4096, 170), (28672, 4096, 40), (28672, 4096, 64)])
+                                   (4096, 14336, 128), (2048, 4096, 170), (28672, 4096, 40), (28672, 4096, 64),
+                                   (8192, 28672, 448), (8192, 8192, 384), (8192, 8192, 512)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: two warpgroups on 64
     tokens at M = 33-64, then int4 on 4 warpgroups, on 2 where N % 256 != 0, and piped tiles from M = 256, one row
-    past a token tile at M = 257; split weights: the ranges run serially, or paired on two warpgroups), with a bias,
-    bf16 activations, x a strided view (TMA reads it in place)."""
-    from angel_kernels.gemm.fragment import paired_tile_for
+    past a token tile at M = 257; split weights: the ranges run serially, paired on two warpgroups, or streamed),
+    with a bias, bf16 activations, x a strided view (TMA reads it in place)."""
+    from angel_kernels.gemm import fragment as mod
+    from angel_kernels.gemm.fragment import paired_tile_for, streamed_tile_for
 
     cuda = torch.device("cuda")
-    if batch_tile_for(cuda, m, n, k, int4) is None and paired_tile_for(cuda, m, n, k) is None:
+    if all(rule is None for rule in (batch_tile_for(cuda, m, n, k, int4), paired_tile_for(cuda, m, n, k),
+                                     streamed_tile_for(cuda, m, n, k))):
         pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
     assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
@@ -383,10 +418,9 @@ def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     assert not torch.isnan(full).any()
     for i in sorted({0, m // 2, m - 1}):
         assert torch.equal(full[i : i + 1].view(torch.int16), op(x[i : i + 1], words, s, b).view(torch.int16))
-    if piped_tile_for(torch.device("cuda"), m, n, k, int4) is not None:  # every row: the batch tiles' bits
-        from angel_kernels.gemm import fragment as mod
-
-        monkeypatch.setattr(mod, "PIPED", False)
+    if piped_tile_for(cuda, m, n, k, int4) is not None or streamed_tile_for(cuda, m, n, k) is not None:
+        monkeypatch.setattr(mod, "PIPED", False)  # every row: the batch (or decode) tiles' bits
+        monkeypatch.setattr(mod, "STREAMED", False)
         assert torch.equal(full.view(torch.int16), op(x, words, s, b).view(torch.int16))
 
 
