@@ -64,9 +64,8 @@ def run(x, words, scales, n, int4, cfg=None):
         return y
     if cfg[0] == "b":  # balanced streamed tiles: ("b", block_m, x stages, warpgroups)
         _s, bm, stages, wg = cfg
-        tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
-        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
-        launch_streamed(x, words, scales, None, y, plan, bm, int4, stages, wg)
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
+        launch_streamed(x, words, scales, None, y, plan, bm, int4, stages, wg, balanced=True)
         return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg

@@ -42,6 +42,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
 from . import fragment
+from ._splitk import tile_counters
 from .w4a16 import _word_dequant_ptx
 
 TILE_N = gl.constexpr(fragment.TILE_N)  # the layout's tile, as constants the kernel can read
@@ -822,6 +823,31 @@ def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row
 
 
 @gluon.jit
+def _stream_partial(acc, part_ptr, count_ptr, s_ptr, bias_ptr, y_ptr, tile, r, num_pid_m, M, N, stride_ym,
+                    INT4: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr,
+                    BLOCK_M: gl.constexpr, acc_l: gl.constexpr):
+    """BALANCED, a tile cut by a slice's edge: range r's fp32 sum into the tile's scratch (its SPLIT partials,
+    each ROWS × BLOCK_M with the tokens contiguous: a warp's store fills whole 32-byte sectors, where [M, N]
+    partials took one sector per element), then the count; the last range to arrive sums them in split order."""
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
+    toks = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
+    offs = rows[:, None] * BLOCK_M + toks[None, :]
+    base = part_ptr + tile.to(gl.int64) * (SPLIT * ROWS * BLOCK_M)
+    gl.store(base + r * (ROWS * BLOCK_M) + offs, acc)
+    gl.thread_barrier()  # every warp's part stored before the count says so
+    arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        acc = gl.load(base + offs)
+        for k in gl.static_range(1, SPLIT):
+            acc += gl.load(base + k * (ROWS * BLOCK_M) + offs)
+        gl.store(count_ptr + tile, 0)
+        offs_n = tile // num_pid_m * ROWS + rows
+        offs_m = tile % num_pid_m * BLOCK_M + toks
+        mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
+        _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
+
+
+@gluon.jit
 def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
                      stride_ym, num_tiles, RB, WG: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
                      HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SERIAL: gl.constexpr,
@@ -875,9 +901,8 @@ def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, pa
                     _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, tile // num_pid_m,
                                   tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64 * WG, BLOCK_M, acc_l)
             else:
-                gl.thread_barrier()  # every warp's partial stored before the count says so
-                _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, tile // num_pid_m,
-                              tile % num_pid_m, r, M, N, stride_ym, INT4, HAS_BIAS, SPLIT, 64 * WG, BLOCK_M, acc_l)
+                _stream_partial(acc, part_ptr, count_ptr, s_ptr, bias_ptr, y_ptr, tile, r, num_pid_m, M, N,
+                                stride_ym, INT4, HAS_BIAS, SPLIT, 64 * WG, BLOCK_M, acc_l)
             acc = gl.zeros_like(acc)
     else:
         my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
@@ -960,28 +985,32 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr
 
 def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                     block_m: int = 256, int4: bool = True, stages: int = 3, warpgroups: int = 2,
-                    loader_regs: int = 40, programs: int = 0) -> None:
-    """``_fragment_gemm_stream_kernel`` for an unsplit weight or a plan of split ranges of an even number of
-    K-blocks: ``serial``, min(tiles, ``programs`` or the SM count) programs, each walking whole tiles; else
-    (balanced) min(ranges, ``programs`` or the SM count) programs, each an even slice of the tiles' split ranges,
-    the plan's partials and counters (for N // (64 · warpgroups) · cdiv(M, block_m) tiles) where a slice's edge
-    cuts a tile."""
+                    loader_regs: int = 40, programs: int = 0, balanced: bool = False) -> None:
+    """``_fragment_gemm_stream_kernel`` for an unsplit weight or a ``serial`` plan of split ranges of an even
+    number of K-blocks: min(tiles, ``programs`` or the SM count) programs, each walking whole tiles; ``balanced``
+    (split plans): min(ranges, ``programs`` or the SM count) programs, each an even slice of the tiles' split
+    ranges, with a scratch of every tile's partials and the shared tile counters for the tiles a slice cuts."""
     M, K = x2.shape
     N = y.shape[1]
     rows = 64 * warpgroups
     rb = plan.k_per_split // 128 if plan.split_k > 1 else K // 128
+    if plan.split_k > 1 and not plan.serial:
+        raise ValueError("streamed tiles take a serial plan (their own partials where balanced)")
     if N % rows or rb % 2 or rb * 128 * plan.split_k != K:
         raise ValueError(f"streamed tiles need N % {rows} == 0 and ranges of an even number of K-blocks "
                          f"(N={N}, K={K}, split {plan.split_k})")
+    balanced = balanced and plan.split_k > 1
     x2 = _rows_16_byte_aligned(x2)
     num_tiles = (N // rows) * ((M + block_m - 1) // block_m)
-    balanced = plan.split_k > 1 and not plan.serial
-    if balanced and plan.counters.numel() < num_tiles:
-        raise ValueError(f"the plan's counters serve {plan.counters.numel()} tiles, the launch has {num_tiles}")
+    if balanced:
+        scratch = torch.empty(num_tiles * plan.split_k * rows * block_m, dtype=torch.float32, device=y.device)
+        counters = tile_counters(y.device, num_tiles)
+    else:
+        scratch = counters = y  # unused
     work = num_tiles * plan.split_k if balanced else num_tiles
     grid = min(work, programs or fragment.num_sms(x2.device, fragment.DEFAULT_SMS))
     _fragment_gemm_stream_kernel[(grid,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
-        plan.partials, plan.counters, M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4,
+        scratch, counters, M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4,
         BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups,
         LOADER_REGS=loader_regs, SPLIT=plan.split_k, BALANCED=balanced, num_warps=4 * warpgroups)
