@@ -7,8 +7,7 @@ against the decode-tile kernel (bits) and cuBLAS fp16 / the shipped op (CUDA-gra
 A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the batch tiles,
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
 "s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
-serially), "b<token tile>,<x stages>,<warpgroups>" for the balanced streamed tiles (each program an even slice of
-the split ranges), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
+serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
 "d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
 (and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
@@ -62,11 +61,6 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
         launch_streamed(x, words, scales, None, y, plan, bm, int4, stages, wg)
         return y
-    if cfg[0] == "b":  # balanced streamed tiles: ("b", block_m, x stages, warpgroups)
-        _s, bm, stages, wg = cfg
-        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
-        launch_streamed(x, words, scales, None, y, plan, bm, int4, stages, wg, balanced=True)
-        return y
     if cfg[0] == "p":  # piped tiles: ("p", warpgroups, block_m, x halves in flight, register cap, word stages)
         _s, wg, bm, hs, regs, ws = cfg
         tiles = n // (TILE_N * wg) * triton.cdiv(M, bm)
@@ -87,7 +81,7 @@ def _fits(cfg, n: int) -> bool:
     paired tiles take any multiple of 64)."""
     if cfg[0] in ("d", "w"):
         return True
-    if cfg[0] in ("s", "b"):
+    if cfg[0] == "s":
         return n % (64 * cfg[3]) == 0
     return n % (64 * cfg[1 if cfg[0] == "p" else 0]) == 0
 
@@ -101,7 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdwsb" else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdws" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):

@@ -42,7 +42,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
 from . import fragment
-from ._splitk import tile_counters
 from .w4a16 import _word_dequant_ptx
 
 TILE_N = gl.constexpr(fragment.TILE_N)  # the layout's tile, as constants the kernel can read
@@ -765,45 +764,23 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
 
 # ---------------------------------------------------------------------------------------------- streamed tiles
 @gluon.jit
-def _stream_units(num_tiles, SPLIT: gl.constexpr):
-    """BALANCED: the program's slice [u0, u1) of the tiles' split ranges (unit u: range u % SPLIT of tile
-    u // SPLIT), as even as integers allow."""
-    units = num_tiles * SPLIT
-    pid = gl.program_id(0)
-    nprog = gl.num_programs(0)
-    return pid * units // nprog, (pid + 1) * units // nprog
-
-
-@gluon.jit
-def _stream_at(g, n_blocks, num_tiles, nprog, RB, SPLIT: gl.constexpr, BALANCED: gl.constexpr):
-    """(tile, K-block, in the stream) of block g of the program's stream: the (g // n_blocks)-th of its tiles
-    (every nprog-th), or BALANCED the g-th block of its slice of split ranges."""
-    if BALANCED:
-        u0, u1 = _stream_units(num_tiles, SPLIT)
-        u = u0 + g // RB
-        return u // SPLIT, u % SPLIT * RB + g % RB, u < u1
+def _stream_words(w_row, s_row, wg_thr, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG: gl.constexpr,
+                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """A thread's words (two k64 halves) and int4 scales for block g of its program's stream: K-block g % n_blocks
+    of the program's (g // n_blocks)-th tile, in the thread's warpgroup's 64 rows; masked past its last tile."""
     tile = gl.program_id(0) + (g // n_blocks) * nprog
-    return tile, g % n_blocks, tile < num_tiles
-
-
-@gluon.jit
-def _stream_words(w_row, s_row, wg_thr, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG: gl.constexpr,
-                  WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr, SPLIT: gl.constexpr,
-                  BALANCED: gl.constexpr):
-    """A thread's words (two k64 halves) and int4 scales for block g of its program's stream (``_stream_at``), in
-    the thread's warpgroup's 64 rows; masked past the stream's end."""
-    tile, kb, live = _stream_at(g, n_blocks, num_tiles, nprog, RB, SPLIT, BALANCED)
+    kb = g % n_blocks
     row_block = (tile // num_pid_m) * WG + wg_thr
     w_off = (row_block.to(gl.int64) * (K // TILE_K) + kb) * (128 * WORDS)
-    return _load_halves(w_row + w_off[:, None], s_row + kb * N + row_block * TILE_N, 0, live.to(gl.int32), N,
-                        WORDS, INT4, DT)
+    return _load_halves(w_row + w_off[:, None], s_row + kb * N + row_block * TILE_N, 0,
+                        (tile < num_tiles).to(gl.int32), N, WORDS, INT4, DT)
 
 
 @gluon.jit
 def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row, wg_thr, x_lo, x_hi, ready, empty,
-                  n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG: gl.constexpr,
+                  n_blocks, num_tiles, num_pid_m, nprog, N, K, WG: gl.constexpr,
                   WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
-                  STAGES: gl.constexpr, a_l: gl.constexpr, SPLIT: gl.constexpr, BALANCED: gl.constexpr):
+                  STAGES: gl.constexpr, a_l: gl.constexpr):
     """Stream block g in two k64 halves with one MMA group left in flight: each half's words converted while the
     MMA before runs; once the previous block's second half is complete (every warp: Triton syncs the partition
     before an arrive) its x stage goes back to the loader (release_prev: not across a tile's start, whose
@@ -815,54 +792,27 @@ def _stream_block(acc, b_prev, g, release_prev, w_lo, w_hi, s0, s1, w_row, s_row
     acc, b_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, b_prev))
     mbarrier.arrive(empty.index((g + STAGES - 1) % STAGES), pred=release_prev)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    w_lo, w_hi, s0, s1 = _stream_words(w_row, s_row, wg_thr, g + 2, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB,
-                                       WG, WORDS, INT4, DT, SPLIT, BALANCED)
+    w_lo, w_hi, s0, s1 = _stream_words(w_row, s_row, wg_thr, g + 2, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                       WORDS, INT4, DT)
     acc = warpgroup_mma(b, x_hi.index(s).permute((1, 0)), acc, is_async=True)
     acc, a = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a))
     return acc, b, w_lo, w_hi, s0, s1
 
 
 @gluon.jit
-def _stream_partial(acc, part_ptr, count_ptr, s_ptr, bias_ptr, y_ptr, tile, r, num_pid_m, M, N, stride_ym,
-                    INT4: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT: gl.constexpr, ROWS: gl.constexpr,
-                    BLOCK_M: gl.constexpr, acc_l: gl.constexpr):
-    """BALANCED, a tile cut by a slice's edge: range r's fp32 sum into the tile's scratch (its SPLIT partials,
-    each ROWS × BLOCK_M with the tokens contiguous: a warp's store fills whole 32-byte sectors, where [M, N]
-    partials took one sector per element), then the count; the last range to arrive sums them in split order."""
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
-    toks = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
-    offs = rows[:, None] * BLOCK_M + toks[None, :]
-    base = part_ptr + tile.to(gl.int64) * (SPLIT * ROWS * BLOCK_M)
-    gl.store(base + r * (ROWS * BLOCK_M) + offs, acc)
-    gl.thread_barrier()  # every warp's part stored before the count says so
-    arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-    if arrived == SPLIT - 1:
-        acc = gl.load(base + offs)
-        for k in gl.static_range(1, SPLIT):
-            acc += gl.load(base + k * (ROWS * BLOCK_M) + offs)
-        gl.store(count_ptr + tile, 0)
-        offs_n = tile // num_pid_m * ROWS + rows
-        offs_m = tile % num_pid_m * BLOCK_M + toks
-        mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
-        _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
-
-
-@gluon.jit
-def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K,
-                     stride_ym, num_tiles, RB, WG: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SERIAL: gl.constexpr,
-                     SPLIT: gl.constexpr, BALANCED: gl.constexpr):
+def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, RB,
+                     WG: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     BLOCK_M: gl.constexpr, STAGES: gl.constexpr, SERIAL: gl.constexpr):
     """The consumer partition of the streamed tiles (WG warpgroups): its program's tiles K-block after K-block
     (split weights, SERIAL: their ranges of RB K-blocks one after the other, summed in split order), then each
-    tile's epilogue (stores) while the loader already fills the next tile's x stages. BALANCED: its slice of the
-    split ranges instead; a tile whose ranges all lie in the slice is summed as SERIAL does, one cut by a slice's
-    edge goes through the partials (each range's fp32 sum; the last range to arrive sums them in split order)."""
+    tile's epilogue (stores) while the loader already fills the next tile's x stages."""
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     nprog = gl.num_programs(0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     n_blocks = K // TILE_K
+    my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
     w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4 * WG, 1], [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4 * WG, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
@@ -871,92 +821,55 @@ def _stream_consumer(x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, pa
     wg_thr = thr // 128
     w_row = w_ptr + ((thr % 128) * WORDS)[:, None] + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :]
     s_row = s_ptr + (thr % 128 // 32) * 16 + (thr % 32) // 4
-    lo_a, hi_a, s0_a, s1_a = _stream_words(w_row, s_row, wg_thr, 0, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB,
-                                           WG, WORDS, INT4, DT, SPLIT, BALANCED)
-    lo_b, hi_b, s0_b, s1_b = _stream_words(w_row, s_row, wg_thr, 1, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB,
-                                           WG, WORDS, INT4, DT, SPLIT, BALANCED)
+    lo_a, hi_a, s0_a, s1_a = _stream_words(w_row, s_row, wg_thr, 0, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                           WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _stream_words(w_row, s_row, wg_thr, 1, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG,
+                                           WORDS, INT4, DT)
     b = gl.zeros([64 * WG, 64], DT, a_l)
-    acc = gl.zeros([64 * WG, BLOCK_M], gl.float32, acc_l)
-    total = acc  # SERIAL: the ranges summed so far
-    if BALANCED:
-        u0, u1 = _stream_units(num_tiles, SPLIT)
-        for u in range(u0, u1):
-            g0 = (u - u0) * RB
+    n_ranges = n_blocks // RB  # SERIAL: the split ranges, one after the other (RB even: the launcher checks)
+    for t in range(0, my_tiles):
+        tile = gl.program_id(0) + t * nprog
+        acc = gl.zeros([64 * WG, BLOCK_M], gl.float32, acc_l)
+        total = acc  # SERIAL: the ranges summed so far
+        for r in range(0, n_ranges):
+            g0 = t * n_blocks + r * RB
             for i in range(0, RB, 2):
                 acc, b, lo_a, hi_a, s0_a, s1_a = _stream_block(
                     acc, b, g0 + i, i > 0, lo_a, hi_a, s0_a, s1_a, w_row, s_row, wg_thr, x_lo, x_hi, ready, empty,
-                    n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG, WORDS, INT4, BF16, DT, STAGES, a_l, SPLIT,
-                    BALANCED)
+                    n_blocks, num_tiles, num_pid_m, nprog, N, K, WG, WORDS, INT4, BF16, DT, STAGES, a_l)
                 acc, b, lo_b, hi_b, s0_b, s1_b = _stream_block(
                     acc, b, g0 + i + 1, True, lo_b, hi_b, s0_b, s1_b, w_row, s_row, wg_thr, x_lo, x_hi, ready,
-                    empty, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG, WORDS, INT4, BF16, DT, STAGES, a_l,
-                    SPLIT, BALANCED)
+                    empty, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG, WORDS, INT4, BF16, DT, STAGES, a_l)
             acc, b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, b))
             mbarrier.arrive(empty.index((g0 + RB - 1) % STAGES))
-            tile = u // SPLIT
-            r = u % SPLIT
-            if (tile * SPLIT >= u0) & (tile * SPLIT + SPLIT <= u1):  # the whole tile in the slice: as SERIAL
+            if SERIAL:  # the decode tiles' sum of the partials: ((p0 + p1) + p2) + …, p0 as it is (keeps a -0)
                 total = gl.where(r == 0, acc, total + acc)
-                if r == SPLIT - 1:
-                    _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, tile // num_pid_m,
-                                  tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64 * WG, BLOCK_M, acc_l)
-            else:
-                _stream_partial(acc, part_ptr, count_ptr, s_ptr, bias_ptr, y_ptr, tile, r, num_pid_m, M, N,
-                                stride_ym, INT4, HAS_BIAS, SPLIT, 64 * WG, BLOCK_M, acc_l)
-            acc = gl.zeros_like(acc)
-    else:
-        my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
-        n_ranges = n_blocks // RB  # SERIAL: the split ranges, one after the other (RB even: the launcher checks)
-        for t in range(0, my_tiles):
-            tile = gl.program_id(0) + t * nprog
-            for r in range(0, n_ranges):
-                g0 = t * n_blocks + r * RB
-                for i in range(0, RB, 2):
-                    acc, b, lo_a, hi_a, s0_a, s1_a = _stream_block(
-                        acc, b, g0 + i, i > 0, lo_a, hi_a, s0_a, s1_a, w_row, s_row, wg_thr, x_lo, x_hi, ready,
-                        empty, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG, WORDS, INT4, BF16, DT, STAGES,
-                        a_l, SPLIT, BALANCED)
-                    acc, b, lo_b, hi_b, s0_b, s1_b = _stream_block(
-                        acc, b, g0 + i + 1, True, lo_b, hi_b, s0_b, s1_b, w_row, s_row, wg_thr, x_lo, x_hi, ready,
-                        empty, n_blocks, num_tiles, num_pid_m, nprog, N, K, RB, WG, WORDS, INT4, BF16, DT, STAGES,
-                        a_l, SPLIT, BALANCED)
-                acc, b = warpgroup_mma_wait(num_outstanding=0, deps=(acc, b))
-                mbarrier.arrive(empty.index((g0 + RB - 1) % STAGES))
-                if SERIAL:  # the decode tiles' sum of the partials: ((p0 + p1) + p2) + …, p0 as it is (keeps a -0)
-                    total = gl.where(r == 0, acc, total + acc)
-                    acc = gl.zeros_like(acc)
-            if SERIAL:
-                acc = total
-            _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, tile // num_pid_m,
-                          tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64 * WG, BLOCK_M, acc_l)
-            acc = gl.zeros_like(acc)
+                acc = gl.zeros_like(acc)
+        if SERIAL:
+            acc = total
+        _store_result(acc, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, tile // num_pid_m,
+                      tile % num_pid_m, 0, M, N, stride_ym, INT4, HAS_BIAS, 1, 64 * WG, BLOCK_M, acc_l)
 
 
 @gluon.jit
-def _stream_loader(x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, RB, BLOCK_M: gl.constexpr,
-                   STAGES: gl.constexpr, SPLIT: gl.constexpr, BALANCED: gl.constexpr):
+def _stream_loader(x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
     """One warp: the x tiles of the program's stream by TMA, each stage refilled once the consumers handed it
     back."""
     nprog = gl.num_programs(0)
     num_pid_m = gl.cdiv(M, BLOCK_M)
     n_blocks = K // TILE_K
-    if BALANCED:
-        u0, u1 = _stream_units(num_tiles, SPLIT)
-        steps = (u1 - u0) * RB
-    else:
-        steps = gl.cdiv(num_tiles - gl.program_id(0), nprog) * n_blocks
-    for g in range(0, steps):
-        tile, kb, _live = _stream_at(g, n_blocks, num_tiles, nprog, RB, SPLIT, BALANCED)
+    my_tiles = gl.cdiv(num_tiles - gl.program_id(0), nprog)
+    for g in range(0, my_tiles * n_blocks):
+        tile = gl.program_id(0) + (g // n_blocks) * nprog
         mbarrier.wait(empty.index(g % STAGES), ((g // STAGES) & 1) ^ 1)  # (the first round passes)
-        _issue_x(x_desc, x_lo, x_hi, ready, g, tile % num_pid_m * BLOCK_M, kb * TILE_K, STAGES, True)
+        _issue_x(x_desc, x_lo, x_hi, ready, g, tile % num_pid_m * BLOCK_M, g % n_blocks * TILE_K, STAGES, True)
 
 
 @gluon.jit
-def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_ym,
-                                 num_tiles, RB, SERIAL: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                                 HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                                 WG: gl.constexpr, LOADER_REGS: gl.constexpr, SPLIT: gl.constexpr,
-                                 BALANCED: gl.constexpr):
+def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, RB,
+                                 SERIAL: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                 BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
+                                 LOADER_REGS: gl.constexpr):
     """Streamed tiles (split weights whose tiles fill one wave, their ranges run serially; unsplit ones too):
     persistent programs, one per SM, each walking tiles of 64 · WG weight rows × BLOCK_M tokens (every nprog-th,
     so neighbouring SMs share a tile's weight rows or its x at a time); warp-specialized: one consumer partition of
@@ -975,42 +888,31 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr
         mbarrier.init(ready.index(t), count=1)
         mbarrier.init(empty.index(t), count=1)
     gl.warp_specialize([
-        (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N,
-                            K, stride_ym, num_tiles, RB, WG, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES, SERIAL, SPLIT,
-                            BALANCED)),
-        (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, RB, BLOCK_M, STAGES, SPLIT,
-                          BALANCED)),
+        (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
+                            num_tiles, RB, WG, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES, SERIAL)),
+        (_stream_loader, (x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M, STAGES)),
     ], [1], [LOADER_REGS])
 
 
 def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                     block_m: int = 256, int4: bool = True, stages: int = 3, warpgroups: int = 2,
-                    loader_regs: int = 40, programs: int = 0, balanced: bool = False) -> None:
+                    loader_regs: int = 40, programs: int = 0) -> None:
     """``_fragment_gemm_stream_kernel`` for an unsplit weight or a ``serial`` plan of split ranges of an even
-    number of K-blocks: min(tiles, ``programs`` or the SM count) programs, each walking whole tiles; ``balanced``
-    (split plans): min(ranges, ``programs`` or the SM count) programs, each an even slice of the tiles' split
-    ranges, with a scratch of every tile's partials and the shared tile counters for the tiles a slice cuts."""
+    number of K-blocks: min(tiles, ``programs`` or the SM count) programs."""
     M, K = x2.shape
     N = y.shape[1]
     rows = 64 * warpgroups
     rb = plan.k_per_split // 128 if plan.split_k > 1 else K // 128
     if plan.split_k > 1 and not plan.serial:
-        raise ValueError("streamed tiles take a serial plan (their own partials where balanced)")
+        raise ValueError("streamed tiles run split weights serially (plan.serial)")
     if N % rows or rb % 2 or rb * 128 * plan.split_k != K:
         raise ValueError(f"streamed tiles need N % {rows} == 0 and ranges of an even number of K-blocks "
                          f"(N={N}, K={K}, split {plan.split_k})")
-    balanced = balanced and plan.split_k > 1
     x2 = _rows_16_byte_aligned(x2)
     num_tiles = (N // rows) * ((M + block_m - 1) // block_m)
-    if balanced:
-        scratch = torch.empty(num_tiles * plan.split_k * rows * block_m, dtype=torch.float32, device=y.device)
-        counters = tile_counters(y.device, num_tiles)
-    else:
-        scratch = counters = y  # unused
-    work = num_tiles * plan.split_k if balanced else num_tiles
-    grid = min(work, programs or fragment.num_sms(x2.device, fragment.DEFAULT_SMS))
+    grid = min(num_tiles, programs or fragment.num_sms(x2.device, fragment.DEFAULT_SMS))
     _fragment_gemm_stream_kernel[(grid,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
-        scratch, counters, M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4,
-        BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups,
-        LOADER_REGS=loader_regs, SPLIT=plan.split_k, BALANCED=balanced, num_warps=4 * warpgroups)
+        M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4, BF16=x2.dtype == torch.bfloat16,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups, LOADER_REGS=loader_regs,
+        num_warps=4 * warpgroups)
