@@ -623,7 +623,7 @@ def w8a16_fragment_gemm(
 
     Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (decode tiles, batch tiles:
     ``batch_tile_for``, piped, paired and streamed tiles: ``piped_tile_for``, ``paired_tile_for``,
-    ``streamed_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
-    ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
+    ``streamed_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on
+    CUDA when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
     _validate(x, words, scales, bias, int4=False)
     return _gemm(W8A16_FRAGMENT, x, words, scales, bias)
