@@ -361,53 +361,65 @@ def streamed_tile_for(device: torch.device, m: int, n: int, k: int):
     return STREAMED_TILE if STREAMED_MIN_FILL * sms <= tiles <= sms else None
 
 
+def gluon_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool) -> tuple[str, tuple]:
+    """(kernel, tile) of the Gluon kernel that serves this problem: the first rule that takes it, in this order:
+    streamed tiles (``streamed_tile_for``), paired tiles (``paired_tile_for``; the tile: its token tile),
+    piped tiles (``piped_tile_for``), batch tiles (``batch_tile_for``: unsplit, or split weights' ranges run
+    serially), else the decode tiles on ``block_m_for``'s token tile."""
+    tile = streamed_tile_for(device, m, n, k)
+    if tile is not None:
+        return "streamed", tile
+    paired = paired_tile_for(device, m, n, k)
+    if paired is not None:
+        return "paired", (paired,)
+    tile = piped_tile_for(device, m, n, k, int4)
+    if tile is not None:
+        return "piped", tile
+    tile = batch_tile_for(device, m, n, k, int4)
+    if tile is not None:
+        return "batch", tile
+    return "decode", (block_m_for(m, n, k),)
+
+
 def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
     if p.device.type != "cuda" or p.M < LARGE_M_FRAGMENT:
         return False, f"meant for CUDA with M >= {LARGE_M_FRAGMENT}"
-    if batch_tile_for(p.device, p.M, p.N, p.K, int4) is not None or streamed_tile_for(p.device, p.M, p.N, p.K):
-        return False, "the batch-tile kernel serves this problem"
+    kernel, _tile = gluon_tile_for(p.device, p.M, p.N, p.K, int4)
+    if kernel != "decode":
+        return False, f"the {kernel} tiles serve this problem"
     return True, ""
 
 
 def _run_gluon(p, x2, words, scales, bias, int4=True):
     from ._fragment_gluon import launch, launch_paired, launch_piped, launch_streamed, launch_tma
 
-    streamed = streamed_tile_for(x2.device, p.M, p.N, p.K)
-    if streamed is not None:
-        warpgroups, block_m, stages = streamed
-        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, serial=True)
-        launch_streamed(x2, words, scales, bias, y, plan, block_m, int4=int4, stages=stages, warpgroups=warpgroups)
-        return y
-    paired = paired_tile_for(x2.device, p.M, p.N, p.K)
-    if paired is not None:
-        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, serial=True)
-        launch_paired(x2, words, scales, bias, y, plan, paired, int4=int4, stages=PAIRED_STAGES)
-        return y
-    piped = piped_tile_for(x2.device, p.M, p.N, p.K, int4)
-    if piped is not None:
-        warpgroups, block_m, halves, word_stages = piped
-        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, 0, y, split_k=1)
-        launch_piped(x2, words, scales, bias, y, plan, block_m, int4=int4, halves=halves, warpgroups=warpgroups,
-                     word_stages=word_stages)
-        return y
-    batch = batch_tile_for(x2.device, p.M, p.N, p.K, int4)
-    if batch is not None:
-        warpgroups, block_m, stages, serial = batch
-        y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-        num_tiles = p.N // (TILE_N * warpgroups) * triton.cdiv(p.M, block_m)
-        plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=serial)
-        launch_tma(x2, words, scales, bias, y, plan, block_m, int4=int4, stages=stages, warpgroups=warpgroups)
-        return y
-    block_m = block_m_for(p.M, p.N, p.K)
-    num_tiles = (p.N // TILE_N) * triton.cdiv(p.M, block_m)
+    kernel, tile = gluon_tile_for(x2.device, p.M, p.N, p.K, int4)
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
-    # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
-    plan = plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, serial=False)
-    launch(x2, words, scales, bias, y, plan, block_m, int4=int4, ahead=blocks_ahead(block_m),
-           pdl=DECODE_PDL and plan.split_k > 1)
+
+    def plan(num_tiles=0, **how):
+        return plan_split(x2.device, "w4a16_fragment", p.M, p.N, p.K, TILE_K, num_tiles, y, **how)
+
+    if kernel == "streamed":
+        warpgroups, block_m, stages = tile
+        launch_streamed(x2, words, scales, bias, y, plan(serial=True), block_m, int4=int4, stages=stages,
+                        warpgroups=warpgroups)
+    elif kernel == "paired":
+        launch_paired(x2, words, scales, bias, y, plan(serial=True), tile[0], int4=int4, stages=PAIRED_STAGES)
+    elif kernel == "piped":
+        warpgroups, block_m, halves, word_stages = tile
+        launch_piped(x2, words, scales, bias, y, plan(split_k=1), block_m, int4=int4, halves=halves,
+                     warpgroups=warpgroups, word_stages=word_stages)
+    elif kernel == "batch":
+        warpgroups, block_m, stages, serial = tile
+        num_tiles = p.N // (TILE_N * warpgroups) * triton.cdiv(p.M, block_m)
+        launch_tma(x2, words, scales, bias, y, plan(num_tiles, serial=serial), block_m, int4=int4, stages=stages,
+                   warpgroups=warpgroups)
+    else:
+        (block_m,) = tile
+        # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
+        split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
+        launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
+               pdl=DECODE_PDL and split.split_k > 1)
     return y
 
 
@@ -573,10 +585,10 @@ def w4a16_fragment_gemm(
     """y [..., N] = x [..., K] · Wᵀ (+ bias) for a symmetric group-128 int4 weight stored fragment-major
     (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
 
-    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (decode tiles, batch tiles: ``batch_tile_for``,
-    piped tiles: ``piped_tile_for``, paired tiles: ``paired_tile_for``, streamed tiles: ``streamed_tile_for``),
-    dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on CUDA when forced), the
-    fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
+    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (``gluon_tile_for``: streamed, paired, piped,
+    batch or decode tiles), dequantize + cuBLAS from LARGE_M_FRAGMENT where the decode tiles would serve (or
+    anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
+    ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)
     return _gemm(W4A16_FRAGMENT, x, words, scales, bias)
 
@@ -621,9 +633,9 @@ def w8a16_fragment_gemm(
     M = 1-300 and at 1024, against ``w8a16_gemm``'s kernel where a batch tile serves, its dequantize + cuBLAS
     elsewhere; where only one of the two dequantizes, they agree within rounding).
 
-    Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (decode tiles, batch tiles:
-    ``batch_tile_for``, piped, paired and streamed tiles: ``piped_tile_for``, ``paired_tile_for``,
-    ``streamed_tile_for``), dequantize + cuBLAS from LARGE_M_FRAGMENT where no batch tile serves (or anywhere on
-    CUDA when forced), the fp32 reference elsewhere. Registered as ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
+    Kernel chosen by ``W8A16_FRAGMENT``: the Gluon kernels' int8 mode on sm_90 (``gluon_tile_for``: streamed,
+    paired, piped, batch or decode tiles), dequantize + cuBLAS from LARGE_M_FRAGMENT where the decode tiles would
+    serve (or anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
+    ``torch.ops.angel_kernels.w8a16_fragment_gemm``."""
     _validate(x, words, scales, bias, int4=False)
     return _gemm(W8A16_FRAGMENT, x, words, scales, bias)

@@ -367,6 +367,38 @@ def test_streamed_tiles_serve_split_weights_whose_256_token_tiles_fill_one_wave(
     assert streamed_tile_for(CPU, 448, 8192, 1024) is None
 
 
+def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
+    """``gluon_tile_for``'s precedence on the Llama shapes (132 SMs off the GPU), and ``_run_gluon`` launching that
+    kernel with that tile (the launches recorded instead of run, so this runs on the CPU)."""
+    from triton.runtime.jit import JITFunction
+
+    from angel_kernels.gemm.fragment import (
+        PIPED_TILE, SMALL_BATCH_TILE, STREAMED_TILE, _run_gluon, gluon_tile_for,
+    )
+
+    cases = {  # (M, N, K, int4): (kernel, tile, the kernel function, its BLOCK_M)
+        (1, 28672, 4096, True): ("decode", (8,), "_fragment_gemm_kernel", 8),
+        (64, 28672, 4096, False): ("batch", SMALL_BATCH_TILE + (False,), "_fragment_gemm_tma_kernel", 64),
+        (300, 28672, 4096, True): ("piped", PIPED_TILE, "_fragment_gemm_piped_kernel", 256),
+        (100, 6144, 4096, False): ("paired", (128,), "_fragment_gemm_paired_kernel", 128),
+        (448, 4096, 4096, True): ("batch", (2, 128, 3, True), "_fragment_gemm_tma_kernel", 128),
+        (448, 8192, 28672, False): ("streamed", STREAMED_TILE, "_fragment_gemm_stream_kernel", 256),
+        (64, 4096, 14336, True): ("decode", (64,), "_fragment_gemm_kernel", 64),
+    }
+    launched = []
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append((self, kw)))
+    for (m, n, k, int4), (kernel, tile, function, block_m) in cases.items():
+        assert gluon_tile_for(CPU, m, n, k, int4) == (kernel, tile), (m, n, k)
+        launched.clear()
+        x = torch.zeros(m, k, dtype=torch.float16)
+        words = torch.zeros(n, k // (8 if int4 else 4), dtype=torch.int32)
+        scales = torch.ones(k // 128, n, dtype=torch.float16) if int4 else torch.ones(n)
+        y = _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
+        assert y.shape == (m, n) and len(launched) == 1, (m, n, k)
+        fn, kw = launched[0]
+        assert (fn.__name__, kw["BLOCK_M"], kw["INT4"]) == (function, block_m, int4), (m, n, k)
+
+
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
 def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, int4, monkeypatch):
     from angel_kernels.gemm import fragment as mod
@@ -396,11 +428,10 @@ def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     past a token tile at M = 257; split weights: the ranges run serially, paired on two warpgroups, or streamed),
     with a bias, bf16 activations, x a strided view (TMA reads it in place)."""
     from angel_kernels.gemm import fragment as mod
-    from angel_kernels.gemm.fragment import paired_tile_for, streamed_tile_for
+    from angel_kernels.gemm.fragment import gluon_tile_for, streamed_tile_for
 
     cuda = torch.device("cuda")
-    if all(rule is None for rule in (batch_tile_for(cuda, m, n, k, int4), paired_tile_for(cuda, m, n, k),
-                                     streamed_tile_for(cuda, m, n, k))):
+    if gluon_tile_for(cuda, m, n, k, int4)[0] == "decode":
         pytest.skip("not a batch-tile problem on this GPU's SM count")
     family = W4A16_FRAGMENT if int4 else W8A16_FRAGMENT
     assert family.select(FragmentProblem(m, n, k, torch.bfloat16, torch.device("cuda"))).name == "gluon"
