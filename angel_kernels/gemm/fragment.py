@@ -28,11 +28,11 @@ LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs
 split weights whose 128- or 64-token tiles fill most of one wave (``paired_tile_for``: two warp-specialized
 warpgroups on one tile, even and odd split ranges), streamed tiles on split weights whose 256-token tiles fill most
 of one wave (``streamed_tile_for``: persistent, warp-specialized, the ranges serially; 8192-row weights at M =
-384-512 on 132 SMs), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there dequantize
-+ cuBLAS. Serves symmetric group-128 weights (the GPTQ / AWQ / compressed-tensors
-W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The int8 layout
-(``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s
-bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
+384-512 on 132 SMs), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there
+dequantize + cuBLAS (``gluon_tile_for`` names the kernel). Serves symmetric group-128 weights (the GPTQ / AWQ /
+compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The
+int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives
+``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial
