@@ -883,9 +883,9 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     WG warpgroups (the batch tiles' operands: each warpgroup its 64 rows, all sharing the x stage) with one wgmma
     group in flight across K-blocks, and a loader warp filling the x stages by TMA, the next tile's while the
     consumers store this one. The batch tiles' k16 chain, dequantization and epilogue (so the decode tiles' bits).
-    Two warpgroups in one partition, not two partitions
-    of one: with two consumer partitions Triton 3.6 caps the function at 168 registers and ptxas serializes every
-    wgmma of both (C7512, also with ptxas 13.0 and a patched .maxnreg 255)."""
+    Two warpgroups in one partition, not two partitions of one: with two consumer partitions Triton 3.6 caps the
+    function at 168 registers and ptxas serializes every wgmma of both (C7512, also with ptxas 13.0 and a patched
+    .maxnreg 255)."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
     x_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
