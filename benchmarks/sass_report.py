@@ -14,8 +14,9 @@ instructions a K-block costs, shows here in seconds.
     python benchmarks/sass_report.py w4a16 --n 28672 --k 4096 --m 1
     python benchmarks/sass_report.py fragment --n 4096 --k 4096 --m 256 [--int4 1]
 
-``fragment``: whatever the fragment-major op launches at that M on an sm_90 GPU of 132 SMs (decode, batch, piped or
-paired tiles; Gluon kernels: Triton 3.6, the GPU machine's, e.g. from the wheel cache on PYTHONPATH).
+``fragment``: whatever the fragment-major op launches at that M on an sm_90 GPU of 132 SMs (``gluon_tile_for``:
+decode, batch, piped, paired or streamed tiles; Gluon kernels: Triton 3.6, the GPU machine's, e.g. from the wheel
+cache on PYTHONPATH).
 Counts come from the Triton installed here; the GPU machine's Triton version may differ (`triton.__version__` is
 printed). ``--dump DIR`` keeps the PTX, the SASS and the TTGIR.
 """
