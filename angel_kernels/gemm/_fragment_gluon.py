@@ -590,6 +590,21 @@ def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bi
 
 # ------------------------------------------------------------------------------------------------ paired tiles
 @gluon.jit
+def _x_ring(x_desc, DT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+    """A ring of STAGES x stages for a loader warp and its consumers: two k64 halves [BLOCK_M, 64] per stage (TMA
+    boxes), a 'ready' barrier per stage (its TMA landed) and an 'empty' one (its consumers are done), initialised.
+    Returns (x_lo, x_hi, ready, empty)."""
+    x_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(STAGES):
+        mbarrier.init(ready.index(t), count=1)
+        mbarrier.init(empty.index(t), count=1)
+    return x_lo, x_hi, ready, empty
+
+
+@gluon.jit
 def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr):
     """The K-block of a consumer's stream block i: consumer PART runs split ranges PART, PART + 2, … (RB K-blocks
     each) one after the other."""
@@ -720,21 +735,10 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     bits), with two warpgroups' MMAs on an SM where the serial tiles have one (split weights give ~one 64-row ×
     128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    x0_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x0_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x1_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x1_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
+    x0_lo, x0_hi, ready0, empty0 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
+    x1_lo, x1_hi, ready1, empty1 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
     xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    ready0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty0 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    ready1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     sync = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for t in gl.static_range(STAGES):
-        mbarrier.init(ready0.index(t), count=1)
-        mbarrier.init(empty0.index(t), count=1)
-        mbarrier.init(ready1.index(t), count=1)
-        mbarrier.init(empty1.index(t), count=1)
     full = sync.index(0)  # consumer 1's range sum is in xchg
     spent = sync.index(1)  # consumer 0 has read it
     mbarrier.init(full, count=1)
@@ -887,13 +891,7 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     function at 168 registers and ptxas serializes every wgmma of both (C7512, also with ptxas 13.0 and a patched
     .maxnreg 255)."""
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    x_lo = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    x_hi = gl.allocate_shared_memory(DT, [STAGES, BLOCK_M, 64], x_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for t in gl.static_range(STAGES):
-        mbarrier.init(ready.index(t), count=1)
-        mbarrier.init(empty.index(t), count=1)
+    x_lo, x_hi, ready, empty = _x_ring(x_desc, DT, BLOCK_M, STAGES)
     gl.warp_specialize([
         (_stream_consumer, (x_lo, x_hi, ready, empty, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
                             num_tiles, RB, WG, INT4, BF16, HAS_BIAS, BLOCK_M, STAGES, SERIAL)),

@@ -316,12 +316,14 @@ def serial_tile_for(m: int, n: int, k: int, sms: int):
     return best[2]
 
 
-def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
+def piped_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool, batch=False):
     """(warpgroups, token tile, x halves, word stages) of the piped tiles for this problem, or None: weights that
-    the unsplit batch tiles serve with two or more warpgroups, from PIPED_MIN_M tokens."""
+    the unsplit batch tiles serve with two or more warpgroups, from PIPED_MIN_M tokens. ``batch``: this problem's
+    ``batch_tile_for`` where the caller has it."""
     if not (PIPED and m >= PIPED_MIN_M):
         return None
-    batch = batch_tile_for(device, m, n, k, int4)
+    if batch is False:
+        batch = batch_tile_for(device, m, n, k, int4)
     if batch is None or batch[3] or n % (TILE_N * PIPED_TILE[0]):
         return None
     return PIPED_TILE
@@ -372,12 +374,12 @@ def gluon_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool) -> 
     paired = paired_tile_for(device, m, n, k)
     if paired is not None:
         return "paired", (paired,)
-    tile = piped_tile_for(device, m, n, k, int4)
+    batch = batch_tile_for(device, m, n, k, int4)
+    tile = piped_tile_for(device, m, n, k, int4, batch)
     if tile is not None:
         return "piped", tile
-    tile = batch_tile_for(device, m, n, k, int4)
-    if tile is not None:
-        return "batch", tile
+    if batch is not None:
+        return "batch", batch
     return "decode", (block_m_for(m, n, k),)
 
 
