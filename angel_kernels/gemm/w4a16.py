@@ -119,9 +119,9 @@ def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False) ->
     16 q below its exponent, so it keeps the shifts)."""
     ty = "bf16x2" if bf16 else "f16x2"
     magic = "0x43004300" if bf16 else "0x64006400"
+    if row_pair_scales and zeros:
+        raise ValueError("row-pair scales serve symmetric weights only")
     if row_pair_scales and not bf16:
-        if zeros:
-            raise ValueError("row-pair scales serve symmetric weights only")
         lines = [".reg .b32 t0, t1, t2, t3, q8, c, c16, sixteenth, sa, sb;", "mov.b32 c, 0x64086408;",
                  "mov.b32 c16, 0xD480D480;", "mov.b32 sixteenth, 0x2C002C00;",  # -72, 1/16
                  "mov.b32 sa, {$9, $9};", "mov.b32 sb, {$10, $10};", "shr.u32 q8, $8, 8;",
@@ -133,8 +133,6 @@ def _word_dequant_ptx(bf16: bool, zeros: bool, row_pair_scales: bool = False) ->
             lines += [f"mul.f16x2 t{j}, t{j}, {'sa' if j % 2 == 0 else 'sb'};", f"mov.b32 {{${j}, ${j + 4}}}, t{j};"]
         return "{\n" + "\n".join(lines) + "\n}"
     if row_pair_scales:
-        if zeros:
-            raise ValueError("row-pair scales serve symmetric weights only")
         off = "0x43084308" if bf16 else "0x64086408"  # bf16 136 / fp16 1032: the magic base + 8
         lines = [".reg .b32 t0, t1, t2, t3, c, sa, sb;", f"mov.b32 c, {off};", "mov.b32 sa, {$9, $9};",
                  "mov.b32 sb, {$10, $10};"]
