@@ -9,9 +9,9 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 "s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
-"d<ahead>[,<programs per SM>[,<token tile>]]" for the decode tiles with that many K-blocks of weight words in flight
-(and that split rule: split K until a launch has that many programs per SM; 0 keeps the op's; and that token tile
-instead of the op's).
+"d<ahead>[,<programs per SM>[,<token tile>[,<split count>]]]" for the decode tiles with that many K-blocks of weight
+words in flight (and that split rule: split K until a launch has that many programs per SM; that token tile
+instead of the op's; that split count, forced; 0 keeps the op's).
 """
 import argparse
 import sys
@@ -43,11 +43,13 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
         return y
-    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM[, token tile]])
-        bm = cfg[3] if len(cfg) > 3 else block_m_for(M, n, K)
+    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM[, token tile[, split count]]]), 0: the op's
+        bm = cfg[3] if len(cfg) > 3 and cfg[3] else block_m_for(M, n, K)
         tiles = n // TILE_N * triton.cdiv(M, bm)
         per_sm = cfg[2] if len(cfg) > 2 else 0
         split = split_k_for(n, K, TILE_K, num_sms(x.device, DEFAULT_SMS), per_sm) if per_sm else None
+        if len(cfg) > 4 and cfg[4]:  # a forced split count (past the split rule's floor of K per range)
+            split = cfg[4]
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
         return y

@@ -129,10 +129,10 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = False):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
-    split scratch only after."""
+    split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -177,7 +177,8 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
     if PDL:  # x (and the partials and counters) may still be written by the previous kernel
         gdc_wait()
-        gdc_launch_dependents()
+        if PDL == 1:
+            gdc_launch_dependents()
     for t in gl.static_range(STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
@@ -276,14 +277,28 @@ def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x
 
 
 @gluon.jit
+def _early_launch(PDL: gl.constexpr):
+    """Programmatic dependent launch for the batch, piped, paired and streamed tiles: the kernel is launched while
+    the previous kernel of the stream finishes and waits for it here, before any memory access (x may still be
+    written and y still read by it); PDL 1 then lets the next kernel launch at once, 2 when this one's programs
+    exit. 0: a plain launch."""
+    if PDL:
+        gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()
+
+
+@gluon.jit
 def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                               stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                               SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                              AHEAD: gl.constexpr, OVERLAP: gl.constexpr, SERIAL: gl.constexpr):
+                              AHEAD: gl.constexpr, OVERLAP: gl.constexpr, SERIAL: gl.constexpr,
+                              PDL: gl.constexpr = 0):
     """Batch tiles: WG warpgroups (64 weight rows each) share one x tile that TMA brings in; the same k16 chain,
     dequantization and rounding as ``_fragment_gemm_kernel`` (so the same bits). SERIAL: one program per tile runs
     the SPLIT_K ranges one after the other and sums them in registers, in split order (the partials' bits without
-    the partials)."""
+    the partials). PDL: see ``_early_launch``."""
+    _early_launch(PDL)
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     ROWS: gl.constexpr = 64 * WG
@@ -380,11 +395,16 @@ def x_descriptor(x2: torch.Tensor, block_m: int):
     return TensorDescriptor.from_tensor(x2, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], dt))
 
 
+def _pdl_launch(pdl: int) -> dict:
+    """The launch option of a PDL mode other than 0 (programmatic stream serialization)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                block_m: int, int4: bool = True, stages: int = 3, warpgroups: int = 2, ahead: int = 2,
-               overlap: bool = False) -> None:
+               overlap: bool = False, pdl: int = 0) -> None:
     """``launch``'s batch-tile kernel: x through TMA, ``warpgroups`` 64-row tiles per program sharing it; a plan
-    with ``serial`` runs its split ranges in one program per tile."""
+    with ``serial`` runs its split ranges in one program per tile. ``pdl``: ``_early_launch``'s mode."""
     M, K = x2.shape
     N = y.shape[1]
     if ahead not in (2, 3):
@@ -398,17 +418,17 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
         plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, OVERLAP=overlap, SERIAL=plan.serial,
-        num_warps=4 * warpgroups)
+        PDL=pdl, num_warps=4 * warpgroups, **_pdl_launch(pdl))
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: bool = False) -> None:
+           pdl: int = 0) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
-    while the previous kernel of the stream finishes)."""
+    while the previous kernel of the stream finishes; the kernel's PDL mode)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
@@ -423,7 +443,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
-        **({"launch_pdl": True} if pdl else {}))
+        **_pdl_launch(pdl))
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles
@@ -501,12 +521,13 @@ def _piped_block(acc, a, total, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_d
 def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, K_PER_SPLIT, stride_ym,
                                 INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                                 BLOCK_M: gl.constexpr, HS: gl.constexpr, WG: gl.constexpr, WS: gl.constexpr,
-                                SERIAL: gl.constexpr):
+                                SERIAL: gl.constexpr, PDL: gl.constexpr = 0):
     """Piped batch tiles: the batch tiles' operands (each warpgroup its 64 weight rows as wgmma's A operand from
     the registers its words are converted in, x [BLOCK_M, 64] halves by TMA as B), but the MMAs stay in flight:
     a warpgroup converts half j + 1 into a second A register set while half j's MMAs run, and waits only for the
     MMAs before them. x arrives in a ring of HS k64 halves, the weight words by cp.async in a ring of WS K-blocks
-    (in shared memory, not registers). Unsplit weights, or SERIAL split ranges."""
+    (in shared memory, not registers). Unsplit weights, or SERIAL split ranges. PDL: see ``_early_launch``."""
+    _early_launch(PDL)
     WORDS: gl.constexpr = 8 if INT4 else 16
     HW: gl.constexpr = WORDS // 2
     ROWS: gl.constexpr = 64 * WG
@@ -569,9 +590,9 @@ def _fragment_gemm_piped_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
 
 def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                  block_m: int = 256, int4: bool = True, halves: int = 4, warpgroups: int = 2,
-                 max_regs: int = 0, word_stages: int = 3) -> None:
+                 max_regs: int = 0, word_stages: int = 3, pdl: int = 0) -> None:
     """``_fragment_gemm_piped_kernel``: unsplit weights or a ``serial`` plan (no partials). ``max_regs``: ptxas's
-    register cap (0: none)."""
+    register cap (0: none); ``pdl``: ``_early_launch``'s mode."""
     M, K = x2.shape
     N = y.shape[1]
     if plan.split_k > 1 and not plan.serial:
@@ -584,8 +605,8 @@ def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bi
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, plan.k_per_split, y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, num_warps=4 * warpgroups,
-        **({"maxnreg": max_regs} if max_regs else {}))
+        BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, PDL=pdl,
+        num_warps=4 * warpgroups, **({"maxnreg": max_regs} if max_regs else {}), **_pdl_launch(pdl))
 
 
 # ------------------------------------------------------------------------------------------------ paired tiles
@@ -727,13 +748,15 @@ def _paired_loader(x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, e
 def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, INT4: gl.constexpr,
                                  BF16: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
                                  RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr):
+                                 CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, PDL: gl.constexpr = 0):
     """Paired tiles (split weights): two warpgroups on one tile of 64 weight rows × BLOCK_M tokens, warp-specialized:
     the default partition runs the even split ranges, a worker warpgroup the odd ones, each with its own x ring that
     a loader warp fills by TMA; the odd consumer hands each range's fp32 sum over through shared memory, and the
     even one sums them in split order. Same k16 chains and sums as the serial batch tiles (so the decode tiles'
     bits), with two warpgroups' MMAs on an SM where the serial tiles have one (split weights give ~one 64-row ×
-    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops."""
+    128-token tile per SM there), and no CTA barrier around the TMA issues in the consumers' loops. PDL: see
+    ``_early_launch``."""
+    _early_launch(PDL)
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x0_lo, x0_hi, ready0, empty0 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
     x1_lo, x1_hi, ready1, empty1 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
@@ -755,8 +778,9 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
 
 def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                   block_m: int = 128, int4: bool = True, stages: int = 2, consumer_regs: int = 232,
-                  loader_regs: int = 40) -> None:
-    """``_fragment_gemm_paired_kernel`` for a split ``plan`` (an even split count of equal ranges)."""
+                  loader_regs: int = 40, pdl: int = 0) -> None:
+    """``_fragment_gemm_paired_kernel`` for a split ``plan`` (an even split count of equal ranges); ``pdl``:
+    ``_early_launch``'s mode."""
     M, K = x2.shape
     N = y.shape[1]
     rb = plan.k_per_split // 128
@@ -770,7 +794,7 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        LOADER_REGS=loader_regs, num_warps=4)
+        LOADER_REGS=loader_regs, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
 
 
 # ---------------------------------------------------------------------------------------------- streamed tiles
@@ -880,7 +904,7 @@ def _stream_loader(x_desc, x_lo, x_hi, ready, empty, M, K, num_tiles, BLOCK_M: g
 def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, num_tiles, RB,
                                  SERIAL: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                                 LOADER_REGS: gl.constexpr):
+                                 LOADER_REGS: gl.constexpr, PDL: gl.constexpr = 0):
     """Streamed tiles (split weights whose tiles fill one wave, their ranges run serially; unsplit ones too):
     persistent programs, one per SM, each walking tiles of 64 · WG weight rows × BLOCK_M tokens (every nprog-th,
     so neighbouring SMs share a tile's weight rows or its x at a time); warp-specialized: one consumer partition of
@@ -889,7 +913,8 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     consumers store this one. The batch tiles' k16 chain, dequantization and epilogue (so the decode tiles' bits).
     Two warpgroups in one partition, not two partitions of one: with two consumer partitions Triton 3.6 caps the
     function at 168 registers and ptxas serializes every wgmma of both (C7512, also with ptxas 13.0 and a patched
-    .maxnreg 255)."""
+    .maxnreg 255). PDL: see ``_early_launch``."""
+    _early_launch(PDL)
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x_lo, x_hi, ready, empty = _x_ring(x_desc, DT, BLOCK_M, STAGES)
     gl.warp_specialize([
@@ -901,9 +926,9 @@ def _fragment_gemm_stream_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
 
 def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                     block_m: int = 256, int4: bool = True, stages: int = 3, warpgroups: int = 2,
-                    loader_regs: int = 40, programs: int = 0) -> None:
+                    loader_regs: int = 40, programs: int = 0, pdl: int = 0) -> None:
     """``_fragment_gemm_stream_kernel`` for an unsplit weight or a ``serial`` plan of split ranges of an even
-    number of K-blocks: min(tiles, ``programs`` or the SM count) programs."""
+    number of K-blocks: min(tiles, ``programs`` or the SM count) programs; ``pdl``: ``_early_launch``'s mode."""
     M, K = x2.shape
     N = y.shape[1]
     rows = 64 * warpgroups
@@ -920,4 +945,4 @@ def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4, BF16=x2.dtype == torch.bfloat16,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups, LOADER_REGS=loader_regs,
-        num_warps=4 * warpgroups)
+        PDL=pdl, num_warps=4 * warpgroups, **_pdl_launch(pdl))

@@ -124,6 +124,9 @@ PIPED = True
 # 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Not for unsplit weights (28672 rows,
 # no such tail): 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1.
 DECODE_PDL = True
+# Programmatic dependent launch of the streamed, paired, piped and batch tiles (``_early_launch``'s mode: 0 plain,
+# 1 the next kernel launched at once, 2 as this one's programs exit).
+GLUON_PDL = 0
 # Paired tiles (``_fragment_gemm_paired_kernel``): split weights whose tiles of 64 rows × 128 tokens (else 64) fill
 # PAIRED_MIN_FILL to 1 of one wave at one program per SM. Two warp-specialized warpgroups share a tile, one on the
 # even split ranges and one on the odd ones (each with its own x ring, filled by a TMA loader warp), summed in split
@@ -404,24 +407,25 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
     if kernel == "streamed":
         warpgroups, block_m, stages = tile
         launch_streamed(x2, words, scales, bias, y, plan(serial=True), block_m, int4=int4, stages=stages,
-                        warpgroups=warpgroups)
+                        warpgroups=warpgroups, pdl=GLUON_PDL)
     elif kernel == "paired":
-        launch_paired(x2, words, scales, bias, y, plan(serial=True), tile[0], int4=int4, stages=PAIRED_STAGES)
+        launch_paired(x2, words, scales, bias, y, plan(serial=True), tile[0], int4=int4, stages=PAIRED_STAGES,
+                      pdl=GLUON_PDL)
     elif kernel == "piped":
         warpgroups, block_m, halves, word_stages = tile
         launch_piped(x2, words, scales, bias, y, plan(split_k=1), block_m, int4=int4, halves=halves,
-                     warpgroups=warpgroups, word_stages=word_stages)
+                     warpgroups=warpgroups, word_stages=word_stages, pdl=GLUON_PDL)
     elif kernel == "batch":
         warpgroups, block_m, stages, serial = tile
         num_tiles = p.N // (TILE_N * warpgroups) * triton.cdiv(p.M, block_m)
         launch_tma(x2, words, scales, bias, y, plan(num_tiles, serial=serial), block_m, int4=int4, stages=stages,
-                   warpgroups=warpgroups)
+                   warpgroups=warpgroups, pdl=GLUON_PDL)
     else:
         (block_m,) = tile
         # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
         split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
-               pdl=DECODE_PDL and split.split_k > 1)
+               pdl=int(DECODE_PDL and split.split_k > 1))
     return y
 
 

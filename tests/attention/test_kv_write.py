@@ -458,3 +458,56 @@ def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype, layout):
         got = fresh()
         launch_kv_write(key, value, got[0], got[1], slots, got[2], got[3], cfg=cfg)
         _assert_same(got, want, str(cfg.as_dict()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
+@pytest.mark.parametrize("T", [64, 4096])
+def test_gpu_early_launch_writes_the_reference_bits(cache_dtype, T):
+    """Every PDL mode (plain, early trigger, trigger at exit), two writes back to back (the second launched while
+    the first runs), eager and replayed from a CUDA graph: the reference's bytes in both caches."""
+    H, D, bs = 8, 128, 16
+    nb = -(-T // bs) + 2
+    cases = [_case(T, H, D, bs, nb, cache_dtype, torch.float16, seed=T + i, pad_every=5, scale=3.0) for i in (0, 1)]
+    cases = [(k.cuda(), v.cuda(), s.cuda(), [None if c is None else c.cuda() for c in caches])
+             for k, v, s, caches in cases]
+    wants = []
+    for key, value, slots, caches in cases:
+        want = _clone(*caches)
+        write_kv_cache_ref(key, value, want[0], want[1], slots, want[2], want[3])
+        wants.append(want)
+
+    def write_both(pdl):
+        outs = [_clone(*caches) for _k, _v, _s, caches in cases]
+        for (key, value, slots, _c), got in zip(cases, outs):
+            launch_kv_write(key, value, got[0], got[1], slots, got[2], got[3], pdl=pdl)
+        return outs
+
+    for pdl in (0, 1, 2):
+        for got, want in zip(write_both(pdl), wants):
+            _assert_same(got, want, f"eager, PDL {pdl}")
+        write_both(pdl)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = write_both(pdl)
+        for got, (_k, _v, _s, caches) in zip(outs, cases):  # back to the caches' first contents
+            for c, first in zip(got, caches):
+                if c is not None:
+                    c.copy_(first)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, want in zip(outs, wants):
+            _assert_same(got, want, f"graph, PDL {pdl}")
+
+
+def test_pdl_mode_by_waves():
+    """Off CUDA never; on sm_90 early trigger for one wave of programs, trigger at exit for more."""
+    from angel_kernels.attention.kv_write import pdl_mode
+
+    assert pdl_mode(10, 1, torch.device("cpu")) == 0
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        dev = torch.device("cuda")
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        assert pdl_mode(32 * sms, 1, dev) == 1 and pdl_mode(32 * sms + 1, 1, dev) == 2
+        assert pdl_mode(16 * sms, 4, dev) == 1 and pdl_mode(16 * sms + 1, 4, dev) == 2
