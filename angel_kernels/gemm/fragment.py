@@ -121,11 +121,17 @@ PIPED = True
 # words while the previous kernel of the stream finishes (there: the previous call's last-arrival sums, a tail
 # where most SMs idle), and waits for it only before reading x. H100, CUDA graphs, µs without → with, int8 / int4,
 # M = 1: 6144×4096 12.2 → 11.0 / 8.5 → 7.6, 4096×4096 9.6 → 9.0 / 7.3 → 6.4, 4096×14336 23.7 → 21.3 / 15.5 → 12.8,
-# 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Not for unsplit weights (28672 rows,
-# no such tail): 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1.
+# 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Unsplit weights too since the
+# one-shift int4 words (H100, before them: 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1, so they
+# were left out). H200, CUDA graphs, one run, two samples each, µs plain → PDL (same bits), int8 / int4: 28672×4096
+# M = 1 31.4, 31.3 → 29.8, 29.7 / 22.1, 22.2 → 20.4, 20.3; M = 16 33.4, 33.4 → 32.3, 32.3 / 24.3, 24.5 → 23.2, 23.4;
+# 28672×8192 M = 1 58.4, 59.4 → 57.5, 59.5 / 41.6, 41.1 → 39.6, 39.2 (M = 16 within the samples' spread).
 DECODE_PDL = True
 # Programmatic dependent launch of the streamed, paired, piped and batch tiles (``_early_launch``'s mode: 0 plain,
-# 1 the next kernel launched at once, 2 as this one's programs exit).
+# 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2, two
+# samples each, gains of ≤ 0.8 µs on the 4096-row paired tiles at 128 tokens (int4 4096×4096 13.6, 13.6 / 12.9,
+# 12.7 / 13.4, 13.3) and losses of up to 6 µs elsewhere (int8 4096×14336 M = 384 101.9, 104.3 / 108.8, 110.0 /
+# 106.5, 106.5; 8192×28672 M = 256 232.7, 240.3 / 247.1, 242.3 / 240.1, 243.3); the rest within the spread.
 GLUON_PDL = 0
 # Paired tiles (``_fragment_gemm_paired_kernel``): split weights whose tiles of 64 rows × 128 tokens (else 64) fill
 # PAIRED_MIN_FILL to 1 of one wave at one program per SM. Two warp-specialized warpgroups share a tile, one on the
@@ -425,7 +431,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
         split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
-               pdl=int(DECODE_PDL and split.split_k > 1))
+               pdl=int(DECODE_PDL))
     return y
 
 
