@@ -117,16 +117,31 @@ LARGE_M_BATCH = 1024
 PIPED_TILE = (2, 256, 4, 3)
 PIPED_MIN_M = 256
 PIPED = True
-# Split decode tiles launched by programmatic dependent launch: each program loads its first K-blocks of weight
-# words while the previous kernel of the stream finishes (there: the previous call's last-arrival sums, a tail
-# where most SMs idle), and waits for it only before reading x. H100, CUDA graphs, µs without → with, int8 / int4,
-# M = 1: 6144×4096 12.2 → 11.0 / 8.5 → 7.6, 4096×4096 9.6 → 9.0 / 7.3 → 6.4, 4096×14336 23.7 → 21.3 / 15.5 → 12.8,
-# 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each). Unsplit weights too since the
-# one-shift int4 words (H100, before them: 28672×4096 int4 25.5 → 26.4, 28672×8192 48.0 → 51.3 at M = 1, so they
-# were left out). H200, CUDA graphs, one run, two samples each, µs plain → PDL (same bits), int8 / int4: 28672×4096
-# M = 1 31.4, 31.3 → 29.8, 29.7 / 22.1, 22.2 → 20.4, 20.3; M = 16 33.4, 33.4 → 32.3, 32.3 / 24.3, 24.5 → 23.2, 23.4;
-# 28672×8192 M = 1 58.4, 59.4 → 57.5, 59.5 / 41.6, 41.1 → 39.6, 39.2 (M = 16 within the samples' spread).
+# Decode tiles launched by programmatic dependent launch (``decode_pdl_mode``): each program loads its first
+# K-blocks of weight words while the previous kernel of the stream finishes, and waits for it only before reading
+# x. Split weights (there the previous call's last-arrival sums leave a tail where most SMs idle), H100, CUDA graphs,
+# µs without → with, int8 / int4, M = 1: 6144×4096 12.2 → 11.0 / 8.5 → 7.6, 4096×4096 9.6 → 9.0 / 7.3 → 6.4,
+# 4096×14336 23.7 → 21.3 / 15.5 → 12.8, 8192×28672 81.3 → 79.0 / 47.7 → 45.7 (M = 16: 0.4-1.6 µs less on each).
+# Unsplit weights too since the one-shift int4 words (H100, before them: 28672×4096 int4 25.5 → 26.4, 28672×8192
+# 48.0 → 51.3 at M = 1). H200, CUDA graphs, one run, two samples each, µs plain / early trigger (mode 1) / trigger
+# at exit (mode 2), same bits: int8 28672×4096 M = 1 31.5, 31.4 / 29.8, 29.8 / 31.2, 31.2, M = 4 31.6, 32.1 / 30.2,
+# 30.2 / 31.4, 31.4, M = 16 33.7, 33.7 / 32.4, 32.5 / 33.8, 33.7; int4 28672×4096 M = 1 21.9, 22.0 / 20.2, 20.2 /
+# 21.7, 21.7, M = 16 24.9, 25.0 / 23.5, 23.4 / 24.8, 24.6, 28672×8192 M = 1 41.5, 41.2 / 39.6, 39.7 / 40.9, 41.0.
+# But int4 at 2-8 tokens: 28672×4096 M = 4 22.5, 22.4 / 24.0, 23.8 / 22.2, 22.2, 28672×8192 M = 4 41.9, 41.8 /
+# 46.9, 46.4 / 41.9, 41.6 (split 8192×28672 too, last stop: 42.2-43.1 with mode 1 against 38.6-40.3 without).
+# That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others 100-123), so five programs fit an SM
+# instead of four and an early trigger lets more of the next call's programs in beside the 3.4 per SM of this one:
+# mode 2 there.
 DECODE_PDL = True
+
+
+def decode_pdl_mode(m: int, int4: bool) -> int:
+    """The decode tiles' PDL mode for M tokens (``DECODE_PDL``): 1 (early trigger), 2 for int4 at 2-8 tokens."""
+    if not DECODE_PDL:
+        return 0
+    return 2 if int4 and 1 < m <= 8 else 1
+
+
 # Programmatic dependent launch of the streamed, paired, piped and batch tiles (``_early_launch``'s mode: 0 plain,
 # 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2, two
 # samples each, gains of ≤ 0.8 µs on the 4096-row paired tiles at 128 tokens (int4 4096×4096 13.6, 13.6 / 12.9,
@@ -431,7 +446,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
         split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
-               pdl=int(DECODE_PDL))
+               pdl=decode_pdl_mode(p.M, int4))
     return y
 
 
