@@ -127,19 +127,21 @@ PIPED = True
 # at exit (mode 2), same bits: int8 28672×4096 M = 1 31.5, 31.4 / 29.8, 29.8 / 31.2, 31.2, M = 4 31.6, 32.1 / 30.2,
 # 30.2 / 31.4, 31.4, M = 16 33.7, 33.7 / 32.4, 32.5 / 33.8, 33.7; int4 28672×4096 M = 1 21.9, 22.0 / 20.2, 20.2 /
 # 21.7, 21.7, M = 16 24.9, 25.0 / 23.5, 23.4 / 24.8, 24.6, 28672×8192 M = 1 41.5, 41.2 / 39.6, 39.7 / 40.9, 41.0.
-# But int4 at 2-8 tokens: 28672×4096 M = 4 22.5, 22.4 / 24.0, 23.8 / 22.2, 22.2, 28672×8192 M = 4 41.9, 41.8 /
-# 46.9, 46.4 / 41.9, 41.6 (split 8192×28672 too, last stop: 42.2-43.1 with mode 1 against 38.6-40.3 without).
-# That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others 100-123), so five programs fit an SM
-# instead of four and an early trigger lets more of the next call's programs in beside the 3.4 per SM of this one:
-# mode 2 there.
+# But int4 at 2-8 tokens on weights whose programs run 32 K-blocks or more: 28672×4096 M = 4 22.5, 22.4 / 24.0, 23.8
+# / 22.2, 22.2, 28672×8192 M = 4 41.9, 41.8 / 46.9, 46.4 / 41.9, 41.6, split 8192×28672 (56 K-blocks per range) M = 4
+# 39.0, 39.1 / 42.6, 42.6 / 38.7, 38.7, while on the short ranges of the 4096-row weights the early trigger gains
+# most: 4096×4096 (8 K-blocks) M = 4 6.9, 7.0 / 5.8, 5.8 / 6.8, 6.8, 4096×14336 (14) 13.1, 13.2 / 11.1, 11.1 / 12.9,
+# 12.9 (6144×4096, 8: 8.0 / 8.1 / 7.8). That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others
+# 100-123: five programs fit an SM instead of four); why the long ranges lose there is not pinned down.
 DECODE_PDL = True
 
 
-def decode_pdl_mode(m: int, int4: bool) -> int:
-    """The decode tiles' PDL mode for M tokens (``DECODE_PDL``): 1 (early trigger), 2 for int4 at 2-8 tokens."""
+def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
+    """The decode tiles' PDL mode for M tokens whose programs each run ``range_blocks`` K-blocks (``DECODE_PDL``):
+    1 (early trigger), 2 (trigger at exit) for int4 at 2-8 tokens on ranges of 32 K-blocks or more."""
     if not DECODE_PDL:
         return 0
-    return 2 if int4 and 1 < m <= 8 else 1
+    return 2 if int4 and 1 < m <= 8 and range_blocks >= 32 else 1
 
 
 # Programmatic dependent launch of the streamed, paired, piped and batch tiles (``_early_launch``'s mode: 0 plain,
@@ -446,7 +448,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
         split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
-               pdl=decode_pdl_mode(p.M, int4))
+               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K))
     return y
 
 

@@ -399,17 +399,18 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
         assert (fn.__name__, kw["BLOCK_M"], kw["INT4"]) == (function, block_m, int4), (m, n, k)
 
 
-def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_without_early_trigger(monkeypatch):
+def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_without_early_trigger(monkeypatch):
     """The decode tiles' PDL mode as launched: early trigger (1), but trigger at exit (2) for int4 at 2-8 tokens
-    (the variant with room for five programs per SM); the batch tiles' mode is GLUON_PDL's (off)."""
+    on ranges of 32 K-blocks or more (28672×4096 unsplit: 32; 4096×4096 split in four: 8); the batch tiles' mode
+    is GLUON_PDL's (off)."""
     from triton.runtime.jit import JITFunction
 
     from angel_kernels.gemm.fragment import GLUON_PDL, _run_gluon
 
     launched = []
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append(kw))
-    for (m, n, k, int4), mode in {(1, 28672, 4096, True): 1, (4, 28672, 4096, True): 2, (8, 4096, 4096, True): 2,
-                                  (16, 28672, 4096, True): 1, (4, 28672, 4096, False): 1, (2, 4096, 14336, False): 1,
+    for (m, n, k, int4), mode in {(1, 28672, 4096, True): 1, (4, 28672, 4096, True): 2, (8, 4096, 4096, True): 1,
+                                  (16, 28672, 4096, True): 1, (4, 28672, 4096, False): 1, (2, 4096, 14336, True): 1, (2, 8192, 28672, True): 2,
                                   (64, 28672, 4096, True): GLUON_PDL}.items():
         launched.clear()
         x = torch.zeros(m, k, dtype=torch.float16)
