@@ -203,9 +203,10 @@ def pdl_mode(programs: int, num_warps: int, device: torch.device) -> int:
     """How the write launches (the kernel's PDL): 0 plain (no CUDA or before sm_90); 1 where its grid fits one
     wave, so the next kernel's programs may become resident at once and wait beside ours; 2 (no early trigger)
     where it takes several waves, since a waiting program there takes the slot of one of ours. H200, CUDA graphs,
-    back-to-back writes, two runs each, µs plain / 1 / 2: int8 T = 64 2.59, 2.61 / 1.92, 1.92 / 2.07, 2.44; T =
-    4096 (8192 one-warp programs, two waves) 10.27, 10.32 / 10.65, 10.66 / 10.12, 10.12; T = 16384 31.38, 31.31 /
-    40.52, 40.54 / 31.11, 31.05; fp16 T = 64 2.01 / 1.41 / 1.89, T = 512 2.95 / 2.30 / 2.79 (same bits in each)."""
+    back-to-back writes, one run, two samples each, µs plain / 1 / 2: int8 T = 64 2.59, 2.61 / 1.92, 1.92 / 2.07,
+    2.44; T = 4096 (8192 one-warp programs, two waves) 10.27, 10.32 / 10.65, 10.66 / 10.12, 10.12; T = 16384 31.38,
+    31.31 / 40.52, 40.54 / 31.11, 31.05; fp16 T = 64 2.01 / 1.41 / 1.89, T = 512 2.95 / 2.30 / 2.79 (same bits in
+    each)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return 0
     per_sm = min(MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // num_warps)
