@@ -409,9 +409,10 @@ def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_wi
 
     launched = []
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append(kw))
-    for (m, n, k, int4), mode in {(1, 28672, 4096, True): 1, (4, 28672, 4096, True): 2, (8, 4096, 4096, True): 1,
-                                  (16, 28672, 4096, True): 1, (4, 28672, 4096, False): 1, (2, 4096, 14336, True): 1, (2, 8192, 28672, True): 2,
-                                  (64, 28672, 4096, True): GLUON_PDL}.items():
+    modes = {(1, 28672, 4096, True): 1, (4, 28672, 4096, True): 2, (8, 4096, 4096, True): 1,
+             (16, 28672, 4096, True): 1, (4, 28672, 4096, False): 1, (2, 4096, 14336, True): 1,
+             (2, 8192, 28672, True): 2, (64, 28672, 4096, True): GLUON_PDL}
+    for (m, n, k, int4), mode in modes.items():
         launched.clear()
         x = torch.zeros(m, k, dtype=torch.float16)
         words = torch.zeros(n, k // (8 if int4 else 4), dtype=torch.int32)
