@@ -289,13 +289,13 @@ def _paged_attn_split_kernel(
     #                                   int8 K/V rows read unmasked (rows past the length read block 0)
     HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
-    PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late
+    PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late, 3 the reduce only
 ):
-    if PDL:
+    if PDL == 1 or PDL == 2:
         # launched before the previous kernel of the stream finished: wait for its writes (q, the caches)
         gdc_wait()
-    if PDL == 1:
-        # and let the reduce kernel launch as soon as every program here has started (2: as they exit)
+    if PDL == 1 or PDL == 3:
+        # let the reduce kernel launch as soon as every program here has started (2: as they exit)
         gdc_launch_dependents()
     BF16: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16
     pid = tl.program_id(0)
@@ -532,17 +532,23 @@ def uses_pdl(programs: int, device: torch.device) -> bool:
     return programs <= num_sms(device)
 
 
-def pdl_modes(programs: int, quant: bool, device: torch.device) -> tuple:
+def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1) -> tuple:
     """(the split kernel's PDL mode, whether the reduce kernel launches dependently). Grids of at most one program
     per SM: both early (``uses_pdl``, mode 1). Fuller grids over fp16 / bf16 caches: both dependent, but the split
     kernel with no early trigger (mode 2: the reduce kernel launches as the split programs exit, so none of its
     programs sits resident beside running split programs). H100, CUDA graphs, one run, µs plain / mode 2 (two
     samples each): fp16 B=8×4k 54.9, 54.6 / 53.9, 53.4; 32×4k 195.7, 195.4 / 194.9, 194.9; 64×16k 1466.5, 1462.2 /
-    1459.9, 1455.7. Not int8 (8×4k 32.7, 32.5 / 33.6, 33.4; 1×32k 32.7, 32.5 / 33.6, 33.6)."""
+    1459.9, 1455.7. Not int8 (8×4k 32.7, 32.5 / 33.6, 33.4; 1×32k 32.7, 32.5 / 33.6, 33.6). int8 grids of one
+    wave (at most ``per_sm`` programs per SM, the config's PROGRAMS_PER_SM): the split kernel a plain launch that
+    triggers at once and the reduce kernel dependent (mode 3: its programs wait beside the split programs, which
+    leave room for them). H100, one run: 8×4k 33.3 → 32.2 µs, 1×32k 33.5 → 32.5 (1024 one-warp programs); with
+    several waves it cost (32×4k 112.7 → 114.8)."""
     if uses_pdl(programs, device):
         return 1, True
-    if quant or device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
         return 0, False
+    if quant:
+        return (3, True) if programs <= per_sm * num_sms(device) else (0, False)
     return 2, True
 
 
@@ -666,7 +672,8 @@ def launch_paged_attention(
         # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
-    pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device)
+    pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device,
+                                int(dict(cfg.extra).get("PROGRAMS_PER_SM", PROGRAMS_PER_SM)))
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -700,7 +707,7 @@ def launch_paged_attention(
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
-        **({"launch_pdl": True} if pdl else {}),
+        **({"launch_pdl": True} if pdl in (1, 2) else {}),
     )
     if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](

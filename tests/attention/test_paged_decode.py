@@ -576,6 +576,28 @@ def test_gpu_early_launch_changes_no_bit(cache_dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_reduce_launched_beside_a_one_wave_int8_grid_changes_no_bit(monkeypatch):
+    """int8 grids of one wave (8 sequences of 4k tokens: 1024 one-warp programs) launch the reduce kernel
+    dependently (``pdl_modes`` mode 3): the bits of plain launches, and the reference's values."""
+    import angel_kernels.attention.paged_decode as pd
+
+    c = _gpu_case([4096] * 8, cache_dtype=torch.int8, seed=66)
+    p = PagedDecodeProblem(HQ, HKV, D, BS, c["q"].dtype, torch.int8, torch.device("cuda"))
+    cfg = pd.config_for(p)
+    max_ns = split_policy(p).max_num_splits(c["block_table"].shape[1] * BS)
+    per_sm = int(dict(cfg.extra).get("PROGRAMS_PER_SM", pd.PROGRAMS_PER_SM))
+    modes = pd.pdl_modes(8 * HKV * max_ns, True, p.device, per_sm)
+    if modes != (3, True):
+        pytest.skip(f"{8 * HKV * max_ns} programs at {per_sm} per SM are not one wave on this GPU (modes {modes})")
+    early = _run(c)
+    monkeypatch.setattr(pd, "pdl_modes", lambda *a, **k: (0, False))
+    plain = _run(c)
+    torch.cuda.synchronize()
+    assert torch.equal(early, plain), f"modes {modes} against plain launches"
+    assert_close(early, _ref(c))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_gpu_page_addressing_at_the_tuned_config(cache_dtype, block_size):
@@ -687,6 +709,9 @@ def test_early_launch_only_for_small_grids_on_hopper(monkeypatch):
         assert pd.pdl_modes(132, True, cuda) == pd.pdl_modes(132, False, cuda) == ((1, True) if hopper else (0, False))
         assert pd.pdl_modes(133, False, cuda) == ((2, True) if hopper else (0, False))
         assert pd.pdl_modes(133, True, cuda) == (0, False)
+        # int8 grids of one wave (per_sm programs per SM): a plain split launch, the reduce dependent (mode 3)
+        assert pd.pdl_modes(8 * 132, True, cuda, per_sm=8) == ((3, True) if hopper else (0, False))
+        assert pd.pdl_modes(8 * 132 + 1, True, cuda, per_sm=8) == (0, False)
     assert not pd.uses_pdl(1, torch.device("cpu"))
     assert pd.pdl_modes(1000, False, torch.device("cpu")) == (0, False)
 
