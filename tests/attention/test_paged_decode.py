@@ -577,11 +577,11 @@ def test_gpu_early_launch_changes_no_bit(cache_dtype):
 
 @pytest.mark.gpu
 def test_gpu_reduce_launched_beside_a_one_wave_int8_grid_changes_no_bit(monkeypatch):
-    """int8 grids of one wave (8 sequences of 4k tokens: 1024 one-warp programs) launch the reduce kernel
-    dependently (``pdl_modes`` mode 3): the bits of plain launches, and the reference's values."""
+    """int8 grids of one wave (8 sequences of 4000 tokens, a 4016-token table: 16 splits, 1024 one-warp programs)
+    launch the reduce kernel dependently (``pdl_modes`` mode 3): the bits of plain launches, the reference's values."""
     import angel_kernels.attention.paged_decode as pd
 
-    c = _gpu_case([4096] * 8, cache_dtype=torch.int8, seed=66)
+    c = _gpu_case([4000] * 8, cache_dtype=torch.int8, seed=66)
     p = PagedDecodeProblem(HQ, HKV, D, BS, c["q"].dtype, torch.int8, torch.device("cuda"))
     cfg = pd.config_for(p)
     max_ns = split_policy(p).max_num_splits(c["block_table"].shape[1] * BS)
