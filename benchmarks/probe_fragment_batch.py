@@ -9,9 +9,10 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 "s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
-"d<ahead>[,<programs per SM>[,<token tile>[,<split count>]]]" for the decode tiles with that many K-blocks of weight
-words in flight (and that split rule: split K until a launch has that many programs per SM; that token tile
-instead of the op's; that split count, forced; 0 keeps the op's).
+"d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>]]]]" for the decode tiles with that many
+K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs per SM; that
+token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3 for modes
+0-2; 0 keeps the op's).
 """
 import argparse
 import sys
@@ -26,7 +27,7 @@ from angel_kernels.gemm._fragment_gluon import (
 from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
 from angel_kernels.runtime import num_sms
 from angel_kernels.gemm.fragment import (
-    TILE_K, TILE_N, block_m_for, blocks_ahead, fragment_major_int4, fragment_major_int8,
+    TILE_K, TILE_N, block_m_for, blocks_ahead, decode_pdl_mode, fragment_major_int4, fragment_major_int8,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.tuning import l2_bytes, rotation_count, time_calls
@@ -43,7 +44,8 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, serial=False)
         launch(x, words, scales, None, y, plan, bm, int4, ahead=blocks_ahead(bm))
         return y
-    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM[, token tile[, split count]]]), 0: the op's
+    if cfg[0] == "d":  # decode tiles: ("d", ahead[, programs per SM[, token tile[, split count[, PDL mode + 1]]]]),
+        # 0: the op's
         bm = cfg[3] if len(cfg) > 3 and cfg[3] else block_m_for(M, n, K)
         tiles = n // TILE_N * triton.cdiv(M, bm)
         per_sm = cfg[2] if len(cfg) > 2 else 0
@@ -51,7 +53,8 @@ def run(x, words, scales, n, int4, cfg=None):
         if len(cfg) > 4 and cfg[4]:  # a forced split count (past the split rule's floor of K per range)
             split = cfg[4]
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
-        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=plan.split_k > 1)
+        pdl = cfg[5] - 1 if len(cfg) > 5 and cfg[5] else decode_pdl_mode(M, int4, plan.k_per_split // TILE_K)
+        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl)
         return y
     if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers)
         _s, bm, stages, regs = cfg
