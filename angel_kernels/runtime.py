@@ -46,3 +46,9 @@ def num_sms(device: torch.device, default: int) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return default
+
+
+def dependent_launch(dependent: bool) -> dict:
+    """Triton launch options of a kernel launched by programmatic dependent launch (sm_90+: it may start while the
+    previous kernel of the stream finishes, and must ``gdc_wait`` before reading what that kernel wrote)."""
+    return {"launch_pdl": True} if dependent else {}

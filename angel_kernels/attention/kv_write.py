@@ -24,7 +24,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
-from ..runtime import num_sms, reference_forced, triton_runnable_on
+from ..runtime import dependent_launch, num_sms, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
@@ -239,7 +239,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
         RECIP=bool(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
-        **({"launch_pdl": True} if pdl else {}),
+        **dependent_launch(pdl > 0),
     )
 
 

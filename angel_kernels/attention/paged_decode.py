@@ -46,7 +46,7 @@ from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
-from ..runtime import interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import dependent_launch, interpreter_active, reference_forced, triton_runnable_on
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
@@ -708,7 +708,7 @@ def launch_paged_attention(
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
-        **({"launch_pdl": True} if pdl in (1, 2) else {}),
+        **dependent_launch(pdl in (1, 2)),
     )
     if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
@@ -718,7 +718,7 @@ def launch_paged_attention(
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
             num_warps=4 if D >= 128 else 2, **consts, PDL=reduce_pdl,
-            **({"launch_pdl": True} if reduce_pdl else {}),
+            **dependent_launch(reduce_pdl),
         )
     return out
 

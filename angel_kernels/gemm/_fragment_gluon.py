@@ -48,6 +48,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
+from ..runtime import dependent_launch
 from . import fragment
 from .w4a16 import _word_dequant_ptx
 
@@ -126,6 +127,18 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 
 
 @gluon.jit
+def _early_launch(PDL: gl.constexpr):
+    """Programmatic dependent launch: the kernel is launched while the previous kernel of the stream finishes and
+    waits for it here, before touching anything that kernel may write or read (x, y, the split scratch; the decode
+    tiles load their first constant weight words before it, the other tiles nothing); PDL 1 then lets the next
+    kernel launch at once, 2 when this one's programs exit. 0: a plain launch."""
+    if PDL:
+        gdc_wait()
+        if PDL == 1:
+            gdc_launch_dependents()
+
+
+@gluon.jit
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
@@ -175,10 +188,7 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
         w_c, s0_c, s1_c = _load_block(w_ptrs, s_ptrs, 2, n_blocks, N, WORDS, INT4, DT)
     if AHEAD == 4:
         w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
-    if PDL:  # x (and the partials and counters) may still be written by the previous kernel
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
+    _early_launch(PDL)  # x (and the partials and counters) may still be written by the previous kernel
     for t in gl.static_range(STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
@@ -274,18 +284,6 @@ def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x
     nxt = i + STAGES
     _issue_x(x_desc, x_lo, x_hi, ready, nxt, off_m, k_start + nxt * TILE_K, STAGES, nxt < n_blocks)
     return acc, w_lo, w_hi, s0, s1
-
-
-@gluon.jit
-def _early_launch(PDL: gl.constexpr):
-    """Programmatic dependent launch for the batch, piped, paired and streamed tiles: the kernel is launched while
-    the previous kernel of the stream finishes and waits for it here, before any memory access (x may still be
-    written and y still read by it); PDL 1 then lets the next kernel launch at once, 2 when this one's programs
-    exit. 0: a plain launch."""
-    if PDL:
-        gdc_wait()
-        if PDL == 1:
-            gdc_launch_dependents()
 
 
 @gluon.jit
@@ -395,11 +393,6 @@ def x_descriptor(x2: torch.Tensor, block_m: int):
     return TensorDescriptor.from_tensor(x2, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], dt))
 
 
-def _pdl_launch(pdl: int) -> dict:
-    """The launch option of a PDL mode other than 0 (programmatic stream serialization)."""
-    return {"launch_pdl": True} if pdl else {}
-
-
 def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
                block_m: int, int4: bool = True, stages: int = 3, warpgroups: int = 2, ahead: int = 2,
                overlap: bool = False, pdl: int = 0) -> None:
@@ -418,7 +411,7 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
         plan.partials, plan.counters, M, N, K, plan.k_per_split, y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, OVERLAP=overlap, SERIAL=plan.serial,
-        PDL=pdl, num_warps=4 * warpgroups, **_pdl_launch(pdl))
+        PDL=pdl, num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
 
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
@@ -443,7 +436,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
-        **_pdl_launch(pdl))
+        **dependent_launch(pdl > 0))
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles
@@ -606,7 +599,7 @@ def launch_piped(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bi
         M, N, K, plan.k_per_split, y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, HS=halves, WG=warpgroups, WS=word_stages, SERIAL=plan.serial, PDL=pdl,
-        num_warps=4 * warpgroups, **({"maxnreg": max_regs} if max_regs else {}), **_pdl_launch(pdl))
+        num_warps=4 * warpgroups, **({"maxnreg": max_regs} if max_regs else {}), **dependent_launch(pdl > 0))
 
 
 # ------------------------------------------------------------------------------------------------ paired tiles
@@ -794,7 +787,7 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
         SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, CONSUMER_REGS=consumer_regs,
-        LOADER_REGS=loader_regs, PDL=pdl, num_warps=4, **_pdl_launch(pdl))
+        LOADER_REGS=loader_regs, PDL=pdl, num_warps=4, **dependent_launch(pdl > 0))
 
 
 # ---------------------------------------------------------------------------------------------- streamed tiles
@@ -945,4 +938,4 @@ def launch_streamed(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), num_tiles, rb, SERIAL=plan.split_k > 1, INT4=int4, BF16=x2.dtype == torch.bfloat16,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, STAGES=stages, WG=warpgroups, LOADER_REGS=loader_regs,
-        PDL=pdl, num_warps=4 * warpgroups, **_pdl_launch(pdl))
+        PDL=pdl, num_warps=4 * warpgroups, **dependent_launch(pdl > 0))

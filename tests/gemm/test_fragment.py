@@ -263,12 +263,23 @@ def test_piped_tiles_serve_unsplit_weights_from_m_256(int4):
     assert piped_tile_for(CPU, 512, 576, 1024, int4) is None  # N % 128 != 0
 
 
-def _launch_operands(m, n, k):
-    """CPU operands for the launchers' argument checks (they refuse before anything runs)."""
+def _launch_operands(m, n, k, int4=True):
+    """CPU operands for the launchers' argument checks (they refuse before anything runs) and for recorded
+    launches: int4 words and group scales, or int8 words and channel scales."""
     x = torch.zeros(m, k, dtype=torch.float16)
-    words = torch.zeros(n, k // 8, dtype=torch.int32)
-    scales = torch.ones(k // 128, n, dtype=torch.float16)
+    words = torch.zeros(n, k // (8 if int4 else 4), dtype=torch.int32)
+    scales = torch.ones(k // 128, n, dtype=torch.float16) if int4 else torch.ones(n)
     return x, words, scales, torch.empty(m, n, dtype=torch.float16)
+
+
+def _record_launches(monkeypatch) -> list:
+    """Triton launches recorded as (kernel function, launch keywords) instead of run: the op's launch path on the
+    CPU."""
+    from triton.runtime.jit import JITFunction
+
+    launched = []
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append((self, kw)))
+    return launched
 
 
 def test_piped_paired_and_streamed_launchers_refuse_what_they_cannot_run():
@@ -370,8 +381,6 @@ def test_streamed_tiles_serve_split_weights_whose_256_token_tiles_fill_one_wave(
 def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
     """``gluon_tile_for``'s precedence on the Llama shapes (132 SMs off the GPU), and ``_run_gluon`` launching that
     kernel with that tile (the launches recorded instead of run, so this runs on the CPU)."""
-    from triton.runtime.jit import JITFunction
-
     from angel_kernels.gemm.fragment import (
         PIPED_TILE, SMALL_BATCH_TILE, STREAMED_TILE, _run_gluon, gluon_tile_for,
     )
@@ -385,14 +394,11 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
         (448, 8192, 28672, False): ("streamed", STREAMED_TILE, "_fragment_gemm_stream_kernel", 256),
         (64, 4096, 14336, True): ("decode", (64,), "_fragment_gemm_kernel", 64),
     }
-    launched = []
-    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append((self, kw)))
+    launched = _record_launches(monkeypatch)
     for (m, n, k, int4), (kernel, tile, function, block_m) in cases.items():
         assert gluon_tile_for(CPU, m, n, k, int4) == (kernel, tile), (m, n, k)
         launched.clear()
-        x = torch.zeros(m, k, dtype=torch.float16)
-        words = torch.zeros(n, k // (8 if int4 else 4), dtype=torch.int32)
-        scales = torch.ones(k // 128, n, dtype=torch.float16) if int4 else torch.ones(n)
+        x, words, scales, _y = _launch_operands(m, n, k, int4)
         y = _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
         assert y.shape == (m, n) and len(launched) == 1, (m, n, k)
         fn, kw = launched[0]
@@ -403,22 +409,18 @@ def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_wi
     """The decode tiles' PDL mode as launched: early trigger (1), but trigger at exit (2) for int4 at 2-8 tokens
     on ranges of 32 K-blocks or more (28672×4096 unsplit: 32; 4096×4096 split in four: 8); the batch tiles' mode
     is GLUON_PDL's (off)."""
-    from triton.runtime.jit import JITFunction
-
     from angel_kernels.gemm.fragment import GLUON_PDL, _run_gluon
 
-    launched = []
-    monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append(kw))
+    launched = _record_launches(monkeypatch)
     modes = {(1, 28672, 4096, True): 1, (4, 28672, 4096, True): 2, (8, 4096, 4096, True): 1,
              (16, 28672, 4096, True): 1, (4, 28672, 4096, False): 1, (2, 4096, 14336, True): 1,
              (2, 8192, 28672, True): 2, (64, 28672, 4096, True): GLUON_PDL}
     for (m, n, k, int4), mode in modes.items():
         launched.clear()
-        x = torch.zeros(m, k, dtype=torch.float16)
-        words = torch.zeros(n, k // (8 if int4 else 4), dtype=torch.int32)
-        scales = torch.ones(k // 128, n, dtype=torch.float16) if int4 else torch.ones(n)
+        x, words, scales, _y = _launch_operands(m, n, k, int4)
         _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
-        assert launched[0]["PDL"] == mode and launched[0].get("launch_pdl", False) == bool(mode), (m, n, k, int4)
+        kw = launched[0][1]
+        assert kw["PDL"] == mode and kw.get("launch_pdl", False) == bool(mode), (m, n, k, int4)
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
