@@ -8,7 +8,8 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
 "s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
-warpgroups on one tile, even and odd split ranges, and a TMA loader warp), or
+warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<token tile>,<x stages>,<parts>[,<consumer
+registers>]" for the parts tiles (2 or 4 warpgroups on one tile, split ranges round-robin), or
 "d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>]]]]" for the decode tiles with that many
 K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs per SM; that
 token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3 for modes
@@ -22,7 +23,7 @@ import triton
 
 from angel_kernels import w4a16_fragment_gemm, w8a16_fragment_gemm
 from angel_kernels.gemm._fragment_gluon import (
-    launch, launch_paired, launch_piped, launch_streamed, launch_tma,
+    launch, launch_paired, launch_parts, launch_piped, launch_streamed, launch_tma,
 )
 from angel_kernels.gemm._splitk import DEFAULT_SMS, plan_split, split_k_for
 from angel_kernels.runtime import num_sms
@@ -61,6 +62,11 @@ def run(x, words, scales, n, int4, cfg=None):
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
         launch_paired(x, words, scales, None, y, plan, bm, int4, stages, regs)
         return y
+    if cfg[0] == "q":  # parts tiles: ("q", block_m, x stages, parts[, consumer registers])
+        bm, stages, parts = cfg[1:4]
+        plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
+        launch_parts(x, words, scales, None, y, plan, bm, int4, stages, parts, *cfg[4:5])
+        return y
     if cfg[0] == "s":  # streamed tiles: ("s", block_m, x stages, warpgroups)
         _s, bm, stages, wg = cfg
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, 0, y, serial=True)
@@ -84,7 +90,7 @@ def run(x, words, scales, n, int4, cfg=None):
 def _fits(cfg, n: int) -> bool:
     """Whether N rows fill a config's program tiles (batch and piped tiles: 64 rows per warpgroup; the decode and
     paired tiles take any multiple of 64)."""
-    if cfg[0] in ("d", "w"):
+    if cfg[0] in ("d", "w", "q"):
         return True
     if cfg[0] == "s":
         return n % (64 * cfg[3]) == 0
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits-only", action="store_true")
     ap.add_argument("--no-decode-tile", action="store_true", help="do not time the decode tiles")
     args = ap.parse_args(argv)
-    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdws" else
+    configs = [(c[0],) + tuple(int(v) for v in c[1:].split(",")) if c[0] in "pdwsq" else
                tuple(int(v) for v in c.split(",")) for c in args.configs.split(";")]  # see run()
     dev = torch.device("cuda")
     for shape in args.shapes.split(","):

@@ -790,6 +790,216 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
         LOADER_REGS=loader_regs, PDL=pdl, num_warps=4, **dependent_launch(pdl > 0))
 
 
+# ------------------------------------------------------------------------------------------------- parts tiles
+@gluon.jit
+def _parts_kb(i, PART: gl.constexpr, PARTS: gl.constexpr, RB: gl.constexpr):
+    """The K-block of consumer PART's stream block i: it runs split ranges PART, PART + PARTS, … (RB K-blocks
+    each) one after the other."""
+    return (i // RB) * (PARTS * RB) + PART * RB + i % RB
+
+
+@gluon.jit
+def _parts_words(w_row, s_row, i, n, N, PART: gl.constexpr, PARTS: gl.constexpr, RB: gl.constexpr,
+                 WORDS: gl.constexpr, INT4: gl.constexpr, DT: gl.constexpr):
+    """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
+    kb = _parts_kb(i, PART, PARTS, RB)
+    return _load_halves(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4, DT)
+
+
+@gluon.jit
+def _parts_issue_x(x_desc, x_lo, x_hi, ready, i, n, off_m, PART: gl.constexpr, PARTS: gl.constexpr,
+                   RB: gl.constexpr, STAGES: gl.constexpr):
+    """TMA of consumer PART's stream block i (x [BLOCK_M, 128] as two k64 halves) into its slot; none past n."""
+    slot = PART * STAGES + i % STAGES
+    k = _parts_kb(i, PART, PARTS, RB) * TILE_K
+    bar = ready.index(slot)
+    mbarrier.expect(bar, 2 * x_desc.block_type.nbytes, pred=i < n)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k], bar, x_lo.index(slot), pred=i < n)
+    tma.async_copy_global_to_shared(x_desc, [off_m, k + 64], bar, x_hi.index(slot), pred=i < n)
+
+
+@gluon.jit
+def _parts_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_desc, x_lo, x_hi, ready, off_m, N,
+                 PART: gl.constexpr, PARTS: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr,
+                 BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
+    """Stream block i as the paired tiles' K-block on consumer PART's slot of the x ring; once the warpgroup's
+    MMAs on the slot are complete it refills the slot with block i + STAGES itself (no loader warp: one register
+    budget fewer, so that four consumers get 128 registers each)."""
+    slot = PART * STAGES + i % STAGES
+    a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+    acc = warpgroup_mma(a, x_lo.index(slot).permute((1, 0)), acc, is_async=True)
+    b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
+    w_lo, w_hi, s0, s1 = _parts_words(w_row, s_row, i + 2, n, N, PART, PARTS, RB, WORDS, INT4, DT)
+    acc = warpgroup_mma(b, x_hi.index(slot).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, b))[0]
+    gl.thread_barrier()  # every warp's MMAs on the slot are complete
+    _parts_issue_x(x_desc, x_lo, x_hi, ready, i + STAGES, n, off_m, PART, PARTS, RB, STAGES)
+    return acc, w_lo, w_hi, s0, s1
+
+
+@gluon.jit
+def _parts_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, PARTS: gl.constexpr, RB: gl.constexpr,
+                     acc_l: gl.constexpr):
+    """After stream block i: where a range ends, consumers 1 … PARTS - 1 hand their sums over through `xchg`;
+    consumer 0 adds its own range's sum and then theirs, in split order (((p0 + p1) + p2) + …)."""
+    if (i + 1) % RB == 0:
+        r = i // RB  # the consumer's range count
+        if PART == 0:
+            total = gl.where(r == 0, acc, total + acc)
+            for p in gl.static_range(PARTS - 1):
+                mbarrier.wait(full.index(p), r & 1)
+                total = total + xchg.index(p).load(acc_l)
+            gl.thread_barrier()  # every thread has read them
+            for p in gl.static_range(PARTS - 1):
+                mbarrier.arrive(spent.index(p))
+        else:
+            mbarrier.wait(spent.index(PART - 1), (r & 1) ^ 1)  # (the first wait passes)
+            xchg.index(PART - 1).store(acc)
+            gl.thread_barrier()  # every thread has written it
+            mbarrier.arrive(full.index(PART - 1))
+        acc = gl.zeros_like(acc)
+    return acc, total
+
+
+@gluon.jit
+def _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                    stride_ym, PART: gl.constexpr, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
+                    STAGES: gl.constexpr):
+    """One warpgroup of a parts tile: split ranges PART, PART + PARTS, … of 64 weight rows × BLOCK_M tokens.
+    Consumer 0 ends with the tile's epilogue."""
+    WORDS: gl.constexpr = 8 if INT4 else 16
+    HW: gl.constexpr = WORDS // 2
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    tile = gl.program_id(0)
+    pid_n = tile // num_pid_m
+    pid_m = tile % num_pid_m
+    n = (SPLIT_K // PARTS) * RB  # this consumer's stream
+    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
+    acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_M, 16])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
+    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
+    w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
+             + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
+    s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
+    off_m = pid_m * BLOCK_M
+    for i in gl.static_range(STAGES):
+        _parts_issue_x(x_desc, x_lo, x_hi, ready, i, n, off_m, PART, PARTS, RB, STAGES)
+    lo_a, hi_a, s0_a, s1_a = _parts_words(w_row, s_row, 0, n, N, PART, PARTS, RB, WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _parts_words(w_row, s_row, 1, n, N, PART, PARTS, RB, WORDS, INT4, DT)
+    acc = gl.zeros([64, BLOCK_M], gl.float32, acc_l)
+    total = acc
+    for i in range(0, n, 2):
+        acc, lo_a, hi_a, s0_a, s1_a = _parts_block(acc, i, n, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_desc, x_lo,
+                                                   x_hi, ready, off_m, N, PART, PARTS, RB, WORDS, INT4, BF16, DT,
+                                                   STAGES, a_l)
+        acc, total = _parts_range_end(acc, total, i, xchg, full, spent, PART, PARTS, RB, acc_l)
+        if i + 1 < n:
+            acc, lo_b, hi_b, s0_b, s1_b = _parts_block(acc, i + 1, n, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_desc,
+                                                       x_lo, x_hi, ready, off_m, N, PART, PARTS, RB, WORDS, INT4,
+                                                       BF16, DT, STAGES, a_l)
+            acc, total = _parts_range_end(acc, total, i + 1, xchg, full, spent, PART, PARTS, RB, acc_l)
+    if PART == 0:
+        _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
+                      INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
+
+
+@gluon.jit
+def _parts_consumer_1(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr):
+    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                    stride_ym, 1, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
+
+
+@gluon.jit
+def _parts_consumer_2(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr):
+    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                    stride_ym, 2, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
+
+
+@gluon.jit
+def _parts_consumer_3(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
+                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
+                      STAGES: gl.constexpr):
+    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                    stride_ym, 3, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
+
+
+@gluon.jit
+def _fragment_gemm_parts_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym, INT4: gl.constexpr,
+                                BF16: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr,
+                                RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                                PARTS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr = 0):
+    """Parts tiles (split weights): the paired tiles with PARTS (2 or 4) warpgroups on one tile of 64 weight rows ×
+    BLOCK_M tokens, consumer p on split ranges p, p + PARTS, …, each with its own slots of the x rings that a
+    loader warp fills by TMA; consumers 1 … PARTS - 1 hand each range's fp32 sum to consumer 0 through shared
+    memory, which sums them in split order: the decode tiles' bits with PARTS chains per tile instead of a
+    partial per range through global memory. Each consumer refills its own x slots by TMA (no loader warp). PDL: see ``_early_launch``."""
+    _early_launch(PDL)
+    DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
+    x_lo = gl.allocate_shared_memory(DT, [PARTS * STAGES, BLOCK_M, 64], x_desc.layout)
+    x_hi = gl.allocate_shared_memory(DT, [PARTS * STAGES, BLOCK_M, 64], x_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [PARTS * STAGES, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(PARTS * STAGES):
+        mbarrier.init(ready.index(t), count=1)
+    xchg = gl.allocate_shared_memory(gl.float32, [PARTS - 1, 64, BLOCK_M],
+                                     gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    full = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())  # a part's sum is in
+    spent = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())  # consumer 0 read it
+    for t in gl.static_range(PARTS - 1):
+        mbarrier.init(full.index(t), count=1)
+        mbarrier.init(spent.index(t), count=1)
+    if PARTS == 2:
+        gl.warp_specialize([
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 0, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer_1, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+        ], [4], [CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 0, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer_1, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer_2, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer_3, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
+                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+        ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
+
+
+def launch_parts(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
+                 block_m: int = 64, int4: bool = True, stages: int = 2, parts: int = 4, consumer_regs: int = 128,
+                 pdl: int = 0) -> None:
+    """``_fragment_gemm_parts_kernel`` for a split ``plan`` of equal ranges whose count ``parts`` (2 or 4)
+    divides; ``pdl``: ``_early_launch``'s mode."""
+    M, K = x2.shape
+    N = y.shape[1]
+    rb = plan.k_per_split // 128
+    if parts not in (2, 4) or plan.split_k % parts or rb * plan.split_k * 128 != K:
+        raise ValueError(f"parts tiles need a split count of equal ranges that {parts} divides "
+                         f"(split {plan.split_k}, K={K})")
+    if N % 64:
+        raise ValueError(f"N={N} is not a multiple of 64 rows")
+    x2 = _rows_16_byte_aligned(x2)
+    num_tiles = (N // 64) * ((M + block_m - 1) // block_m)
+    _fragment_gemm_parts_kernel[(num_tiles,)](
+        x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
+        M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
+        SPLIT_K=plan.split_k, RB=rb, BLOCK_M=block_m, STAGES=stages, PARTS=parts, CONSUMER_REGS=consumer_regs,
+        PDL=pdl, num_warps=4, **dependent_launch(pdl > 0))
+
+
 # ---------------------------------------------------------------------------------------------- streamed tiles
 @gluon.jit
 def _stream_words(w_row, s_row, wg_thr, g, n_blocks, num_tiles, num_pid_m, nprog, N, K, WG: gl.constexpr,
