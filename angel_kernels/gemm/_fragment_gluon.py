@@ -31,7 +31,10 @@ tokens (4096×4096 at M = 256: 128, one per SM), and one warpgroup alone keeps t
 it waits on its own MMAs and conversions). Two consumer warpgroups share the tile, one on the even split ranges and
 one on the odd ones, each with its own x ring that a loader warp fills by TMA; the odd one hands each range's fp32
 sum over through shared memory and the even one adds them in split order, so the bits are the serial tiles' (and
-the decode tiles'). ncu, H200, int8 4096×4096 M = 256: tensor pipe 44 → 53 %.
+the decode tiles'). ncu, H200, int8 4096×4096 M = 256: tensor pipe 44 → 53 %. Parts tiles
+(``_fragment_gemm_parts_kernel``) are the same with four warpgroups on round-robin ranges, each refilling its own
+x slots: four chains per SM where whole 64-token tiles fill one wave (6144×4096 and 8192×28672 at 64 tokens,
+4096-row weights at 128).
 
 Streamed tiles (``_fragment_gemm_stream_kernel``, persistent and warp-specialized): one program per SM walks
 tiles of 128 weight rows × 256 tokens, two warpgroups in one consumer partition sharing each x stage (two
@@ -940,10 +943,11 @@ def _fragment_gemm_parts_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
                                 RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                                 PARTS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr = 0):
     """Parts tiles (split weights): the paired tiles with PARTS (2 or 4) warpgroups on one tile of 64 weight rows ×
-    BLOCK_M tokens, consumer p on split ranges p, p + PARTS, …, each with its own slots of the x rings that a
-    loader warp fills by TMA; consumers 1 … PARTS - 1 hand each range's fp32 sum to consumer 0 through shared
-    memory, which sums them in split order: the decode tiles' bits with PARTS chains per tile instead of a
-    partial per range through global memory. Each consumer refills its own x slots by TMA (no loader warp). PDL: see ``_early_launch``."""
+    BLOCK_M tokens, consumer p on split ranges p, p + PARTS, …, each with its own slots of the x rings, which it
+    refills by TMA itself (no loader warp: one register budget fewer, so that four consumers get 128 registers
+    each); consumers 1 … PARTS - 1 hand each range's fp32 sum to consumer 0 through shared memory, which sums them
+    in split order: the decode tiles' bits with PARTS chains per tile instead of a partial per range through global
+    memory. PDL: see ``_early_launch``."""
     _early_launch(PDL)
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x_lo = gl.allocate_shared_memory(DT, [PARTS * STAGES, BLOCK_M, 64], x_desc.layout)

@@ -26,13 +26,15 @@ LARGE_M_BATCH (1024) on unsplit weights (from 33 on those of at least 128 · SMs
 ``piped_tile_for``: the same operands with the MMAs kept in flight) and from 129 to 512 on split ones
 (``serial_tile_for``; on weights of 2^27 elements or more and at 512 where they fill their waves), paired tiles on
 split weights whose 128- or 64-token tiles fill most of one wave (``paired_tile_for``: two warp-specialized
-warpgroups on one tile, even and odd split ranges), streamed tiles on split weights whose 256-token tiles fill most
-of one wave (``streamed_tile_for``: persistent, warp-specialized, the ranges serially; 8192-row weights at M =
-384-512 on 132 SMs), decode tiles below LARGE_M_FRAGMENT (512) wherever no batch tile serves; from there
-dequantize + cuBLAS (``gluon_tile_for`` names the kernel). Serves symmetric group-128 weights (the GPTQ / AWQ /
-compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90; ``fragment_fits`` says which. The
-int8 layout (``fragment_major_int8``) is the same tiles with one byte per weight; ``w8a16_fragment_gemm`` gives
-``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and ``ifq`` stores sm_90 layers that way.
+warpgroups on one tile, even and odd split ranges; where whole 64-token tiles fill it and four divides the split
+count, parts tiles, ``parts_tile_for``: four warpgroups on round-robin ranges), streamed tiles on split weights
+whose 256-token tiles fill most of one wave (``streamed_tile_for``: persistent, warp-specialized, the ranges
+serially; 8192-row weights at M = 384-512 on 132 SMs), decode tiles below LARGE_M_FRAGMENT (512) wherever no
+batch tile serves; from there dequantize + cuBLAS (``gluon_tile_for`` names the kernel). Serves symmetric group-128
+weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and K % 128 == 0 on sm_90;
+``fragment_fits`` says which. The int8 layout (``fragment_major_int8``) is the same tiles with one byte per
+weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and
+``ifq`` stores sm_90 layers that way.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -144,8 +146,8 @@ def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
     return 2 if int4 and 1 < m <= 8 and range_blocks >= 32 else 1
 
 
-# Programmatic dependent launch of the streamed, paired, piped and batch tiles (``_early_launch``'s mode: 0 plain,
-# 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2, two
+# Programmatic dependent launch of the streamed, parts, paired, piped and batch tiles (``_early_launch``'s mode: 0
+# plain, 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2, two
 # samples each, gains of ≤ 0.8 µs on the 4096-row paired tiles at 128 tokens (int4 4096×4096 13.6, 13.6 / 12.9,
 # 12.7 / 13.4, 13.3) and losses of up to 6 µs elsewhere (int8 4096×14336 M = 384 101.9, 104.3 / 108.8, 110.0 /
 # 106.5, 106.5; 8192×28672 M = 256 232.7, 240.3 / 247.1, 242.3 / 240.1, 243.3); the rest within the spread.
@@ -181,6 +183,18 @@ PAIRED_MIN_FILL = 0.7
 # 262.4 vs 229.2), one warpgroup on 64 rows behind everywhere; on the unsplit weights the streamed tiles tie the
 # piped ones (28672×4096 int8 M = 512 223.7 vs 230.3, int4 218.5 vs 213.5). Every case gave the decode tiles' bits.
 STREAMED_TILE = (2, 256, 3)
+# Parts tiles (``_fragment_gemm_parts_kernel``): the paired tiles with four warpgroups per tile of 64 rows × 64
+# tokens, consumer p on split ranges p, p + 4, … (split counts that four divides), each refilling its own x slots
+# (no loader warp: four consumers get 128 registers each), where whole 64-token tiles (M % 64 == 0) fill
+# PARTS_MIN_FILL to 1 of one wave: four chains per SM on a tile where the decode tiles had one program per range
+# and its fp32 partial through global memory, and the paired tiles two chains. H200, CUDA graphs, one run, µs
+# op → parts (cuBLAS fp16), int8 / int4: 6144×4096 M = 64 16.9 / 15.8 → 14.9 / 13.1 (14.2), 8192×28672 M = 64
+# 86.7 / 87.1 → 83.1 / 71.7 (124.2), 4096×4096 M = 128 15.5 / 13.6 → 14.7 / 13.1 (13.5), 4096×14336 M = 128 46.3 /
+# 39.7 → 45.1 / 37.4 (38.5). Where the wave is part-empty (4096×4096 M = 64: 64 tiles, 12.5 → 13.9 int8), takes
+# two (6144×4096 M = 128: 20.3 → 27.3) or the last tile is part-full (6144×4096 M = 33: 13.4 → 20.3; 4096×4096
+# M = 96: 16.1 → 19.2) they lose; every case gave the decode tiles' bits.
+PARTS_TILE = (64, 2, 4)  # (token tile, x stages per consumer, warpgroups)
+PARTS_MIN_FILL = 0.7
 STREAMED_MIN_FILL = 0.9
 STREAMED = True
 
@@ -389,14 +403,31 @@ def streamed_tile_for(device: torch.device, m: int, n: int, k: int):
     return STREAMED_TILE if STREAMED_MIN_FILL * sms <= tiles <= sms else None
 
 
+def parts_tile_for(device: torch.device, m: int, n: int, k: int):
+    """(token tile, x stages, warpgroups) of the parts tiles for this problem, or None: a split weight of equal
+    ranges whose count the warpgroups divide, M < LARGE_M_FRAGMENT in whole token tiles, and tiles filling
+    PARTS_MIN_FILL to 1 of one wave."""
+    block_m, _stages, parts = PARTS_TILE
+    if not 0 < m < LARGE_M_FRAGMENT or m % block_m:
+        return None
+    split = split_k_on(device, "w4a16_fragment", n, k, TILE_K)
+    if split < parts or split % parts or (k // TILE_K) % split:
+        return None
+    sms = num_sms(device, DEFAULT_SMS)
+    return PARTS_TILE if PARTS_MIN_FILL * sms <= n // TILE_N * (m // block_m) <= sms else None
+
+
 def gluon_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool) -> tuple[str, tuple]:
     """(kernel, tile) of the Gluon kernel that serves this problem: the first rule that takes it, in this order:
-    streamed tiles (``streamed_tile_for``), paired tiles (``paired_tile_for``; the tile: its token tile),
-    piped tiles (``piped_tile_for``), batch tiles (``batch_tile_for``: unsplit, or split weights' ranges run
-    serially), else the decode tiles on ``block_m_for``'s token tile."""
+    streamed tiles (``streamed_tile_for``), parts tiles (``parts_tile_for``), paired tiles (``paired_tile_for``;
+    the tile: its token tile), piped tiles (``piped_tile_for``), batch tiles (``batch_tile_for``: unsplit, or split
+    weights' ranges run serially), else the decode tiles on ``block_m_for``'s token tile."""
     tile = streamed_tile_for(device, m, n, k)
     if tile is not None:
         return "streamed", tile
+    tile = parts_tile_for(device, m, n, k)
+    if tile is not None:
+        return "parts", tile
     paired = paired_tile_for(device, m, n, k)
     if paired is not None:
         return "paired", (paired,)
@@ -419,7 +450,7 @@ def _dequant_suits(p, int4: bool) -> tuple[bool, str]:
 
 
 def _run_gluon(p, x2, words, scales, bias, int4=True):
-    from ._fragment_gluon import launch, launch_paired, launch_piped, launch_streamed, launch_tma
+    from ._fragment_gluon import launch, launch_paired, launch_parts, launch_piped, launch_streamed, launch_tma
 
     kernel, tile = gluon_tile_for(x2.device, p.M, p.N, p.K, int4)
     y = torch.empty((p.M, p.N), dtype=x2.dtype, device=x2.device)
@@ -431,6 +462,10 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         warpgroups, block_m, stages = tile
         launch_streamed(x2, words, scales, bias, y, plan(serial=True), block_m, int4=int4, stages=stages,
                         warpgroups=warpgroups, pdl=GLUON_PDL)
+    elif kernel == "parts":
+        block_m, stages, parts = tile
+        launch_parts(x2, words, scales, bias, y, plan(serial=True), block_m, int4=int4, stages=stages, parts=parts,
+                     pdl=GLUON_PDL)
     elif kernel == "paired":
         launch_paired(x2, words, scales, bias, y, plan(serial=True), tile[0], int4=int4, stages=PAIRED_STAGES,
                       pdl=GLUON_PDL)
@@ -614,8 +649,8 @@ def w4a16_fragment_gemm(
     """y [..., N] = x [..., K] · Wᵀ (+ bias) for a symmetric group-128 int4 weight stored fragment-major
     (``fragment_major_int4``), scales [K // 128, N]. The same results as ``w4a16_gemm`` on the packed weight.
 
-    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (``gluon_tile_for``: streamed, paired, piped,
-    batch or decode tiles), dequantize + cuBLAS from LARGE_M_FRAGMENT where the decode tiles would serve (or
+    Kernel chosen by ``W4A16_FRAGMENT``: the Gluon kernels on sm_90 (``gluon_tile_for``: streamed, parts, paired,
+    piped, batch or decode tiles), dequantize + cuBLAS from LARGE_M_FRAGMENT where the decode tiles would serve (or
     anywhere on CUDA when forced), the fp32 reference elsewhere. Registered as
     ``torch.ops.angel_kernels.w4a16_fragment_gemm``."""
     _validate(x, words, scales, bias)

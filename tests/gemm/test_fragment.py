@@ -282,8 +282,8 @@ def _record_launches(monkeypatch) -> list:
     return launched
 
 
-def test_piped_paired_and_streamed_launchers_refuse_what_they_cannot_run():
-    from angel_kernels.gemm._fragment_gluon import launch_paired, launch_piped, launch_streamed
+def test_piped_paired_parts_and_streamed_launchers_refuse_what_they_cannot_run():
+    from angel_kernels.gemm._fragment_gluon import launch_paired, launch_parts, launch_piped, launch_streamed
     from angel_kernels.gemm._splitk import plan_split
 
     x, words, scales, y = _launch_operands(300, 192, 1024)
@@ -306,6 +306,11 @@ def test_piped_paired_and_streamed_launchers_refuse_what_they_cannot_run():
     x, words, scales, y = _launch_operands(300, 192, 1024)
     with pytest.raises(ValueError, match="N % 128"):
         launch_streamed(x, words, scales, None, y, whole)
+    two = plan_split(CPU, "w4a16_fragment", 300, 192, 1024, 128, 0, y, split_k=2, serial=True)
+    with pytest.raises(ValueError, match="that 4 divides"):
+        launch_parts(x, words, scales, None, y, two)
+    with pytest.raises(ValueError, match="that 3 divides"):
+        launch_parts(x, words, scales, None, y, two, parts=3)
 
 
 @pytest.mark.parametrize("int4", [True, False])
@@ -355,6 +360,25 @@ def test_paired_tiles_serve_split_weights_that_fill_one_wave():
     assert paired_tile_for(CPU, 500, 2048, 4096) == 128  # × 4
 
 
+def test_parts_tiles_serve_whole_64_token_tiles_that_fill_one_wave(monkeypatch):
+    from angel_kernels.gemm import fragment as mod
+    from angel_kernels.gemm.fragment import PARTS_TILE, parts_tile_for
+
+    def ms(n, k):
+        return [m for m in range(1, 600) if parts_tile_for(CPU, m, n, k) is not None]
+
+    assert ms(6144, 4096) == [64]  # 96 row tiles: 73 % of 132 SMs at 64 tokens, 145 % at 128
+    assert ms(8192, 28672) == [64]  # 128 row tiles
+    assert ms(4096, 4096) == ms(4096, 14336) == [128]  # 64 row tiles: 48 % at 64 tokens, 97 % at 128
+    assert ms(2048, 4096) == [192, 256]  # 32 row tiles
+    assert ms(28672, 4096) == []  # unsplit
+    assert parts_tile_for(CPU, 64, 6144, 4096) == PARTS_TILE
+    monkeypatch.setattr(mod, "split_k_on", lambda device, kernel, n, k, block: 2)
+    assert ms(6144, 4096) == []  # two ranges: not four warpgroups' worth
+    monkeypatch.setattr(mod, "split_k_on", lambda device, kernel, n, k, block: 8)
+    assert ms(6144, 4096) == [64]
+
+
 def test_streamed_tiles_serve_split_weights_whose_256_token_tiles_fill_one_wave(monkeypatch):
     from angel_kernels.gemm import fragment as mod
     from angel_kernels.gemm.fragment import STREAMED_TILE, streamed_tile_for
@@ -382,7 +406,7 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
     """``gluon_tile_for``'s precedence on the Llama shapes (132 SMs off the GPU), and ``_run_gluon`` launching that
     kernel with that tile (the launches recorded instead of run, so this runs on the CPU)."""
     from angel_kernels.gemm.fragment import (
-        PIPED_TILE, SMALL_BATCH_TILE, STREAMED_TILE, _run_gluon, gluon_tile_for,
+        PARTS_TILE, PIPED_TILE, SMALL_BATCH_TILE, STREAMED_TILE, _run_gluon, gluon_tile_for,
     )
 
     cases = {  # (M, N, K, int4): (kernel, tile, the kernel function, its BLOCK_M)
@@ -393,6 +417,8 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
         (448, 4096, 4096, True): ("batch", (2, 128, 3, True), "_fragment_gemm_tma_kernel", 128),
         (448, 8192, 28672, False): ("streamed", STREAMED_TILE, "_fragment_gemm_stream_kernel", 256),
         (64, 4096, 14336, True): ("decode", (64,), "_fragment_gemm_kernel", 64),
+        (64, 6144, 4096, False): ("parts", PARTS_TILE, "_fragment_gemm_parts_kernel", 64),
+        (128, 4096, 14336, True): ("parts", PARTS_TILE, "_fragment_gemm_parts_kernel", 64),
     }
     launched = _record_launches(monkeypatch)
     for (m, n, k, int4), (kernel, tile, function, block_m) in cases.items():
@@ -445,11 +471,13 @@ def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, 
                                    (4096, 4096, 448), (4096, 14336, 300), (6144, 4096, 100), (4096, 4096, 200),
                                    (4096, 14336, 256), (2048, 4096, 400), (4096, 4096, 120),
                                    (4096, 14336, 128), (2048, 4096, 170), (28672, 4096, 40), (28672, 4096, 64),
-                                   (8192, 28672, 448), (8192, 8192, 384), (8192, 8192, 512)])
+                                   (8192, 28672, 448), (8192, 8192, 384), (8192, 8192, 512), (6144, 4096, 64),
+                                   (8192, 28672, 64), (4096, 4096, 128)])
 def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
     """Batch tiles give each row the bits of the decode tiles at M = 1 (unsplit weights: two warpgroups on 64
     tokens at M = 33-64, then int4 on 4 warpgroups, on 2 where N % 256 != 0, and piped tiles from M = 256, one row
-    past a token tile at M = 257; split weights: the ranges run serially, paired on two warpgroups, or streamed),
+    past a token tile at M = 257; split weights: the ranges run serially, paired on two warpgroups, on four
+    (parts tiles: 6144×4096 and 8192×28672 at M = 64, 4096-row weights at 128), or streamed),
     with a bias, bf16 activations, x a strided view (TMA reads it in place)."""
     from angel_kernels.gemm import fragment as mod
     from angel_kernels.gemm.fragment import gluon_tile_for, streamed_tile_for
