@@ -622,18 +622,33 @@ def _x_ring(x_desc, DT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexp
 
 
 @gluon.jit
+def _split_tile_rows(w_ptr, s_ptr, M, K, BLOCK_M: gl.constexpr, WORDS: gl.constexpr):
+    """A one-tile-per-program warpgroup's place (paired and parts tiles): (tile, its 64-row tile, its token tile,
+    the thread's word pointers [128, WORDS // 2] at the row tile's first K-block, its first scale pointer)."""
+    HW: gl.constexpr = WORDS // 2
+    num_pid_m = gl.cdiv(M, BLOCK_M)
+    tile = gl.program_id(0)
+    pid_n = tile // num_pid_m
+    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
+    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
+    w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
+             + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
+    s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
+    return tile, pid_n, tile % num_pid_m, w_row, s_row
+
+
+@gluon.jit
 def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr):
     """The K-block of a consumer's stream block i: consumer PART runs split ranges PART, PART + 2, … (RB K-blocks
     each) one after the other."""
-    return (i // RB) * (2 * RB) + PART * RB + i % RB
+    return _parts_kb(i, PART, 2, RB)
 
 
 @gluon.jit
 def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr,
                   INT4: gl.constexpr, DT: gl.constexpr):
     """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
-    kb = _paired_kb(i, PART, RB)
-    return _load_halves(w_row + kb * (128 * WORDS), s_row + kb * N, 0, (i < n).to(gl.int32), N, WORDS, INT4, DT)
+    return _parts_words(w_row, s_row, i, n, N, PART, 2, RB, WORDS, INT4, DT)
 
 
 @gluon.jit
@@ -686,21 +701,12 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     """One warpgroup of a paired tile: split ranges PART, PART + 2, … of 64 weight rows × BLOCK_M tokens. Consumer
     0 ends with the tile's epilogue."""
     WORDS: gl.constexpr = 8 if INT4 else 16
-    HW: gl.constexpr = WORDS // 2
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    tile = gl.program_id(0)
-    pid_n = tile // num_pid_m
-    pid_m = tile % num_pid_m
+    tile, pid_n, pid_m, w_row, s_row = _split_tile_rows(w_ptr, s_ptr, M, K, BLOCK_M, WORDS)
     n = (SPLIT_K // 2) * RB  # this consumer's stream
-    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
-    w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
-             + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
-    s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
     lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, WORDS, INT4, DT)
     lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, WORDS, INT4, DT)
     acc = gl.zeros([64, BLOCK_M], gl.float32, acc_l)
@@ -717,14 +723,6 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
                       INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
-
-
-@gluon.jit
-def _paired_consumer_1(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                       stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-    _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_ym,
-                     1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
 
 
 @gluon.jit
@@ -765,8 +763,8 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     gl.warp_specialize([
         (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                             stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-        (_paired_consumer_1, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                              K, stride_ym, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+        (_paired_consumer, (x1_lo, x1_hi, ready1, empty1, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                            stride_ym, 1, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
         (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, BLOCK_M,
                           STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
@@ -873,21 +871,12 @@ def _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, 
     """One warpgroup of a parts tile: split ranges PART, PART + PARTS, … of 64 weight rows × BLOCK_M tokens.
     Consumer 0 ends with the tile's epilogue."""
     WORDS: gl.constexpr = 8 if INT4 else 16
-    HW: gl.constexpr = WORDS // 2
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
-    num_pid_m = gl.cdiv(M, BLOCK_M)
-    tile = gl.program_id(0)
-    pid_n = tile // num_pid_m
-    pid_m = tile % num_pid_m
+    tile, pid_n, pid_m, w_row, s_row = _split_tile_rows(w_ptr, s_ptr, M, K, BLOCK_M, WORDS)
     n = (SPLIT_K // PARTS) * RB  # this consumer's stream
-    w_ld: gl.constexpr = gl.BlockedLayout([1, HW], [32, 1], [4, 1], [1, 0])
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    thr = gl.arange(0, 128, layout=gl.SliceLayout(1, w_ld))
-    w_row = (w_ptr + pid_n.to(gl.int64) * (K // TILE_K) * (128 * WORDS) + (thr * WORDS)[:, None]
-             + gl.arange(0, HW, layout=gl.SliceLayout(0, w_ld))[None, :])
-    s_row = s_ptr + pid_n * TILE_N + (thr // 32) * 16 + (thr % 32) // 4
     off_m = pid_m * BLOCK_M
     for i in gl.static_range(STAGES):
         _parts_issue_x(x_desc, x_lo, x_hi, ready, i, n, off_m, PART, PARTS, RB, STAGES)
@@ -908,33 +897,6 @@ def _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, 
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
                       INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
-
-
-@gluon.jit
-def _parts_consumer_1(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr):
-    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                    stride_ym, 1, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
-
-
-@gluon.jit
-def _parts_consumer_2(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr):
-    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                    stride_ym, 2, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
-
-
-@gluon.jit
-def _parts_consumer_3(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                      stride_ym, PARTS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr,
-                      HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, RB: gl.constexpr, BLOCK_M: gl.constexpr,
-                      STAGES: gl.constexpr):
-    _parts_consumer(x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
-                    stride_ym, 3, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)
 
 
 @gluon.jit
@@ -966,19 +928,19 @@ def _fragment_gemm_parts_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
         gl.warp_specialize([
             (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                                stride_ym, 0, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-            (_parts_consumer_1, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 1, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
         ], [4], [CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                                stride_ym, 0, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-            (_parts_consumer_1, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-            (_parts_consumer_2, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
-            (_parts_consumer_3, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N,
-                                 K, stride_ym, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 1, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 2, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
+            (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
+                               stride_ym, 3, PARTS, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
         ], [4, 4, 4], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS])
 
 
