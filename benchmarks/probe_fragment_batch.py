@@ -8,8 +8,8 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 "p<warpgroups>,<token tile>,<x halves>,<register cap (0: none)>,<word stages>" for the piped tiles,
 "s<token tile>,<x stages>,<warpgroups>" for the streamed tiles (persistent, warp-specialized; split weights run
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
-warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<token tile>,<x stages>,<parts>[,<consumer
-registers>]" for the parts tiles (2 or 4 warpgroups on one tile, split ranges round-robin), or
+warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<token tile>,<x stages>,<parts>
+[,<consumer registers>]" for the parts tiles (2 or 4 warpgroups on one tile, split ranges round-robin), or
 "d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>]]]]" for the decode tiles with that many
 K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs per SM; that
 token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3 for modes
@@ -88,8 +88,8 @@ def run(x, words, scales, n, int4, cfg=None):
 
 
 def _fits(cfg, n: int) -> bool:
-    """Whether N rows fill a config's program tiles (batch and piped tiles: 64 rows per warpgroup; the decode and
-    paired tiles take any multiple of 64)."""
+    """Whether N rows fill a config's program tiles (batch and piped tiles: 64 rows per warpgroup; the decode,
+    paired and parts tiles take any multiple of 64)."""
     if cfg[0] in ("d", "w", "q"):
         return True
     if cfg[0] == "s":

@@ -147,8 +147,8 @@ def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
 
 
 # Programmatic dependent launch of the streamed, parts, paired, piped and batch tiles (``_early_launch``'s mode: 0
-# plain, 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2, two
-# samples each, gains of ≤ 0.8 µs on the 4096-row paired tiles at 128 tokens (int4 4096×4096 13.6, 13.6 / 12.9,
+# plain, 1 the next kernel launched at once, 2 as this one's programs exit). Off: H200, same run, µs plain / 1 / 2,
+# two samples each, gains of ≤ 0.8 µs on the 4096-row paired tiles at 128 tokens (int4 4096×4096 13.6, 13.6 / 12.9,
 # 12.7 / 13.4, 13.3) and losses of up to 6 µs elsewhere (int8 4096×14336 M = 384 101.9, 104.3 / 108.8, 110.0 /
 # 106.5, 106.5; 8192×28672 M = 256 232.7, 240.3 / 247.1, 242.3 / 240.1, 243.3); the rest within the spread.
 GLUON_PDL = 0
@@ -183,6 +183,8 @@ PAIRED_MIN_FILL = 0.7
 # 262.4 vs 229.2), one warpgroup on 64 rows behind everywhere; on the unsplit weights the streamed tiles tie the
 # piped ones (28672×4096 int8 M = 512 223.7 vs 230.3, int4 218.5 vs 213.5). Every case gave the decode tiles' bits.
 STREAMED_TILE = (2, 256, 3)
+STREAMED_MIN_FILL = 0.9
+STREAMED = True
 # Parts tiles (``_fragment_gemm_parts_kernel``): the paired tiles with four warpgroups per tile of 64 rows × 64
 # tokens, consumer p on split ranges p, p + 4, … (split counts that four divides), each refilling its own x slots
 # (no loader warp: four consumers get 128 registers each), where whole 64-token tiles (M % 64 == 0) fill
@@ -195,8 +197,6 @@ STREAMED_TILE = (2, 256, 3)
 # M = 96: 16.1 → 19.2) they lose; every case gave the decode tiles' bits.
 PARTS_TILE = (64, 2, 4)  # (token tile, x stages per consumer, warpgroups)
 PARTS_MIN_FILL = 0.7
-STREAMED_MIN_FILL = 0.9
-STREAMED = True
 
 
 def fragment_fits(n: int, k: int) -> bool:
