@@ -824,8 +824,7 @@ def _parts_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_desc, x_lo, x_hi
                  PART: gl.constexpr, PARTS: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr,
                  BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, a_l: gl.constexpr):
     """Stream block i as the paired tiles' K-block on consumer PART's slot of the x ring; once the warpgroup's
-    MMAs on the slot are complete it refills the slot with block i + STAGES itself (no loader warp: one register
-    budget fewer, so that four consumers get 128 registers each)."""
+    MMAs on the slot are complete it refills the slot with block i + STAGES itself."""
     slot = PART * STAGES + i % STAGES
     a = _fragments(w_lo, s0[:, None], s1[:, None], INT4, BF16, a_l)
     mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
