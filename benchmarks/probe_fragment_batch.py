@@ -145,10 +145,12 @@ def main(argv=None) -> int:
                 if not args.bits_only:
                     set_bytes = sum(t.numel() * t.element_size() for t in sets[0])
                     sets += [make_set() for _ in range(1, rotation_count(set_bytes, l2_bytes(dev)))]
-                    w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
+                    # one fp16 weight per set, as bench_gemm's cuBLAS row (one weight for every set stays in L2
+                    # where it fits: the probe's cuBLAS took 8.1-8.3 µs at 4096×4096 M = 64, bench_gemm's 12.1)
+                    w16s = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in sets]
                     op = w4a16_fragment_gemm if int4 else w8a16_fragment_gemm
                     linear = torch.nn.functional.linear
-                    t = {"cublas": time_calls([lambda a=a: linear(a[0], w16) for a in sets]).median_us,
+                    t = {"cublas": time_calls([lambda a=a, w=w: linear(a[0], w) for a, w in zip(sets, w16s)]).median_us,
                          "op": time_calls([lambda a=a: op(*a) for a in sets]).median_us}
                     if not args.no_decode_tile:
                         t["decode_tile"] = time_calls([lambda a=a: run(*a, n, int4) for a in sets]).median_us
