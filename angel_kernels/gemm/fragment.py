@@ -309,12 +309,17 @@ def block_m_for(m: int, n: int, k: int) -> int:
     return 64 if m <= 128 and n * k < 2**27 else 128
 
 
-def blocks_ahead(block_m: int) -> int:
+def blocks_ahead(block_m: int, programs_per_sm: float = 0.0) -> int:
     """K-blocks of weight words in flight (the kernel's AHEAD): 3 with decode token tiles (M ≤ 16; H100, int4,
-    six Llama shapes at M = 1, 4, 16, same run: geomean 20.76 / 20.27 / 20.81 µs for 2 / 3 / 4), 2 with batch tiles
-    (64-128 tokens: more register sets cost occupancy there; sm_90a, int4, 64-token tile: 128 registers at 2, 184
-    at 3)."""
-    return 3 if block_m <= 16 else 2
+    six Llama shapes at M = 1, 4, 16, same run: geomean 20.76 / 20.27 / 20.81 µs for 2 / 3 / 4), 2 with larger
+    tiles (more register sets cost occupancy there; sm_90a, int4, 64-token tile: 128 registers at 2, 184 at 3),
+    except 64-token tiles of a launch with at most two programs per SM, which two of the 184-register programs
+    still fill (H200, same run, µs 2 → 3, int8 / int4: 4096×4096 M = 48 11.7 / 10.3 → 10.9 / 9.5, M = 64 12.5 /
+    10.9 → 11.7 / 10.4; 4096×14336 M = 64, 3.9 programs per SM, int8 30.5 → 32.6; 32-token tiles lost at two per
+    SM too, 4096×4096 M = 32 9.5 / 8.2 → 9.9 / 8.7)."""
+    if block_m <= 16 or (block_m == 64 and 0 < programs_per_sm <= 2):
+        return 3
+    return 2
 
 
 def batch_tile_for(device: torch.device, m: int, n: int, k: int, int4: bool):
@@ -481,8 +486,10 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
     else:
         (block_m,) = tile
         # split from N, K and the SM count (PROGRAMS_PER_SM), always through partials (no serial variant)
-        split = plan(p.N // TILE_N * triton.cdiv(p.M, block_m), serial=False)
-        launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m),
+        num_tiles = p.N // TILE_N * triton.cdiv(p.M, block_m)
+        split = plan(num_tiles, serial=False)
+        per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
+        launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
                pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K))
     return y
 

@@ -431,6 +431,22 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
         assert (fn.__name__, kw["BLOCK_M"], kw["INT4"]) == (function, block_m, int4), (m, n, k)
 
 
+def test_decode_tiles_keep_three_k_blocks_of_words_in_flight_where_their_registers_cost_no_occupancy(monkeypatch):
+    """AHEAD as launched: 3 up to 16 tokens, 2 on 32-token tiles, 3 on 64-token tiles of launches of at most two
+    programs per SM (4096×4096 split in four: 256 programs on 132 SMs), else 2 (4096×14336 split in eight: 512)."""
+    from angel_kernels.gemm.fragment import _run_gluon
+
+    launched = _record_launches(monkeypatch)
+    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 3, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
+              (64, 4096, 4096): 3, (64, 4096, 14336): 2}
+    for (m, n, k), ahead in aheads.items():
+        launched.clear()
+        x, words, scales, _y = _launch_operands(m, n, k, True)
+        _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=True)
+        fn, kw = launched[0]
+        assert (fn.__name__, kw["AHEAD"]) == ("_fragment_gemm_kernel", ahead), (m, n, k)
+
+
 def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_without_early_trigger(monkeypatch):
     """The decode tiles' PDL mode as launched: early trigger (1), but trigger at exit (2) for int4 at 2-8 tokens
     on ranges of 32 K-blocks or more (28672×4096 unsplit: 32; 4096×4096 split in four: 8); the batch tiles' mode
