@@ -44,6 +44,7 @@ the split weights whose 256-token tiles fill one wave (70B down projection at 38
 int8 at M = 512 in the probe).
 """
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -622,6 +623,20 @@ def _x_ring(x_desc, DT: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexp
 
 
 @gluon.jit
+def _range_exchange(PARTS: gl.constexpr, BLOCK_M: gl.constexpr):
+    """Shared memory through which consumers 1 … PARTS - 1 of a paired / parts tile hand their range sums to
+    consumer 0: (xchg [PARTS - 1, 64, BLOCK_M] fp32, full: a part's sum is in, spent: consumer 0 has read it)."""
+    xchg = gl.allocate_shared_memory(gl.float32, [PARTS - 1, 64, BLOCK_M],
+                                     gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
+    full = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())
+    spent = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())
+    for t in gl.static_range(PARTS - 1):
+        mbarrier.init(full.index(t), count=1)
+        mbarrier.init(spent.index(t), count=1)
+    return xchg, full, spent
+
+
+@gluon.jit
 def _split_tile_rows(w_ptr, s_ptr, M, K, BLOCK_M: gl.constexpr, WORDS: gl.constexpr):
     """A one-tile-per-program warpgroup's place (paired and parts tiles): (tile, its 64-row tile, its token tile,
     the thread's word pointers [128, WORDS // 2] at the row tile's first K-block, its first scale pointer)."""
@@ -638,20 +653,6 @@ def _split_tile_rows(w_ptr, s_ptr, M, K, BLOCK_M: gl.constexpr, WORDS: gl.conste
 
 
 @gluon.jit
-def _paired_kb(i, PART: gl.constexpr, RB: gl.constexpr):
-    """The K-block of a consumer's stream block i: consumer PART runs split ranges PART, PART + 2, … (RB K-blocks
-    each) one after the other."""
-    return _parts_kb(i, PART, 2, RB)
-
-
-@gluon.jit
-def _paired_words(w_row, s_row, i, n, N, PART: gl.constexpr, RB: gl.constexpr, WORDS: gl.constexpr,
-                  INT4: gl.constexpr, DT: gl.constexpr):
-    """Stream block i's weight words (two k64 halves) and int4 scales; masked past the stream."""
-    return _parts_words(w_row, s_row, i, n, N, PART, 2, RB, WORDS, INT4, DT)
-
-
-@gluon.jit
 def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready, empty, N, PART: gl.constexpr,
                   RB: gl.constexpr, WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr,
                   STAGES: gl.constexpr, a_l: gl.constexpr):
@@ -661,7 +662,7 @@ def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready
     mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
     acc = warpgroup_mma(a, x_lo.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     b = _fragments(w_hi, s0[:, None], s1[:, None], INT4, BF16, a_l)
-    w_lo, w_hi, s0, s1 = _paired_words(w_row, s_row, i + 2, n, N, PART, RB, WORDS, INT4, DT)
+    w_lo, w_hi, s0, s1 = _parts_words(w_row, s_row, i + 2, n, N, PART, 2, RB, WORDS, INT4, DT)
     # the second half's MMAs chained behind the first's (same k16 order), one wait for both: H200, µs waiting after
     # each half → once, int8 4096×4096 M = 256 21.6 → 20.7, 4096×14336 M = 256 67.5 → 65.0, 8192×28672 M = 128
     # 132.3 → 128.6 (2-5 % on all 24 probe cases)
@@ -670,28 +671,6 @@ def _paired_block(acc, i, n, w_lo, w_hi, s0, s1, w_row, s_row, x_lo, x_hi, ready
     # the warpgroup's MMAs on the stage are complete: one arrival hands it back to the loader
     mbarrier.arrive(empty.index(i % STAGES))
     return acc, w_lo, w_hi, s0, s1
-
-
-@gluon.jit
-def _paired_range_end(acc, total, i, xchg, full, spent, PART: gl.constexpr, RB: gl.constexpr,
-                      acc_l: gl.constexpr):
-    """After stream block i: where a range ends, consumer 1 hands its sum to consumer 0 through `xchg`;
-    consumer 0 adds its own range's sum and then consumer 1's to the total (split order: ((p0 + p1) + p2) + …)."""
-    if (i + 1) % RB == 0:
-        r = i // RB  # the consumer's range count
-        if PART == 0:
-            total = gl.where(r == 0, acc, total + acc)
-            mbarrier.wait(full, r & 1)
-            total = total + xchg.load(acc_l)
-            gl.thread_barrier()  # every thread has read it
-            mbarrier.arrive(spent)
-        else:
-            mbarrier.wait(spent, (r & 1) ^ 1)  # (the first wait passes: the phase before a fresh barrier's first)
-            xchg.store(acc)
-            gl.thread_barrier()  # every thread has written it
-            mbarrier.arrive(full)
-        acc = gl.zeros_like(acc)
-    return acc, total
 
 
 @gluon.jit
@@ -707,19 +686,19 @@ def _paired_consumer(x_lo, x_hi, ready, empty, xchg, full, spent, w_ptr, s_ptr, 
     acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_M, 16])
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2)
-    lo_a, hi_a, s0_a, s1_a = _paired_words(w_row, s_row, 0, n, N, PART, RB, WORDS, INT4, DT)
-    lo_b, hi_b, s0_b, s1_b = _paired_words(w_row, s_row, 1, n, N, PART, RB, WORDS, INT4, DT)
+    lo_a, hi_a, s0_a, s1_a = _parts_words(w_row, s_row, 0, n, N, PART, 2, RB, WORDS, INT4, DT)
+    lo_b, hi_b, s0_b, s1_b = _parts_words(w_row, s_row, 1, n, N, PART, 2, RB, WORDS, INT4, DT)
     acc = gl.zeros([64, BLOCK_M], gl.float32, acc_l)
     total = acc
     for i in range(0, n, 2):
         acc, lo_a, hi_a, s0_a, s1_a = _paired_block(acc, i, n, lo_a, hi_a, s0_a, s1_a, w_row, s_row, x_lo, x_hi,
                                                     ready, empty, N, PART, RB, WORDS, INT4, BF16, DT, STAGES, a_l)
-        acc, total = _paired_range_end(acc, total, i, xchg, full, spent, PART, RB, acc_l)
+        acc, total = _parts_range_end(acc, total, i, xchg, full, spent, PART, 2, RB, acc_l)
         if i + 1 < n:
             acc, lo_b, hi_b, s0_b, s1_b = _paired_block(acc, i + 1, n, lo_b, hi_b, s0_b, s1_b, w_row, s_row, x_lo,
                                                         x_hi, ready, empty, N, PART, RB, WORDS, INT4, BF16, DT,
                                                         STAGES, a_l)
-            acc, total = _paired_range_end(acc, total, i + 1, xchg, full, spent, PART, RB, acc_l)
+            acc, total = _parts_range_end(acc, total, i + 1, xchg, full, spent, PART, 2, RB, acc_l)
     if PART == 0:
         _store_result(total, s_ptr, bias_ptr, y_ptr, s_ptr, s_ptr, tile, pid_n, pid_m, 0, M, N, stride_ym,
                       INT4, HAS_BIAS, 1, 64, BLOCK_M, acc_l)
@@ -733,9 +712,9 @@ def _paired_loader(x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, e
     for i in range(0, (SPLIT_K // 2) * RB):
         phase = ((i // STAGES) & 1) ^ 1  # (the first round passes: the phase before a fresh barrier's first)
         mbarrier.wait(empty0.index(i % STAGES), phase)
-        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _paired_kb(i, 0, RB) * TILE_K, STAGES, True)
+        _issue_x(x_desc, x0_lo, x0_hi, ready0, i, off_m, _parts_kb(i, 0, 2, RB) * TILE_K, STAGES, True)
         mbarrier.wait(empty1.index(i % STAGES), phase)
-        _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _paired_kb(i, 1, RB) * TILE_K, STAGES, True)
+        _issue_x(x_desc, x1_lo, x1_hi, ready1, i, off_m, _parts_kb(i, 1, 2, RB) * TILE_K, STAGES, True)
 
 
 @gluon.jit
@@ -754,12 +733,7 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
     x0_lo, x0_hi, ready0, empty0 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
     x1_lo, x1_hi, ready1, empty1 = _x_ring(x_desc, DT, BLOCK_M, STAGES)
-    xchg = gl.allocate_shared_memory(gl.float32, [64, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    sync = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    full = sync.index(0)  # consumer 1's range sum is in xchg
-    spent = sync.index(1)  # consumer 0 has read it
-    mbarrier.init(full, count=1)
-    mbarrier.init(spent, count=1)
+    xchg, full, spent = _range_exchange(2, BLOCK_M)
     gl.warp_specialize([
         (_paired_consumer, (x0_lo, x0_hi, ready0, empty0, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
                             stride_ym, 0, INT4, BF16, HAS_BIAS, SPLIT_K, RB, BLOCK_M, STAGES)),
@@ -768,6 +742,13 @@ def _fragment_gemm_paired_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
         (_paired_loader, (x_desc, x0_lo, x0_hi, ready0, empty0, x1_lo, x1_hi, ready1, empty1, M, SPLIT_K, RB, BLOCK_M,
                           STAGES)),
     ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
+
+
+def _split_tile_grid(x2: torch.Tensor, N: int, block_m: int) -> tuple[torch.Tensor, int]:
+    """The paired and parts tiles' launch: (x2 as TMA reads it, one program per 64-row × block_m tile)."""
+    if N % 64:
+        raise ValueError(f"N={N} is not a multiple of 64 rows")
+    return _rows_16_byte_aligned(x2), (N // 64) * triton.cdiv(x2.shape[0], block_m)
 
 
 def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
@@ -780,10 +761,7 @@ def launch_paired(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, b
     rb = plan.k_per_split // 128
     if plan.split_k < 2 or plan.split_k % 2 or rb * plan.split_k * 128 != K:
         raise ValueError(f"paired tiles need an even split count of equal ranges (split {plan.split_k}, K={K})")
-    if N % 64:
-        raise ValueError(f"N={N} is not a multiple of 64 rows")
-    x2 = _rows_16_byte_aligned(x2)
-    num_tiles = (N // 64) * ((M + block_m - 1) // block_m)
+    x2, num_tiles = _split_tile_grid(x2, N, block_m)
     _fragment_gemm_paired_kernel[(num_tiles,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
@@ -916,13 +894,7 @@ def _fragment_gemm_parts_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, 
     ready = gl.allocate_shared_memory(gl.int64, [PARTS * STAGES, 1], mbarrier.MBarrierLayout())
     for t in gl.static_range(PARTS * STAGES):
         mbarrier.init(ready.index(t), count=1)
-    xchg = gl.allocate_shared_memory(gl.float32, [PARTS - 1, 64, BLOCK_M],
-                                     gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-    full = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())  # a part's sum is in
-    spent = gl.allocate_shared_memory(gl.int64, [PARTS - 1, 1], mbarrier.MBarrierLayout())  # consumer 0 read it
-    for t in gl.static_range(PARTS - 1):
-        mbarrier.init(full.index(t), count=1)
-        mbarrier.init(spent.index(t), count=1)
+    xchg, full, spent = _range_exchange(PARTS, BLOCK_M)
     if PARTS == 2:
         gl.warp_specialize([
             (_parts_consumer, (x_desc, x_lo, x_hi, ready, xchg, full, spent, w_ptr, s_ptr, bias_ptr, y_ptr, M, N, K,
@@ -954,10 +926,7 @@ def launch_parts(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bi
     if parts not in (2, 4) or plan.split_k % parts or rb * plan.split_k * 128 != K:
         raise ValueError(f"parts tiles need a split count of equal ranges that {parts} divides "
                          f"(split {plan.split_k}, K={K})")
-    if N % 64:
-        raise ValueError(f"N={N} is not a multiple of 64 rows")
-    x2 = _rows_16_byte_aligned(x2)
-    num_tiles = (N // 64) * ((M + block_m - 1) // block_m)
+    x2, num_tiles = _split_tile_grid(x2, N, block_m)
     _fragment_gemm_parts_kernel[(num_tiles,)](
         x_descriptor(x2, block_m), words, scales.contiguous(), bias if bias is not None else scales, y,
         M, N, K, y.stride(0), INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None,
