@@ -48,6 +48,11 @@ def num_sms(device: torch.device, default: int) -> int:
     return default
 
 
+def dependent_launch_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched by programmatic dependent launch (CUDA, sm_90 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def dependent_launch(dependent: bool) -> dict:
     """Triton launch options of a kernel launched by programmatic dependent launch (sm_90+: it may start while the
     previous kernel of the stream finishes, and must ``gdc_wait`` before reading what that kernel wrote)."""

@@ -24,7 +24,7 @@ from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
-from ..runtime import dependent_launch, num_sms, reference_forced, triton_runnable_on
+from ..runtime import dependent_launch, dependent_launch_supported, num_sms, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
 from .kv_cache import check_kv_caches, check_query_dtype
 
@@ -207,7 +207,7 @@ def pdl_mode(programs: int, num_warps: int, device: torch.device) -> int:
     2.44; T = 4096 (8192 one-warp programs, two waves) 10.27, 10.32 / 10.65, 10.66 / 10.12, 10.12; T = 16384 31.38,
     31.31 / 40.52, 40.54 / 31.11, 31.05; fp16 T = 64 2.01 / 1.41 / 1.89, T = 512 2.95 / 2.30 / 2.79 (same bits in
     each)."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if not dependent_launch_supported(device):
         return 0
     per_sm = min(MAX_BLOCKS_PER_SM, MAX_WARPS_PER_SM // num_warps)
     return 1 if programs <= per_sm * num_sms(device, DEFAULT_SMS) else 2

@@ -46,7 +46,8 @@ from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
 from ..reference.attention import paged_attention_ref
-from ..runtime import dependent_launch, interpreter_active, reference_forced, triton_runnable_on
+from ..runtime import (dependent_launch, dependent_launch_supported, interpreter_active, reference_forced,
+                       triton_runnable_on)
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
@@ -527,7 +528,7 @@ def uses_pdl(programs: int, device: torch.device) -> bool:
     H100, CUDA graphs, one run, µs without / with, int8 and fp16: B=1×1k 8.5 / 7.5 and 10.1 / 8.5, B=1×4k
     16.9 / 16.1 and 22.9 / 21.4 (128 programs); with a full wave of programs it cost (B=8×4k int8, 1024 one-warp
     programs: 33.3 / 34.1; fp16 55.1 / 58.2) and larger batches did not move."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if not dependent_launch_supported(device):
         return False
     return programs <= num_sms(device)
 
@@ -546,7 +547,7 @@ def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1)
     (same bits): 8×4k 28.02, 27.98 → 26.82, 26.81; 1×32k 28.45, 28.51 → 27.35, 27.42."""
     if uses_pdl(programs, device):
         return 1, True
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+    if not dependent_launch_supported(device):
         return 0, False
     if quant:
         return (3, True) if programs <= per_sm * num_sms(device) else (0, False)
