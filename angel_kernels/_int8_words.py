@@ -8,9 +8,6 @@ permutes, 409 instructions per K-block). As words, the tile is converted in the 
 moved to the MMA layout as fp16 (16-byte stores, ldmatrix): 259. With u = b + 128 (XOR 0x80 per byte), 0..255:
 - fp16: PRMT puts two bytes under the high byte 0x64 (fp16 0x64XX = 1024 + XX, exact), one f16x2 subtract of
   1152 per pair: 5 instructions per 4 values.
-- fp16 with ``BIAS``: the values 1152 + b, straight from the PRMT (3 instructions per 4 values); the caller
-  removes 1152 · (the sum of what multiplies them) once per dot product instead of once per value (decode
-  attention: ``K_BIAS`` / ``V_BIAS``).
 - bf16 (7-bit mantissa: no exponent holds 256 consecutive integers): PRMT builds fp32 0x4B0000XX = 2^23 + XX,
   subtract 2^23 + 128, pack pairs to bf16x2 (exact: an int8 has at most 8 significant bits, and the one value
   that needs 8, −128, is a power of two): 11 per 4 values.
@@ -26,14 +23,6 @@ _WORD_TO_F16 = tl.constexpr("""{
     prmt.b32 hi, u, 0x64646464, 0x4342;
     sub.f16x2 lo, lo, c;
     sub.f16x2 hi, hi, c;
-    mov.b32 {$0, $1}, lo;
-    mov.b32 {$2, $3}, hi;
-}""")
-_WORD_TO_F16_BIASED = tl.constexpr("""{
-    .reg .b32 u, lo, hi;
-    xor.b32 u, $4, 0x80808080;
-    prmt.b32 lo, u, 0x64646464, 0x4140;
-    prmt.b32 hi, u, 0x64646464, 0x4342;
     mov.b32 {$0, $1}, lo;
     mov.b32 {$2, $3}, hi;
 }""")
@@ -57,11 +46,9 @@ _WORD_TO_BF16 = tl.constexpr("""{
 
 @triton.jit
 def int8_words_to_float(w, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr, ROWS: tl.constexpr,
-                        COLS: tl.constexpr, BIAS: tl.constexpr = False):
+                        COLS: tl.constexpr):
     """w [ROWS, COLS // 4] int32 words → [ROWS, COLS] fp16 / bf16 (fp32 if FP32), byte j of word c at column
-    4c + j. ASM: the PTX above; otherwise the same values with Triton integer ops (the interpreter). BIAS (not
-    with BF16): every value is 1152 + b."""
-    tl.static_assert(not (BIAS and BF16), "biased words are fp16 only (bf16 cannot hold 1152 + b)")
+    4c + j. ASM: the PTX above; otherwise the same values with Triton integer ops (the interpreter)."""
     DT: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
     if ASM and BF16:
         b0, b1, b2, b3 = tl.inline_asm_elementwise(
@@ -70,25 +57,22 @@ def int8_words_to_float(w, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.const
         )
     elif ASM:
         b0, b1, b2, b3 = tl.inline_asm_elementwise(
-            asm=_WORD_TO_F16_BIASED if BIAS else _WORD_TO_F16, constraints="=h,=h,=h,=h,r", args=[w],
+            asm=_WORD_TO_F16, constraints="=h,=h,=h,=h,r", args=[w],
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1,
         )
     else:
-        b0 = _byte_to_float(w, 0, FP32, DT, BIAS)
-        b1 = _byte_to_float(w, 1, FP32, DT, BIAS)
-        b2 = _byte_to_float(w, 2, FP32, DT, BIAS)
-        b3 = _byte_to_float(w, 3, FP32, DT, BIAS)
+        b0 = _byte_to_float(w, 0, FP32, DT)
+        b1 = _byte_to_float(w, 1, FP32, DT)
+        b2 = _byte_to_float(w, 2, FP32, DT)
+        b3 = _byte_to_float(w, 3, FP32, DT)
     # join appends an axis of 2: [.., r, i, j] holds byte 2i + j, so the row-major reshape puts it at 4r + 2i + j
     return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (ROWS, COLS))
 
 
 @triton.jit
-def _byte_to_float(w, j: tl.constexpr, FP32: tl.constexpr, DT: tl.constexpr, BIAS: tl.constexpr = False):
+def _byte_to_float(w, j: tl.constexpr, FP32: tl.constexpr, DT: tl.constexpr):
     u = ((w >> (8 * j)) & 0xFF) ^ 0x80  # b + 128
-    if BIAS:
-        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8387584.0  # 2^23 + u − (2^23 − 1024) = 1152 + b
-    else:
-        v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + u − (2^23 + 128) = b, exact
+    v = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + u − (2^23 + 128) = b, exact
     return v if FP32 else v.to(DT)
 
 

@@ -116,14 +116,13 @@ def _split_range(L, window, NUM_QUERIES: tl.constexpr, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
-def int8_to_fp16(x, MAGIC: tl.constexpr, BIAS: tl.constexpr = False):
+def int8_to_fp16(x, MAGIC: tl.constexpr):
     """int8 → fp16, exact. MAGIC: fp16 1152 + x has the bits 0x6480 + x for x in [-128, 127] (exponent of
     [1024, 2048), mantissa x + 128), so a 16-bit integer add, a bitcast and an fp16 subtract replace the int → float
     conversion, whose 16/clk/SM throughput is below what reading an int8 cache at 3 TB/s needs (K and V: ~14
-    conversions per clk per SM on an H100). BIAS (with MAGIC): 1152 + x, the subtract left to the caller."""
+    conversions per clk per SM on an H100)."""
     if MAGIC:
-        biased = (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True)
-        return biased if BIAS else biased - 1152.0
+        return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
     else:
         return x.to(tl.float16)
 
@@ -212,20 +211,18 @@ def _exp2_step(s, m_i, scale, row_scale, FOLD: tl.constexpr, ROW_FOLD: tl.conste
 @triton.jit
 def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexpr, WORDS: tl.constexpr,
              MAGIC: tl.constexpr, ALIGN: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr,
-             BLOCK_N: tl.constexpr, PART: tl.constexpr, FENCE: tl.constexpr = False, MASK: tl.constexpr = True,
-             BIAS: tl.constexpr = False):
+             BLOCK_N: tl.constexpr, PART: tl.constexpr, FENCE: tl.constexpr = False, MASK: tl.constexpr = True):
     """Dims [first_dim, first_dim + PART) of BLOCK_N cache rows (one pointer per token, ALIGN-byte aligned) as
     [BLOCK_N, PART], or [PART, BLOCK_N] with TRANS (keys, for q·kᵀ). int8 rows: WORDS reads int32 words (ALIGN >= 4)
     and converts them a word at a time (fp32 if FP32); otherwise MAGIC converts element by element (fp16 queries).
     Other rows come back as stored. FENCE: a converted int8 tile reaches the MMA with the 16-bit operand layout
-    (``mma_operand_fence``). MASK=False: rows past pos_ok are read too (their pointers must stay valid). BIAS (fp16,
-    WORDS or MAGIC): converted values are 1152 + x (``K_BIAS`` / ``V_BIAS`` of the split kernel)."""
+    (``mma_operand_fence``). MASK=False: rows past pos_ok are read too (their pointers must stay valid)."""
     if not MASK:
         pos_ok = tl.full((BLOCK_N,), 1, tl.int1)  # a constant: the loads drop their masks
     if WORDS:
         words = tl.multiple_of((tok_ptrs + first_dim).to(tl.pointer_type(tl.int32)), ALIGN)
         w = tl.load(words[:, None] + tl.arange(0, PART // 4)[None, :], mask=pos_ok[:, None], other=0)
-        t = int8_words_to_float(w, BF16, ASM, FP32, BLOCK_N, PART, BIAS)
+        t = int8_words_to_float(w, BF16, ASM, FP32, BLOCK_N, PART)
         if TRANS:
             t = tl.trans(t)
     else:
@@ -234,7 +231,7 @@ def _kv_tile(tok_ptrs, first_dim: tl.constexpr, dims, pos_ok, TRANS: tl.constexp
         else:
             t = tl.load(tok_ptrs[:, None] + first_dim + dims[None, :], mask=pos_ok[:, None], other=0)
         if MAGIC:
-            t = int8_to_fp16(t, True, BIAS)
+            t = int8_to_fp16(t, True)
     if FENCE and ASM and (WORDS or MAGIC):
         t = mma_operand_fence(t)
     return t
@@ -294,8 +291,6 @@ def _paged_attn_split_kernel(
     HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
     PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late, 3 the reduce only
-    K_BIAS: tl.constexpr = False,  # int8 K converted to 1152 + k (fp16 MMA): each score less 1152 · Σ_d q
-    V_BIAS: tl.constexpr = False,  # int8 V converted to 1152 + v: acc less 1152 · Σ_t p' once per split
 ):
     if PDL == 1 or PDL == 2:
         # launched before the previous kernel of the stream finished: wait for its writes (q, the caches)
@@ -331,11 +326,6 @@ def _paged_attn_split_kernel(
             q2 = q2.to(tl.float32)
     else:
         q2 = 0.0  # unused
-    if K_BIAS:  # the keys reach the MMA as 1152 + k: q · (k + 1152) = q · k + 1152 · Σ_d q, per query row
-        q_bias = tl.sum(q.to(tl.float32), axis=1)
-        if D_SPLIT == 2:
-            q_bias += tl.sum(q2.to(tl.float32), axis=1)
-        q_bias = q_bias * 1152.0
     if QK_INT8:  # the keys stay int8 and go to the MMA as loaded
         q_hi, q_lo, q2_hi, q2_lo, q_row_scale = _split_q_rows(q, q2, D_SPLIT)
     else:
@@ -383,8 +373,6 @@ def _paged_attn_split_kernel(
             acc = tl.zeros((BLOCK_M, PART), dtype=tl.float32)
         if D_SPLIT == 2:
             acc2 = tl.zeros_like(acc)
-        if V_BIAS:  # Σ_t p' in acc's units: acc holds p'·v + 1152 · v_off per row
-            v_off = tl.zeros((BLOCK_M,), dtype=tl.float32)
         # int8 V: acc holds the output in units of the last tile's largest V scale (``v_unit``), so each tile's
         # p · v accumulates inside the MMA (acc · alpha · v_unit / v_max as its accumulator input) instead of a
         # zero-initialised product scaled and added after it (sm_90a, the shipped one-warp tile: 64 zeroing
@@ -409,15 +397,13 @@ def _paged_attn_split_kernel(
                     s = s * tl.expand_dims(q_row_scale, TOK_AXIS)
             else:
                 kt = _kv_tile(k_tok, 0, dims, pos_ok, 1 - HEADS_N, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
-                              BLOCK_N, PART, MASK=KV_MASK, BIAS=K_BIAS)
+                              BLOCK_N, PART, MASK=KV_MASK)
                 # int8 → fp16/bf16 is exact for [-128, 127]; the interpreter's bf16 dot is wrong: fp32 there
                 s = _mma(q, kt.to(q.dtype), None, HEADS_N)
                 if D_SPLIT == 2:
                     kt = _kv_tile(k_tok, PART, dims, pos_ok, 1 - HEADS_N, WORDS, MAGIC, K_ALIGN, BF16, ASM, DOT_FP32,
-                                  BLOCK_N, PART, MASK=KV_MASK, BIAS=K_BIAS)
+                                  BLOCK_N, PART, MASK=KV_MASK)
                     s = _mma(q2, kt.to(q.dtype), s, HEADS_N)
-                if K_BIAS:
-                    s = s - tl.expand_dims(q_bias, TOK_AXIS)
             if QUANT:
                 k_sc = tl.load(ks_ptr + ks_page + slot * stride_kss + kvh * stride_ksh,
                                mask=pos_ok, other=0.0)
@@ -435,7 +421,7 @@ def _paged_attn_split_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=TOK_AXIS)
             v_tok = tl.multiple_of(vc_ptr + v_page + slot * stride_vcs + kvh * stride_vch, V_ALIGN)
             v = _kv_tile(v_tok, 0, dims, pos_ok, HEADS_N, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N, PART,
-                         FENCE_V, KV_MASK, V_BIAS)
+                         FENCE_V, KV_MASK)
             if QUANT:
                 v_sc = tl.load(vs_ptr + vs_page + slot * stride_vss + kvh * stride_vsh,
                                mask=pos_ok, other=0.0)
@@ -446,19 +432,13 @@ def _paged_attn_split_kernel(
                 v_unit = v_max
             if not DOT_FP32:
                 p = p.to(q.dtype)
-            if V_BIAS:  # the p' the MMA multiplies, summed in fp32 (its products with 1152 are exact)
-                v_off = v_off * alpha + tl.sum(p.to(tl.float32), axis=TOK_AXIS)
             acc = _mma(p, v.to(p.dtype), acc * tl.expand_dims(alpha, TOK_AXIS), HEADS_N)
             if D_SPLIT == 2:
                 v = _kv_tile(v_tok, PART, dims, pos_ok, HEADS_N, WORDS, MAGIC, V_ALIGN, BF16, ASM, DOT_FP32, BLOCK_N,
-                             PART, FENCE_V, KV_MASK, V_BIAS)
+                             PART, FENCE_V, KV_MASK)
                 acc2 = _mma(p, v.to(p.dtype), acc2 * tl.expand_dims(alpha, TOK_AXIS), HEADS_N)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        if V_BIAS:
-            acc = acc - tl.expand_dims(v_off * 1152.0, TOK_AXIS)
-            if D_SPLIT == 2:
-                acc2 = acc2 - tl.expand_dims(v_off * 1152.0, TOK_AXIS)
         o = acc * tl.expand_dims(v_unit / l_safe, TOK_AXIS)
         if HEADS_N:
             o = tl.trans(o)
@@ -705,12 +685,6 @@ def launch_paged_attention(
                   MIN_SPLITS=policy.min_splits,
                   HAS_WINDOW=sliding_window is not None)
     window = int(sliding_window) if sliding_window is not None else 0
-    extra = dict(cfg.extra)
-    words = words_path(cfg, quant, k_align, v_align)
-    magic = quant and q.dtype == torch.float16 and bool(extra.get("MAGIC", 1))
-    qk_int8 = quant and bool(extra.get("QK_INT8", 0))
-    # biased conversions (1152 + x): fp16 queries over int8 tiles converted by the word or MAGIC path
-    biased = quant and q.dtype == torch.float16 and (words or magic)
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
         block_table, seq_lens, out, partial_o, partial_lse,
@@ -725,16 +699,15 @@ def launch_paged_attention(
         *po_strides, *pl_strides,
         GROUP=group, NUM_QUERIES=Q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page,
         QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
-        MAGIC=magic, K_ALIGN=k_align, V_ALIGN=v_align,
-        D_SPLIT=int(extra.get("D_SPLIT", 1)),
-        WORDS=words,
+        MAGIC=quant and q.dtype == torch.float16 and bool(dict(cfg.extra).get("MAGIC", 1)),
+        K_ALIGN=k_align, V_ALIGN=v_align,
+        D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
+        WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda",
-        QK_INT8=qk_int8,
-        FENCE_V=quant and bool(extra.get("FENCE_V", 0)),
+        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
+        FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl,
-        K_BIAS=biased and not qk_int8 and bool(extra.get("K_BIAS", 0)),
-        V_BIAS=biased and bool(extra.get("V_BIAS", 0)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
         **dependent_launch(pdl in (1, 2)),
     )

@@ -157,40 +157,6 @@ def test_int8_qk_on_int8_tensor_cores(layout, dtype, device):
             torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
 
 
-@pytest.mark.parametrize("layout", ["separate", "packed"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_biased_int8_conversions(layout, dtype, device):
-    """K_BIAS / V_BIAS (int8 tiles converted to 1152 + x; the scores less 1152 · Σ_d q per row, the output less
-    1152 · Σ_t p' per split): against the fp32 reference and within a few output roundings of the unbiased
-    conversions, on the word and element paths, whole head dim and halves, query rows on either MMA side, with
-    int8 q·kᵀ (V_BIAS only), windows and soft-cap, ragged and empty sequences, large logits; bf16 queries take
-    the unbiased conversions (bf16 cannot hold 1152 + x): the same bits."""
-    from angel_kernels.tuning import KernelConfig
-
-    c = _int8_layout_case(layout, dtype, 31, device)
-    c["q"] = c["q"] * 8.0  # peaked rows, and a large Σ_d q to cancel
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    ulp = 2**-10 if dtype == torch.float16 else 2**-7
-    variants = ((("D_SPLIT", 1), ("HEADS_N", 1), ("WORDS", 1)), (("D_SPLIT", 2), ("WORDS", 1)), (("D_SPLIT", 1),),
-                (("D_SPLIT", 1), ("HEADS_N", 1), ("QK_INT8", 1), ("WORDS", 1)))
-    for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
-        ref = _ref(c, **kw)
-        for base in variants:
-            outs = []
-            for bias in ((), (("K_BIAS", 1),), (("V_BIAS", 1),), (("K_BIAS", 1), ("V_BIAS", 1))):
-                extra = tuple(sorted(base + bias + (("MIN_SPLIT_TILES", 2),)))
-                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=1, num_stages=1, extra=extra)
-                outs.append(launch_paged_attention(c["q"][:, None], *args, cfg=cfg, **kw)[:, 0])
-            for bias, out in zip(("K", "V", "K+V"), outs[1:]):
-                name = f"{layout} {dtype} {dict(base)} {bias} {kw}"
-                assert torch.isfinite(out).all(), name
-                assert_close(out, ref, name=name)
-                if dtype == torch.bfloat16:
-                    assert torch.equal(out, outs[0]), name
-                else:
-                    torch.testing.assert_close(out, outs[0], rtol=4 * ulp, atol=1e-3, msg=name)
-
-
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
 def test_query_rows_on_the_mma_n_side(cache_dtype, device):
     """HEADS_N (transposed tiles: scores [tokens, rows], acc [head dim, rows], the query rows on an 8-wide MMA N
@@ -693,28 +659,6 @@ def test_gpu_int8_qk_at_the_tuned_config(dtype, words):
     assert_close(outs[1][:, 0], _ref(c), name="QK_INT8")
     ulp = 2**-10 if dtype == torch.float16 else 2**-7
     torch.testing.assert_close(outs[1], outs[0], rtol=4 * ulp, atol=1e-3)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("bias", [(("K_BIAS", 1), ("V_BIAS", 1)), (("QK_INT8", 1), ("V_BIAS", 1))])
-def test_gpu_biased_conversions_at_the_tuned_config(bias):
-    """K_BIAS / V_BIAS at the shipped int8 config, Llama-3-8B heads, peaked rows: against the fp32 reference and
-    within a few output roundings of the unbiased conversions; a sequence alone and in a batch, bitwise."""
-    from dataclasses import replace
-
-    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, seed=12, device="cuda")
-    c["q"] = c["q"] * 4.0
-    p = PagedDecodeProblem(32, 8, 128, c["key_cache"].shape[1], torch.float16, torch.int8, torch.device("cuda"))
-    cfg = config_for(p)
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    biased = replace(cfg, extra=tuple(sorted({**dict(cfg.extra), **dict(bias)}.items())))
-    plain = replace(cfg, extra=tuple(sorted({**dict(cfg.extra), "K_BIAS": 0, "V_BIAS": 0}.items())))
-    out = launch_paged_attention(c["q"][:, None], *args, cfg=biased)[:, 0]
-    assert_close(out, _ref(c), name=str(bias))
-    torch.testing.assert_close(out, launch_paged_attention(c["q"][:, None], *args, cfg=plain)[:, 0], rtol=2**-8,
-                               atol=1e-3)
-    one = launch_paged_attention(c["q"][:1, None], args[0], args[1], args[2][:1], args[3][:1], *args[4:], cfg=biased)
-    assert torch.equal(one[:, 0], out[:1])
 
 
 @pytest.mark.gpu
