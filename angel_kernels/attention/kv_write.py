@@ -98,7 +98,8 @@ def _write_rows(
         if RECIP:
             inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
             q = xf * inv[:, None]
-            q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
+            if RECIP == 1:  # refined: within one ulp of x / s (RECIP 2 skips it, see below)
+                q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
             t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
             # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
             worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
@@ -238,7 +239,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
+        RECIP=int(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
         **dependent_launch(pdl > 0),
     )
 
