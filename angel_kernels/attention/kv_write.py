@@ -80,17 +80,20 @@ def _write_rows(
     if QUANT:
         # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
         # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
-        # half to even. With RECIP (streaming writes) each row takes one correctly rounded reciprocal 1/s, and
-        # each element q = x · (1/s) refined once with the exact residual (Markstein: r = fma(−s, q, x),
-        # q' = fma(r, 1/s, q)): |q' − x/s| ≤ ½ ulp + 2^-47 |x/s|, so q' is within one ulp of RN(x/s), and both
-        # round to the same integer unless q' lies within 2^-15 (≥ 4 ulps below 128) of a half-integer. Such
-        # elements, and non-finite ones (NaN q'), send the whole tile down the exact path: div_rn per element, as
-        # the reference does. |x/s| ≤ 127 (1 + 2^-23) for finite rows (s = RN(absmax / 127) or eps), so the clamp
-        # only matters on the exact path (NaN / inf rows).
+        # half to even. With RECIP (streaming writes) each row takes one correctly rounded reciprocal 1/s and each
+        # element q' = RN(x · (1/s)): two roundings of relative size 2^-24 each, so |q' − x/s| ≤ 2^-23 (1 + 2^-24)
+        # |x/s| ≤ 2^-16 for |x/s| ≤ 127 (1 + 2^-23), and |RN(x/s) − x/s| ≤ 2^-17. Where q' lies at least 2^-15
+        # from every half-integer (4 fp32 ulps below 128), x/s lies more than 2^-16 and RN(x/s) more than 2^-17
+        # from it, on the same side: both round to the same integer, and neither is a tie. (If the compiler fuses
+        # the product into the rounding add, t rounds the exact product: within 2^-24 |x/s| of q', the same
+        # argument.) Tiles with any element nearer, and non-finite ones (NaN q'), take the exact path: div_rn per
+        # element, as the reference does. A refinement of q' by the exact residual (Markstein, two FMAs per
+        # element) was timed and dropped: H200, same run, int8 T = 4096 / 16384 10.1 / 31.0 µs with it, 9.6 /
+        # 29.1 without. |x/s| ≤ 127 (1 + 2^-23) for finite rows (s = RN(absmax / 127) or eps), so the clamp only
+        # matters on the exact path (NaN / inf rows).
         # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
         # - div_rn is PTX div.rn.f32 (Triton's plain fp32 '/' is the approximate div.full.f32 on NVIDIA GPUs);
-        # - every multiply-add is an explicit fma and every other step a single add, so FMA contraction cannot
-        #   change a result;
+        # - on the exact path every step is a single operation, so FMA contraction cannot change a result;
         # - adding 1.5 · 2^23 rounds |y| < 2^22 to the nearest integer, ties to even, and leaves that integer in
         #   the low mantissa bits (bits 0x4B400000 + n): its low byte is the int8, no float → int conversion.
         xf = x.to(tl.float32)
@@ -98,8 +101,6 @@ def _write_rows(
         if RECIP:
             inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
             q = xf * inv[:, None]
-            if RECIP == 1:  # refined: within one ulp of x / s (RECIP 2 skips it, see below)
-                q = tl.fma(tl.fma(-scale[:, None], q, xf), inv[:, None], q)
             t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
             # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
             worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
@@ -161,7 +162,7 @@ def heuristic_config(p: KVWriteProblem) -> KernelConfig:
     """One token per program. Small writes (≤ SMALL_TOKENS): all KV heads up to 1024 elements on 4 warps, exact
     division per element (H200, µs at 64 / 512 tokens: 2.5 / 4.3, where the reciprocal path on one warp took
     3.3 / 4.8: its longer chain per program). Larger writes: one warp, 512 elements per operand for int8 caches
-    (Llama-3-8B, 8 × 128: four KV heads) with the refined reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA
+    (Llama-3-8B, 8 × 128: four KV heads) with the reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA
     graphs, tuning timer (sum over 4096 + 16384 tokens), µs: int8 this 46.1, one token × 8 heads on 2 warps 50.0,
     on 4 warps 63.1 (with exact division: 42.6 + 11.9 per case), two tokens × 4 heads on 2 warps 50.1; fp16 45.6
     against 45.7-46.3 for the other leaders."""
@@ -239,7 +240,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        RECIP=int(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
+        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
         **dependent_launch(pdl > 0),
     )
 

@@ -662,6 +662,21 @@ def test_gpu_int8_qk_at_the_tuned_config(dtype, words):
 
 
 @pytest.mark.gpu
+def test_gpu_vllm_packed_rows_at_the_tuned_config():
+    """vLLM's packed int8 rows (scales inline: 8- and 4-byte aligned rows) at the card's config for them, Llama-3-8B
+    heads: against the fp32 reference, and a sequence alone and in the batch, bitwise."""
+    lens = [4097, 1000, 16, 1]
+    c = build_case(lens, heads_q=32, heads_kv=8, head_dim=128, seed=14, device="cuda")
+    c = with_vllm_packed_cache(c, lens, "cuda")
+    assert row_alignment(c["value_cache"]) < 16
+    out = _run(c)
+    assert_close(out, _ref(c), name="packed rows")
+    one = paged_decode_attention(c["q"][:1], c["key_cache"], c["value_cache"], c["block_table"][:1],
+                                 c["seq_lens"][:1], c["k_scale"], c["v_scale"], scale=c["scale"])
+    assert torch.equal(one, out[:1])
+
+
+@pytest.mark.gpu
 def test_gpu_window_softcap_bf16():
     c = _gpu_case([5000, 40, 9000], cache_dtype=torch.int8, seed=3, dtype=torch.bfloat16)
     for kw in ({"sliding_window": 4096}, {"soft_cap": 30.0}, {"sliding_window": 100, "soft_cap": 50.0}):
