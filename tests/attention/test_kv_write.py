@@ -16,6 +16,11 @@ from attention_cases import empty_caches, vllm_packed_int8_cache
 CANDIDATES = KV_WRITE.names()
 
 
+def _on(device, key, value, slots, caches):
+    """A ``_case`` on ``device``."""
+    return key.to(device), value.to(device), slots.to(device), [None if c is None else c.to(device) for c in caches]
+
+
 def _clone(*ts):
     return [None if t is None else t.clone() for t in ts]
 
@@ -46,15 +51,17 @@ def _case(T, H, D, block_size, num_blocks, cache_dtype, dtype, seed, pad_every=0
 @pytest.mark.parametrize("cache_dtype,dtype", [(torch.int8, torch.float16), (torch.int8, torch.bfloat16),
                                                (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_write_matches_reference_bitwise_and_skips_padding(candidate, cache_dtype, dtype, block_size, monkeypatch):
+def test_write_matches_reference_bitwise_and_skips_padding(candidate, cache_dtype, dtype, block_size, monkeypatch,
+                                                           device):
     monkeypatch.setenv("ANGEL_KERNELS_FORCE_KV_WRITE", candidate)
-    key, value, slots, caches = _case(23, 3, 64, block_size, 3, cache_dtype, dtype, seed=block_size, pad_every=4)
+    key, value, slots, caches = _on(device, *_case(23, 3, 64, block_size, 3, cache_dtype, dtype, seed=block_size,
+                                                   pad_every=4))
     want = _clone(*caches)
     write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
     write_kv_cache(key, value, caches[0], caches[1], slots, caches[2], caches[3])
     _assert_same(caches, want, candidate)
     # every written slot holds the token's row; every other slot is still poison
-    written = torch.zeros(3 * block_size, dtype=torch.bool)
+    written = torch.zeros(3 * block_size, dtype=torch.bool, device=device)
     written[slots[slots >= 0]] = True
     flat_k = caches[0].reshape(-1, 3, 64)
     unused = flat_k[~written]
@@ -350,24 +357,25 @@ def _config_sample():
 
 @pytest.mark.parametrize("cfg", _config_sample(), ids=lambda c: f"t{c.BLOCK_M}h{c.BLOCK_N}w{c.num_warps}")
 @pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype):
+def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype, device):
     """23 tokens (no tile of 2 or 4 tokens divides them), 3 heads (no head tile of 2 or 4 does), padding slots:
     each program shape writes exactly the reference's bytes and nothing else."""
-    key, value, slots, caches = _case(23, 3, 64, 16, 3, cache_dtype, torch.float16, seed=cfg.BLOCK_M, pad_every=3)
+    key, value, slots, caches = _on(device, *_case(23, 3, 64, 16, 3, cache_dtype, torch.float16, seed=cfg.BLOCK_M,
+                                                   pad_every=3))
     want = _clone(*caches)
     write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
     launch_kv_write(key, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
     _assert_same(caches, want, str(cfg.as_dict()))
 
 
-def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, monkeypatch):
+def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, monkeypatch, device):
     """``tune`` under the interpreter with a fake timer: each config's first call starts from zeroed pages and is
     checked against the default config's bytes, so a config that writes nothing does not compete even when it
     is the "fastest"; the fastest correct one is recorded under the problem's key."""
     from angel_kernels.attention import kv_write
     from angel_kernels.tuning import TunedConfigStore
 
-    p = kv_write.KVWriteProblem(40, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
+    p = kv_write.KVWriteProblem(40, 2, 64, 16, torch.float16, torch.int8, device)
     good = [c for c in kv_write.tuning_space(p) if c.num_warps == 1][:3]
     broken = [c for c in kv_write.tuning_space(p) if c.num_warps == 2][0]
     assert p.key().endswith("T=small")
@@ -383,10 +391,10 @@ def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, mo
 
     monkeypatch.setattr(kv_write, "launch_kv_write", launch)
     store = TunedConfigStore(tmp_path)
-    best, timings = kv_write.tune(2, 64, cases=(40, 7), device="cpu", store=store,
+    best, timings = kv_write.tune(2, 64, cases=(40, 7), device=device, store=store,
                                   bench=lambda calls: fake_us[last[-1]], configs=good + [broken])
     assert broken not in timings and set(timings) == set(good)
-    assert best == good[-1] and store.lookup("kv_write", p.key(), "cpu") == best
+    assert best == good[-1] and store.lookup("kv_write", p.key(), device) == best
 
 
 # ---------------------------------------------------------------- GPU tier: real shapes, compiled kernel
