@@ -5,8 +5,9 @@ configs (CUDA-graph medians, ``angel_kernels.tuning.timing``) on the kernel's tu
 the heuristic config's output, and print the heuristic's time next to the five fastest. Writes
 ``OUT/<gpu-slug>.json`` in the tuned-config format (merge into angel_kernels/tuning/configs/ to ship it).
 
-Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill,kv_write] [--kv int8,fp16]
+Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill,kv_write] [--kv int8,fp16,int8-packed]
        [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
+(--kv int8-packed: decode over vLLM's packed int8_per_token_head rows, recorded under their own key.)
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
 large cases and then print the top configs of a small one. --per-case with prefill: the benchmark's four cases.)
 """
@@ -96,7 +97,7 @@ def ship(tuned_json: Path, configs_dir: Path = PACKAGE_CONFIGS) -> None:
     print(f"shipped into {shipped}")
 
 
-def tune_per_case(kernel, p, configs, cases, store, scratch):
+def tune_per_case(kernel, p, configs, cases, store, scratch, **tune_kw):
     """Time the configs on each case alone and keep the one with the best geometric mean of (time / the case's
     fastest time): a 10 µs case weighs as much as a 1 ms one (the summed time of ``tune`` follows the largest case
     only). ``kernel``: paged_decode (cases (batch, context)) or paged_prefill ((batch, new, prefix)). Returns
@@ -104,7 +105,7 @@ def tune_per_case(kernel, p, configs, cases, store, scratch):
     per_case = {}
     for case in cases:
         _, per_case[case] = kernel.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=p.kv_dtype,
-                                        store=TunedConfigStore(scratch), configs=configs, cases=(case,))
+                                        store=TunedConfigStore(scratch), configs=configs, cases=(case,), **tune_kw)
     common = [c for c in configs if all(c in t for t in per_case.values())]
     fastest = {case: min(t.values()) for case, t in per_case.items()}
     score = {c: math.exp(sum(math.log(per_case[case][c] / fastest[case]) for case in cases) / len(cases))
@@ -124,7 +125,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernels", default="decode,prefill")
-    ap.add_argument("--kv", default="int8,fp16")
+    ap.add_argument("--kv", default="int8,fp16",
+                    help="int8, fp16, int8-packed (decode over vLLM's packed int8_per_token_head rows)")
     ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
                     help="the whole space, a 4/8-warp decode slice, or the configs around earlier leaders")
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
@@ -138,7 +140,11 @@ def main():
     for kernel in args.kernels.split(","):
         mod = {"decode": paged_decode, "prefill": paged_prefill, "kv_write": kv_write}[kernel]
         for kv in args.kv.split(","):
-            kv_dtype = torch.int8 if kv == "int8" else torch.float16
+            kv_dtype = torch.int8 if kv.startswith("int8") else torch.float16
+            packed = kv == "int8-packed"
+            if packed and kernel != "decode":
+                raise SystemExit("--kv int8-packed: decode only")
+            decode_kw = {"packed_rows": True} if packed else {}
             t0 = time.time()
             if kernel == "kv_write":  # per token bucket: the sum over its cases, then each case alone
                 for bucket, cases in kv_write.TUNE_TOKENS.items():
@@ -161,7 +167,8 @@ def main():
                 store.save(dev)
                 continue
             elif kernel == "decode":
-                p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
+                p = paged_decode.PagedDecodeProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev,
+                                                    packed_rows=packed)
                 spaces = {"full": paged_decode.tuning_space, "small": small_decode_space, "focus": focus_decode_space}
                 configs = spaces[args.space](p)
                 configs = [paged_decode.heuristic_config(p)] + [c for c in configs
@@ -170,11 +177,11 @@ def main():
                     tuple(int(v) for v in case.split("x")) for case in args.cases.split(","))
                 if args.per_case:
                     with tempfile.TemporaryDirectory() as scratch:
-                        tune_per_case(paged_decode, p, configs, cases, store, scratch)
+                        tune_per_case(paged_decode, p, configs, cases, store, scratch, **decode_kw)
                     store.save(dev)
                     continue
                 best, timings = paged_decode.tune(HEADS_Q, HEADS_KV, HEAD_DIM, block_size=BLOCK, kv_dtype=kv_dtype,
-                                                  store=store, configs=configs, cases=cases)
+                                                  store=store, configs=configs, cases=cases, **decode_kw)
             else:
                 p = paged_prefill.PagedPrefillProblem(HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype,
                                                       dev)

@@ -50,8 +50,8 @@ from ..runtime import (dependent_launch, dependent_launch_supported, interpreter
                        triton_runnable_on)
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
-from .kv_cache import (PagedAttentionProblem, check_attention_inputs, check_attention_options,
-                       check_block_table_on_host, random_kv_caches)
+from .kv_cache import (INLINE_SCALE_BYTES, PagedAttentionProblem, check_attention_inputs, check_attention_options,
+                       check_block_table_on_host, inline_scale_views, random_kv_caches)
 
 KERNEL_NAME = "paged_decode.split_kv"
 LOG2E = 1.4426950408889634
@@ -586,8 +586,9 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     untuned GPUs: int8 one-warp programs on 32-token tiles (whole head dim, the query rows on the MMA's N side, K
     and V by the word path, V with the 16-bit MMA layout (FENCE_V), page addressing, 2 stages, 256-token splits
     with a floor of 16 splits, 8 programs per SM and up to 128 splits for one sequence; see below); vLLM's packed
-    int8 rows the word path alone; fp16 64-token tiles in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run,
-    B=64×16k: 1465 vs 1500 µs with 64-token splits), page addressing, exactly 3 programs per SM for one sequence.
+    int8 rows the word path alone (the H200's table has one-warp programs for them: NOTES.md); fp16 64-token tiles
+    in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs with
+    64-token splits), page addressing, exactly 3 programs per SM for one sequence.
     Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token
     splits, whose partial output (4 query heads × D fp32, written and read back once) costs ≤ 6 % of the split's
     int8 KV bytes (≤ 3 % for fp16), the worst case at large batch."""
@@ -870,10 +871,12 @@ TUNE_CASES = ((1, 32768), (8, 4096), (64, 16384))  # (batch, context): latency-b
 
 
 def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int = 16, kv_dtype=torch.int8,
-         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None, configs=None):
+         dtype=torch.float16, cases=TUNE_CASES, device="cuda", store=None, bench=None, configs=None,
+         packed_rows: bool = False):
     """Warm-up step: time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (shuffled block tables, full
     contexts), check each config against the heuristic config's output (relative error ≤ 1e-3), record the
-    fastest. Returns (best config, {config: µs}).
+    fastest. Returns (best config, {config: µs}). ``packed_rows`` (int8): the caches in vLLM's packed
+    int8_per_token_head layout (``inline_scale_views``; 8- and 4-byte aligned rows), recorded under that key.
 
     Timed over rotating input sets, each holding every case, until together they exceed twice the L2 size (the
     default cases hold 2.3 GB of int8 KV for Llama-3-8B heads: one set); set 0 is the checked one.
@@ -884,8 +887,19 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
     from ..tuning import l2_bytes, rotation_count, tune_kernel
 
     device = torch.device(device)
-    p = PagedDecodeProblem(num_q_heads, num_kv_heads, head_dim, block_size, dtype, kv_dtype, device)
+    if packed_rows and kv_dtype != torch.int8:
+        raise ValueError("packed_rows is vLLM's int8 layout: kv_dtype must be torch.int8")
+    p = PagedDecodeProblem(num_q_heads, num_kv_heads, head_dim, block_size, dtype, kv_dtype, device,
+                           packed_rows=packed_rows)
     gen = torch.Generator(device=device).manual_seed(0)
+
+    def packed(kc, vc, ks, vs):
+        """The same values in vLLM's packed layout: per (block, slot, head) [K | K scale | V | V scale]."""
+        raw = torch.empty(*kc.shape[:3], 2 * (head_dim + INLINE_SCALE_BYTES), dtype=torch.int8, device=device)
+        views = inline_scale_views(raw.transpose(1, 2), head_dim)
+        for view, t in zip(views, (kc, vc, ks, vs)):
+            view.copy_(t)
+        return views
 
     def make_set():
         inputs = []
@@ -897,6 +911,8 @@ def tune(num_q_heads: int, num_kv_heads: int, head_dim: int, *, block_size: int 
             q = torch.randn(batch, num_q_heads, head_dim, device=device, generator=gen).to(dtype)
             shape = (nb, block_size, num_kv_heads, head_dim)
             kc, vc, ks, vs = random_kv_caches(shape, kv_dtype, device, gen)
+            if packed_rows:
+                kc, vc, ks, vs = packed(kc, vc, ks, vs)
             inputs.append((q[:, None], kc, vc, table, lens, head_dim ** -0.5, ks, vs))
         return inputs
 

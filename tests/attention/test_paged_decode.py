@@ -779,3 +779,20 @@ def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
     best, timings = tune(4, 2, 64, cases=((2, 40),), device="cpu", store=store,
                          bench=lambda call: float(next(ticks)))
     assert store.lookup(KERNEL_NAME, p.key(), "cpu") == best and timings[best] == min(timings.values())
+    # vLLM's packed int8 rows: timed on caches in that layout (the configs' outputs checked against the packed
+    # heuristic's) and recorded under their own key
+    packed = PagedDecodeProblem(4, 2, 64, 16, torch.float16, torch.int8, torch.device("cpu"), packed_rows=True)
+    launched = []
+    real_launch = launch_paged_attention
+
+    def launch(q, key_cache, *args, **kw):
+        launched.append(row_alignment(key_cache))
+        return real_launch(q, key_cache, *args, **kw)
+
+    monkeypatch.setattr("angel_kernels.attention.paged_decode.launch_paged_attention", launch)
+    best, _ = tune(4, 2, 64, cases=((2, 40),), device="cpu", store=store, bench=lambda call: float(next(ticks)),
+                   packed_rows=True)
+    assert launched and max(launched) < 16 and store.lookup(KERNEL_NAME, packed.key(), "cpu") == best
+    assert packed.key() != p.key()
+    with pytest.raises(ValueError, match="packed_rows"):
+        tune(4, 2, 64, kv_dtype=torch.float16, device="cpu", store=store, packed_rows=True)
