@@ -162,10 +162,11 @@ def heuristic_config(p: KVWriteProblem) -> KernelConfig:
     """One token per program. Small writes (≤ SMALL_TOKENS): all KV heads up to 1024 elements on 4 warps, exact
     division per element (H200, µs at 64 / 512 tokens: 2.5 / 4.3, where the reciprocal path on one warp took
     3.3 / 4.8: its longer chain per program). Larger writes: one warp, 512 elements per operand for int8 caches
-    (Llama-3-8B, 8 × 128: four KV heads) with the reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA
-    graphs, tuning timer (sum over 4096 + 16384 tokens), µs: int8 this 46.1, one token × 8 heads on 2 warps 50.0,
-    on 4 warps 63.1 (with exact division: 42.6 + 11.9 per case), two tokens × 4 heads on 2 warps 50.1; fp16 45.6
-    against 45.7-46.3 for the other leaders."""
+    (Llama-3-8B, 8 × 128: four KV heads) with the reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA graphs, tuning
+    timer (sum over 4096 + 16384 tokens; the reciprocal then refined per element), µs: int8 this 46.1, one token ×
+    8 heads on 2 warps 50.0, on 4 warps 63.1 (with exact division: 42.6 + 11.9 per case), two tokens × 4 heads on
+    2 warps 50.1; fp16 45.6 against 45.7-46.3 for the other leaders. Unrefined (same run, per case): 9.6 + 29.1
+    against 10.1 + 31.0 refined."""
     quant = p.cache_dtype == torch.int8
     small = p.num_tokens <= SMALL_TOKENS
     elems = 1024 if small or not quant else 512
