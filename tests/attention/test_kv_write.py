@@ -368,6 +368,31 @@ def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype, device)
     _assert_same(caches, want, str(cfg.as_dict()))
 
 
+def _shipped_write_configs():
+    """(key, config) of every KV write entry in the shipped per-GPU tables."""
+    import json
+
+    from angel_kernels.tuning.store import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for key, entry in json.loads(path.read_text())["kernels"].get("kv_write", {}).items():
+            yield pytest.param(key, KernelConfig.from_dict(entry), id=f"{path.stem}:{key}")
+
+
+@pytest.mark.parametrize("key,cfg", list(_shipped_write_configs()))
+def test_shipped_table_configs_write_the_reference_bits(key, cfg, device):
+    """Every config a GPU table ships for the KV write, on 23 tokens with padding slots in its key's heads, head
+    dim, block size and cache dtype: the reference's bytes and nothing else."""
+    fields = dict(field.split("=") for field in key.split(","))
+    cache_dtype = torch.int8 if fields["kv"] == "int8" else torch.float16
+    key_, value, slots, caches = _on(device, *_case(23, int(fields["H"]), int(fields["D"]), int(fields["page"]),
+                                                    3, cache_dtype, torch.float16, seed=5, pad_every=3))
+    want = _clone(*caches)
+    write_kv_cache_ref(key_, value, *want[:2], slots, *want[2:])
+    launch_kv_write(key_, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
+    _assert_same(caches, want, key)
+
+
 def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, monkeypatch, device):
     """``tune`` under the interpreter with a fake timer: each config's first call starts from zeroed pages and is
     checked against the default config's bytes, so a config that writes nothing does not compete even when it

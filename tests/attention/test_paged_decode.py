@@ -763,6 +763,36 @@ def test_packed_rows_have_their_own_key_and_default():
     assert dict(heuristic_config(rows16).extra).get("HEADS_N") == 1
 
 
+def _shipped_decode_configs():
+    """(key, config) of every paged decode entry in the shipped per-GPU tables."""
+    import json
+
+    from angel_kernels.tuning import KernelConfig
+    from angel_kernels.tuning.store import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for key, entry in json.loads(path.read_text())["kernels"].get("paged_decode.split_kv", {}).items():
+            yield pytest.param(key, KernelConfig.from_dict(entry), id=f"{path.stem}:{key}")
+
+
+@pytest.mark.parametrize("key,cfg", list(_shipped_decode_configs()))
+def test_shipped_table_configs_compute_attention(key, cfg, device):
+    """Every config a GPU table ships for paged decode, on a small case of its key's kind (int8 page layout,
+    vLLM's packed int8 rows, fp16; its head dim, group and block size), against the fp32 reference."""
+    fields = dict(field.split("=") for field in key.split(","))
+    lens = [300, 1, 40]
+    c = build_case(lens, heads_q=int(fields["G"]), heads_kv=1, head_dim=int(fields["D"]),
+                   block_size=int(fields["page"]), cache_dtype=torch.int8 if fields["kv"] == "int8" else torch.float16,
+                   seed=41, device=device)
+    if fields.get("rows") == "packed":
+        c = with_vllm_packed_cache(c, lens, device)
+        assert row_alignment(c["value_cache"]) < 16
+    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
+    out = launch_paged_attention(c["q"][:, None], *args, cfg=cfg)[:, 0]
+    assert torch.isfinite(out).all(), key
+    assert_close(out, _ref(c), name=key)
+
+
 def test_tuning_space_and_tune_record_a_config(tmp_path, monkeypatch):
     """The warm-up entry point runs end to end (tiny cases, a fake clock) and records under the shape-only key."""
     from angel_kernels.attention.paged_decode import KERNEL_NAME, tune, tuning_space
