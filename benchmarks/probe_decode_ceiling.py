@@ -1,10 +1,10 @@
 """How close the int8 paged decode can get to its floor at a given grid: the whole call (split + reduce kernels),
 the call with the card's config plus MERGE (splits combined in the split kernel on one-wave grids; its bits
 checked against the same config's reduce kernel), the split kernel alone (the reduce kernel not launched), and a
-read-only walk of the same cache pages with the same
-grid (one program per (sequence, KV head, 256-token split), block ids through the block table, K and V rows as
-16-byte word loads, the scales; nothing computed but a checksum), with 1, 2 or 4 of its 32-token tiles of loads in
-flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians over L2-rotating inputs
+read-only walk of the same cache pages with the same grid (one program per (sequence, KV head, 256-token split),
+block ids through the block table, K and V rows as 16-byte word loads, the scales; nothing computed but a
+checksum), with 1, 2 or 4 of its 32-token tiles of loads in flight per warp, and on 4-warp programs with 128-token
+tiles. CUDA-graph medians over L2-rotating inputs
 (``bench_attention``'s int8 page layout, Llama-3-8B heads, block 16); the floor is the bench's.
 
     python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768]
