@@ -123,3 +123,17 @@ def with_vllm_packed_cache(c, lens, device="cpu"):
     slots = slot_mapping_for(c["block_table"].cpu(), lens, block_size).to(device)
     write_kv_cache_ref(c["key"].to(device), c["value"].to(device), kc, vc, slots, ks, vs)
     return dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
+
+
+def shipped_configs(kernel):
+    """pytest params (key, config) of every entry for ``kernel`` in the shipped per-GPU config tables."""
+    import json
+
+    import pytest
+
+    from angel_kernels.tuning import KernelConfig
+    from angel_kernels.tuning.store import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for key, entry in json.loads(path.read_text())["kernels"].get(kernel, {}).items():
+            yield pytest.param(key, KernelConfig.from_dict(entry), id=f"{path.stem}:{key}")

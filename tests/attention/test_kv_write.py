@@ -11,7 +11,7 @@ from angel_kernels.tuning import KernelConfig
 from angel_kernels.reference.attention import KV_SCALE_EPS, quantize_kv_ref, write_kv_cache_ref
 from angel_kernels.testing import make_generator, poison, randn
 
-from attention_cases import empty_caches, vllm_packed_int8_cache
+from attention_cases import empty_caches, shipped_configs, vllm_packed_int8_cache
 
 CANDIDATES = KV_WRITE.names()
 
@@ -368,18 +368,7 @@ def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype, device)
     _assert_same(caches, want, str(cfg.as_dict()))
 
 
-def _shipped_write_configs():
-    """(key, config) of every KV write entry in the shipped per-GPU tables."""
-    import json
-
-    from angel_kernels.tuning.store import CONFIG_DIR
-
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        for key, entry in json.loads(path.read_text())["kernels"].get("kv_write", {}).items():
-            yield pytest.param(key, KernelConfig.from_dict(entry), id=f"{path.stem}:{key}")
-
-
-@pytest.mark.parametrize("key,cfg", list(_shipped_write_configs()))
+@pytest.mark.parametrize("key,cfg", list(shipped_configs("kv_write")))
 def test_shipped_table_configs_write_the_reference_bits(key, cfg, device):
     """Every config a GPU table ships for the KV write, on 23 tokens with padding slots in its key's heads, head
     dim, block size and cache dtype: the reference's bytes and nothing else."""

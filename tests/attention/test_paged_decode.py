@@ -25,7 +25,8 @@ from angel_kernels.attention.paged_decode import (
 from angel_kernels.reference.attention import paged_attention_ref, paged_decode_attention_ref
 from angel_kernels.testing import assert_close, make_generator, randn, relative_error
 
-from attention_cases import build_case, slot_mapping_for, vllm_packed_int8_cache, with_vllm_packed_cache
+from attention_cases import (build_case, shipped_configs, slot_mapping_for, vllm_packed_int8_cache,
+                             with_vllm_packed_cache)
 
 CANDIDATES = PAGED_DECODE.names()
 ARGS = ("q", "key_cache", "value_cache", "block_table", "seq_lens", "k_scale", "v_scale")
@@ -839,19 +840,7 @@ def test_packed_rows_have_their_own_key_and_default():
     assert dict(heuristic_config(rows16).extra).get("HEADS_N") == 1
 
 
-def _shipped_decode_configs():
-    """(key, config) of every paged decode entry in the shipped per-GPU tables."""
-    import json
-
-    from angel_kernels.tuning import KernelConfig
-    from angel_kernels.tuning.store import CONFIG_DIR
-
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        for key, entry in json.loads(path.read_text())["kernels"].get("paged_decode.split_kv", {}).items():
-            yield pytest.param(key, KernelConfig.from_dict(entry), id=f"{path.stem}:{key}")
-
-
-@pytest.mark.parametrize("key,cfg", list(_shipped_decode_configs()))
+@pytest.mark.parametrize("key,cfg", list(shipped_configs("paged_decode.split_kv")))
 def test_shipped_table_configs_compute_attention(key, cfg, device):
     """Every config a GPU table ships for paged decode, on a small case of its key's kind (int8 page layout,
     vLLM's packed int8 rows, fp16; its head dim, group and block size), against the fp32 reference."""
