@@ -48,10 +48,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
+from ..gemm._splitk import tile_counters
 from ..reference.attention import paged_attention_ref
 from ..runtime import (dependent_launch, dependent_launch_supported, interpreter_active, reference_forced,
                        triton_runnable_on)
-from ..gemm._splitk import tile_counters
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (INLINE_SCALE_BYTES, PagedAttentionProblem, check_attention_inputs, check_attention_options,
