@@ -736,7 +736,8 @@ def launch_paged_attention(
     if B == 0:
         return out
     group = Hq // Hkv
-    heads_n = int(dict(cfg.extra).get("HEADS_N", 0))
+    extra = dict(cfg.extra)
+    heads_n = int(extra.get("HEADS_N", 0))
     # query rows: a 16-row MMA M side, or an 8-wide N side with HEADS_N
     block_m = max(8 if heads_n else 16, triton.next_power_of_2(group * Q))
     capacity = block_table.shape[1] * page
@@ -751,7 +752,7 @@ def launch_paged_attention(
         # leave a tail: at batch 64 × 16k, 512 programs of 32 splits each on 132 SMs × 3 resident (fp16 tiles,
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
-    per_sm = int(dict(cfg.extra).get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
+    per_sm = int(extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
     pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device, per_sm)
     if merge is None:
         merge = merges(cfg, B * Hkv * grid_splits, q.device, per_sm)
@@ -780,13 +781,13 @@ def launch_paged_attention(
         *po_strides, *pl_strides,
         GROUP=group, NUM_QUERIES=Q, BLOCK_M=block_m, HEAD_DIM=D, PAGE=page,
         QUANT=quant, HAS_SOFTCAP=has_softcap, DOT_FP32=q.device.type == "cpu",
-        MAGIC=quant and q.dtype == torch.float16 and bool(dict(cfg.extra).get("MAGIC", 1)),
+        MAGIC=quant and q.dtype == torch.float16 and bool(extra.get("MAGIC", 1)),
         K_ALIGN=k_align, V_ALIGN=v_align,
-        D_SPLIT=int(dict(cfg.extra).get("D_SPLIT", 1)),
+        D_SPLIT=int(extra.get("D_SPLIT", 1)),
         WORDS=words_path(cfg, quant, k_align, v_align),
         ASM=q.device.type == "cuda",
-        QK_INT8=quant and bool(dict(cfg.extra).get("QK_INT8", 0)),
-        FENCE_V=quant and bool(dict(cfg.extra).get("FENCE_V", 0)),
+        QK_INT8=quant and bool(extra.get("QK_INT8", 0)),
+        FENCE_V=quant and bool(extra.get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl, MERGE=merge, SPLITS_PAD=triton.next_power_of_2(max_ns) if merge else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
@@ -799,7 +800,7 @@ def launch_paged_attention(
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            CHUNK=min(triton.next_power_of_2(max_ns), REDUCE_CHUNK), IN_ORDER=bool(dict(cfg.extra).get("MERGE", 0)),
+            CHUNK=min(triton.next_power_of_2(max_ns), REDUCE_CHUNK), IN_ORDER=bool(extra.get("MERGE", 0)),
             num_warps=4 if D >= 128 else 2, **consts, PDL=reduce_pdl,
             **dependent_launch(reduce_pdl),
         )
