@@ -1,16 +1,13 @@
 """How close the int8 paged decode can get to its floor at a given grid: the whole call (split + reduce kernels),
-the call with the card's config plus MERGE (splits combined in the split kernel on one-wave grids; its bits
-checked against the same config's reduce kernel), the split kernel alone (the reduce kernel not launched), and a
-read-only walk of the same cache pages with the same grid (one program per (sequence, KV head, 256-token split),
-block ids through the block table, K and V rows as 16-byte word loads, the scales; nothing computed but a
-checksum), with 1, 2 or 4 of its 32-token tiles of loads in flight per warp, and on 4-warp programs with 128-token
-tiles. CUDA-graph medians over L2-rotating inputs
+the split kernel alone (the reduce kernel not launched), and a read-only walk of the same cache pages with the same
+grid (one program per (sequence, KV head, 256-token split), block ids through the block table, K and V rows as
+16-byte word loads, the scales; nothing computed but a checksum), with 1, 2 or 4 of its 32-token tiles of loads in
+flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians over L2-rotating inputs
 (``bench_attention``'s int8 page layout, Llama-3-8B heads, block 16); the floor is the bench's.
 
     python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768]
 """
 import argparse
-import dataclasses
 import functools
 import sys
 
@@ -87,18 +84,6 @@ def main(argv=None) -> int:
         sets = prep.input_sets
         floor = floors.floor_us(*A.floor_model(c)["kv8"])
         times = {"call": time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us}
-        p = paged_decode.PagedDecodeProblem(c["heads_q"], c["heads_kv"], c["head_dim"], c["block"], torch.float16,
-                                            torch.int8, device)
-        cfg = paged_decode.config_for(p)
-        cfg = dataclasses.replace(cfg, extra=tuple(sorted({**dict(cfg.extra), "MERGE": 1}.items())))
-
-        def merged(q, kc, vc, bt, lens, ks, vs, merge=None):
-            return paged_decode.launch_paged_attention(q[:, None], kc, vc, bt, lens, c["head_dim"] ** -0.5, ks, vs,
-                                                       cfg=cfg, merge=merge)[:, 0]
-
-        if not torch.equal(merged(*sets[0]), merged(*sets[0], merge=False)):
-            raise AssertionError("MERGE changed the bits of its config's reduce kernel")
-        times["call, MERGE"] = time_calls([functools.partial(merged, *a) for a in sets]).median_us
         reduce_kernel = paged_decode._paged_attn_reduce_kernel
         paged_decode._paged_attn_reduce_kernel = _NoLaunch()
         try:

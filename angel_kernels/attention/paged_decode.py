@@ -21,10 +21,7 @@ config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down
 ``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on
 its own length and on constants of the model and GPU, never on the batch.
 Each split's partial output and log-sum-exp go to fp32 scratch; a second kernel combines a sequence's splits
-in a fixed order (deterministic, no atomics); a sequence with one split is written directly. With a config's
-MERGE, grids of one wave skip the second kernel: the last split program of each (sequence, KV head) to finish
-(an arrival counter) combines them, with the same arithmetic in the same order as the reduce kernel then uses
-(``_combine_in_split_order``), so the bits do not depend on which of the two combined them (``merges``).
+in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
 The grid's split dimension (how many programs share a sequence's splits, each looping over every
 ``grid_splits``-th split) does follow the batch size, to keep the SMs busy at any batch — it changes which
 program computes a split, never what the split computes, so outputs are bitwise batch-invariant.
@@ -48,7 +45,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._int8_words import int8_words_to_float, mma_operand_fence
 from .._registry import register_op
 from ..dispatch import Candidate, KernelFamily
-from ..gemm._splitk import tile_counters
 from ..reference.attention import paged_attention_ref
 from ..runtime import (dependent_launch, dependent_launch_supported, interpreter_active, reference_forced,
                        triton_runnable_on)
@@ -65,9 +61,6 @@ PROGRAMS_PER_SM = 2
 # Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
 # batch × query heads × splits × head dim fp32 partials: 2 MB per sequence at 128 splits for Llama-3-8B heads.
 MAX_SPLITS_CAP = 64
-# The reduce kernel issues this many split slots' loads together (one memory latency per chunk; 32 slots of a
-# 128-wide head are 32 fp32 registers per thread at 4 warps).
-REDUCE_CHUNK = 32
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
 INTERPRETER_SMS = 4
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
@@ -274,43 +267,8 @@ def _tile_pages(bt_row, stride_btn, first, pos_ok, stride_kcb, stride_vcb, strid
 
 
 @triton.jit
-def _combine_in_split_order(po_rows, stride_pos, pl_rows, row_ok, num_splits, SPLITS_PAD: tl.constexpr,
-                            CHUNK: tl.constexpr, CG: tl.constexpr):
-    """The combined output rows of a sequence's splits, Σ_s 2^(lse_s − m) · o_s / Σ_s 2^(lse_s − m) with m the
-    largest lse, accumulated one split after the other in split order (a fused multiply-add per split; a slot
-    past the last split leaves the sums as they are), so the bits depend on the partials alone, not on how many
-    rows or slots a program loads at once: the reduce kernel and the last program of a split kernel that
-    combines (MERGE) write the same bits. po_rows [R, D] / pl_rows [R]: split 0's partial output and log2-sum-exp
-    of each row; CHUNK slots' loads issued together; CG: loads past L1 (partials other SMs wrote in this kernel)."""
-    splits = tl.arange(0, SPLITS_PAD)
-    live = row_ok[:, None] & (splits < num_splits)[None, :]
-    if CG:
-        lse = tl.load(pl_rows[:, None] + splits[None, :], mask=live, other=float("-inf"), cache_modifier=".cg")
-    else:
-        lse = tl.load(pl_rows[:, None] + splits[None, :], mask=live, other=float("-inf"))
-    m = tl.max(lse, axis=1)  # exact in any order
-    m = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros(po_rows.shape, tl.float32)
-    den = tl.zeros(pl_rows.shape, tl.float32)
-    for first in range(0, num_splits, CHUNK):
-        for j in tl.static_range(CHUNK):
-            ok = (tl.zeros(pl_rows.shape, tl.int32) + first + j) < num_splits  # per row (the same for all)
-            load = row_ok & ok
-            if CG:
-                o = tl.load(po_rows + (first + j) * stride_pos, mask=load[:, None], other=0.0, cache_modifier=".cg")
-                lse_j = tl.load(pl_rows + first + j, mask=load, other=float("-inf"), cache_modifier=".cg")
-            else:
-                o = tl.load(po_rows + (first + j) * stride_pos, mask=load[:, None], other=0.0)
-                lse_j = tl.load(pl_rows + first + j, mask=load, other=float("-inf"))
-            w = tl.exp2(lse_j - m)
-            acc = tl.where(ok[:, None], tl.fma(w[:, None], o, acc), acc)
-            den = tl.where(ok, den + w, den)
-    return acc / tl.where(den > 0, den, 1.0)[:, None]
-
-
-@triton.jit
 def _paged_attn_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr, cnt_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
     qk_scale, soft_cap, window, capacity, num_kv_heads, grid_splits,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
@@ -333,8 +291,6 @@ def _paged_attn_split_kernel(
     HEADS_N: tl.constexpr = 0,  # query rows on the MMA's N side (8 wide): transposed tiles, s [BLOCK_N, rows]
     #                             and acc [PART, rows], half the accumulator registers of a 16-row M side
     PDL: tl.constexpr = 0,  # programmatic dependent launch (``pdl_modes``): 1 early, 2 late, 3 the reduce only
-    MERGE: tl.constexpr = False,  # the last split of a sequence to finish combines them (``merges``): no reduce
-    SPLITS_PAD: tl.constexpr = 1, MERGE_CHUNK: tl.constexpr = 4,
 ):
     if PDL == 1 or PDL == 2:
         # launched before the previous kernel of the stream finished: wait for its writes (q, the caches)
@@ -501,17 +457,6 @@ def _paged_attn_split_kernel(
             if D_SPLIT == 2:
                 tl.store(po_ptr + part[:, None] + PART + dims[None, :], o2, mask=row_ok[:, None])
             tl.store(plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh + split, lse, mask=row_ok)
-            if MERGE:  # the last of the sequence's splits to finish combines them, as the reduce kernel would
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                if tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel") == num_splits - 1:
-                    tl.store(cnt_ptr + pid, 0)  # zero again for the next launch
-                    head = tl.arange(0, HEAD_DIM)
-                    first = b * stride_pob + t * stride_pot + qh * stride_poh  # split 0 of each row
-                    o = _combine_in_split_order(po_ptr + first[:, None] + head[None, :], stride_pos,
-                                                plse_ptr + b * stride_plb + t * stride_plt + qh * stride_plh,
-                                                row_ok, num_splits, SPLITS_PAD, MERGE_CHUNK, True)
-                    o_full = out_ptr + b * stride_ob + t[:, None] * stride_ot + qh[:, None] * stride_oh
-                    tl.store(o_full + head[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -521,14 +466,12 @@ def _paged_attn_reduce_kernel(
     stride_pob, stride_pot, stride_poh, stride_pos,
     stride_plb, stride_plt, stride_plh,
     stride_ob, stride_ot, stride_oh,
-    NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    NUM_QUERIES: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, MAX_SPLITS: tl.constexpr, MIN_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False, IN_ORDER: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """One program per (sequence, query token, query head): combine its splits' partials in split order. IN_ORDER
-    (configs with MERGE, whose one-wave grids combine in the split kernel): the bits of that combination
-    (``_combine_in_split_order``, CHUNK slots' loads at a time); otherwise one load of every slot and tree sums.
-    PDL: this kernel was launched while the split kernel ran (it waits for it before reading the partials)."""
+    """One program per (sequence, query token, query head): combine its splits' partials in split order. PDL: this
+    kernel was launched while the split kernel ran (it waits for it before reading the partials)."""
     if PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -540,16 +483,7 @@ def _paged_attn_reduce_kernel(
                                             MIN_SPLITS)
     if PDL:
         gdc_wait()
-    if num_splits > 1 and IN_ORDER:  # 0 and 1 split were written by the split kernel
-        dims = tl.arange(0, HEAD_DIM)
-        row = tl.zeros((1,), tl.int64)  # one row: [1, HEAD_DIM] tiles, as the split kernel's [rows, HEAD_DIM]
-        o = _combine_in_split_order(po_ptr + b * stride_pob + t * stride_pot + h * stride_poh + row[:, None]
-                                    + dims[None, :], stride_pos,
-                                    plse_ptr + b * stride_plb + t * stride_plt + h * stride_plh + row,
-                                    row == 0, num_splits, SPLITS_PAD, CHUNK, False)
-        tl.store(out_ptr + b * stride_ob + t * stride_ot + h * stride_oh + row[:, None] + dims[None, :],
-                 o.to(out_ptr.dtype.element_ty))
-    elif num_splits > 1:  # one load of every slot, summed as a tree
+    if num_splits > 1:  # 0 and 1 split were written by the split kernel
         splits = tl.arange(0, SPLITS_PAD)
         ok = splits < num_splits
         lse = tl.load(plse_ptr + b * stride_plb + t * stride_plt + h * stride_plh + splits, mask=ok,
@@ -618,15 +552,6 @@ def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1)
     if quant:
         return (3, True) if programs <= per_sm * num_sms(device) else (0, False)
     return 2, True
-
-
-def merges(cfg: KernelConfig, programs: int, device: torch.device, per_sm: int) -> bool:
-    """Whether the split kernel combines a sequence's splits itself (its last split to finish, through an arrival
-    counter per (sequence, KV head)) instead of a reduce kernel: the config asks for it (MERGE) and the grid is one
-    wave (at most ``per_sm`` programs per SM, the config's PROGRAMS_PER_SM), where no program waits for a slot, so
-    the combining program's extra work is the call's tail and the reduce kernel's launch and loads are saved. The
-    bits are the reduce kernel's (``_combine_in_split_order``), so batch sizes on either side of the rule agree."""
-    return bool(dict(cfg.extra).get("MERGE", 0)) and programs <= per_sm * num_sms(device)
 
 
 def num_sms(device: torch.device) -> int:
@@ -717,10 +642,9 @@ def launch_paged_attention(
     key_cache, value_cache, block_table, seq_lens, scale: float, k_scale=None, v_scale=None,
     sliding_window: Optional[int] = None, soft_cap: Optional[float] = None,
     *, cfg: Optional[KernelConfig] = None, policy: Optional[SplitPolicy] = None,
-    grid_splits: Optional[int] = None, merge: Optional[bool] = None,
+    grid_splits: Optional[int] = None,
 ) -> torch.Tensor:
-    """Split kernel + reduce kernel with an explicit config / policy / grid; returns [B, Q, H_q, D]. ``merge``: the
-    splits combined inside the split kernel instead of by the reduce kernel (same bits; ``merges`` unless given)."""
+    """Split kernel + reduce kernel with an explicit config / policy / grid; returns [B, Q, H_q, D]."""
     B, Q, Hq, D = q.shape
     Hkv = key_cache.shape[2]
     page = key_cache.shape[1]
@@ -754,10 +678,6 @@ def launch_paged_attention(
         grid_splits = max_ns
     per_sm = int(extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
     pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device, per_sm)
-    if merge is None:
-        merge = merges(cfg, B * Hkv * grid_splits, q.device, per_sm)
-    merge = merge and max_ns > 1
-    counters = tile_counters(q.device, B * Hkv) if merge else out  # unused without MERGE
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -769,7 +689,7 @@ def launch_paged_attention(
     window = int(sliding_window) if sliding_window is not None else 0
     _paged_attn_split_kernel[(B * Hkv, grid_splits)](
         q, key_cache, value_cache, k_scale if quant else key_cache, v_scale if quant else value_cache,
-        block_table, seq_lens, out, partial_o, partial_lse, counters,
+        block_table, seq_lens, out, partial_o, partial_lse,
         float(scale) * (1.0 if has_softcap else LOG2E), float(soft_cap) if has_softcap else 1.0,
         window, capacity, Hkv, grid_splits,
         q.stride(0), q.stride(1), q.stride(2),
@@ -789,18 +709,17 @@ def launch_paged_attention(
         QK_INT8=quant and bool(extra.get("QK_INT8", 0)),
         FENCE_V=quant and bool(extra.get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
-        HEADS_N=heads_n, PDL=pdl, MERGE=merge, SPLITS_PAD=triton.next_power_of_2(max_ns) if merge else 1,
+        HEADS_N=heads_n, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
         **dependent_launch(pdl in (1, 2)),
     )
-    if max_ns > 1 and not merge:
+    if max_ns > 1:
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,
             window, capacity, Hq,
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            CHUNK=min(triton.next_power_of_2(max_ns), REDUCE_CHUNK), IN_ORDER=bool(extra.get("MERGE", 0)),
             num_warps=4 if D >= 128 else 2, **consts, PDL=reduce_pdl,
             **dependent_launch(reduce_pdl),
         )

@@ -106,53 +106,6 @@ def _int8_layout_case(layout, dtype, seed, device):
     return c
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_splits_combined_in_the_split_kernel_give_the_reduce_kernels_bits(cache_dtype, device, monkeypatch):
-    """MERGE (the last split of a sequence to finish combines them through an arrival counter; no reduce kernel)
-    writes the reduce kernel's bits: ragged and empty sequences with up to 10 splits (more than a combining step
-    loads at once), one and two query tokens, windows and soft-cap, rows on either MMA side, head-dim halves; the
-    counters are zero again after every launch."""
-    import angel_kernels.attention.paged_decode as decode
-    from angel_kernels.gemm._splitk import tile_counters
-    from angel_kernels.tuning import KernelConfig
-
-    c = build_case([300, 1, 17, 0, 40, 129], head_dim=64, cache_dtype=cache_dtype, seed=43, device=device)
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    int8 = cache_dtype == torch.int8
-    variants = ((("D_SPLIT", 1), ("HEADS_N", 1), ("WORDS", 1)), (("D_SPLIT", 2),)) if int8 else (
-        (("D_SPLIT", 1),), (("D_SPLIT", 2), ("HEADS_N", 1)))
-    reduce_kernel = decode._paged_attn_reduce_kernel
-    g = make_generator(43)
-    for num_queries in (1, 2):
-        q = c["q"][:, None] if num_queries == 1 else randn(6, 2, 4, 64, generator=g).to(device)
-        for kw in ({}, {"sliding_window": 33, "soft_cap": 20.0}):
-            ref = paged_attention_ref(q, *args, **kw)
-            for base in variants:
-                extra = tuple(sorted(base + (("MERGE", 1), ("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 8))))
-                cfg = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=1, num_stages=1, extra=extra)
-                assert split_policy(PagedDecodeProblem(4, 2, 64, 16, torch.float16, cache_dtype, device),
-                                    cfg).num_splits(300, num_queries) == 10
-                plain = launch_paged_attention(q, *args, cfg=cfg, merge=False, **kw)
-                monkeypatch.setattr(decode, "_paged_attn_reduce_kernel", None)  # must not be launched
-                merged = launch_paged_attention(q, *args, cfg=cfg, merge=True, **kw)
-                monkeypatch.setattr(decode, "_paged_attn_reduce_kernel", reduce_kernel)
-                name = f"{cache_dtype} Q={num_queries} {dict(base)} {kw}"
-                assert torch.isfinite(merged).all(), name
-                assert torch.equal(merged, plain), name
-                assert_close(merged, ref, name=name)
-                assert not tile_counters(device, 12)[:12].any(), name
-
-
-def test_merge_rule_takes_one_wave_grids_that_ask_for_it():
-    from angel_kernels.attention.paged_decode import merges
-    from angel_kernels.tuning import KernelConfig
-
-    cpu = torch.device("cpu")  # 4 pretend SMs under the interpreter rules
-    ask = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, extra=(("MERGE", 1),))
-    assert merges(ask, 32, cpu, 8) and not merges(ask, 33, cpu, 8) and not merges(ask, 9, cpu, 2)
-    assert not merges(KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0), 1, cpu, 8)
-
-
 @pytest.mark.parametrize("layout", ["separate", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_int8_words_path_is_bitwise_identical(layout, dtype, device):
@@ -722,35 +675,6 @@ def test_gpu_vllm_packed_rows_at_the_tuned_config():
     one = paged_decode_attention(c["q"][:1], c["key_cache"], c["value_cache"], c["block_table"][:1],
                                  c["seq_lens"][:1], c["k_scale"], c["v_scale"], scale=c["scale"])
     assert torch.equal(one, out[:1])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_gpu_splits_combined_in_the_split_kernel_give_the_reduce_kernels_bits(cache_dtype):
-    """MERGE at the card's config, Llama-3-8B heads: the splits combined by the last split program (arrival
-    counters, no reduce kernel) give the reduce kernel's bits, eager and replayed from a CUDA graph, and the fp32
-    reference's values; the counters are zero after each launch."""
-    from dataclasses import replace
-
-    from angel_kernels.gemm._splitk import tile_counters
-
-    c = build_case([4097, 1000, 16, 1], heads_q=32, heads_kv=8, head_dim=128, cache_dtype=cache_dtype, seed=15,
-                   device="cuda")
-    cfg = config_for(PagedDecodeProblem(32, 8, 128, 16, torch.float16, cache_dtype, torch.device("cuda")))
-    cfg = replace(cfg, extra=tuple(sorted({**dict(cfg.extra), "MERGE": 1}.items())))
-    args = [c[a] for a in ARGS[1:5]] + [c["scale"], c["k_scale"], c["v_scale"]]
-    plain = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, merge=False)
-    merged = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, merge=True)
-    assert torch.equal(merged, plain)
-    assert_close(merged[:, 0], _ref(c), name="MERGE")
-    assert not tile_counters(torch.device("cuda"), 32)[:32].any()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = launch_paged_attention(c["q"][:, None], *args, cfg=cfg, merge=True)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(replayed, plain) and not tile_counters(torch.device("cuda"), 32)[:32].any()
 
 
 @pytest.mark.gpu
