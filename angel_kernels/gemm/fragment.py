@@ -36,6 +36,7 @@ weights (the GPTQ / AWQ / compressed-tensors W4A16 default) with N % 64 == 0 and
 weight; ``w8a16_fragment_gemm`` gives ``w8a16_gemm``'s bits (per-channel scales applied to the fp32 sum), and
 ``ifq`` stores sm_90 layers that way.
 """
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -494,31 +495,37 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
     return y
 
 
+# The dequantization pass (M >= LARGE_M_FRAGMENT): K-tiles of one 64-row block per program, warps per program.
+DEQUANT_TILES = (1, 4)
+
+
 @triton.jit
-def _store_tile_rows(v, out_ptr, tn, tk, K):
-    """Store a dequantized 64 × 128 tile held as [128 threads (w, g, c), 8 k16 steps s, column half h, row r,
-    element e] (both widths' decoders end there) at its place in W [N, K], in row order: the permute is a layout
-    change the compiler does through shared memory, so the stores are whole rows."""
-    v = tl.permute(tl.reshape(v, (4, 8, 4, 8, 2, 2, 2)), (0, 5, 1, 3, 4, 2, 6))  # (w, r, g, s, h, c, e)
+def _store_tile_rows(v, out_ptr, tn, tk, K, KT: tl.constexpr):
+    """Store KT dequantized 64 × 128 tiles of one row block, held as [KT, 128 threads (w, g, c), 8 k16 steps s,
+    column half h, row r, element e] (both widths' decoders end there), at their place in W [N, K], in row order:
+    the permute is a layout change the compiler does through shared memory, so the stores are whole rows."""
+    v = tl.permute(tl.reshape(v, (KT, 4, 8, 4, 8, 2, 2, 2)), (1, 6, 2, 0, 4, 5, 3, 7))  # (w, r, g, kt, s, h, c, e)
     rows = tn * 64 + tl.arange(0, 64)
-    cols = tk * 128 + tl.arange(0, 128)
+    cols = tk * 128 + tl.arange(0, KT * 128)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-             tl.reshape(v, (64, 128)).to(out_ptr.dtype.element_ty))
+             tl.reshape(v, (64, KT * 128)).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
-    """W [N, K] from one fragment-major tile per program, (q − 8) · s rounded once as ``dequantize_packed``,
-    stored in row order (``_store_tile_rows``)."""
-    tile = tl.program_id(0)
-    tn = tile // (K // 128)
-    tk = tile % (K // 128)
-    t = tl.arange(0, 128)[:, None]  # thread of the tile; its words are its k16 steps
-    words = tl.load(w_ptr + tile.to(tl.int64) * 1024 + t * 8 + tl.arange(0, 8)[None, :])
+def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
+    """W [N, K] from KT consecutive fragment-major tiles of one row block per program, (q − 8) · s rounded once as
+    ``dequantize_packed``, stored in row order (``_store_tile_rows``)."""
+    tiles_k = K // 128
+    tn = tl.program_id(0) // (tiles_k // KT)
+    tk = tl.program_id(0) % (tiles_k // KT) * KT
+    kt = tl.arange(0, KT)[:, None, None]
+    t = tl.arange(0, 128)[None, :, None]  # thread of a tile; its words are its k16 steps
+    words = tl.load(w_ptr + (tn.to(tl.int64) * tiles_k + tk) * 1024 + kt * 1024 + t * 8
+                    + tl.arange(0, 8)[None, None, :])
     r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    sa = tl.load(s_ptr + tk * N + r0).to(DT).to(tl.float32)
-    sb = tl.load(s_ptr + tk * N + r0 + 8).to(DT).to(tl.float32)
+    sa = tl.load(s_ptr + (tk + kt) * N + r0).to(DT).to(tl.float32)
+    sb = tl.load(s_ptr + (tk + kt) * N + r0 + 8).to(DT).to(tl.float32)
     v0 = ((words & 0xF) - 8).to(tl.float32) * sa  # nibble 4 e + 2 h + r: row r0 + 8 r, column 16 s + 8 h + 2 c + e
     v1 = (((words >> 4) & 0xF) - 8).to(tl.float32) * sb
     v2 = (((words >> 8) & 0xF) - 8).to(tl.float32) * sa
@@ -527,19 +534,22 @@ def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K):
     v5 = (((words >> 20) & 0xF) - 8).to(tl.float32) * sb
     v6 = (((words >> 24) & 0xF) - 8).to(tl.float32) * sa
     v7 = (((words >> 28) & 0xF) - 8).to(tl.float32) * sb
-    v = tl.join(tl.join(tl.join(v0, v2), tl.join(v1, v3)), tl.join(tl.join(v4, v6), tl.join(v5, v7)))  # [t, s, h, r, e]
-    _store_tile_rows(v, out_ptr, tn, tk, K)
+    # [kt, t, s, h, r, e]
+    v = tl.join(tl.join(tl.join(v0, v2), tl.join(v1, v3)), tl.join(tl.join(v4, v6), tl.join(v5, v7)))
+    _store_tile_rows(v, out_ptr, tn, tk, K, KT)
 
 
 @triton.jit
-def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K):
-    """W [N, K] = q · s[row] (an fp32 product rounded once, as ``dequantize_int8``) from one fragment-major int8
-    tile per program, stored in row order (``_store_tile_rows``)."""
-    tile = tl.program_id(0)
-    tn = tile // (K // 128)
-    tk = tile % (K // 128)
-    t = tl.arange(0, 128)[:, None]  # thread of the tile; its 16 words are (k16 step s, column half h)
-    words = tl.load(w_ptr + tile.to(tl.int64) * 2048 + t * 16 + tl.arange(0, 16)[None, :])
+def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
+    """W [N, K] = q · s[row] (an fp32 product rounded once, as ``dequantize_int8``) from KT consecutive
+    fragment-major int8 tiles of one row block per program, stored in row order (``_store_tile_rows``)."""
+    tiles_k = K // 128
+    tn = tl.program_id(0) // (tiles_k // KT)
+    tk = tl.program_id(0) % (tiles_k // KT) * KT
+    kt = tl.arange(0, KT)[:, None, None]
+    t = tl.arange(0, 128)[None, :, None]  # thread of a tile; its 16 words are (k16 step s, column half h)
+    words = tl.load(w_ptr + (tn.to(tl.int64) * tiles_k + tk) * 2048 + kt * 2048 + t * 16
+                    + tl.arange(0, 16)[None, None, :])
     r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
     sa = tl.load(s_ptr + r0).to(tl.float32)
     sb = tl.load(s_ptr + r0 + 8).to(tl.float32)
@@ -547,32 +557,42 @@ def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K):
     v1 = ((words << 16) >> 24).to(tl.float32) * sa
     v2 = ((words << 8) >> 24).to(tl.float32) * sb
     v3 = (words >> 24).to(tl.float32) * sb
-    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [t, s h, r, e]
-    _store_tile_rows(v, out_ptr, tn, tk, K)
+    v = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [kt, t, s h, r, e]
+    _store_tile_rows(v, out_ptr, tn, tk, K, KT)
 
 
-def dequantize_fragment_int8(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequant_launch(kernel, words, scales, out, n, k, tiles):
+    """One dequantization pass: ``tiles`` = (K-tiles per program, warps), DEQUANT_TILES by default; the K-tiles
+    fall back to a divisor of K / 128."""
+    k_tiles, warps = tiles or DEQUANT_TILES
+    k_tiles = math.gcd(k_tiles, k // TILE_K)
+    kernel[((n // TILE_N) * (k // TILE_K) // k_tiles,)](words, scales.contiguous(), out, n, k, KT=k_tiles,
+                                                          num_warps=warps)
+    return out
+
+
+def dequantize_fragment_int8(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                             tiles: Optional[tuple] = None) -> torch.Tensor:
     """W [N, K] in ``dtype`` from fragment-major int8 words and per-channel scales [N]: the values
     ``dequantize_int8`` gives the row-major weight. One Triton pass on CUDA (or under the interpreter), torch
     elsewhere."""
     n, k = words.shape[0], words.shape[1] * 4
     if words.device.type == "cuda" or interpreter_active():
         out = torch.empty((n, k), dtype=dtype, device=words.device)
-        _dequant_fragment_int8_kernel[((n // TILE_N) * (k // TILE_K),)](words, scales.contiguous(), out, n, k)
-        return out
+        return _dequant_launch(_dequant_fragment_int8_kernel, words, scales, out, n, k, tiles)
     q = row_major_from_fragment_int8(words)
     return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
 
 
-def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                        tiles: Optional[tuple] = None) -> torch.Tensor:
     """Wᵀ [K, N] in ``dtype`` (a transposed view) from fragment-major words: the values ``dequantize_packed``
     gives the packed weight. One Triton pass on CUDA (or under the interpreter); elsewhere through the packed
     layout."""
     n, k = words.shape[0], words.shape[1] * 8
     if words.device.type == "cuda" or interpreter_active():
         out = torch.empty((n, k), dtype=dtype, device=words.device)
-        _dequant_fragment_kernel[((n // TILE_N) * (k // TILE_K),)](words, scales.contiguous(), out, n, k)
-        return out.t()
+        return _dequant_launch(_dequant_fragment_kernel, words, scales, out, n, k, tiles).t()
     return dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, dtype)
 
 

@@ -523,14 +523,19 @@ def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
         assert torch.equal(full.view(torch.int16), op(x, words, s, b).view(torch.int16))
 
 
+# (K-tiles per program, warps) of the dequantization pass, K; 2 K-tiles on K = 384 (three) fall back to 1
+DEQUANT_CASES = [(None, 384), ((2, 4), 384), ((2, 4), 512), ((4, 8), 512)]
+
+
+@pytest.mark.parametrize("tiles,k", DEQUANT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, device, monkeypatch):
+def test_dequantize_fragment_kernel_matches_packed_dequantization(dtype, tiles, k, device, monkeypatch):
     from angel_kernels.gemm import fragment as mod
     from angel_kernels.gemm.w4a16 import dequantize_packed
 
-    _x, q, s, _b = _layer(1, 128, 256, dtype, device, seed=7)
+    _x, q, s, _b = _layer(1, 128, k, dtype, device, seed=7)
     monkeypatch.setattr(mod, "interpreter_active", lambda: True)  # the Triton pass, also on the CPU
-    got = mod.dequantize_fragment(fragment_major_int4(q), s, dtype)
+    got = mod.dequantize_fragment(fragment_major_int4(q), s, dtype, tiles)
     want = dequantize_packed(q.cpu(), s.cpu(), None, 128, dtype)
     if device.type == "cpu" and dtype == torch.bfloat16:
         assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16
@@ -545,16 +550,17 @@ def test_int8_round_trip(n, k):
     assert torch.equal(row_major_from_fragment_int8(fragment_major_int8(q)), q)
 
 
+@pytest.mark.parametrize("tiles,k", DEQUANT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_int8_dequantization_matches_w8a16s(dtype, device, monkeypatch):
+def test_int8_dequantization_matches_w8a16s(dtype, tiles, k, device, monkeypatch):
     from angel_kernels.gemm import fragment as mod
     from angel_kernels.gemm.w8a16 import dequantize_int8
 
-    q = randint8(128, 256, device=device, generator=make_generator(5))
+    q = randint8(128, k, device=device, generator=make_generator(5))
     s = torch.rand(128, device=device) * 0.01 + 1e-3
     want = dequantize_int8(q.cpu(), s.cpu(), dtype)  # torch on the CPU
     monkeypatch.setattr(mod, "interpreter_active", lambda: True)  # the Triton pass, also on the CPU
-    got = mod.dequantize_fragment_int8(fragment_major_int8(q), s, dtype)
+    got = mod.dequantize_fragment_int8(fragment_major_int8(q), s, dtype, tiles)
     if device.type == "cpu" and dtype == torch.bfloat16:
         assert_close(got, want, atol=0, rtol=2**-6)  # the interpreter truncates fp32 → bf16
     else:
