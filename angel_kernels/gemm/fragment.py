@@ -495,8 +495,13 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
     return y
 
 
-# The dequantization pass (M >= LARGE_M_FRAGMENT): K-tiles of one 64-row block per program, warps per program.
-DEQUANT_TILES = (1, 4)
+# The dequantization pass (from LARGE_M_FRAGMENT on split weights, above LARGE_M_BATCH on unsplit ones): K-tiles
+# of one 64-row block per program and warps per program, by width. H200, CUDA graphs, one run, µs (1, 4) → (1, 8)
+# → (2, 8) (the floor: words, scales and W at the copy bandwidth): int8 4096×14336 51.5 → 45.6 → 44.7 (41.8),
+# 28672×4096 93.4 → 87.6 → 87.4 (83.7), 8192×28672 193.5 → 173.4 → 173.2 (167.3), 4096×4096 16.6 → 13.8 → 13.1
+# (12.0); int4 4096×14336 39.3 → 38.4 → 45.2 (35.1), 28672×4096 75.0 → 74.3 → 85.3 (70.2), 4096×4096 12.8 → 11.3 →
+# 14.4 (10.0); four K-tiles on four warps spill (int8 4096×14336: 739 µs).
+DEQUANT_TILES = {False: (2, 8), True: (1, 8)}  # int4?
 
 
 @triton.jit
@@ -561,10 +566,10 @@ def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr)
     _store_tile_rows(v, out_ptr, tn, tk, K, KT)
 
 
-def _dequant_launch(kernel, words, scales, out, n, k, tiles):
-    """One dequantization pass: ``tiles`` = (K-tiles per program, warps), DEQUANT_TILES by default; the K-tiles
-    fall back to a divisor of K / 128."""
-    k_tiles, warps = tiles or DEQUANT_TILES
+def _dequant_launch(kernel, words, scales, out, n, k, tiles, int4):
+    """One dequantization pass: ``tiles`` = (K-tiles per program, warps), the width's DEQUANT_TILES by default; the
+    K-tiles fall back to a divisor of K / 128."""
+    k_tiles, warps = tiles or DEQUANT_TILES[int4]
     k_tiles = math.gcd(k_tiles, k // TILE_K)
     kernel[((n // TILE_N) * (k // TILE_K) // k_tiles,)](words, scales.contiguous(), out, n, k, KT=k_tiles,
                                                           num_warps=warps)
@@ -579,7 +584,7 @@ def dequantize_fragment_int8(words: torch.Tensor, scales: torch.Tensor, dtype: t
     n, k = words.shape[0], words.shape[1] * 4
     if words.device.type == "cuda" or interpreter_active():
         out = torch.empty((n, k), dtype=dtype, device=words.device)
-        return _dequant_launch(_dequant_fragment_int8_kernel, words, scales, out, n, k, tiles)
+        return _dequant_launch(_dequant_fragment_int8_kernel, words, scales, out, n, k, tiles, False)
     q = row_major_from_fragment_int8(words)
     return (q.to(torch.float32) * scales.to(torch.float32)[:, None]).to(dtype)
 
@@ -592,7 +597,7 @@ def dequantize_fragment(words: torch.Tensor, scales: torch.Tensor, dtype: torch.
     n, k = words.shape[0], words.shape[1] * 8
     if words.device.type == "cuda" or interpreter_active():
         out = torch.empty((n, k), dtype=dtype, device=words.device)
-        return _dequant_launch(_dequant_fragment_kernel, words, scales, out, n, k, tiles).t()
+        return _dequant_launch(_dequant_fragment_kernel, words, scales, out, n, k, tiles, True).t()
     return dequantize_packed(packed_from_fragment(words), scales, None, GROUP_SIZE, dtype)
 
 

@@ -524,7 +524,7 @@ def test_gpu_batch_tiles_keep_rows_batch_invariant(int4, n, k, m, monkeypatch):
 
 
 # (K-tiles per program, warps) of the dequantization pass, K; 2 K-tiles on K = 384 (three) fall back to 1
-DEQUANT_CASES = [(None, 384), ((2, 4), 384), ((2, 4), 512), ((4, 8), 512)]
+DEQUANT_CASES = [(None, 384), (None, 512), ((1, 4), 512), ((2, 4), 384), ((4, 8), 512)]
 
 
 @pytest.mark.parametrize("tiles,k", DEQUANT_CASES)
