@@ -238,12 +238,11 @@ def _register_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS
 def _ring_block(acc, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N, WORDS: gl.constexpr,
                 INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, w_ld: gl.constexpr,
                 a_l: gl.constexpr):
-    """K-block i of ``_ring_blocks``: its words read back from ring slot i % STAGES as each thread's run, converted
-    with the scales s0 / s1, one wgmma group on x's stage, block i + 2's scales into s0 / s1, and block
-    i + STAGES - 1's x and words (``w_ptrs``: in the copy layout) into the slots block i - 1 used, one commit group
-    (every thread is past block i - 1's reads: the barrier)."""
+    """K-block i of ``_ring_blocks``: its words read back from ring slot i % STAGES (each thread reads only what
+    its own cp.async wrote), converted with the scales s0 / s1, one wgmma group on x's stage, block i + 2's scales
+    into s0 / s1, and block i + STAGES - 1's x and words into the slots block i - 1 used, one commit group."""
     cp.wait_group(STAGES - 2)
-    gl.thread_barrier()  # x's stage i and the words of block i, copied by every thread, are complete
+    gl.thread_barrier()  # x's stage i, copied by every thread, is complete
     a = _fragments(w_ring.index(i % STAGES).load(w_ld), s0[:, None], s1[:, None], INT4, BF16, a_l)
     s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
     acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
@@ -264,17 +263,11 @@ def _ring_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS: gl
     in the same commit groups as x's stages: STAGES - 1 blocks of words in flight cost shared memory, not
     registers. The scales (int4) two blocks ahead in registers, the loop unrolled twice so that each set is
     reloaded in place. The same k16 chain and conversions as the register path: the same bits."""
-    # a thread's run of words is one row; its 16-byte vectors XOR-swizzled by the row (as the piped tiles' ring).
-    # Copied by warps of consecutive 16-byte vectors (a warp: 512 contiguous bytes per copy; each thread copying
-    # its own run would take 16 bytes of each 32-byte sector per copy, and cp.async does not keep the other half in
-    # L1), read back as runs after the barrier x's stages need anyway.
-    THREADS: gl.constexpr = w_ptrs.shape[0]
-    w_cp: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4], [THREADS // 32, 1], [1, 0])
-    w_ptrs_cp = gl.convert_layout(w_ptrs, w_cp)
-    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, THREADS, WORDS], gl.SwizzledSharedLayout(
+    # a thread's run of words is one row; its 16-byte vectors XOR-swizzled by the row (as the piped tiles' ring)
+    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, w_ptrs.shape[0], WORDS], gl.SwizzledSharedLayout(
         vec=4, per_phase=1, max_phase=WORDS // 4, order=[1, 0]))
     for t in gl.static_range(STAGES - 1):  # constant data: before waiting for the previous kernel
-        cp.async_copy_global_to_shared(w_ring.index(t), w_ptrs_cp + gl.minimum(t, n_blocks - 1) * (128 * WORDS))
+        cp.async_copy_global_to_shared(w_ring.index(t), w_ptrs + gl.minimum(t, n_blocks - 1) * (128 * WORDS))
     s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
     s0_b, s1_b = _load_scales(s_ptrs, 1, n_blocks, N, INT4, DT)
     _early_launch(PDL)
@@ -283,11 +276,11 @@ def _ring_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS: gl
         cp.commit_group()
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
     for i in range(0, n_blocks, 2):
-        acc, s0_a, s1_a = _ring_block(acc, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs_cp, s_ptrs, x_smem, x_ptrs,
-                                      mask_xm, N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
+        acc, s0_a, s1_a = _ring_block(acc, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
+                                      N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
         if i + 1 < n_blocks:
-            acc, s0_b, s1_b = _ring_block(acc, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs_cp, s_ptrs, x_smem,
-                                          x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
+            acc, s0_b, s1_b = _ring_block(acc, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs,
+                                          mask_xm, N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
     cp.wait_group(0)
     return acc
 
