@@ -263,7 +263,6 @@ def _fragment_launch(args):
         words = torch.zeros(args.n, args.k // 4, dtype=torch.int32)
         scales = torch.ones(args.n)
     p = fragment.FragmentProblem(args.m, args.n, args.k, x.dtype, x.device)  # CPU: the rules use 132 SMs
-    fragment.DECODE_RING = args.ring
     return capture_launches(fragment._run_gluon, p, x, words, scales, None, int4=bool(args.int4))
 
 
@@ -285,7 +284,6 @@ def main(argv=None) -> int:
     ap.add_argument("--qk-int8", type=int, default=0, help="decode: q·kᵀ on int8 tensor cores (int8 cache)")
     ap.add_argument("--dot-t", type=int, default=0, help="w8a16, w4a16: tokens on the MMA's M side (DOT_T)")
     ap.add_argument("--int4", type=int, default=0, help="fragment: int4 words (default: int8)")
-    ap.add_argument("--ring", type=int, default=0, help="fragment: decode tiles' words in a ring of that many blocks")
     ap.add_argument("--flag", action="append", default=[], metavar="NAME=VALUE",
                     help="decode, prefill: another config flag, e.g. PAGE_ADDR=1 or FENCE_V=1 (repeatable)")
     ap.add_argument("--dump", default=None, help="directory for the PTX, SASS and TTGIR")

@@ -146,12 +146,10 @@ def _early_launch(PDL: gl.constexpr):
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0, RING: gl.constexpr = 0):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
-    split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit. RING:
-    the weight words come by cp.async through a shared-memory ring of STAGES K-blocks beside x's (``_ring_blocks``)
-    instead of AHEAD register sets."""
+    split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -183,24 +181,6 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     x_ptrs = x_ptr + offs_xm[:, None].to(gl.int64) * stride_xm + (k_start + offs_xk)[None, :]
     mask_xm = (offs_xm < M)[:, None]
 
-    if RING:
-        acc = _ring_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS, INT4, BF16, DT, STAGES, PDL,
-                           ROWS, BLOCK_M, w_ld, acc_l, a_l)
-    else:
-        acc = _register_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS, INT4, BF16, DT, STAGES,
-                               AHEAD, PDL, ROWS, BLOCK_M, acc_l, a_l)
-
-    _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
-                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
-
-
-@gluon.jit
-def _register_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr,
-                     BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, AHEAD: gl.constexpr,
-                     PDL: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, acc_l: gl.constexpr,
-                     a_l: gl.constexpr):
-    """The decode tile's K loop with the weight words in registers, AHEAD K-blocks ahead; x through a cp.async
-    ring of STAGES blocks."""
     # the weight words (and int4 scales) of the next AHEAD K-blocks in flight, one register set per block: the
     # loop is unrolled AHEAD times so that each set is reloaded in place once its block is converted (a set
     # handed on to the next (w_a = w_b) is a register move that waits for the load in flight: one block ahead)
@@ -231,58 +211,9 @@ def _register_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS
             if i + 3 < n_blocks:
                 acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
                                                 x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-    return acc
 
-
-@gluon.jit
-def _ring_block(acc, i, n_blocks, s0, s1, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N, WORDS: gl.constexpr,
-                INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, w_ld: gl.constexpr,
-                a_l: gl.constexpr):
-    """K-block i of ``_ring_blocks``: its words read back from ring slot i % STAGES (each thread reads only what
-    its own cp.async wrote), converted with the scales s0 / s1, one wgmma group on x's stage, block i + 2's scales
-    into s0 / s1, and block i + STAGES - 1's x and words into the slots block i - 1 used, one commit group."""
-    cp.wait_group(STAGES - 2)
-    gl.thread_barrier()  # x's stage i, copied by every thread, is complete
-    a = _fragments(w_ring.index(i % STAGES).load(w_ld), s0[:, None], s1[:, None], INT4, BF16, a_l)
-    s0, s1 = _load_scales(s_ptrs, i + 2, n_blocks, N, INT4, DT)
-    acc = warpgroup_mma(a, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))[0]
-    nxt = i + STAGES - 1
-    cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K, mask=mask_xm & (nxt < n_blocks))
-    cp.async_copy_global_to_shared(w_ring.index(nxt % STAGES),
-                                   w_ptrs + gl.minimum(nxt, n_blocks - 1) * (128 * WORDS))  # past the range: unused
-    cp.commit_group()
-    return acc, s0, s1
-
-
-@gluon.jit
-def _ring_blocks(w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, n_blocks, N, WORDS: gl.constexpr, INT4: gl.constexpr,
-                 BF16: gl.constexpr, DT: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr, ROWS: gl.constexpr,
-                 BLOCK_M: gl.constexpr, w_ld: gl.constexpr, acc_l: gl.constexpr, a_l: gl.constexpr):
-    """The decode tile's K loop with the weight words in a shared-memory ring of STAGES K-blocks, filled by cp.async
-    in the same commit groups as x's stages: STAGES - 1 blocks of words in flight cost shared memory, not
-    registers. The scales (int4) two blocks ahead in registers, the loop unrolled twice so that each set is
-    reloaded in place. The same k16 chain and conversions as the register path: the same bits."""
-    # a thread's run of words is one row; its 16-byte vectors XOR-swizzled by the row (as the piped tiles' ring)
-    w_ring = gl.allocate_shared_memory(gl.int32, [STAGES, w_ptrs.shape[0], WORDS], gl.SwizzledSharedLayout(
-        vec=4, per_phase=1, max_phase=WORDS // 4, order=[1, 0]))
-    for t in gl.static_range(STAGES - 1):  # constant data: before waiting for the previous kernel
-        cp.async_copy_global_to_shared(w_ring.index(t), w_ptrs + gl.minimum(t, n_blocks - 1) * (128 * WORDS))
-    s0_a, s1_a = _load_scales(s_ptrs, 0, n_blocks, N, INT4, DT)
-    s0_b, s1_b = _load_scales(s_ptrs, 1, n_blocks, N, INT4, DT)
-    _early_launch(PDL)
-    for t in gl.static_range(STAGES - 1):
-        cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
-        cp.commit_group()
-    acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
-    for i in range(0, n_blocks, 2):
-        acc, s0_a, s1_a = _ring_block(acc, i, n_blocks, s0_a, s1_a, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
-                                      N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
-        if i + 1 < n_blocks:
-            acc, s0_b, s1_b = _ring_block(acc, i + 1, n_blocks, s0_b, s1_b, w_ring, w_ptrs, s_ptrs, x_smem, x_ptrs,
-                                          mask_xm, N, WORDS, INT4, BF16, DT, STAGES, w_ld, a_l)
-    cp.wait_group(0)
-    return acc
+    _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
+                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
 
 
 @gluon.jit
@@ -489,16 +420,13 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: int = 0, ring: int = 0) -> None:
+           pdl: int = 0) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
-    while the previous kernel of the stream finishes; the kernel's PDL mode); ``ring``: K-blocks of words and x in
-    a shared-memory ring (3-8) instead of ``ahead`` register sets and ``stages`` x stages (0)."""
+    while the previous kernel of the stream finishes; the kernel's PDL mode)."""
     M, K = x2.shape
-    if ring and not 3 <= ring <= 8:
-        raise ValueError(f"ring={ring}: 3 to 8 K-blocks of weight words and x in shared memory")
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
     N = y.shape[1]
@@ -511,8 +439,8 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=ring or stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, RING=bool(ring),
-        num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
+        **dependent_launch(pdl > 0))
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles

@@ -137,9 +137,6 @@ PIPED = True
 # 12.9 (6144×4096, 8: 8.0 / 8.1 / 7.8). That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others
 # 100-123: five programs fit an SM instead of four); why the long ranges lose there is not pinned down.
 DECODE_PDL = True
-# Decode tiles with the weight words in a shared-memory ring of that many K-blocks (beside x's stages) instead of
-# register sets; 0: registers.
-DECODE_RING = 0
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -494,7 +491,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         split = plan(num_tiles, serial=False)
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
-               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K), ring=DECODE_RING)
+               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K))
     return y
 
 
