@@ -271,7 +271,7 @@ def _issue_x(x_desc, x_lo, x_hi, ready, i, off_m, k, STAGES: gl.constexpr, pred)
 @gluon.jit
 def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x_lo, x_hi, ready, off_m, k_start, N,
                  WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr,
-                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, a_l: gl.constexpr, WG: gl.constexpr = 2):
+                 STAGES: gl.constexpr, OVERLAP: gl.constexpr, a_l: gl.constexpr):
     """K-block i in two k64 halves (half the A registers of a whole block); block i + AHEAD's words into the same
     registers; once every warpgroup is done with x's stage, its refill with block i + STAGES. OVERLAP (probe only:
     slower on the H100) converts the second half while the first half's MMAs run."""
@@ -284,8 +284,7 @@ def _k_block_tma(acc, i, n_blocks, w_lo, w_hi, s0, s1, w_ptrs, s_ptrs, x_desc, x
     w_lo, w_hi, s0, s1 = _load_halves(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
     acc = warpgroup_mma(b, x_hi.index(i % STAGES).permute((1, 0)), acc, is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a, b))[0]
-    if WG > 1:  # one warpgroup: its MMAs, complete, were the stage's last readers
-        gl.thread_barrier()  # every warpgroup's MMAs on the stage are complete
+    gl.thread_barrier()  # every warpgroup's MMAs on the stage are complete
     nxt = i + STAGES
     _issue_x(x_desc, x_lo, x_hi, ready, nxt, off_m, k_start + nxt * TILE_K, STAGES, nxt < n_blocks)
     return acc, w_lo, w_hi, s0, s1
@@ -348,18 +347,18 @@ def _fragment_gemm_tma_kernel(x_desc, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, c
     for i in range(0, n_blocks, AHEAD):
         acc, lo_a, hi_a, s0_a, s1_a = _k_block_tma(acc, i, n_blocks, lo_a, hi_a, s0_a, s1_a, w_ptrs, s_ptrs, x_desc,
                                                    x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4, BF16, DT,
-                                                   AHEAD, STAGES, OVERLAP, a_l, WG)
+                                                   AHEAD, STAGES, OVERLAP, a_l)
         acc, total = _range_end(acc, total, i, n_blocks, range_blocks, SERIAL)
         if i + 1 < n_blocks:
             acc, lo_b, hi_b, s0_b, s1_b = _k_block_tma(acc, i + 1, n_blocks, lo_b, hi_b, s0_b, s1_b, w_ptrs, s_ptrs,
                                                        x_desc, x_lo, x_hi, ready, off_m, k_start, N, WORDS, INT4,
-                                                       BF16, DT, AHEAD, STAGES, OVERLAP, a_l, WG)
+                                                       BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
             acc, total = _range_end(acc, total, i + 1, n_blocks, range_blocks, SERIAL)
         if AHEAD == 3:
             if i + 2 < n_blocks:
                 acc, lo_c, hi_c, s0_c, s1_c = _k_block_tma(acc, i + 2, n_blocks, lo_c, hi_c, s0_c, s1_c, w_ptrs,
                                                            s_ptrs, x_desc, x_lo, x_hi, ready, off_m, k_start, N,
-                                                           WORDS, INT4, BF16, DT, AHEAD, STAGES, OVERLAP, a_l, WG)
+                                                           WORDS, INT4, BF16, DT, AHEAD, STAGES, OVERLAP, a_l)
                 acc, total = _range_end(acc, total, i + 2, n_blocks, range_blocks, SERIAL)
     for t in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(t))
