@@ -517,17 +517,25 @@ def _store_tile_rows(v, out_ptr, tn, tk, K, KT: tl.constexpr):
 
 
 @triton.jit
-def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
-    """W [N, K] from KT consecutive fragment-major tiles of one row block per program, (q − 8) · s rounded once as
-    ``dequantize_packed``, stored in row order (``_store_tile_rows``)."""
+def _program_tiles(w_ptr, K, KT: tl.constexpr, WORDS: tl.constexpr):
+    """This program's KT consecutive fragment-major tiles of one 64-row block (WORDS words per thread of a tile):
+    (row block tn, its first K-tile tk, kt [KT, 1, 1], each thread's first row r0 [1, 128, 1], the words
+    [KT, 128 threads, WORDS])."""
     tiles_k = K // 128
     tn = tl.program_id(0) // (tiles_k // KT)
     tk = tl.program_id(0) % (tiles_k // KT) * KT
     kt = tl.arange(0, KT)[:, None, None]
-    t = tl.arange(0, 128)[None, :, None]  # thread of a tile; its words are its k16 steps
-    words = tl.load(w_ptr + (tn.to(tl.int64) * tiles_k + tk) * 1024 + kt * 1024 + t * 8
-                    + tl.arange(0, 8)[None, None, :])
-    r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
+    t = tl.arange(0, 128)[None, :, None]  # thread of a tile
+    words = tl.load(w_ptr + (tn.to(tl.int64) * tiles_k + tk) * (128 * WORDS) + kt * (128 * WORDS) + t * WORDS
+                    + tl.arange(0, WORDS)[None, None, :])
+    return tn, tk, kt, tn * 64 + 16 * (t // 32) + (t % 32) // 4, words
+
+
+@triton.jit
+def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
+    """W [N, K] from KT consecutive fragment-major tiles of one row block per program, (q − 8) · s rounded once as
+    ``dequantize_packed``, stored in row order (``_store_tile_rows``)."""
+    tn, tk, kt, r0, words = _program_tiles(w_ptr, K, KT, 8)  # a thread's words: its k16 steps
     DT: tl.constexpr = out_ptr.dtype.element_ty
     sa = tl.load(s_ptr + (tk + kt) * N + r0).to(DT).to(tl.float32)
     sb = tl.load(s_ptr + (tk + kt) * N + r0 + 8).to(DT).to(tl.float32)
@@ -548,14 +556,7 @@ def _dequant_fragment_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
 def _dequant_fragment_int8_kernel(w_ptr, s_ptr, out_ptr, N, K, KT: tl.constexpr):
     """W [N, K] = q · s[row] (an fp32 product rounded once, as ``dequantize_int8``) from KT consecutive
     fragment-major int8 tiles of one row block per program, stored in row order (``_store_tile_rows``)."""
-    tiles_k = K // 128
-    tn = tl.program_id(0) // (tiles_k // KT)
-    tk = tl.program_id(0) % (tiles_k // KT) * KT
-    kt = tl.arange(0, KT)[:, None, None]
-    t = tl.arange(0, 128)[None, :, None]  # thread of a tile; its 16 words are (k16 step s, column half h)
-    words = tl.load(w_ptr + (tn.to(tl.int64) * tiles_k + tk) * 2048 + kt * 2048 + t * 16
-                    + tl.arange(0, 16)[None, None, :])
-    r0 = tn * 64 + 16 * (t // 32) + (t % 32) // 4
+    tn, tk, _kt, r0, words = _program_tiles(w_ptr, K, KT, 16)  # a thread's words: (k16 step s, column half h)
     sa = tl.load(s_ptr + r0).to(tl.float32)
     sb = tl.load(s_ptr + r0 + 8).to(tl.float32)
     v0 = ((words << 24) >> 24).to(tl.float32) * sa  # byte 2 r + e: row r0 + 8 r, column 16 s + 8 h + 2 c + e
