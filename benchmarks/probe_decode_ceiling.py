@@ -1,5 +1,6 @@
 """How close the int8 paged decode can get to its floor at a given grid: the whole call (split + reduce kernels),
-the split kernel alone (the reduce kernel not launched), and a read-only walk of the same cache pages with the same
+the split kernel alone (the reduce kernel not launched), the call with the reduce step varied (its launch mode, its
+warps, the partials' dtype: ``REDUCE_VARIANTS``), and a read-only walk of the same cache pages with the same
 grid (one program per (sequence, KV head, 256-token split), block ids through the block table, K and V rows as
 16-byte word loads, the scales; nothing computed but a checksum), with 1, 2 or 4 of its 32-token tiles of loads in
 flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians over L2-rotating inputs
@@ -8,6 +9,7 @@ flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians
     python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768]
 """
 import argparse
+import contextlib
 import functools
 import sys
 
@@ -61,6 +63,34 @@ def read_pages(q, kc, vc, bt, lens, ks, vs, out, split_tokens=256, block_n=32, w
     return out
 
 
+# name → module attributes of paged_decode set for the call; "pdl" replaces pdl_modes' answer for every grid
+REDUCE_VARIANTS = {
+    "reduce dependent": {"pdl": (0, True)},
+    "split mode 2 + reduce dependent": {"pdl": (2, True)},
+    "reduce 1 warp": {"REDUCE_WARPS": 1},
+    "reduce 2 warps": {"REDUCE_WARPS": 2},
+    "reduce 8 warps": {"REDUCE_WARPS": 8},
+    "fp16 partials": {"PARTIAL_DTYPE": torch.float16},
+    "fp16 partials + reduce dependent": {"PARTIAL_DTYPE": torch.float16, "pdl": (0, True)},
+}
+
+
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    """paged_decode with ``attrs`` set (``pdl``: pdl_modes answers it) for the duration."""
+    if "pdl" in attrs:
+        modes = attrs.pop("pdl")
+        attrs["pdl_modes"] = lambda *a, **k: modes
+    old = {k: getattr(module, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(module, k, v)
+
+
 class _NoLaunch:
     """Stands in for the reduce kernel: ``kernel[grid](...)`` launches nothing."""
 
@@ -84,12 +114,15 @@ def main(argv=None) -> int:
         sets = prep.input_sets
         floor = floors.floor_us(*A.floor_model(c)["kv8"])
         times = {"call": time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us}
-        reduce_kernel = paged_decode._paged_attn_reduce_kernel
-        paged_decode._paged_attn_reduce_kernel = _NoLaunch()
-        try:
+        with _patched(paged_decode, _paged_attn_reduce_kernel=_NoLaunch()):
             times["split kernel"] = time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us
-        finally:
-            paged_decode._paged_attn_reduce_kernel = reduce_kernel
+        ref = prep.fn(*sets[0]).float()
+        for name, attrs in REDUCE_VARIANTS.items():
+            with _patched(paged_decode, **attrs):
+                times[name] = time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us
+                diff = (prep.fn(*sets[0]).float() - ref).abs().max().item()
+            if diff:
+                print(f"  {name}: largest difference from the call's output {diff:.2e}", flush=True)
         outs = [torch.empty(batch * c["heads_kv"] * (context // 256), device=device) for _ in sets]
         walks = {f"read, {u} tile(s) in flight": dict(unroll=u) for u in (1, 2, 4)}
         walks["read, 4 warps × 128 tokens"] = dict(block_n=128, warps=4)

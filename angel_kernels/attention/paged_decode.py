@@ -61,6 +61,10 @@ PROGRAMS_PER_SM = 2
 # Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
 # batch × query heads × splits × head dim fp32 partials: 2 MB per sequence at 128 splits for Llama-3-8B heads.
 MAX_SPLITS_CAP = 64
+# The split kernel's partial outputs (normalized, one per split) and the reduce kernel's warps (0: 4 for head dims
+# of 128 and more, else 2); module constants so that probes can vary them.
+PARTIAL_DTYPE = torch.float32
+REDUCE_WARPS = 0
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
 INTERPRETER_SMS = 4
 INTERPRETER_CONFIG = KernelConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=0, num_warps=4, num_stages=1,
@@ -667,7 +671,7 @@ def launch_paged_attention(
     capacity = block_table.shape[1] * page
     max_ns = policy.max_num_splits(capacity)
     if max_ns > 1:
-        partial_o = torch.empty((B, Q, Hq, max_ns, D), dtype=torch.float32, device=q.device)
+        partial_o = torch.empty((B, Q, Hq, max_ns, D), dtype=PARTIAL_DTYPE, device=q.device)
         partial_lse = torch.empty((B, Q, Hq, max_ns), dtype=torch.float32, device=q.device)
     else:  # no sequence can have two splits: no scratch, no reduction
         partial_o = partial_lse = out
@@ -720,7 +724,7 @@ def launch_paged_attention(
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            num_warps=4 if D >= 128 else 2, **consts, PDL=reduce_pdl,
+            num_warps=REDUCE_WARPS or (4 if D >= 128 else 2), **consts, PDL=reduce_pdl,
             **dependent_launch(reduce_pdl),
         )
     return out
