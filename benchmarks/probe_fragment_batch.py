@@ -10,10 +10,11 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<token tile>,<x stages>,<parts>
 [,<consumer registers>]" for the parts tiles (2 or 4 warpgroups on one tile, split ranges round-robin), or
-"d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>]]]]" for the decode tiles with that many
-K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs per SM; that
-token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3 for modes
-0-2; 0 keeps the op's).
+"d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>[,<sum kernel>]]]]]" for the decode tiles
+with that many K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs
+per SM; that token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3
+for modes 0-2; the partials summed by the split sum kernel (1) or by the last program of each tile (0); 0 keeps the
+op's, except the sum: the decode-tile reference column sums in the last program).
 """
 import argparse
 import sys
@@ -55,7 +56,7 @@ def run(x, words, scales, n, int4, cfg=None):
             split = cfg[4]
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         pdl = cfg[5] - 1 if len(cfg) > 5 and cfg[5] else decode_pdl_mode(M, int4, plan.k_per_split // TILE_K)
-        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl)
+        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl, sum_kernel=len(cfg) > 6 and cfg[6])
         return y
     if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers)
         _s, bm, stages, regs = cfg

@@ -54,6 +54,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from .._int8_words import _WORD_TO_BF16, _WORD_TO_F16
 from ..runtime import dependent_launch
 from . import fragment
+from ._splitk import launch_split_sum
 from .w4a16 import _word_dequant_ptx
 
 TILE_N = gl.constexpr(fragment.TILE_N)  # the layout's tile, as constants the kernel can read
@@ -146,10 +147,11 @@ def _early_launch(PDL: gl.constexpr):
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0, SUM_KERNEL: gl.constexpr = False):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
-    split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit."""
+    split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit.
+    SUM_KERNEL: a split launch only stores its partials; ``launch_split_sum`` sums them (no counter)."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -213,28 +215,30 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
                                                 x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
     _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
-                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l)
+                  INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l, not SUM_KERNEL)
 
 
 @gluon.jit
 def _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
                   INT4: gl.constexpr, HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr, ROWS: gl.constexpr,
-                  BLOCK_M: gl.constexpr, acc_l: gl.constexpr):
-    """The tile's fp32 sum → y (one split), or its partial, the last split to arrive summing them in split order."""
+                  BLOCK_M: gl.constexpr, acc_l: gl.constexpr, SUM_HERE: gl.constexpr = True):
+    """The tile's fp32 sum → y (one split), or its partial, the last split to arrive summing them in split order
+    (``SUM_HERE``; else the split sum kernel does)."""
     offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, acc_l))
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_l))
     mask = (offs_m < M)[None, :] & (offs_n < N)[:, None]
     if SPLIT_K > 1:
         offs = offs_n[:, None].to(gl.int64) + offs_m[None, :].to(gl.int64) * N  # partials [SPLIT_K, M, N]
         gl.store(part_ptr + pid_k.to(gl.int64) * M * N + offs, acc, mask=mask)
-        arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # our partial is visible before the count
-        if arrived == SPLIT_K - 1:
-            acc = gl.load(part_ptr + offs, mask=mask, other=0.0)
-            for s in range(1, SPLIT_K):
-                # (s · N) widened first: M may be specialized to the constant 1, which has no .to
-                acc += gl.load(part_ptr + (s * N).to(gl.int64) * M + offs, mask=mask, other=0.0)
-            gl.store(count_ptr + tile, 0)
-            _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
+        if SUM_HERE:
+            arrived = gl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # our partial is visible before the count
+            if arrived == SPLIT_K - 1:
+                acc = gl.load(part_ptr + offs, mask=mask, other=0.0)
+                for s in range(1, SPLIT_K):
+                    # (s · N) widened first: M may be specialized to the constant 1, which has no .to
+                    acc += gl.load(part_ptr + (s * N).to(gl.int64) * M + offs, mask=mask, other=0.0)
+                gl.store(count_ptr + tile, 0)
+                _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
     else:
         _epilogue(acc, s_ptr, bias_ptr, y_ptr, offs_n, offs_m, mask, stride_ym, INT4, HAS_BIAS)
 
@@ -420,12 +424,13 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: int = 0) -> None:
+           pdl: int = 0, sum_kernel: bool = False) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
-    while the previous kernel of the stream finishes; the kernel's PDL mode)."""
+    while the previous kernel of the stream finishes; the kernel's PDL mode); ``sum_kernel``: a split plan's
+    partials summed by ``launch_split_sum`` (launched the same way) instead of by the last program of each tile."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
@@ -435,12 +440,15 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
     if N % (64 * warpgroups):
         raise ValueError(f"N={N} is not a multiple of {64 * warpgroups} rows ({warpgroups} warpgroups)")
     num_tiles = (N // (64 * warpgroups)) * ((M + block_m - 1) // block_m)
+    sum_kernel = sum_kernel and plan.split_k > 1
     _fragment_gemm_kernel[(num_tiles, plan.split_k)](
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, num_warps=4 * warpgroups,
-        **dependent_launch(pdl > 0))
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SUM_KERNEL=sum_kernel,
+        num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
+    if sum_kernel:
+        launch_split_sum(plan.partials, y, None if int4 else scales, bias, pdl)
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles

@@ -10,8 +10,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ..runtime import num_sms
+from ..runtime import dependent_launch, num_sms
 
 # Split K until a decode launch has PROGRAMS_PER_SM programs per SM. Why several: a program is one warpgroup
 # stalled at a barrier or on shared memory most of the time (ncu, w8a16 28672×4096 M=1 on an H200: 20 % of warp
@@ -207,3 +208,50 @@ def reduce_split_k(acc, part_ptr, count_ptr, tile, pid_k, offs_n, offs_m, mask_n
             acc += tl.load(part_ptr + s * M * N + part_offs, mask=tile_mask, other=0.0)
         tl.store(count_ptr + tile, 0)
     return acc, is_last
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, s_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                      CHANNEL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y [M, N] from the partials [SPLIT_K, M, N]: summed in split order (p0 + p1) + p2 …, then (CHANNEL_SCALE)
+    times the fp32 per-channel scale, + bias in fp32, one rounding: the last-arrival sum's arithmetic
+    (``reduce_split_k``, the fragment kernels' ``_store_result``), so the same bits. PDL: launched while the split
+    kernel runs (1: the next kernel may launch at once, 2: as these programs exit); waits for it before reading."""
+    if PDL == 1:
+        gdc_launch_dependents()
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    size = M * N
+    mask = offs < size
+    n = offs % N
+    if PDL:
+        gdc_wait()
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * size + offs, mask=mask, other=0.0)
+    if CHANNEL_SCALE:
+        acc = acc * tl.load(s_ptr + n, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+SPLIT_SUM_BLOCK = 1024  # outputs per program of the split sum (8 per thread at 4 warps)
+
+
+def launch_split_sum(partials: torch.Tensor, y: torch.Tensor, channel_scales=None, bias=None, pdl: int = 0):
+    """y [M, N] (row stride y.stride(0), unit column stride) = the sum of ``partials`` [SPLIT_K, M, N] (fp32,
+    contiguous) in split order, times ``channel_scales`` [N] (int8 weights' per-channel scales) if given, + ``bias``
+    [N]. ``pdl``: 0 a plain launch; 1 or 2 a programmatic dependent launch after the split kernel (1: the next
+    kernel may launch at once, 2: as these programs exit)."""
+    split_k, m, n = partials.shape
+    if not partials.is_contiguous() or partials.dtype != torch.float32:
+        raise ValueError(f"partials must be contiguous float32, got {partials.dtype} with strides {partials.stride()}")
+    if y.shape != (m, n) or y.stride(1) != 1:
+        raise ValueError(f"y must be [{m}, {n}] with unit column stride, got {tuple(y.shape)} / {y.stride()}")
+    for name, t in (("channel_scales", channel_scales), ("bias", bias)):
+        if t is not None and (t.numel() != n or not t.is_contiguous()):
+            raise ValueError(f"{name} must be {n} contiguous values, got {tuple(t.shape)}")
+    _split_sum_kernel[(triton.cdiv(m * n, SPLIT_SUM_BLOCK),)](
+        partials, channel_scales if channel_scales is not None else partials, bias if bias is not None else partials,
+        y, m, n, y.stride(0), SPLIT_K=split_k, CHANNEL_SCALE=channel_scales is not None, HAS_BIAS=bias is not None,
+        BLOCK=SPLIT_SUM_BLOCK, PDL=pdl, num_warps=4, **dependent_launch(pdl > 0))

@@ -137,6 +137,10 @@ PIPED = True
 # 12.9 (6144×4096, 8: 8.0 / 8.1 / 7.8). That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others
 # 100-123: five programs fit an SM instead of four); why the long ranges lose there is not pinned down.
 DECODE_PDL = True
+# Split decode tiles: the partials summed by a second kernel (``launch_split_sum``, launched dependently) instead of
+# by the last program of each tile (a release fence, an atomic and a load of the partials, three L2 round trips at
+# the end of the launch). Same bits.
+SPLIT_SUM_KERNEL = True
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -491,7 +495,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         split = plan(num_tiles, serial=False)
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
-               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K))
+               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K), sum_kernel=SPLIT_SUM_KERNEL)
     return y
 
 

@@ -206,6 +206,86 @@ def test_gpu_gluon_writes_every_output_and_strided_x(warpgroups, ahead):
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("split_k,m,n", [(2, 1, 64), (4, 3, 192), (8, 16, 320)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scaled,biased", [(False, False), (True, False), (False, True), (True, True)])
+def test_split_sum_adds_partials_in_split_order(split_k, m, n, dtype, scaled, biased, device):
+    from angel_kernels.gemm._splitk import launch_split_sum
+
+    g = make_generator(split_k * 100 + m)
+    # magnitudes over 2^±12: another summation order gives other bits
+    spread = torch.exp2(torch.randint(-12, 13, (split_k, m, n), generator=g).float())
+    parts = (torch.randn(split_k, m, n, generator=g) * spread).to(device)
+    parts[:, 0, :3] = -0.0  # an all -0 column keeps its sign, as p0 + p1 + … does
+    scales = (torch.rand(n, generator=g) * 0.01 + 1e-3).to(device) if scaled else None
+    bias = randn(n, dtype=dtype, device=device, generator=g) if biased else None
+    wide = poisoned_empty(m, n + 16, dtype=dtype, device=device)
+    launch_split_sum(parts, wide[:, :n], scales, bias)
+    want = parts[0].clone()
+    for p in parts[1:]:
+        want = want + p
+    if scaled:
+        want = want * scales
+    if biased:
+        want = want + bias.float()
+    want = want.to(dtype)
+    # compiled, scale and bias may fuse into one FMA (as in the kernels whose bits it must give); the interpreter
+    # rounds fp32 to bf16 toward zero
+    fused = device.type == "cuda" and scaled and biased
+    if fused or (device.type == "cpu" and dtype == torch.bfloat16):
+        assert_close(wide[:, :n], want, name="split sum")
+    else:
+        assert torch.equal(wide[:, :n], want)
+    assert torch.isnan(wide[:, n:]).all()  # nothing written past the row (the poison is NaN)
+
+
+def test_split_sum_refuses_what_it_cannot_sum():
+    from angel_kernels.gemm._splitk import launch_split_sum
+
+    parts, y = torch.zeros(2, 3, 64), torch.empty(3, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32"):
+        launch_split_sum(parts.half(), y)
+    with pytest.raises(ValueError, match="contiguous"):
+        launch_split_sum(parts.transpose(1, 2).contiguous().transpose(1, 2), y)
+    with pytest.raises(ValueError, match=r"y must be \[3, 64\]"):
+        launch_split_sum(parts, y.t())
+    with pytest.raises(ValueError, match="bias"):
+        launch_split_sum(parts, y, bias=torch.zeros(32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int4", [True, False])
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (4096, 4096, 16), (6144, 4096, 5), (1024, 4096, 33),
+                                   (4096, 14336, 8)])
+def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
+    """Decode tiles on split weights: the partials summed by the split sum kernel (every PDL mode) and by the last
+    program of each tile give the same bits, with bias and (int8) per-channel scales."""
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+
+    g = make_generator(n + k + m)
+    x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
+    b = randn(n, dtype=torch.float16, device="cuda", generator=g)
+    if int4:
+        w = quantize_weight_int4(randn(n, k, dtype=torch.float16, device="cuda", generator=g, scale=0.05), 128,
+                                 sym=True)
+        words, s = fragment_major_int4(w.qweight), w.scales
+    else:
+        words, s = fragment_major_int8(randint8(n, k, device="cuda", generator=g)), torch.rand(n, device="cuda")
+    bm = block_m_for(m, n, k)
+    tiles = n // 64 * ((m + bm - 1) // bm)
+    outs = []
+    for sum_kernel, pdl in ((False, 1), (True, 0), (True, 1), (True, 2)):
+        y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
+        plan = plan_split(x.device, "w4a16_fragment", m, n, k, 128, tiles, y, serial=False)
+        assert plan.split_k > 1
+        launch(x, words, s, b, y, plan, bm, int4=int4, ahead=3, pdl=pdl, sum_kernel=sum_kernel)
+        outs.append(y)
+    assert not torch.isnan(outs[0]).any()
+    for y in outs[1:]:
+        assert torch.equal(y, outs[0])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 100])
 def test_gpu_int8_mode_bits_equal_w8a16(m, monkeypatch):
