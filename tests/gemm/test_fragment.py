@@ -357,8 +357,14 @@ def _record_launches(monkeypatch) -> list:
     CPU."""
     from triton.runtime.jit import JITFunction
 
+    from angel_kernels.gemm import _fragment_gluon
+
+    def split_sum(partials, y, channel_scales=None, bias=None, pdl=0):
+        launched.append((split_sum, {"SPLIT_K": partials.shape[0], "PDL": pdl}))
+
     launched = []
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, grid, warmup, **kw: launched.append((self, kw)))
+    monkeypatch.setattr(_fragment_gluon, "launch_split_sum", split_sum)  # a plain Triton kernel: recorded too
     return launched
 
 
@@ -506,9 +512,12 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
         launched.clear()
         x, words, scales, _y = _launch_operands(m, n, k, int4)
         y = _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
-        assert y.shape == (m, n) and len(launched) == 1, (m, n, k)
         fn, kw = launched[0]
-        assert (fn.__name__, kw["BLOCK_M"], kw["INT4"]) == (function, block_m, int4), (m, n, k)
+        assert y.shape == (m, n) and (fn.__name__, kw["BLOCK_M"], kw["INT4"]) == (function, block_m, int4), (m, n, k)
+        # split decode tiles: their partials summed by the split sum kernel, launched after them the same way
+        sums = [(f.__name__, k["SPLIT_K"], k["PDL"]) for f, k in launched[1:]]
+        split = kernel == "decode" and kw["SPLIT_K"] > 1
+        assert sums == ([("split_sum", kw["SPLIT_K"], kw["PDL"])] if split else []), (m, n, k)
 
 
 def test_decode_tiles_keep_three_k_blocks_of_words_in_flight_where_their_registers_cost_no_occupancy(monkeypatch):
