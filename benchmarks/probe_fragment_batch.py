@@ -13,8 +13,9 @@ warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<to
 "d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>[,<sum kernel>]]]]]" for the decode tiles
 with that many K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs
 per SM; that token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3
-for modes 0-2; the partials summed by the split sum kernel (1) or by the last program of each tile (0); 0 keeps the
-op's, except the sum: the decode-tile reference column sums in the last program).
+for modes 0-2; the partials summed by the last program of each tile (0), by the split sum kernel launched in the
+split kernel's mode (1) or in mode m (m + 2); 0 keeps the op's, except the sum: the decode-tile reference column
+sums in the last program).
 """
 import argparse
 import sys
@@ -56,7 +57,9 @@ def run(x, words, scales, n, int4, cfg=None):
             split = cfg[4]
         plan = plan_split(x.device, "w4a16_fragment", M, n, K, TILE_K, tiles, y, split_k=split, serial=False)
         pdl = cfg[5] - 1 if len(cfg) > 5 and cfg[5] else decode_pdl_mode(M, int4, plan.k_per_split // TILE_K)
-        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl, sum_kernel=len(cfg) > 6 and cfg[6])
+        how = cfg[6] if len(cfg) > 6 else 0
+        launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl, sum_kernel=how > 0,
+               sum_pdl=how - 2 if how > 1 else None)
         return y
     if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers)
         _s, bm, stages, regs = cfg

@@ -424,13 +424,14 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: int = 0, sum_kernel: bool = False) -> None:
+           pdl: int = 0, sum_kernel: bool = False, sum_pdl=None) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
     while the previous kernel of the stream finishes; the kernel's PDL mode); ``sum_kernel``: a split plan's
-    partials summed by ``launch_split_sum`` (launched the same way) instead of by the last program of each tile."""
+    partials summed by ``launch_split_sum`` instead of by the last program of each tile, launched in PDL mode
+    ``sum_pdl`` (None: ``pdl``)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
@@ -448,7 +449,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SUM_KERNEL=sum_kernel,
         num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
     if sum_kernel:
-        launch_split_sum(plan.partials, y, None if int4 else scales, bias, pdl)
+        launch_split_sum(plan.partials, y, None if int4 else scales, bias, pdl if sum_pdl is None else sum_pdl)
 
 
 # ------------------------------------------------------------------------------------------------ piped tiles
