@@ -137,10 +137,25 @@ PIPED = True
 # 12.9 (6144×4096, 8: 8.0 / 8.1 / 7.8). That variant alone compiles to 96 registers (sm_90a, Triton 3.6; the others
 # 100-123: five programs fit an SM instead of four); why the long ranges lose there is not pinned down.
 DECODE_PDL = True
-# Split decode tiles: the partials summed by a second kernel (``launch_split_sum``, launched dependently) instead of
-# by the last program of each tile (a release fence, an atomic and a load of the partials, three L2 round trips at
-# the end of the launch). Same bits.
-SPLIT_SUM_KERNEL = True
+# Split decode tiles whose ranges run fewer than SPLIT_SUM_MAX_BLOCKS K-blocks: the partials summed by a second
+# kernel (``launch_split_sum``, launched dependently, early trigger) instead of by the last program of each tile (a
+# release fence, an atomic and a load of the partials: three L2 round trips at the end of every program). Same bits.
+# H200, CUDA graphs, one run, µs last program → sum kernel, int8 / int4: 4096×4096 (8 K-blocks per range) M = 1
+# 7.6 → 7.0 / 5.7 → 5.5, M = 4 7.7 → 7.3 / 5.8 → 5.6, M = 16 8.3 → 8.8 / 6.7 → 6.3, M = 32 9.5 → 8.6 / 8.2 → 7.2;
+# 6144×4096 (8) M = 1 9.1 → 8.5 / 6.8 → 6.6, M = 4 9.5 → 8.7 / 8.0 → 6.9, M = 32 11.8 → 11.5 / 11.9 → 11.6;
+# 4096×14336 (14) M = 1 16.2 → 16.3 / 12.3 → 11.3, M = 16 18.8 → 20.4 / 12.7 → 12.8, M = 32 22.1 → 19.7 / 20.0 →
+# 18.7; 8192×28672 (56) M = 1 55.5 → 55.7 / 37.4 → 36.8, M = 16 59.9 → 62.7 / 44.5 → 45.6, M = 32 66.9 → 68.4 /
+# 69.7 → 65.7 (no lead either way on long ranges, whose combine is a small part of the program). Timing the
+# split programs alone (every program storing its range's result into y, wrong values): the last-program sum
+# cost 1.6-2.2 µs on the 8-block ranges at M = 1-16, 3.0-3.4 µs on 4096×14336. The sum kernel triggering only
+# at its exit, or launched only as the split programs exit, lost 0.6-1.9 µs at M = 1-4 (benchmarks/NOTES.md).
+SPLIT_SUM_MAX_BLOCKS = 32
+
+
+def split_sum_kernel(split_k: int, range_blocks: int) -> bool:
+    """Whether split decode tiles whose ranges run ``range_blocks`` K-blocks leave the sum to ``launch_split_sum``
+    (``SPLIT_SUM_MAX_BLOCKS``)."""
+    return split_k > 1 and range_blocks < SPLIT_SUM_MAX_BLOCKS
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -495,7 +510,8 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         split = plan(num_tiles, serial=False)
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
-               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K), sum_kernel=SPLIT_SUM_KERNEL)
+               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K),
+               sum_kernel=split_sum_kernel(split.split_k, split.k_per_split // TILE_K))
     return y
 
 

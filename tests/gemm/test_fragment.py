@@ -554,6 +554,26 @@ def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_wi
         assert kw["PDL"] == mode and kw.get("launch_pdl", False) == bool(mode), (m, n, k, int4)
 
 
+def test_split_decode_tiles_leave_the_sum_to_a_second_kernel_below_32_k_blocks_per_range(monkeypatch):
+    """Split decode tiles on ranges of fewer than 32 K-blocks (4096×4096 in four: 8; 4096×14336 in eight: 14) are
+    followed by the split sum kernel in their PDL mode; longer ranges (8192×28672 in four: 56) and unsplit weights
+    (28672×4096) sum in the split kernel."""
+    from angel_kernels.gemm.fragment import _run_gluon
+
+    launched = _record_launches(monkeypatch)
+    sums = {(1, 4096, 4096): True, (16, 4096, 14336): True, (32, 4096, 14336): True, (4, 8192, 28672): False,
+            (1, 28672, 4096): False}
+    for (m, n, k), summed in sums.items():
+        for int4 in (True, False):
+            launched.clear()
+            x, words, scales, _y = _launch_operands(m, n, k, int4)
+            _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
+            names = [f.__name__ for f, _kw in launched]
+            assert names == ["_fragment_gemm_kernel"] + (["split_sum"] if summed else []), (m, n, k, int4)
+            kw = launched[0][1]
+            assert kw["SUM_KERNEL"] == summed and (not summed or launched[1][1]["PDL"] == kw["PDL"]), (m, n, k)
+
+
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
 def test_dequantize_then_cublas_only_where_the_batch_tiles_do_not_serve(family, int4, monkeypatch):
     from angel_kernels.gemm import fragment as mod
