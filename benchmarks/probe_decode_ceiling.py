@@ -69,9 +69,9 @@ REDUCE_VARIANTS = {
     "split mode 2 + reduce dependent": {"pdl": (2, True)},
     "reduce 1 warp": {"REDUCE_WARPS": 1},
     "reduce 2 warps": {"REDUCE_WARPS": 2},
-    "reduce 8 warps": {"REDUCE_WARPS": 8},
+    "reduce 4 warps": {"REDUCE_WARPS": 4},
     "fp16 partials": {"PARTIAL_DTYPE": torch.float16},
-    "fp16 partials + reduce dependent": {"PARTIAL_DTYPE": torch.float16, "pdl": (0, True)},
+    "fp16 partials + split mode 2 + reduce dependent": {"PARTIAL_DTYPE": torch.float16, "pdl": (2, True)},
 }
 
 
