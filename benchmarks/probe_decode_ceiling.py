@@ -70,8 +70,8 @@ REDUCE_VARIANTS = {
     "reduce 1 warp": {"REDUCE_WARPS": 1},
     "reduce 2 warps": {"REDUCE_WARPS": 2},
     "reduce 4 warps": {"REDUCE_WARPS": 4},
-    "fp16 partials": {"PARTIAL_DTYPE": torch.float16},
-    "fp16 partials + split mode 2 + reduce dependent": {"PARTIAL_DTYPE": torch.float16, "pdl": (2, True)},
+    "fp32 partials": {"PARTIAL_DTYPE": torch.float32},
+    "split mode 2 + reduce dependent, fp32 partials": {"PARTIAL_DTYPE": torch.float32, "pdl": (2, True)},
 }
 
 
