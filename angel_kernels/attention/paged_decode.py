@@ -21,7 +21,8 @@ config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down
 ``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on
 its own length and on constants of the model and GPU, never on the batch.
 Each split's partial output (in the query's dtype, ``PARTIAL_DTYPE``) and log-sum-exp (fp32) go to scratch; a
-second kernel combines a sequence's splits in a fixed order (deterministic, no atomics); a sequence with one split is written directly.
+second kernel combines a sequence's splits in a fixed order (deterministic, no atomics); a sequence with one split
+is written directly.
 The grid's split dimension (how many programs share a sequence's splits, each looping over every
 ``grid_splits``-th split) does follow the batch size, to keep the SMs busy at any batch — it changes which
 program computes a split, never what the split computes, so outputs are bitwise batch-invariant.
@@ -566,8 +567,8 @@ def reduce_warps(splits_pad: int, head_dim: int) -> int:
     """The reduce kernel's warps for partials of ``splits_pad`` (a power of two) × ``head_dim``: about 64 partial
     elements per thread, at most 4 (2 below head dim 128). A program sums over the split rows; with fewer elements per
     thread those rows spread over warps and the sum crosses them through shared memory. H200, CUDA graphs, int8
-    cache, fp32 partials, one run, µs call with 1 / 2 / 4 / 8 warps: 16 splits 8×4k 26.0 / 27.1 / 26.7 / 28.2, 32×4k 83.8 / 84.8 /
-    85.7 / 92.1; 64 splits 32×16k 305.4 / 303.9 / 302.9 / 308.3, 64×16k 605.5 / 599.7 / 594.7 / 610.8; 128 splits
+    cache, fp32 partials, one run, µs call with 1 / 2 / 4 / 8 warps: 16 splits 8×4k 26.0 / 27.1 / 26.7 / 28.2,
+    32×4k 83.8 / 84.8 / 85.7 / 92.1; 64 splits 32×16k 305.4 / 303.9 / 302.9 / 308.3, 64×16k 605.5 / 599.7 / 594.7 / 610.8; 128 splits
     1×32k 42.3 / 29.3 / 27.0 / 29.5. The count follows the scratch's split slots (the block table's capacity), never
     the batch."""
     most = 4 if head_dim >= 128 else 2
