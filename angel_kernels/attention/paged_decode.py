@@ -568,9 +568,9 @@ def reduce_warps(splits_pad: int, head_dim: int) -> int:
     elements per thread, at most 4 (2 below head dim 128). A program sums over the split rows; with fewer elements per
     thread those rows spread over warps and the sum crosses them through shared memory. H200, CUDA graphs, int8
     cache, fp32 partials, one run, µs call with 1 / 2 / 4 / 8 warps: 16 splits 8×4k 26.0 / 27.1 / 26.7 / 28.2,
-    32×4k 83.8 / 84.8 / 85.7 / 92.1; 64 splits 32×16k 305.4 / 303.9 / 302.9 / 308.3, 64×16k 605.5 / 599.7 / 594.7 / 610.8; 128 splits
-    1×32k 42.3 / 29.3 / 27.0 / 29.5. The count follows the scratch's split slots (the block table's capacity), never
-    the batch."""
+    32×4k 83.8 / 84.8 / 85.7 / 92.1; 64 splits 32×16k 305.4 / 303.9 / 302.9 / 308.3, 64×16k 605.5 / 599.7 / 594.7 /
+    610.8; 128 splits 1×32k 42.3 / 29.3 / 27.0 / 29.5. The count follows the scratch's split slots (the block
+    table's capacity), never the batch."""
     most = 4 if head_dim >= 128 else 2
     return max(1, min(most, splits_pad * head_dim // 2048))
 
