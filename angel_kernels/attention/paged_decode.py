@@ -20,9 +20,9 @@ each at 1k tokens: B=1×1k int8 12.2 → 9.3 µs on the H100) without cutting a 
 config's ``PROGRAMS_PER_SM`` programs per SM for a single sequence, rounded down to a power of two unless
 ``EXACT_SPLITS``, at most ``SPLITS_CAP``, default ``MAX_SPLITS_CAP``), so the partition of a sequence depends on
 its own length and on constants of the model and GPU, never on the batch.
-Each split's partial output (in the query's dtype, ``PARTIAL_DTYPE``) and log-sum-exp (fp32) go to scratch; a
-second kernel combines a sequence's splits in a fixed order (deterministic, no atomics); a sequence with one split
-is written directly.
+Each split's partial output (``partial_dtype``: fp16 for fp16 queries, else fp32) and log-sum-exp (fp32) go to
+scratch; a second kernel combines a sequence's splits in a fixed order (deterministic, no atomics); a sequence
+with one split is written directly.
 The grid's split dimension (how many programs share a sequence's splits, each looping over every
 ``grid_splits``-th split) does follow the batch size, to keep the SMs busy at any batch — it changes which
 program computes a split, never what the split computes, so outputs are bitwise batch-invariant.
@@ -62,12 +62,9 @@ PROGRAMS_PER_SM = 2
 # Default upper bound of a sequence's splits (a config's SPLITS_CAP overrides it). The scratch holds
 # batch × query heads × splits × head dim partials: 1 MB per sequence at 128 splits for Llama-3-8B heads in fp16.
 MAX_SPLITS_CAP = 64
-# The split kernel's partial outputs (normalized, one per split) in PARTIAL_DTYPE (None: the query's dtype, as
-# FlashInfer's split-KV decode keeps them in the output dtype; their log-sum-exps stay fp32) and the reduce kernel's
-# warps (0: ``reduce_warps``); module constants so that probes can vary them. A normalized partial is a convex
-# combination of V rows, so it lies in V's range; one more rounding to the output dtype. H200, CUDA graphs, int8
-# cache, one run, µs fp32 → fp16 partials: 8×4k 26.1 → 25.4, 32×4k 84.4 → 81.2, 32×16k 306.5 → 299.2 (half the
-# partials' bytes written and read back: 3 % of the KV bytes at 256-token splits).
+# The split kernel's partial outputs (normalized, one per split): PARTIAL_DTYPE, or ``partial_dtype``'s choice when
+# None; the reduce kernel's warps: REDUCE_WARPS, or ``reduce_warps``'s when 0. Module constants so that probes can
+# vary them.
 PARTIAL_DTYPE = None
 REDUCE_WARPS = 0
 # Interpreter: a pretend 4-SM device so CPU tests see several splits (and grid-strided splits) at ~300 tokens.
@@ -563,6 +560,20 @@ def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1)
     return 2, True
 
 
+def partial_dtype(q_dtype: torch.dtype, packed_rows: bool) -> torch.dtype:
+    """The split partials' dtype (``PARTIAL_DTYPE`` unless None): fp16 for fp16 queries (as FlashInfer's split-KV
+    decode keeps its partial outputs in the output dtype; the log-sum-exps stay fp32), fp32 otherwise. A normalized
+    partial is a convex combination of V rows, so it lies in V's range; it costs one more rounding. H200, CUDA
+    graphs, int8 pages, one run, µs fp32 → fp16 partials: 8×4k 26.1 → 25.4, 32×4k 84.4 → 81.2, 32×16k 306.5 → 299.2
+    (half the partials' bytes, written and read back: 3 % of the KV bytes at 256-token splits). Not bf16 queries
+    (with bf16 partials the int8 word and element paths, bit for bit equal with fp32 ones, gave other bits in the
+    GPU tier; not pinned down, not timed) nor vLLM's packed int8 rows (fp16 partials made them slower in the bench run: 8×4k 29.1 → 38.8 µs,
+    32×4k 101.2 → 143.2; not explained)."""
+    if PARTIAL_DTYPE is not None:
+        return PARTIAL_DTYPE
+    return torch.float16 if q_dtype == torch.float16 else torch.float32
+
+
 def reduce_warps(splits_pad: int, head_dim: int) -> int:
     """The reduce kernel's warps for partials of ``splits_pad`` (a power of two) × ``head_dim``: about 64 partial
     elements per thread, at most 4 (2 below head dim 128). A program sums over the split rows; with fewer elements per
@@ -611,8 +622,8 @@ def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:
     in head-dim halves, 1024-token splits with a floor of 8 splits (tuning run, B=64×16k: 1465 vs 1500 µs with
     64-token splits), page addressing, exactly 3 programs per SM for one sequence.
     Other head dims: BLOCK_N keeps a K and a V tile at 8 KB (int8) / 16 KB (fp16) for D = 64, and 256-token
-    splits, whose partial output (4 query heads × D in the query's dtype, written and read back once) costs ≤ 3 % of
-    the split's int8 KV bytes (≤ 1.5 % for fp16), the worst case at large batch."""
+    splits, whose partial output (4 query heads × D, fp16 or fp32, written and read back once) costs ≤ 3-6 % of the
+    split's int8 KV bytes (≤ 1.5-3 % for fp16), the worst case at large batch."""
     if p.head_dim == 128 and p.kv_dtype == torch.int8 and p.packed_rows:
         # vLLM's packed rows (4-byte aligned): the word path alone, as timed on them (H100, B=64×16k: 1705 µs;
         # the 16-byte-row winner below took 3678 there)
@@ -688,7 +699,8 @@ def launch_paged_attention(
     capacity = block_table.shape[1] * page
     max_ns = policy.max_num_splits(capacity)
     if max_ns > 1:
-        partial_o = torch.empty((B, Q, Hq, max_ns, D), dtype=PARTIAL_DTYPE or q.dtype, device=q.device)
+        partial_o = torch.empty((B, Q, Hq, max_ns, D), dtype=partial_dtype(q.dtype, p.packed_rows),
+                                device=q.device)
         partial_lse = torch.empty((B, Q, Hq, max_ns), dtype=torch.float32, device=q.device)
     else:  # no sequence can have two splits: no scratch, no reduction
         partial_o = partial_lse = out
