@@ -564,14 +564,16 @@ def partial_dtype(q_dtype: torch.dtype, packed_rows: bool) -> torch.dtype:
     """The split partials' dtype (``PARTIAL_DTYPE`` unless None): fp16 for fp16 queries (as FlashInfer's split-KV
     decode keeps its partial outputs in the output dtype; the log-sum-exps stay fp32), fp32 otherwise. A normalized
     partial is a convex combination of V rows, so it lies in V's range; it costs one more rounding. H200, CUDA
-    graphs, int8 pages, one run, µs fp32 → fp16 partials: 8×4k 26.1 → 25.4, 32×4k 84.4 → 81.2, 32×16k 306.5 → 299.2
-    (half the partials' bytes, written and read back: 3 % of the KV bytes at 256-token splits). Not bf16 queries
-    (with bf16 partials the int8 word and element paths, bit for bit equal with fp32 ones, gave other bits in the
-    GPU tier; not pinned down, not timed) nor vLLM's packed int8 rows (fp16 partials made them slower in the bench run: 8×4k 29.1 → 38.8 µs,
-    32×4k 101.2 → 143.2; not explained)."""
+    graphs, int8 cache, one run, two samples each, µs fp32 → fp16 partials, our pages: 8×4k 26.1, 26.1 → 25.4,
+    25.4; 32×4k 83.8, 83.8 → 80.8, 80.6; 32×16k 305.5, 303.7 → 294.8, 294.5 (half the partials' bytes, written
+    and read back: 3 % of the KV bytes at 256-token splits). Not vLLM's packed int8 rows, where the same switch cost
+    a third (28.9, 28.9 → 38.7, 38.7; 100.2, 100.5 → 142.8, 142.8; 379.1, 380.3 → 536.5, 535.5; the split kernel's
+    sm_90a code has no spills either way, 182 → 164 registers: not explained), so the two layouts' outputs differ
+    by that rounding. Not bf16 queries (bf16 partials gave the int8 word and element paths, bit for bit equal with
+    fp32 ones, other bits in the GPU tier; not pinned down, not timed)."""
     if PARTIAL_DTYPE is not None:
         return PARTIAL_DTYPE
-    return torch.float16 if q_dtype == torch.float16 else torch.float32
+    return torch.float16 if q_dtype == torch.float16 and not packed_rows else torch.float32
 
 
 def reduce_warps(splits_pad: int, head_dim: int) -> int:

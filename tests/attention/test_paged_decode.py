@@ -376,8 +376,12 @@ def test_several_query_tokens_per_sequence_causal(device):
 
 
 @pytest.mark.parametrize("physical", ["NHD", "HND"])
-def test_vllm_packed_layout_reads_like_separate_tensors(physical, device):
-    """Write through the packed views (vLLM's inline scales), decode from them; same bits as plain tensors."""
+def test_vllm_packed_layout_reads_like_separate_tensors(physical, device, monkeypatch):
+    """Write through the packed views (vLLM's inline scales), decode from them; same bits as plain tensors with the
+    split partials in one dtype (``partial_dtype`` keeps the packed rows' in fp32)."""
+    from angel_kernels.attention import paged_decode
+
+    monkeypatch.setattr(paged_decode, "PARTIAL_DTYPE", torch.float32)
     lens, bs, H, D = [100, 37], 16, 2, 64
     c = build_case(lens, seed=21, device=device)
     nb = c["key_cache"].shape[0]
@@ -388,6 +392,14 @@ def test_vllm_packed_layout_reads_like_separate_tensors(physical, device):
     packed = dict(c, key_cache=kc, value_cache=vc, k_scale=ks, v_scale=vs)
     assert torch.equal(_run(packed), _run(c))
     assert_close(_run(packed), _ref(c))
+
+
+def test_split_partials_in_fp16_for_fp16_queries_except_on_packed_rows():
+    from angel_kernels.attention.paged_decode import partial_dtype
+
+    assert partial_dtype(torch.float16, packed_rows=False) == torch.float16
+    assert partial_dtype(torch.float16, packed_rows=True) == torch.float32
+    assert partial_dtype(torch.bfloat16, packed_rows=False) == torch.float32
 
 
 @given(
