@@ -3,7 +3,8 @@
 The kernels put weight rows on the MMA's M side (swap-AB) and tokens on its N side; both split K the same way:
 each of the SPLIT_K programs of a tile writes an fp32 partial, and the last one to arrive (an acq_rel counter)
 sums the partials in split order 0, 1, … — deterministic, no float atomics — then writes the tile and resets
-its counter for the next launch.
+its counter for the next launch. The fragment decode tiles on short split ranges leave that sum to a second kernel
+(``launch_split_sum``, the same arithmetic) instead.
 """
 from dataclasses import dataclass, replace
 

@@ -148,7 +148,7 @@ DECODE_PDL = True
 # 69.7 → 65.7 (no lead either way on long ranges, whose combine is a small part of the program). Timing the
 # split programs alone (every program storing its range's result into y, wrong values): the last-program sum
 # cost 1.6-2.2 µs on the 8-block ranges at M = 1-16, 3.0-3.4 µs on 4096×14336. The sum kernel triggering only
-# at its exit, or launched only as the split programs exit, lost 0.6-1.9 µs at M = 1-4 (benchmarks/NOTES.md).
+# at its exit, or launched only as the split programs exit, lost 0.7-2.0 µs at M = 1-4 (benchmarks/NOTES.md).
 SPLIT_SUM_MAX_BLOCKS = 32
 
 
