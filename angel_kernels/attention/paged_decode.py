@@ -749,13 +749,14 @@ def launch_paged_attention(
         **dependent_launch(pdl in (1, 2)),
     )
     if max_ns > 1:
+        splits_pad = triton.next_power_of_2(max_ns)
         _paged_attn_reduce_kernel[(B * Q * Hq,)](
             seq_lens, partial_o, partial_lse, out,
             window, capacity, Hq,
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
-            NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=triton.next_power_of_2(max_ns),
-            num_warps=REDUCE_WARPS or reduce_warps(triton.next_power_of_2(max_ns), D), **consts, PDL=reduce_pdl,
+            NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=splits_pad,
+            num_warps=REDUCE_WARPS or reduce_warps(splits_pad, D), **consts, PDL=reduce_pdl,
             **dependent_launch(reduce_pdl),
         )
     return out
