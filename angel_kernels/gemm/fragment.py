@@ -152,10 +152,26 @@ DECODE_PDL = True
 SPLIT_SUM_MAX_BLOCKS = 32
 
 
-def split_sum_kernel(split_k: int, range_blocks: int) -> bool:
-    """Whether split decode tiles whose ranges run ``range_blocks`` K-blocks leave the sum to ``launch_split_sum``
-    (``SPLIT_SUM_MAX_BLOCKS``)."""
-    return split_k > 1 and range_blocks < SPLIT_SUM_MAX_BLOCKS
+# int4 at 17-32 tokens (32-token tiles) on split weights with more than SUM_AT_EXIT_MIN_PER_SM split programs per
+# SM: the sum kernel on ranges of every length, in PDL mode 2 (the next kernel launched as its programs exit, not at
+# once). H200, CUDA graphs, two runs, µs the op then (last program on 8192×28672's 56-block ranges, the sum kernel
+# in mode 1 elsewhere) → sum kernel in mode 2, M = 17 / 24 / 32: 6144×4096 (2.9 programs per SM) 10.9 / 11.2 / 11.5
+# → 9.0-9.1 / 9.2 / 9.5; 4096×14336 (3.9) 17.8-17.9 / 18.2-18.3 / 18.6 → 16.1 / 16.4-16.5 / 16.8-16.9; 8192×28672
+# (3.9) 59.6-59.9 / 60.8-63.0 / 65.5-66.4 → 53.2-56.6 / 54.5-55.2 / 55.0-56.9; but 4096×4096 (1.9) 6.8-7.2 →
+# 7.7-8.0. int8 gained 0.1-0.5 µs on 6144×4096 and lost up to 2.5 on the others: it keeps the rule above.
+SUM_AT_EXIT_MIN_PER_SM = 2
+
+
+def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_m: int = 8,
+                     programs_per_sm: float = 0.0) -> tuple:
+    """How split decode tiles whose ranges run ``range_blocks`` K-blocks sum their partials: (by
+    ``launch_split_sum``?, that kernel's PDL mode, None for the split kernel's). The sum kernel on ranges under
+    ``SPLIT_SUM_MAX_BLOCKS``, and in mode 2 for int4 32-token tiles (``SUM_AT_EXIT_MIN_PER_SM``)."""
+    if split_k <= 1:
+        return False, None
+    if int4 and block_m == 32 and programs_per_sm > SUM_AT_EXIT_MIN_PER_SM:
+        return True, 2
+    return range_blocks < SPLIT_SUM_MAX_BLOCKS, None
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -509,9 +525,10 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         num_tiles = p.N // TILE_N * triton.cdiv(p.M, block_m)
         split = plan(num_tiles, serial=False)
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
+        range_blocks = split.k_per_split // TILE_K
+        sum_kernel, sum_pdl = split_sum_launch(split.split_k, range_blocks, int4, block_m, per_sm)
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
-               pdl=decode_pdl_mode(p.M, int4, split.k_per_split // TILE_K),
-               sum_kernel=split_sum_kernel(split.split_k, split.k_per_split // TILE_K))
+               pdl=decode_pdl_mode(p.M, int4, range_blocks), sum_kernel=sum_kernel, sum_pdl=sum_pdl)
     return y
 
 

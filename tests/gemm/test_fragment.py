@@ -256,10 +256,11 @@ def test_split_sum_refuses_what_it_cannot_sum():
 @pytest.mark.gpu
 @pytest.mark.parametrize("int4", [True, False])
 @pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (4096, 4096, 16), (6144, 4096, 5), (1024, 4096, 33),
-                                   (4096, 14336, 8)])
+                                   (4096, 14336, 8), (6144, 4096, 24), (8192, 28672, 19)])
 def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
-    """Decode tiles on split weights: the partials summed by the split sum kernel (every PDL mode) and by the last
-    program of each tile give the same bits, with bias and (int8) per-channel scales."""
+    """Decode tiles on split weights: the partials summed by the split sum kernel (every PDL mode, also its own
+    mode 2 after a mode-1 split launch) and by the last program of each tile give the same bits, with bias and
+    (int8) per-channel scales."""
     from angel_kernels.gemm._fragment_gluon import launch
     from angel_kernels.gemm._splitk import plan_split
 
@@ -275,11 +276,13 @@ def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
     bm = block_m_for(m, n, k)
     tiles = n // 64 * ((m + bm - 1) // bm)
     outs = []
-    for sum_kernel, pdl in ((False, 1), (True, 0), (True, 1), (True, 2)):
+    for sum_kernel, pdl, sum_pdl in ((False, 1, None), (True, 0, None), (True, 1, None), (True, 2, None),
+                                     (True, 1, 2)):
         y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
         plan = plan_split(x.device, "w4a16_fragment", m, n, k, 128, tiles, y, serial=False)
         assert plan.split_k > 1
-        launch(x, words, s, b, y, plan, bm, int4=int4, ahead=3, pdl=pdl, sum_kernel=sum_kernel)
+        launch(x, words, s, b, y, plan, bm, int4=int4, ahead=blocks_ahead(bm), pdl=pdl, sum_kernel=sum_kernel,
+               sum_pdl=sum_pdl)
         outs.append(y)
     assert not torch.isnan(outs[0]).any()
     for y in outs[1:]:
@@ -557,21 +560,33 @@ def test_decode_tiles_launch_dependently_int4_at_2_to_8_tokens_on_long_ranges_wi
 def test_split_decode_tiles_leave_the_sum_to_a_second_kernel_below_32_k_blocks_per_range(monkeypatch):
     """Split decode tiles on ranges of fewer than 32 K-blocks (4096×4096 in four: 8; 4096×14336 in eight: 14) are
     followed by the split sum kernel in their PDL mode; longer ranges (8192×28672 in four: 56) and unsplit weights
-    (28672×4096) sum in the split kernel."""
+    (28672×4096) sum in the split kernel. int4 32-token tiles (17-32 tokens) with more than two split programs per
+    SM take the sum kernel on every range, in mode 2; 4096×4096's 256 programs (1.9 per SM) keep the rule above."""
     from angel_kernels.gemm.fragment import _run_gluon
 
     launched = _record_launches(monkeypatch)
-    sums = {(1, 4096, 4096): True, (16, 4096, 14336): True, (32, 4096, 14336): True, (4, 8192, 28672): False,
-            (1, 28672, 4096): False}
-    for (m, n, k), summed in sums.items():
-        for int4 in (True, False):
+    split_mode = "the split kernel's"
+    # (M, N, K) → {int4: (summed by the sum kernel, its PDL mode)}
+    sums = {(1, 4096, 4096): {True: (True, split_mode), False: (True, split_mode)},
+            (16, 4096, 14336): {True: (True, split_mode), False: (True, split_mode)},
+            (32, 4096, 14336): {True: (True, 2), False: (True, split_mode)},
+            (17, 6144, 4096): {True: (True, 2), False: (True, split_mode)},
+            (32, 4096, 4096): {True: (True, split_mode), False: (True, split_mode)},
+            (24, 8192, 28672): {True: (True, 2), False: (False, None)},
+            (4, 8192, 28672): {True: (False, None), False: (False, None)},
+            (1, 28672, 4096): {True: (False, None), False: (False, None)},
+            (24, 28672, 4096): {True: (False, None), False: (False, None)}}
+    for (m, n, k), by_width in sums.items():
+        for int4, (summed, mode) in by_width.items():
             launched.clear()
             x, words, scales, _y = _launch_operands(m, n, k, int4)
             _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
             names = [f.__name__ for f, _kw in launched]
             assert names == ["_fragment_gemm_kernel"] + (["split_sum"] if summed else []), (m, n, k, int4)
             kw = launched[0][1]
-            assert kw["SUM_KERNEL"] == summed and (not summed or launched[1][1]["PDL"] == kw["PDL"]), (m, n, k)
+            assert kw["SUM_KERNEL"] == summed, (m, n, k, int4)
+            if summed:
+                assert launched[1][1]["PDL"] == (kw["PDL"] if mode == split_mode else mode), (m, n, k, int4)
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
