@@ -133,6 +133,31 @@ def _k_block(acc, i, n_blocks, w, s0, s1, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_x
 
 
 @gluon.jit
+def _k_pair(acc, i, n_blocks, w0, s00, s10, w1, s01, s11, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N,
+            WORDS: gl.constexpr, INT4: gl.constexpr, BF16: gl.constexpr, DT: gl.constexpr, AHEAD: gl.constexpr,
+            STAGES: gl.constexpr, a_l: gl.constexpr):
+    """K-blocks i and i + 1 (PAIR): both converted, then their sixteen k16 steps issued as one wgmma group on the
+    same accumulator in K order (the bits of two single blocks) and waited for once: one barrier, one MMA wait and
+    one refill round per two blocks. The ring keeps STAGES - 4 blocks in flight past the pair while its MMAs run;
+    the two stages the previous pair read are refilled after the wait. Needs an even block count per range."""
+    a0 = _fragments(w0, s00[:, None], s10[:, None], INT4, BF16, a_l)
+    a1 = _fragments(w1, s01[:, None], s11[:, None], INT4, BF16, a_l)
+    w0, s00, s10 = _load_block(w_ptrs, s_ptrs, i + AHEAD, n_blocks, N, WORDS, INT4, DT)
+    w1, s01, s11 = _load_block(w_ptrs, s_ptrs, i + 1 + AHEAD, n_blocks, N, WORDS, INT4, DT)
+    cp.wait_group(STAGES - 4)
+    gl.thread_barrier()
+    acc = warpgroup_mma(a0, x_smem.index(i % STAGES).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma(a1, x_smem.index((i + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a0, a1))[0]
+    for j in gl.static_range(2):
+        nxt = i + STAGES - 2 + j
+        cp.async_copy_global_to_shared(x_smem.index(nxt % STAGES), x_ptrs + nxt * TILE_K,
+                                       mask=mask_xm & (nxt < n_blocks))
+        cp.commit_group()
+    return acc, w0, s00, s10, w1, s01, s11
+
+
+@gluon.jit
 def _early_launch(PDL: gl.constexpr):
     """Programmatic dependent launch: the kernel is launched while the previous kernel of the stream finishes and
     waits for it here, before touching anything that kernel may write or read (x, y, the split scratch; the decode
@@ -148,11 +173,13 @@ def _early_launch(PDL: gl.constexpr):
 def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, K_PER_SPLIT,
                           stride_xm, stride_ym, INT4: gl.constexpr, BF16: gl.constexpr, HAS_BIAS: gl.constexpr,
                           SPLIT_K: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, WG: gl.constexpr,
-                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0, SUM_KERNEL: gl.constexpr = False):
+                          AHEAD: gl.constexpr, PDL: gl.constexpr = 0, SUM_KERNEL: gl.constexpr = False,
+                          PAIR: gl.constexpr = False):
     """Decode tiles (module doc). PDL: launched while the previous kernel of the stream runs (programmatic dependent
     launch): the first AHEAD K-blocks of weight words (constant data) are loaded before waiting for it, x and the
     split scratch only after; 1 then lets the next kernel launch at once, 2 when this one's programs exit.
-    SUM_KERNEL: a split launch only stores its partials; ``launch_split_sum`` sums them (no counter)."""
+    SUM_KERNEL: a split launch only stores its partials; ``launch_split_sum`` sums them (no counter). PAIR: two
+    K-blocks per wgmma group (``_k_pair``; AHEAD 2 or 4, even block counts, STAGES ≥ 4)."""
     WORDS: gl.constexpr = 8 if INT4 else 16  # words per thread per tile
     ROWS: gl.constexpr = 64 * WG  # WG warpgroups, one 64-row tile each, share the x tile
     DT: gl.constexpr = gl.bfloat16 if BF16 else gl.float16
@@ -196,24 +223,35 @@ def _fragment_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, y_ptr, part_ptr, count_
     if AHEAD == 4:
         w_d, s0_d, s1_d = _load_block(w_ptrs, s_ptrs, 3, n_blocks, N, WORDS, INT4, DT)
     _early_launch(PDL)  # x (and the partials and counters) may still be written by the previous kernel
-    for t in gl.static_range(STAGES - 1):
+    for t in gl.static_range(STAGES - 2 if PAIR else STAGES - 1):
         cp.async_copy_global_to_shared(x_smem.index(t), x_ptrs + t * TILE_K, mask=mask_xm & (t < n_blocks))
         cp.commit_group()
     acc = gl.zeros([ROWS, BLOCK_M], gl.float32, acc_l)
-    for i in range(0, n_blocks, AHEAD):
-        acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm,
-                                        N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-        if i + 1 < n_blocks:
-            acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs,
+    if PAIR:
+        for i in range(0, n_blocks, AHEAD):
+            acc, w_a, s0_a, s1_a, w_b, s0_b, s1_b = _k_pair(
+                acc, i, n_blocks, w_a, s0_a, s1_a, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem, x_ptrs, mask_xm, N,
+                WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+            if AHEAD == 4:
+                if i + 2 < n_blocks:
+                    acc, w_c, s0_c, s1_c, w_d, s0_d, s1_d = _k_pair(
+                        acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem, x_ptrs,
+                        mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+    else:
+        for i in range(0, n_blocks, AHEAD):
+            acc, w_a, s0_a, s1_a = _k_block(acc, i, n_blocks, w_a, s0_a, s1_a, w_ptrs, s_ptrs, x_smem, x_ptrs,
                                             mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-        if AHEAD >= 3:
-            if i + 2 < n_blocks:
-                acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
+            if i + 1 < n_blocks:
+                acc, w_b, s0_b, s1_b = _k_block(acc, i + 1, n_blocks, w_b, s0_b, s1_b, w_ptrs, s_ptrs, x_smem,
                                                 x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
-        if AHEAD == 4:
-            if i + 3 < n_blocks:
-                acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
-                                                x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+            if AHEAD >= 3:
+                if i + 2 < n_blocks:
+                    acc, w_c, s0_c, s1_c = _k_block(acc, i + 2, n_blocks, w_c, s0_c, s1_c, w_ptrs, s_ptrs, x_smem,
+                                                    x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
+            if AHEAD == 4:
+                if i + 3 < n_blocks:
+                    acc, w_d, s0_d, s1_d = _k_block(acc, i + 3, n_blocks, w_d, s0_d, s1_d, w_ptrs, s_ptrs, x_smem,
+                                                    x_ptrs, mask_xm, N, WORDS, INT4, BF16, DT, AHEAD, STAGES, a_l)
 
     _store_result(acc, s_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, tile, pid_n, pid_m, pid_k, M, N, stride_ym,
                   INT4, HAS_BIAS, SPLIT_K, ROWS, BLOCK_M, acc_l, not SUM_KERNEL)
@@ -425,17 +463,21 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: int = 0, sum_kernel: bool = False, sum_pdl=None) -> None:
+           pdl: int = 0, sum_kernel: bool = False, sum_pdl=None, pair: bool = False) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
     of weight words in flight (2-4); ``pdl``: programmatic dependent launch (the kernel starts loading weights
     while the previous kernel of the stream finishes; the kernel's PDL mode); ``sum_kernel``: a split plan's
     partials summed by ``launch_split_sum`` instead of by the last program of each tile, launched in PDL mode
-    ``sum_pdl`` (None: ``pdl``)."""
+    ``sum_pdl`` (None: ``pdl``); ``pair``: two K-blocks per wgmma group (same bits; K and the split ranges
+    multiples of 256, ``ahead`` 2 or 4, ``stages`` ≥ 4)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
+    if pair and (ahead == 3 or stages < 4 or K % 256 or plan.k_per_split % 256):
+        raise ValueError(f"pair needs ahead 2 or 4 (got {ahead}), stages >= 4 (got {stages}) and K and the split "
+                         f"ranges multiples of 256 (K={K}, {plan.k_per_split} per split)")
     N = y.shape[1]
     x2 = _rows_16_byte_aligned(x2)  # cp.async copies 16-byte runs
     scales = scales.contiguous()
@@ -447,7 +489,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         x2, words, scales, bias if bias is not None else scales, y, plan.partials, plan.counters,
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
-        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SUM_KERNEL=sum_kernel,
+        BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SUM_KERNEL=sum_kernel, PAIR=pair,
         num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
     if sum_kernel:
         launch_split_sum(plan.partials, y, None if int4 else scales, bias, pdl if sum_pdl is None else sum_pdl)

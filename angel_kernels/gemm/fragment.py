@@ -174,6 +174,19 @@ def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_
     return range_blocks < SPLIT_SUM_MAX_BLOCKS, None
 
 
+# Decode tiles with two K-blocks per wgmma group (``_k_pair`` in ``_fragment_gluon``: both blocks converted, their
+# sixteen k16 steps issued as one group, one barrier and one MMA wait per two blocks; the same bits). A program's
+# time is its chain of K-blocks (words → conversion → barrier → MMAs → wait → refill; benchmarks/NOTES.md), which
+# this halves in syncs. PAIR_STAGES: x stages then (two in flight past the pair being multiplied).
+DECODE_PAIR = False
+PAIR_STAGES = 6
+
+
+def decode_pair(k: int, k_per_split: int) -> bool:
+    """Whether the decode tiles take two K-blocks per wgmma group (``DECODE_PAIR``; even block counts)."""
+    return DECODE_PAIR and k % (2 * TILE_K) == 0 and k_per_split % (2 * TILE_K) == 0
+
+
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
     """The decode tiles' PDL mode for M tokens whose programs each run ``range_blocks`` K-blocks (``DECODE_PDL``):
     1 (early trigger), 2 (trigger at exit) for int4 at 2-8 tokens on ranges of 32 K-blocks or more."""
@@ -527,8 +540,12 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         range_blocks = split.k_per_split // TILE_K
         sum_kernel, sum_pdl = split_sum_launch(split.split_k, range_blocks, int4, block_m, per_sm)
-        launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=blocks_ahead(block_m, per_sm),
-               pdl=decode_pdl_mode(p.M, int4, range_blocks), sum_kernel=sum_kernel, sum_pdl=sum_pdl)
+        ahead, pair = blocks_ahead(block_m, per_sm), decode_pair(p.K, split.k_per_split)
+        if pair:  # two K-blocks in flight per set of registers: one pair or two
+            ahead = 4 if ahead == 3 else 2
+        launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=ahead,
+               pdl=decode_pdl_mode(p.M, int4, range_blocks), sum_kernel=sum_kernel, sum_pdl=sum_pdl, pair=pair,
+               **({"stages": PAIR_STAGES} if pair else {}))
     return y
 
 

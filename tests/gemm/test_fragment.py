@@ -9,8 +9,8 @@ from angel_kernels import (
     w8a16_fragment_gemm, w8a16_gemm,
 )
 from angel_kernels.gemm.fragment import (
-    LARGE_M_FRAGMENT, W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, batch_tile_for, block_m_for, fragment_fits,
-    fragment_major_int4, fragment_major_int8, packed_from_fragment, piped_tile_for,
+    LARGE_M_FRAGMENT, W4A16_FRAGMENT, W8A16_FRAGMENT, FragmentProblem, batch_tile_for, block_m_for, blocks_ahead,
+    fragment_fits, fragment_major_int4, fragment_major_int8, packed_from_fragment, piped_tile_for,
 )
 from angel_kernels.quantization.int4 import pack_int4_rows
 from angel_kernels.reference import w4a16_gemm_ref
@@ -287,6 +287,55 @@ def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
     assert not torch.isnan(outs[0]).any()
     for y in outs[1:]:
         assert torch.equal(y, outs[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int4", [True, False])
+@pytest.mark.parametrize("n,k,m,ahead", [(4096, 4096, 1, 4), (6144, 4096, 5, 2), (28672, 4096, 16, 4),
+                                         (4096, 14336, 24, 2), (1024, 1280, 3, 4), (8192, 28672, 32, 2)])
+def test_gpu_decode_tiles_in_pairs_of_k_blocks_give_the_same_bits(int4, n, k, m, ahead):
+    """Two K-blocks per wgmma group (PAIR) against one: the same bits (their MMAs accumulate in the same order),
+    split and unsplit, with bias, on the op's token tile."""
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+    from angel_kernels.gemm.fragment import PAIR_STAGES
+
+    g = make_generator(n + k + m)
+    x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
+    b = randn(n, dtype=torch.float16, device="cuda", generator=g)
+    if int4:
+        w = quantize_weight_int4(randn(n, k, dtype=torch.float16, device="cuda", generator=g, scale=0.05), 128,
+                                 sym=True)
+        words, s = fragment_major_int4(w.qweight), w.scales
+    else:
+        words, s = fragment_major_int8(randint8(n, k, device="cuda", generator=g)), torch.rand(n, device="cuda")
+    bm = block_m_for(m, n, k)
+    tiles = n // 64 * ((m + bm - 1) // bm)
+    outs = []
+    for pair in (False, True):
+        y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
+        plan = plan_split(x.device, "w4a16_fragment", m, n, k, 128, tiles, y, serial=False)
+        launch(x, words, s, b, y, plan, bm, int4=int4, ahead=ahead if pair else blocks_ahead(bm), pdl=1,
+               pair=pair, **({"stages": PAIR_STAGES} if pair else {}))
+        outs.append(y)
+    assert not torch.isnan(outs[0]).any()
+    assert torch.equal(outs[1], outs[0])
+
+
+def test_decode_tiles_in_pairs_refuse_odd_block_counts():
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+
+    x, words, scales, y = _launch_operands(1, 128, 1152)  # 9 K-blocks
+    plan = plan_split(CPU, "w4a16_fragment", 1, 128, 1152, 128, 2, y, split_k=1)
+    with pytest.raises(ValueError, match="multiples of 256"):
+        launch(x, words, scales, None, y, plan, 8, pair=True, ahead=2, stages=6)
+    x, words, scales, y = _launch_operands(1, 128, 1024)
+    plan = plan_split(CPU, "w4a16_fragment", 1, 128, 1024, 128, 2, y, split_k=1)
+    with pytest.raises(ValueError, match="ahead 2 or 4"):
+        launch(x, words, scales, None, y, plan, 8, pair=True, ahead=3, stages=6)
+    with pytest.raises(ValueError, match="stages >= 4"):
+        launch(x, words, scales, None, y, plan, 8, pair=True, ahead=2, stages=3)
 
 
 @pytest.mark.gpu
