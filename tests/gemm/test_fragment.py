@@ -574,11 +574,12 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
 
 def test_decode_tiles_keep_three_k_blocks_of_words_in_flight_where_their_registers_cost_no_occupancy(monkeypatch):
     """AHEAD as launched: 3 up to 16 tokens, 2 on 32-token tiles, 3 on 64-token tiles of launches of at most two
-    programs per SM (4096×4096 split in four: 256 programs on 132 SMs), else 2 (4096×14336 split in eight: 512)."""
+    programs per SM (4096×4096 split in four: 256 programs on 132 SMs), else 2 (4096×14336 split in eight: 512);
+    4 where K-blocks go in pairs (int4 4096×4096 at 16 tokens)."""
     from angel_kernels.gemm.fragment import _run_gluon
 
     launched = _record_launches(monkeypatch)
-    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 3, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
+    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 4, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
               (64, 4096, 4096): 3, (64, 4096, 14336): 2}
     for (m, n, k), ahead in aheads.items():
         launched.clear()
@@ -636,6 +637,26 @@ def test_split_decode_tiles_leave_the_sum_to_a_second_kernel_below_32_k_blocks_p
             assert kw["SUM_KERNEL"] == summed, (m, n, k, int4)
             if summed:
                 assert launched[1][1]["PDL"] == (kw["PDL"] if mode == split_mode else mode), (m, n, k, int4)
+
+
+def test_int4_decode_tiles_pair_k_blocks_on_launches_of_at_most_three_programs_per_sm(monkeypatch):
+    """int4 at M ≤ 16 on launches that fit three programs per SM (6144×4096 and 4096×4096 in four ranges: 384 and
+    256 programs on 132 SMs) take two K-blocks per wgmma group, four K-blocks of words ahead, six x stages; larger
+    launches (4096×14336: 512; 28672×4096: 448), 17+ tokens and int8 keep one."""
+    from angel_kernels.gemm.fragment import PAIR_STAGES, _run_gluon
+
+    launched = _record_launches(monkeypatch)
+    pairs = {(1, 6144, 4096, True): True, (16, 6144, 4096, True): True, (5, 4096, 4096, True): True,
+             (1, 4096, 14336, True): False, (1, 28672, 4096, True): False, (24, 6144, 4096, True): False,
+             (1, 6144, 4096, False): False}
+    for (m, n, k, int4), paired in pairs.items():
+        launched.clear()
+        x, words, scales, _y = _launch_operands(m, n, k, int4)
+        _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
+        kw = launched[0][1]
+        assert kw["PAIR"] == paired, (m, n, k, int4)
+        if paired:
+            assert kw["AHEAD"] == 4 and kw["STAGES"] == PAIR_STAGES
 
 
 @pytest.mark.parametrize("family,int4", [(W4A16_FRAGMENT, True), (W8A16_FRAGMENT, False)])
