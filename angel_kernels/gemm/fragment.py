@@ -176,22 +176,31 @@ def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_
 
 # Decode tiles with two K-blocks per wgmma group (``_k_pair`` in ``_fragment_gluon``: both blocks converted, their
 # sixteen k16 steps issued as one group, one barrier and one MMA wait per two blocks; the same bits), four K-blocks
-# of words in flight, six x stages: int4 at M ≤ 16 on launches of at most PAIR_MAX_PER_SM programs per SM. The pair
-# costs registers (sm_90a, int4 M = 1: 103 → 163, three programs per SM), so it only serves launches that fit one
-# wave at three per SM. H200, CUDA graphs, one run, µs one K-block → pairs, int4 / int8, M = 1 / 4 / 16: 6144×4096
-# (384 programs, 2.9 per SM) 6.6 / 6.9 / 8.3 → 6.1 / 6.5 / 7.6 and 8.7 / 8.8 / 10.5 → 8.7 / 9.1 / 11.6; 4096×4096
-# (1.9 per SM) 5.5 / 5.7 / 6.1 → 5.4 / 5.5 / 6.5 and 7.0 / 7.3 / 8.5 → 7.0 / 6.6 / 7.8; launches of 3.4-3.9 per SM
-# lost 9-35 % (int4 28672×4096 M = 1 20.2 → 25.4, 4096×14336 11.2 → 14.4). With two K-blocks of words in flight
-# the pairs gained at most 0.6 µs (int8 4096×4096 M = 4) and lost up to 3.3 (int4 4096×14336 M = 16 12.7 → 16.0).
+# of words in flight, six x stages. The pair costs registers (sm_90a, int4 M = 1: 103 → 163, three programs per
+# SM), so it only serves launches of at most PAIR_MAX_PER_SM programs per SM; launches of 3.4-3.9 per SM lost 9-35 %
+# (H200, µs one K-block → pairs, int4 28672×4096 M = 1 20.2 → 25.4, 4096×14336 11.2 → 14.4). Below that, H200, CUDA
+# graphs, three runs (one, then two the same day), µs one K-block → pairs, M = 1 / 2 / 4 / 8 / 16:
+#   int4 6144×4096 (384 programs, 2.9 per SM) 6.6 / 6.7 / 6.9 / 7.4 / 8.3-8.4 → 6.1 / 6.4 / 6.5-6.6 / 7.0 / 7.6
+#   int4 4096×4096 (1.9 per SM) 5.5 / 5.3 / 5.6-5.7 / 6.3 / 6.1 → 5.3-5.4 / 5.4-5.5 / 5.5 / 5.7 / 6.5-6.6
+#   int8 4096×4096 7.0 / 7.0 / 7.3 / 7.8 / 8.5 → 7.0 / 7.2 / 6.6-7.1 / 6.9 / 7.8-7.9
+#   int8 6144×4096 8.4-8.7 / 8.6 / 8.8 / 9.4-9.5 / 10.4-10.5 → 8.7 / 8.9-9.0 / 9.0-9.1 / 9.4 / 11.6-11.7
+# Taken where they led in every run by more than 0.2 µs: on launches of more than two programs per SM int4 at 1-16
+# tokens; on launches of at most two, 3-8 tokens (int4) and 3-16 (int8). (Why the widths differ is not known: the
+# same kernel, differently specialized.) With two K-blocks of words in flight the pairs gained at most 0.6 µs
+# (int8 4096×4096 M = 4) and lost up to 3.3 (int4 4096×14336 M = 16 12.7 → 16.0).
 DECODE_PAIR = True
 PAIR_STAGES = 6
 PAIR_MAX_PER_SM = 3
 
 
-def decode_pair(k: int, k_per_split: int, int4: bool = True, block_m: int = 8, programs_per_sm: float = 0.0) -> bool:
+def decode_pair(k: int, k_per_split: int, int4: bool, m: int, programs_per_sm: float) -> bool:
     """Whether the decode tiles take two K-blocks per wgmma group (``DECODE_PAIR``; even block counts)."""
-    return (DECODE_PAIR and int4 and block_m <= 16 and 0 < programs_per_sm <= PAIR_MAX_PER_SM
-            and k % (2 * TILE_K) == 0 and k_per_split % (2 * TILE_K) == 0)
+    if not (DECODE_PAIR and m <= 16 and 0 < programs_per_sm <= PAIR_MAX_PER_SM
+            and k % (2 * TILE_K) == 0 and k_per_split % (2 * TILE_K) == 0):
+        return False
+    if programs_per_sm > 2:
+        return int4
+    return 3 <= m <= (8 if int4 else 16)
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -547,7 +556,7 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         range_blocks = split.k_per_split // TILE_K
         sum_kernel, sum_pdl = split_sum_launch(split.split_k, range_blocks, int4, block_m, per_sm)
-        ahead, pair = blocks_ahead(block_m, per_sm), decode_pair(p.K, split.k_per_split, int4, block_m, per_sm)
+        ahead, pair = blocks_ahead(block_m, per_sm), decode_pair(p.K, split.k_per_split, int4, p.M, per_sm)
         if pair:  # the words of two pairs in flight
             ahead = 4
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=ahead,

@@ -575,11 +575,11 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
 def test_decode_tiles_keep_three_k_blocks_of_words_in_flight_where_their_registers_cost_no_occupancy(monkeypatch):
     """AHEAD as launched: 3 up to 16 tokens, 2 on 32-token tiles, 3 on 64-token tiles of launches of at most two
     programs per SM (4096×4096 split in four: 256 programs on 132 SMs), else 2 (4096×14336 split in eight: 512);
-    4 where K-blocks go in pairs (int4 4096×4096 at 16 tokens)."""
+    4 where K-blocks go in pairs (int4 4096×4096 up to 8 tokens)."""
     from angel_kernels.gemm.fragment import _run_gluon
 
     launched = _record_launches(monkeypatch)
-    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 4, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
+    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 3, (8, 4096, 4096): 4, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
               (64, 4096, 4096): 3, (64, 4096, 14336): 2}
     for (m, n, k), ahead in aheads.items():
         launched.clear()
@@ -639,16 +639,19 @@ def test_split_decode_tiles_leave_the_sum_to_a_second_kernel_below_32_k_blocks_p
                 assert launched[1][1]["PDL"] == (kw["PDL"] if mode == split_mode else mode), (m, n, k, int4)
 
 
-def test_int4_decode_tiles_pair_k_blocks_on_launches_of_at_most_three_programs_per_sm(monkeypatch):
-    """int4 at M ≤ 16 on launches that fit three programs per SM (6144×4096 and 4096×4096 in four ranges: 384 and
-    256 programs on 132 SMs) take two K-blocks per wgmma group, four K-blocks of words ahead, six x stages; larger
-    launches (4096×14336: 512; 28672×4096: 448), 17+ tokens and int8 keep one."""
+def test_decode_tiles_pair_k_blocks_on_launches_of_at_most_three_programs_per_sm(monkeypatch):
+    """Two K-blocks per wgmma group (four K-blocks of words ahead, six x stages) on launches that fit three programs
+    per SM (6144×4096 and 4096×4096 in four ranges: 384 and 256 programs on 132 SMs): int4 at 1-16 tokens on
+    launches of more than two per SM; on launches of at most two, 3-8 tokens (int4) and 3-16 (int8). Larger launches
+    (4096×14336: 512; 28672×4096: 448) and 17+ tokens keep one K-block per group."""
     from angel_kernels.gemm.fragment import PAIR_STAGES, _run_gluon
 
     launched = _record_launches(monkeypatch)
     pairs = {(1, 6144, 4096, True): True, (16, 6144, 4096, True): True, (5, 4096, 4096, True): True,
-             (1, 4096, 14336, True): False, (1, 28672, 4096, True): False, (24, 6144, 4096, True): False,
-             (1, 6144, 4096, False): False}
+             (16, 4096, 4096, True): False, (1, 4096, 4096, True): False, (2, 4096, 4096, True): False, (1, 4096, 14336, True): False, (1, 28672, 4096, True): False,
+             (24, 6144, 4096, True): False, (1, 6144, 4096, False): False, (8, 6144, 4096, False): False,
+             (2, 4096, 4096, False): False, (3, 4096, 4096, False): True, (16, 4096, 4096, False): True,
+             (17, 4096, 4096, False): False}
     for (m, n, k, int4), paired in pairs.items():
         launched.clear()
         x, words, scales, _y = _launch_operands(m, n, k, int4)
