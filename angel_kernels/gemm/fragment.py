@@ -158,7 +158,7 @@ SPLIT_SUM_MAX_BLOCKS = 32
 # in mode 1 elsewhere) → sum kernel in mode 2, M = 17 / 24 / 32: 6144×4096 (2.9 programs per SM) 10.9 / 11.2 / 11.5
 # → 9.0-9.1 / 9.2 / 9.5; 4096×14336 (3.9) 17.8-17.9 / 18.2-18.3 / 18.6 → 16.1 / 16.4-16.5 / 16.8-16.9; 8192×28672
 # (3.9) 59.6-59.9 / 60.8-63.0 / 65.5-66.4 → 53.2-56.6 / 54.5-55.2 / 55.0-56.9; but 4096×4096 (1.9) 6.8-7.2 →
-# 7.7-8.0. int8 gained 0.1-0.5 µs on 6144×4096 and lost up to 2.5 on the others: it keeps the rule above.
+# 7.7-8.0. int8 gained 0.1-0.5 µs on 6144×4096 and lost 1.1-1.8 on 4096×14336: it keeps the rule above.
 SUM_AT_EXIT_MIN_PER_SM = 2
 
 
