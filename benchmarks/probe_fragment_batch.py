@@ -10,13 +10,14 @@ A config is "warpgroups,token tile,x stages,overlap[,ahead[,serial]]" for the ba
 serially), "w<token tile>,<x stages>,<consumer registers>" for the paired tiles (split weights: two warp-specialized
 warpgroups on one tile, even and odd split ranges, and a TMA loader warp), "q<token tile>,<x stages>,<parts>
 [,<consumer registers>]" for the parts tiles (2 or 4 warpgroups on one tile, split ranges round-robin), or
-"d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>[,<sum kernel>[,<pair>]]]]]]" for the
-decode tiles
+"d<ahead>[,<programs per SM>[,<token tile>[,<split count>[,<PDL mode + 1>[,<sum kernel>[,<pair>[,<register
+cap>]]]]]]]" for the decode tiles
 with that many K-blocks of weight words in flight (and that split rule: split K until a launch has that many programs
 per SM; that token tile instead of the op's; that split count, forced; that programmatic-dependent-launch mode, 1-3
 for modes 0-2; the partials summed by the last program of each tile (0), by the split sum kernel launched in the
-split kernel's mode (1) or in mode m (m + 2); two K-blocks per wgmma group (pair 1, on PAIR_STAGES x stages); 0
-keeps the op's, except the sum: the decode-tile reference column sums in the last program).
+split kernel's mode (1) or in mode m (m + 2); two K-blocks per wgmma group (pair 1, on PAIR_STAGES x stages); a
+register cap per thread; 0 keeps the op's, except the sum: the decode-tile reference column sums in the last
+program).
 """
 import argparse
 import sys
@@ -62,7 +63,8 @@ def run(x, words, scales, n, int4, cfg=None):
         how = cfg[6] if len(cfg) > 6 else 0
         pair = len(cfg) > 7 and bool(cfg[7])
         launch(x, words, scales, None, y, plan, bm, int4, ahead=cfg[1], pdl=pdl, sum_kernel=how > 0,
-               sum_pdl=how - 2 if how > 1 else None, pair=pair, **({"stages": PAIR_STAGES} if pair else {}))
+               sum_pdl=how - 2 if how > 1 else None, pair=pair, max_regs=cfg[8] if len(cfg) > 8 else 0,
+               **({"stages": PAIR_STAGES} if pair else {}))
         return y
     if cfg[0] == "w":  # paired tiles: ("w", block_m, x stages, consumer registers)
         _s, bm, stages, regs = cfg

@@ -463,7 +463,7 @@ def launch_tma(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias
 
 def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y: torch.Tensor, plan,
            block_m: int, int4: bool = True, stages: int = STAGES, warpgroups: int = 1, ahead: int = 2,
-           pdl: int = 0, sum_kernel: bool = False, sum_pdl=None, pair: bool = False) -> None:
+           pdl: int = 0, sum_kernel: bool = False, sum_pdl=None, pair: bool = False, max_regs: int = 0) -> None:
     """y [M, N] = x2 [M, K] · Wᵀ for fragment-major ``words`` (int4: scales [K // 128, N]; int8: [N]).
     ``plan``: a ``SplitPlan`` with ``serial`` off, its counters for ``N // (64 · warpgroups) · cdiv(M, block_m)``
     tiles; ``warpgroups``: 64-row tiles per program (N must be a multiple of 64 · warpgroups); ``ahead``: K-blocks
@@ -471,7 +471,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
     while the previous kernel of the stream finishes; the kernel's PDL mode); ``sum_kernel``: a split plan's
     partials summed by ``launch_split_sum`` instead of by the last program of each tile, launched in PDL mode
     ``sum_pdl`` (None: ``pdl``); ``pair``: two K-blocks per wgmma group (same bits; K and the split ranges
-    multiples of 256, ``ahead`` 2 or 4, ``stages`` ≥ 4)."""
+    multiples of 256, ``ahead`` 2 or 4, ``stages`` ≥ 4); ``max_regs``: a register cap per thread (0: none)."""
     M, K = x2.shape
     if ahead not in (2, 3, 4):
         raise ValueError(f"ahead={ahead}: 2, 3 or 4 K-blocks of weight words in flight")
@@ -490,7 +490,7 @@ def launch(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias, y:
         M, N, K, plan.k_per_split, x2.stride(0), y.stride(0),
         INT4=int4, BF16=x2.dtype == torch.bfloat16, HAS_BIAS=bias is not None, SPLIT_K=plan.split_k,
         BLOCK_M=block_m, STAGES=stages, WG=warpgroups, AHEAD=ahead, PDL=pdl, SUM_KERNEL=sum_kernel, PAIR=pair,
-        num_warps=4 * warpgroups, **dependent_launch(pdl > 0))
+        num_warps=4 * warpgroups, **({"maxnreg": max_regs} if max_regs else {}), **dependent_launch(pdl > 0))
     if sum_kernel:
         launch_split_sum(plan.partials, y, None if int4 else scales, bias, pdl if sum_pdl is None else sum_pdl)
 
