@@ -177,7 +177,7 @@ def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_
 # Decode tiles with two K-blocks per wgmma group (``_k_pair`` in ``_fragment_gluon``: both blocks converted, their
 # sixteen k16 steps issued as one group, one barrier and one MMA wait per two blocks; the same bits), four K-blocks
 # of words in flight, six x stages. The pair costs registers (sm_90a, int4 M = 1: 103 → 163, three programs per
-# SM), so it only serves launches of at most PAIR_MAX_PER_SM programs per SM; launches of 3.4-3.9 per SM lost 9-35 %
+# SM), so uncapped it serves launches of at most PAIR_MAX_PER_SM programs per SM; launches of 3.4-3.9 per SM lost 9-35 %
 # (H200, µs one K-block → pairs, int4 28672×4096 M = 1 20.2 → 25.4, 4096×14336 11.2 → 14.4). Below that, H200, CUDA
 # graphs, three runs (one, then two the same day), µs one K-block → pairs, M = 1 / 2 / 4 / 8 / 16:
 #   int4 6144×4096 (384 programs, 2.9 per SM) 6.6 / 6.7 / 6.9 / 7.4 / 8.3-8.4 → 6.1 / 6.4 / 6.5-6.6 / 7.0 / 7.6
@@ -188,19 +188,31 @@ def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_
 # tokens; on launches of at most two, 3-8 tokens (int4) and 3-16 (int8). (Why the widths differ is not known: the
 # same kernel, differently specialized.) With two K-blocks of words in flight the pairs gained at most 0.6 µs
 # (int8 4096×4096 M = 4) and lost up to 3.3 (int4 4096×14336 M = 16 12.7 → 16.0).
+# Capped at PAIR_CAPPED_REGS registers (sm_90a: no spills for int4, 172 → 180 instructions per K-block; int8 spills
+# 300 B), four programs fit an SM: int4 up to 8 tokens on launches of 3-4 programs per SM. H200, two runs, µs one
+# K-block → capped pairs, M = 1 / 2 / 4 / 8 / 16: 4096×14336 (3.9 per SM) 11.2-11.3 / 11.4 / 11.4-11.5 / 11.8 / 12.7
+# → 10.9 / 11.1 / 11.1 / 11.3-11.4 / 15.0; 28672×8192 (3.4) 39.1-39.4 / 41.1-41.4 / 41.6-41.7 / 42.2-42.4 / 45.6-46.6
+# → 38.7 / 40.6-40.7 / 40.9-41.0 / 41.3-41.5 / 45.6-46.3; 8192×28672 (3.9, the sum kernel after both) 36.8 /
+# 39.5 / 40.0-40.1 / 40.0-40.4 / 44.6-44.7 → 35.8-35.9 / 38.3-38.7 / 38.7-38.9 / 39.4-39.7 / 44.0-44.3; 28672×4096
+# (3.4) 20.3-20.4 / 22.1-22.2 / 22.2-22.3 / 22.4-22.6 / 23.2-23.8 → 20.1-20.2 / 22.1-22.2 / 22.2-22.3 / 22.2-22.3 /
+# 23.2-23.5.
 DECODE_PAIR = True
 PAIR_STAGES = 6
 PAIR_MAX_PER_SM = 3
+PAIR_CAPPED_MAX_PER_SM, PAIR_CAPPED_REGS = 4, 128
 
 
-def decode_pair(k: int, k_per_split: int, int4: bool, m: int, programs_per_sm: float) -> bool:
-    """Whether the decode tiles take two K-blocks per wgmma group (``DECODE_PAIR``; even block counts)."""
-    if not (DECODE_PAIR and m <= 16 and 0 < programs_per_sm <= PAIR_MAX_PER_SM
+def decode_pair(k: int, k_per_split: int, int4: bool, m: int, programs_per_sm: float) -> tuple:
+    """(two K-blocks per wgmma group?, register cap or 0) for the decode tiles (``DECODE_PAIR``; even block
+    counts)."""
+    if not (DECODE_PAIR and m <= 16 and 0 < programs_per_sm <= PAIR_CAPPED_MAX_PER_SM
             and k % (2 * TILE_K) == 0 and k_per_split % (2 * TILE_K) == 0):
-        return False
+        return False, 0
+    if programs_per_sm > PAIR_MAX_PER_SM:
+        return (True, PAIR_CAPPED_REGS) if int4 and m <= 8 else (False, 0)
     if programs_per_sm > 2:
-        return int4
-    return 3 <= m <= (8 if int4 else 16)
+        return int4, 0
+    return 3 <= m <= (8 if int4 else 16), 0
 
 
 def decode_pdl_mode(m: int, int4: bool, range_blocks: int) -> int:
@@ -556,12 +568,13 @@ def _run_gluon(p, x2, words, scales, bias, int4=True):
         per_sm = num_tiles * split.split_k / num_sms(x2.device, DEFAULT_SMS)
         range_blocks = split.k_per_split // TILE_K
         sum_kernel, sum_pdl = split_sum_launch(split.split_k, range_blocks, int4, block_m, per_sm)
-        ahead, pair = blocks_ahead(block_m, per_sm), decode_pair(p.K, split.k_per_split, int4, p.M, per_sm)
+        ahead = blocks_ahead(block_m, per_sm)
+        pair, max_regs = decode_pair(p.K, split.k_per_split, int4, p.M, per_sm)
         if pair:  # the words of two pairs in flight
             ahead = 4
         launch(x2, words, scales, bias, y, split, block_m, int4=int4, ahead=ahead,
                pdl=decode_pdl_mode(p.M, int4, range_blocks), sum_kernel=sum_kernel, sum_pdl=sum_pdl, pair=pair,
-               **({"stages": PAIR_STAGES} if pair else {}))
+               max_regs=max_regs, **({"stages": PAIR_STAGES} if pair else {}))
     return y
 
 

@@ -291,11 +291,12 @@ def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("int4", [True, False])
-@pytest.mark.parametrize("n,k,m,ahead", [(4096, 4096, 1, 4), (6144, 4096, 5, 2), (28672, 4096, 16, 4),
-                                         (4096, 14336, 24, 2), (1024, 1280, 3, 4), (8192, 28672, 32, 2)])
-def test_gpu_decode_tiles_in_pairs_of_k_blocks_give_the_same_bits(int4, n, k, m, ahead):
+@pytest.mark.parametrize("n,k,m,ahead,cap", [(4096, 4096, 1, 4, 0), (6144, 4096, 5, 2, 0), (28672, 4096, 16, 4, 0),
+                                             (4096, 14336, 24, 2, 0), (1024, 1280, 3, 4, 0), (8192, 28672, 32, 2, 0),
+                                             (4096, 14336, 7, 4, 128), (28672, 4096, 2, 4, 128)])
+def test_gpu_decode_tiles_in_pairs_of_k_blocks_give_the_same_bits(int4, n, k, m, ahead, cap):
     """Two K-blocks per wgmma group (PAIR) against one: the same bits (their MMAs accumulate in the same order),
-    split and unsplit, with bias, on the op's token tile."""
+    split and unsplit, with bias, on the op's token tile, also under a register cap."""
     from angel_kernels.gemm._fragment_gluon import launch
     from angel_kernels.gemm._splitk import plan_split
     from angel_kernels.gemm.fragment import PAIR_STAGES
@@ -316,7 +317,7 @@ def test_gpu_decode_tiles_in_pairs_of_k_blocks_give_the_same_bits(int4, n, k, m,
         y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
         plan = plan_split(x.device, "w4a16_fragment", m, n, k, 128, tiles, y, serial=False)
         launch(x, words, s, b, y, plan, bm, int4=int4, ahead=ahead if pair else blocks_ahead(bm), pdl=1,
-               pair=pair, **({"stages": PAIR_STAGES} if pair else {}))
+               pair=pair, max_regs=cap if pair else 0, **({"stages": PAIR_STAGES} if pair else {}))
         outs.append(y)
     assert not torch.isnan(outs[0]).any()
     assert torch.equal(outs[1], outs[0])
@@ -575,12 +576,12 @@ def test_one_rule_names_the_gluon_kernel_and_the_op_launches_it(monkeypatch):
 def test_decode_tiles_keep_three_k_blocks_of_words_in_flight_where_their_registers_cost_no_occupancy(monkeypatch):
     """AHEAD as launched: 3 up to 16 tokens, 2 on 32-token tiles, 3 on 64-token tiles of launches of at most two
     programs per SM (4096×4096 split in four: 256 programs on 132 SMs), else 2 (4096×14336 split in eight: 512);
-    4 where K-blocks go in pairs (int4 4096×4096 up to 8 tokens)."""
+    4 where K-blocks go in pairs (int4 4096×4096 and 4096×14336 up to 8 tokens)."""
     from angel_kernels.gemm.fragment import _run_gluon
 
     launched = _record_launches(monkeypatch)
-    aheads = {(1, 4096, 14336): 3, (16, 4096, 4096): 3, (8, 4096, 4096): 4, (32, 4096, 4096): 2, (48, 4096, 4096): 3,
-              (64, 4096, 4096): 3, (64, 4096, 14336): 2}
+    aheads = {(1, 4096, 14336): 4, (16, 4096, 14336): 3, (16, 4096, 4096): 3, (8, 4096, 4096): 4,
+              (32, 4096, 4096): 2, (48, 4096, 4096): 3, (64, 4096, 4096): 3, (64, 4096, 14336): 2}
     for (m, n, k), ahead in aheads.items():
         launched.clear()
         x, words, scales, _y = _launch_operands(m, n, k, True)
@@ -639,26 +640,30 @@ def test_split_decode_tiles_leave_the_sum_to_a_second_kernel_below_32_k_blocks_p
                 assert launched[1][1]["PDL"] == (kw["PDL"] if mode == split_mode else mode), (m, n, k, int4)
 
 
-def test_decode_tiles_pair_k_blocks_on_launches_of_at_most_three_programs_per_sm(monkeypatch):
+def test_decode_tiles_pair_k_blocks_on_launches_of_at_most_four_programs_per_sm(monkeypatch):
     """Two K-blocks per wgmma group (four K-blocks of words ahead, six x stages) on launches that fit three programs
     per SM (6144×4096 and 4096×4096 in four ranges: 384 and 256 programs on 132 SMs): int4 at 1-16 tokens on
-    launches of more than two per SM; on launches of at most two, 3-8 tokens (int4) and 3-16 (int8). Larger launches
-    (4096×14336: 512; 28672×4096: 448) and 17+ tokens keep one K-block per group."""
-    from angel_kernels.gemm.fragment import PAIR_STAGES, _run_gluon
+    launches of more than two per SM; on launches of at most two, 3-8 tokens (int4) and 3-16 (int8). On launches of
+    three to four per SM (4096×14336: 512; 28672×4096: 448) int4 up to 8 tokens, capped at 128 registers. 17+ tokens
+    keep one K-block per group."""
+    from angel_kernels.gemm.fragment import PAIR_CAPPED_REGS, PAIR_STAGES, _run_gluon
 
     launched = _record_launches(monkeypatch)
-    pairs = {(1, 6144, 4096, True): True, (16, 6144, 4096, True): True, (5, 4096, 4096, True): True,
-             (16, 4096, 4096, True): False, (1, 4096, 4096, True): False, (2, 4096, 4096, True): False, (1, 4096, 14336, True): False, (1, 28672, 4096, True): False,
-             (24, 6144, 4096, True): False, (1, 6144, 4096, False): False, (8, 6144, 4096, False): False,
-             (2, 4096, 4096, False): False, (3, 4096, 4096, False): True, (16, 4096, 4096, False): True,
-             (17, 4096, 4096, False): False}
-    for (m, n, k, int4), paired in pairs.items():
+    capped = PAIR_CAPPED_REGS
+    pairs = {(1, 6144, 4096, True): 0, (16, 6144, 4096, True): 0, (5, 4096, 4096, True): 0,
+             (16, 4096, 4096, True): None, (1, 4096, 4096, True): None, (2, 4096, 4096, True): None,
+             (1, 4096, 14336, True): capped, (8, 28672, 4096, True): capped, (16, 4096, 14336, True): None,
+             (1, 4096, 14336, False): None, (24, 6144, 4096, True): None, (1, 6144, 4096, False): None,
+             (8, 6144, 4096, False): None, (2, 4096, 4096, False): None, (3, 4096, 4096, False): 0,
+             (16, 4096, 4096, False): 0, (17, 4096, 4096, False): None}  # None: no pair; else the register cap
+    for (m, n, k, int4), cap in pairs.items():
         launched.clear()
         x, words, scales, _y = _launch_operands(m, n, k, int4)
         _run_gluon(FragmentProblem(m, n, k, torch.float16, CPU), x, words, scales, None, int4=int4)
         kw = launched[0][1]
-        assert kw["PAIR"] == paired, (m, n, k, int4)
-        if paired:
+        assert kw["PAIR"] == (cap is not None), (m, n, k, int4)
+        assert kw.get("maxnreg", 0) == (cap or 0), (m, n, k, int4)
+        if cap is not None:
             assert kw["AHEAD"] == 4 and kw["STAGES"] == PAIR_STAGES
 
 
