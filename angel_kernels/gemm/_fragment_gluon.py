@@ -4,7 +4,8 @@ Decode tiles (``_fragment_gemm_kernel``). One program: 64 weight rows (one warpg
 tokens (its N side) over one split range of K. Per 128-wide K-block a thread loads its fragment words (AHEAD
 K-blocks ahead, one register set per block in flight), dequantizes them in place with the package's PTX, and issues
 the eight k16 steps with the words as the A operand; x arrives through a cp.async ring in shared memory (wgmma's B
-operand). With PAIR two K-blocks are converted and their sixteen steps issued as one group (``fragment.decode_pair``). Split-K as the Triton kernels: every program of a split launch writes an fp32 partial, the last to arrive
+operand). With PAIR two K-blocks are converted and their sixteen steps issued as one group
+(``fragment.decode_pair``). Split-K as the Triton kernels: every program of a split launch writes an fp32 partial, the last to arrive
 (acq_rel counter) sums them in split order, or on short ranges (``fragment.split_sum_launch``) a second kernel does
 (``launch_split_sum``: the same sum without the counter's fence and atomic at the end of every program).
 
