@@ -253,17 +253,9 @@ def test_split_sum_refuses_what_it_cannot_sum():
         launch_split_sum(parts, y, bias=torch.zeros(32))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("int4", [True, False])
-@pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (4096, 4096, 16), (6144, 4096, 5), (1024, 4096, 33),
-                                   (4096, 14336, 8), (6144, 4096, 24), (8192, 28672, 19)])
-def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
-    """Decode tiles on split weights: the partials summed by the split sum kernel (every PDL mode, also its own
-    mode 2 after a mode-1 split launch) and by the last program of each tile give the same bits, with bias and
-    (int8) per-channel scales."""
-    from angel_kernels.gemm._fragment_gluon import launch
-    from angel_kernels.gemm._splitk import plan_split
-
+def _decode_tile_operands(int4, n, k, m):
+    """CUDA operands of a decode-tile launch: x, bias, fragment-major words and scales (int4: group 128), the op's
+    token tile and the launch's tile count."""
     g = make_generator(n + k + m)
     x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
     b = randn(n, dtype=torch.float16, device="cuda", generator=g)
@@ -275,6 +267,21 @@ def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
         words, s = fragment_major_int8(randint8(n, k, device="cuda", generator=g)), torch.rand(n, device="cuda")
     bm = block_m_for(m, n, k)
     tiles = n // 64 * ((m + bm - 1) // bm)
+    return x, b, words, s, bm, tiles
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int4", [True, False])
+@pytest.mark.parametrize("n,k,m", [(4096, 4096, 1), (4096, 4096, 16), (6144, 4096, 5), (1024, 4096, 33),
+                                   (4096, 14336, 8), (6144, 4096, 24), (8192, 28672, 19)])
+def test_gpu_split_sum_kernel_gives_the_last_arrival_bits(int4, n, k, m):
+    """Decode tiles on split weights: the partials summed by the split sum kernel (every PDL mode, also its own
+    mode 2 after a mode-1 split launch) and by the last program of each tile give the same bits, with bias and
+    (int8) per-channel scales."""
+    from angel_kernels.gemm._fragment_gluon import launch
+    from angel_kernels.gemm._splitk import plan_split
+
+    x, b, words, s, bm, tiles = _decode_tile_operands(int4, n, k, m)
     outs = []
     for sum_kernel, pdl, sum_pdl in ((False, 1, None), (True, 0, None), (True, 1, None), (True, 2, None),
                                      (True, 1, 2)):
@@ -301,17 +308,7 @@ def test_gpu_decode_tiles_in_pairs_of_k_blocks_give_the_same_bits(int4, n, k, m,
     from angel_kernels.gemm._splitk import plan_split
     from angel_kernels.gemm.fragment import PAIR_STAGES
 
-    g = make_generator(n + k + m)
-    x = randn(m, k, dtype=torch.float16, device="cuda", generator=g)
-    b = randn(n, dtype=torch.float16, device="cuda", generator=g)
-    if int4:
-        w = quantize_weight_int4(randn(n, k, dtype=torch.float16, device="cuda", generator=g, scale=0.05), 128,
-                                 sym=True)
-        words, s = fragment_major_int4(w.qweight), w.scales
-    else:
-        words, s = fragment_major_int8(randint8(n, k, device="cuda", generator=g)), torch.rand(n, device="cuda")
-    bm = block_m_for(m, n, k)
-    tiles = n // 64 * ((m + bm - 1) // bm)
+    x, b, words, s, bm, tiles = _decode_tile_operands(int4, n, k, m)
     outs = []
     for pair in (False, True):
         y = poisoned_empty(m, n, dtype=torch.float16, device="cuda")
