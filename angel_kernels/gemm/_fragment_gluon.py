@@ -5,9 +5,10 @@ tokens (its N side) over one split range of K. Per 128-wide K-block a thread loa
 K-blocks ahead, one register set per block in flight), dequantizes them in place with the package's PTX, and issues
 the eight k16 steps with the words as the A operand; x arrives through a cp.async ring in shared memory (wgmma's B
 operand). With PAIR two K-blocks are converted and their sixteen steps issued as one group
-(``fragment.decode_pair``). Split-K as the Triton kernels: every program of a split launch writes an fp32 partial, the last to arrive
-(acq_rel counter) sums them in split order, or on short ranges (``fragment.split_sum_launch``) a second kernel does
-(``launch_split_sum``: the same sum without the counter's fence and atomic at the end of every program).
+(``fragment.decode_pair``). Split-K as the Triton kernels: every program of a split launch writes an fp32 partial,
+the last to arrive (acq_rel counter) sums them in split order, or on short ranges (``fragment.split_sum_launch``) a
+second kernel does (``launch_split_sum``: the same sum without the counter's fence and atomic at the end of every
+program).
 
 int8 tiles (``fragment_major_int8``; two words per k16 step, bytes (r0, k), (r0, k + 1), (r1, k), (r1, k + 1))
 share the kernel: the per-channel scale is then applied to the fp32 sum, as ``w8a16_gemm`` does.

@@ -189,13 +189,13 @@ def split_sum_launch(split_k: int, range_blocks: int, int4: bool = False, block_
 # same kernel, differently specialized.) With two K-blocks of words in flight the pairs gained at most 0.6 µs
 # (int8 4096×4096 M = 4) and lost up to 3.3 (int4 4096×14336 M = 16 12.7 → 16.0).
 # Capped at PAIR_CAPPED_REGS registers (sm_90a: no spills for int4, 172 → 180 instructions per K-block; int8 spills
-# 300 B), four programs fit an SM: int4 up to 8 tokens on launches of 3-4 programs per SM. H200, two runs, µs one
-# K-block → capped pairs, M = 1 / 2 / 4 / 8 / 16: 4096×14336 (3.9 per SM) 11.2-11.3 / 11.4 / 11.4-11.5 / 11.8 / 12.7
-# → 10.9 / 11.1 / 11.1 / 11.3-11.4 / 15.0; 28672×8192 (3.4) 39.1-39.4 / 41.1-41.4 / 41.6-41.7 / 42.2-42.4 / 45.6-46.6
-# → 38.7 / 40.6-40.7 / 40.9-41.0 / 41.3-41.5 / 45.6-46.3; 8192×28672 (3.9, the sum kernel after both) 36.8 /
-# 39.5 / 40.0-40.1 / 40.0-40.4 / 44.6-44.7 → 35.8-35.9 / 38.3-38.7 / 38.7-38.9 / 39.4-39.7 / 44.0-44.3; 28672×4096
-# (3.4) 20.3-20.4 / 22.1-22.2 / 22.2-22.3 / 22.4-22.6 / 23.2-23.8 → 20.1-20.2 / 22.1-22.2 / 22.2-22.3 / 22.2-22.3 /
-# 23.2-23.5.
+# 300 B), four programs fit an SM: int4 up to 8 tokens on launches of more than three and at most four programs per
+# SM. H200, two runs, µs one K-block → capped pairs, M = 1 / 2 / 4 / 8 / 16: 4096×14336 (3.9 per SM) 11.2-11.3 / 11.4
+# / 11.4-11.5 / 11.8 / 12.7 → 10.9 / 11.1 / 11.1 / 11.3-11.4 / 15.0; 28672×8192 (3.4) 39.1-39.4 / 41.1-41.4 /
+# 41.6-41.7 / 42.2-42.4 / 45.6-46.6 → 38.7 / 40.6-40.7 / 40.9-41.0 / 41.3-41.5 / 45.6-46.3; 8192×28672 (3.9, the sum
+# kernel after both) 36.8 / 39.5 / 40.0-40.1 / 40.0-40.4 / 44.6-44.7 → 35.8-35.9 / 38.3-38.7 / 38.7-38.9 / 39.4-39.7 /
+# 44.0-44.3; 28672×4096 (3.4) 20.3-20.4 / 22.1-22.2 / 22.2-22.3 / 22.4-22.6 / 23.2-23.8 → 20.1-20.2 / 22.1-22.2 /
+# 22.2-22.3 / 22.2-22.3 / 23.2-23.5.
 DECODE_PAIR = True
 PAIR_STAGES = 6
 PAIR_MAX_PER_SM = 3
