@@ -9,9 +9,9 @@ flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians
     python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768]
 """
 import argparse
-import contextlib
 import functools
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -75,20 +75,12 @@ REDUCE_VARIANTS = {
 }
 
 
-@contextlib.contextmanager
 def _patched(module, **attrs):
     """paged_decode with ``attrs`` set (``pdl``: pdl_modes answers it) for the duration."""
     if "pdl" in attrs:
         modes = attrs.pop("pdl")
         attrs["pdl_modes"] = lambda *a, **k: modes
-    old = {k: getattr(module, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(module, k, v)
+    return mock.patch.multiple(module, **attrs)
 
 
 class _NoLaunch:

@@ -583,7 +583,9 @@ def reduce_warps(splits_pad: int, head_dim: int) -> int:
     cache, fp32 partials, one run, µs call with 1 / 2 / 4 / 8 warps: 16 splits 8×4k 26.0 / 27.1 / 26.7 / 28.2,
     32×4k 83.8 / 84.8 / 85.7 / 92.1; 64 splits 32×16k 305.4 / 303.9 / 302.9 / 308.3, 64×16k 605.5 / 599.7 / 594.7 /
     610.8; 128 splits 1×32k 42.3 / 29.3 / 27.0 / 29.5. The count follows the scratch's split slots (the block
-    table's capacity), never the batch."""
+    table's capacity), never the batch. ``REDUCE_WARPS`` overrides it when set."""
+    if REDUCE_WARPS:
+        return REDUCE_WARPS
     most = 4 if head_dim >= 128 else 2
     return max(1, min(most, splits_pad * head_dim // 2048))
 
@@ -756,7 +758,7 @@ def launch_paged_attention(
             *po_strides, *pl_strides,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=Q, HEAD_DIM=D, SPLITS_PAD=splits_pad,
-            num_warps=REDUCE_WARPS or reduce_warps(splits_pad, D), **consts, PDL=reduce_pdl,
+            num_warps=reduce_warps(splits_pad, D), **consts, PDL=reduce_pdl,
             **dependent_launch(reduce_pdl),
         )
     return out
