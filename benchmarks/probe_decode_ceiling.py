@@ -4,9 +4,12 @@ warps, the partials' dtype: ``REDUCE_VARIANTS``), and a read-only walk of the sa
 grid (one program per (sequence, KV head, 256-token split), block ids through the block table, K and V rows as
 16-byte word loads, the scales; nothing computed but a checksum), with 1, 2 or 4 of its 32-token tiles of loads in
 flight per warp, and on 4-warp programs with 128-token tiles. CUDA-graph medians over L2-rotating inputs
-(``bench_attention``'s int8 page layout, Llama-3-8B heads, block 16); the floor is the bench's.
+(``bench_attention``'s int8 page layout, Llama-3-8B heads, block 16); the floor is the bench's. ``--variants``
+also times the call with the card's config changed (its ``extra`` entries, or ``num_warps`` / ``num_stages``),
+e.g. other split lengths: ``MIN_SPLIT_TILES=6,PROGRAMS_PER_SM=11`` (other splits: other bits, so the largest
+difference from the shipped config's output is printed).
 
-    python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768]
+    python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768] [--variants "A=1,B=2;A=2"]
 """
 import argparse
 import functools
@@ -83,6 +86,21 @@ def _patched(module, **attrs):
     return mock.patch.multiple(module, **attrs)
 
 
+def parse_variants(spec: str) -> list[dict]:
+    """"A=1,B=2;A=2" → [{"A": 1, "B": 2}, {"A": 2}]."""
+    return [{k: int(v) for k, v in (kv.split("=") for kv in part.split(","))} for part in spec.split(";") if part]
+
+
+def with_changes(cfg, changes: dict):
+    """``cfg`` with ``num_warps`` / ``num_stages`` / ``extra`` entries replaced (an entry of 0 is dropped)."""
+    import dataclasses
+
+    top = {k: v for k, v in changes.items() if k in ("num_warps", "num_stages")}
+    extra = dict(cfg.extra)
+    extra.update({k: v for k, v in changes.items() if k not in top})
+    return dataclasses.replace(cfg, **top, extra=tuple(sorted((k, v) for k, v in extra.items() if v)))
+
+
 class _NoLaunch:
     """Stands in for the reduce kernel: ``kernel[grid](...)`` launches nothing."""
 
@@ -93,6 +111,8 @@ class _NoLaunch:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="1x1024,8x4096,1x32768,32x4096")
+    ap.add_argument("--variants", default="", help='config changes to time, e.g. "MIN_SPLIT_TILES=6;num_stages=3"')
+    ap.add_argument("--calls-only", action="store_true", help="time the call and the variants only")
     args = ap.parse_args(argv)
     from angel_kernels.attention import paged_decode
     from angel_kernels.tuning import time_calls
@@ -106,9 +126,20 @@ def main(argv=None) -> int:
         sets = prep.input_sets
         floor = floors.floor_us(*A.floor_model(c)["kv8"])
         times = {"call": time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us}
+        ref = prep.fn(*sets[0]).float()
+        shipped = paged_decode.config_for
+        for changes in parse_variants(args.variants):
+            name = ",".join(f"{k}={v}" for k, v in changes.items())
+            with mock.patch.object(paged_decode, "config_for", lambda p, c=changes: with_changes(shipped(p), c)):
+                times[name] = time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us
+                diff = (prep.fn(*sets[0]).float() - ref).abs().max().item()
+            print(f"  {name}: largest difference from the call's output {diff:.2e}", flush=True)
+        if args.calls_only:
+            print(f"B={batch} ctx={context} (int8 floor {floor:.1f} µs): "
+                  + ", ".join(f"{k} {v:.1f} ({100 * floor / v:.0f} %)" for k, v in times.items()), flush=True)
+            continue
         with _patched(paged_decode, _paged_attn_reduce_kernel=_NoLaunch()):
             times["split kernel"] = time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us
-        ref = prep.fn(*sets[0]).float()
         for name, attrs in REDUCE_VARIANTS.items():
             with _patched(paged_decode, **attrs):
                 times[name] = time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us
