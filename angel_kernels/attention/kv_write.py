@@ -1,10 +1,11 @@
 """KV cache write: scatter the new tokens' key/value rows into a paged cache, quantizing for int8 caches.
 
-int8 caches: one fp32 scale per (token, KV head), ``scale = max(absmax / 127, eps)``, values
-``clamp(round_half_even(x / scale), -127, 127)`` with correctly rounded fp32 division in both steps:
-bit-identical to ``reference.quantize_kv_ref`` on every device (the attention kernels read any int8 · scale,
-so caches written by vLLM's own kernel, which rounds half away from zero and may store -128, read correctly
-too). fp16/bf16 caches: a copy.
+int8 caches: one fp32 scale per (token, KV head), ``scale = max(absmax / 127, eps)`` (a correctly rounded fp32
+division), values ``round_half_even(x · (1 / scale))``, the exact product of x and the correctly rounded fp32
+reciprocal (within 2^-16 of x / scale, so the nearest integer to x / scale except within 2^-16 of a tie):
+bit-identical to ``reference.quantize_kv_ref`` on every device. The attention kernels read any int8 · scale, so
+caches written by vLLM's own kernel, which rounds half away from zero and may store -128, read correctly too.
+fp16/bf16 caches: a copy.
 
 Candidates (``ANGEL_KERNELS_FORCE_KV_WRITE`` / ``ANGEL_KERNELS_DISABLE=kv_write.<name>``):
 - ``triton``: one program per (tokens, KV heads) tile, its shape the card's tuned config (``config_for``); a
@@ -55,62 +56,31 @@ class KVWriteProblem:
 
 
 @triton.jit
-def _max_propagating_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _quantize_exact(xf, scale, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr):
-    """clamp(round_half_even(x / s), ±QMAX) as fp32 integers, one correctly rounded division per element (the
-    reference's arithmetic)."""
-    y = tl.math.div_rn(xf, scale[:, None])
-    return tl.minimum(tl.maximum((y + RNE_MAGIC) - RNE_MAGIC, -QMAX), QMAX)
-
-
-@triton.jit
 def _write_rows(
     x, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
-    RECIP: tl.constexpr,
 ):
     """Copy (or quantize) the loaded rows x [rows, HEAD_DIM], one per (token, head) pair of the tile, to
     ``dst_rows`` (per-row pointers; rows not ``live`` are not written: padding, whose rows were read anyway, see
     ``_kv_write_kernel``)."""
     dst = dst_rows[:, None] + dims[None, :]
     if QUANT:
-        # Bit-exact with reference.quantize_kv_ref, which divides with one correctly rounded IEEE fp32 division
-        # per element (div.rn.f32: a MUFU.RCP, a refinement and a slow-path branch, ~10 instructions) and rounds
-        # half to even. With RECIP (streaming writes) each row takes one correctly rounded reciprocal 1/s and each
-        # element q' = RN(x · (1/s)): two roundings of relative size 2^-24 each, so |q' − x/s| ≤ 2^-23 (1 + 2^-24)
-        # |x/s| ≤ 2^-16 for |x/s| ≤ 127 (1 + 2^-23), and |RN(x/s) − x/s| ≤ 2^-17. Where q' lies at least 2^-15
-        # from every half-integer (4 fp32 ulps below 128), x/s lies more than 2^-16 and RN(x/s) more than 2^-17
-        # from it, on the same side: both round to the same integer, and neither is a tie. (If the compiler fuses
-        # the product into the rounding add, t rounds the exact product: within 2^-24 |x/s| of q', the same
-        # argument.) Tiles with any element nearer, and non-finite ones (NaN q'), take the exact path: div_rn per
-        # element, as the reference does. A refinement of q' by the exact residual (Markstein, two FMAs per
-        # element) was timed and dropped: H200, same run, int8 T = 4096 / 16384 10.1 / 31.0 µs with it, 9.6 /
-        # 29.1 without. |x/s| ≤ 127 (1 + 2^-23) for finite rows (s = RN(absmax / 127) or eps), so the clamp only
-        # matters on the exact path (NaN / inf rows).
+        # Bit-exact with reference.quantize_kv_ref: s = max(RN(absmax / 127), eps) and RN(1 / s) by correctly
+        # rounded divisions (div_rn: Triton's plain fp32 '/' is the approximate div.full.f32 on NVIDIA GPUs), once
+        # per row; then one fused multiply-add per element, x · RN(1 / s) + 1.5 · 2^23, rounded once: the exact
+        # product (|x · RN(1 / s)| < 2^22) lands where the fp32 spacing is 1, so the sum is 1.5 · 2^23 plus the
+        # product rounded to the nearest integer, ties to even, and its low byte is the int8 (bits 0x4B400000 + n:
+        # no float → int conversion). |x · RN(1 / s)| ≤ 127 (1 + 2^-23) for finite rows, so no clamp is needed.
         # - fp16/bf16 → fp32, abs and max are exact, so absmax does not depend on the reduction order;
-        # - div_rn is PTX div.rn.f32 (Triton's plain fp32 '/' is the approximate div.full.f32 on NVIDIA GPUs);
-        # - on the exact path every step is a single operation, so FMA contraction cannot change a result;
-        # - adding 1.5 · 2^23 rounds |y| < 2^22 to the nearest integer, ties to even, and leaves that integer in
-        #   the low mantissa bits (bits 0x4B400000 + n): its low byte is the int8, no float → int conversion.
+        # - an fma rounds once whatever the compiler fuses around it: the reference's single rounding of the exact
+        #   product.
+        # (The division x / s per element, the earlier definition, cost a correctly rounded division or a
+        # reciprocal with a near-tie guard and a slow path: H200 int8 T = 4096 9.6 µs, T = 16384 29.0 µs.)
         xf = x.to(tl.float32)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), axis=1), QMAX), SCALE_EPS)
-        if RECIP:
-            inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-            q = xf * inv[:, None]
-            t = q + RNE_MAGIC  # bits 0x4B400000 + round(q): the low byte is the int8 value
-            # the largest distance to the integer, NaN if any q' is NaN (a max that propagates NaN)
-            worst = tl.reduce(tl.abs(q - (t - RNE_MAGIC)), None, _max_propagating_nan)
-            if not (worst < 0.5 - 2.0**-15):  # the exact path for the whole tile (~1 tile in 10 on random data)
-                t = _quantize_exact(xf, scale, QMAX, RNE_MAGIC) + RNE_MAGIC
-            tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
-        else:  # the exact path throughout: a shorter dependency chain per program (small, latency-bound writes)
-            # (the rounded value converted by F2I: the low-byte store above, straight-line on 4 warps, left vLLM's
-            # packed rows unwritten under Triton 3.6 (H200; 2 warps and the branchy RECIP path wrote them))
-            tl.store(dst, _quantize_exact(xf, scale, QMAX, RNE_MAGIC).to(tl.int8), mask=live[:, None])
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+        t = tl.math.fma(xf, inv[:, None], RNE_MAGIC)  # bits 0x4B400000 + round(x · inv): the low byte is the int8
+        tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
         tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])
@@ -125,7 +95,7 @@ def _kv_write_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
-    RECIP: tl.constexpr, PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0,
 ):
     """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs. PDL:
     launched while the previous kernel of the stream finishes (programmatic dependent launch), waiting for it
@@ -152,42 +122,34 @@ def _kv_write_kernel(
     off = tl.where(live, slot, 0) % BLOCK_SIZE
     _write_rows(k, kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
                 ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC)
     _write_rows(v, vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
                 vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, RECIP)
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC)
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
-    """One token per program. Small writes (≤ SMALL_TOKENS): all KV heads up to 1024 elements on 4 warps, exact
-    division per element (H200, µs at 64 / 512 tokens: 2.5 / 4.3, where the reciprocal path on one warp took
-    3.3 / 4.8: its longer chain per program). Larger writes: one warp, 512 elements per operand for int8 caches
-    (Llama-3-8B, 8 × 128: four KV heads) with the reciprocal, 1024 for fp16 / bf16 ones. H200, CUDA graphs, tuning
-    timer (sum over 4096 + 16384 tokens; the reciprocal then refined per element), µs: int8 this 46.1, one token ×
-    8 heads on 2 warps 50.0, on 4 warps 63.1 (with exact division: 42.6 + 11.9 per case), two tokens × 4 heads on
-    2 warps 50.1; fp16 45.6 against 45.7-46.3 for the other leaders. Unrefined (same run, per case): 9.6 + 29.1
-    against 10.1 + 31.0 refined."""
+    """One token per program. Small writes (≤ SMALL_TOKENS, latency-bound): all KV heads up to 1024 elements on
+    4 warps. Larger writes: one warp, 512 elements per operand for int8 caches (Llama-3-8B, 8 × 128: four KV heads),
+    1024 for fp16 / bf16 ones. The H200 winners of the tuning space (NOTES.md, KV cache write)."""
     quant = p.cache_dtype == torch.int8
     small = p.num_tokens <= SMALL_TOKENS
     elems = 1024 if small or not quant else 512
     block_h = min(triton.next_power_of_2(p.num_kv_heads), max(1, elems // p.head_dim))
     warps = 4 if small and block_h * p.head_dim >= 1024 else 2 if small else 1
-    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim, num_warps=warps, num_stages=1,
-                        extra=(("RECIP", int(quant and not small)),))
+    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim, num_warps=warps, num_stages=1)
 
 
 def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
-    """Tokens per program 1-4, heads per program all of them or half, 1-4 warps, with and without the reciprocal
-    (int8 caches), at least 4 elements per thread."""
+    """Tokens per program 1-4, heads per program all of them or half, 1-4 warps, at least 4 elements per thread."""
     heads_all = triton.next_power_of_2(p.num_kv_heads)
     space = []
-    for recip in ((0, 1) if p.cache_dtype == torch.int8 else (0,)):
-        for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
-            for tokens in (1, 2, 4):
-                for warps in (1, 2, 4):
-                    if tokens * block_h * p.head_dim >= 32 * warps * 4:
-                        space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
-                                                  num_warps=warps, num_stages=1, extra=(("RECIP", recip),)))
+    for block_h in sorted({heads_all, max(1, heads_all // 2)}, reverse=True):
+        for tokens in (1, 2, 4):
+            for warps in (1, 2, 4):
+                if tokens * block_h * p.head_dim >= 32 * warps * 4:
+                    space.append(KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim,
+                                              num_warps=warps, num_stages=1))
     return space
 
 
@@ -241,7 +203,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        RECIP=bool(dict(cfg.extra).get("RECIP", 0)), PDL=pdl, num_warps=cfg.num_warps,
+        PDL=pdl, num_warps=cfg.num_warps,
         **dependent_launch(pdl > 0),
     )
 

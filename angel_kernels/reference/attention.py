@@ -5,7 +5,7 @@ Cache layout (the kernels' and the references' common contract):
   any strides with the head dim contiguous (views over vLLM's packed cache included).
 - ``k_scale`` / ``v_scale`` (int8 caches only): fp32 ``[num_blocks, block_size, num_kv_heads]``, any strides.
   Element ``x`` of a cached row is ``q · scale`` with ``scale = max(absmax(row) / 127, KV_SCALE_EPS)`` and
-  ``q = clamp(round_half_even(x / scale), -127, 127)``.
+  ``q = clamp(round_half_even(x · (1 / scale)), -127, 127)`` (``quantize_kv_ref``).
 - token ``i`` of sequence ``b`` lives in slot ``i % block_size`` of block ``block_table[b, i // block_size]``;
   a write puts token ``t`` in slot ``slot_mapping[t] = block * block_size + offset`` (negative: padding, skipped).
 """
@@ -22,16 +22,21 @@ KV_SCALE_EPS = SCALE_EPS
 def quantize_kv_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(token, head) symmetric int8: x [..., D] → (q int8 [..., D], scale fp32 [...]), x ≈ q · scale[..., None].
 
-    Correctly rounded fp32 division in both steps and round-half-to-even, the same values on every device: the
-    Triton write kernel reproduces them bit for bit.
+    ``scale = max(RN(absmax / 127), eps)`` and ``inv = RN(1 / scale)`` (correctly rounded fp32 divisions), then
+    ``q = round_half_even(x · inv)`` of the exact product (fp64 holds it: 24 × 24 bits at most), clamped to ±127
+    (a no-op for finite rows: |x · inv| ≤ 127 (1 + 2^-23)). The product lies within 2^-16 of x / scale, so q is
+    the integer nearest x / scale except within 2^-16 of a tie; one multiply per element where a division would
+    cost a correctly rounded division (the write kernel: one fused multiply-add). The same values on every device:
+    the Triton write kernel reproduces them bit for bit. Non-finite rows give unspecified values.
     """
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=-1)
-    # The divisor is a tensor on x's device, never a Python number: on CUDA, torch computes ``tensor / number``
-    # as ``tensor * (1 / number)``, two roundings that differ from absmax / 127 in the last bit for ~4.5 % of
-    # rows (and then flip some q by one). Tensor ÷ tensor is IEEE division on CPU and CUDA alike.
+    # Divisors are tensors on x's device, never Python numbers: on CUDA, torch computes ``tensor / number`` as
+    # ``tensor * (1 / number)``, two roundings that differ from absmax / 127 in the last bit for ~4.5 % of rows.
+    # Tensor ÷ tensor is IEEE division on CPU and CUDA alike.
     scale = torch.div(absmax, torch.full_like(absmax, INT8_QMAX)).clamp_min(KV_SCALE_EPS)
-    q = torch.round(xf / scale[..., None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    inv = torch.div(torch.ones_like(scale), scale)
+    q = torch.round(xf.double() * inv.double()[..., None]).clamp_(-INT8_QMAX, INT8_QMAX).to(torch.int8)
     return q, scale
 
 

@@ -285,14 +285,14 @@ def test_default_dispatch_on_cpu_without_interpreter(monkeypatch):
     assert KV_WRITE.select(p).name == "triton"
 
 
-@pytest.mark.parametrize("recip", [1, 0])
-def test_near_ties_and_non_finite_rows_match_the_reference(device, recip):
+def test_near_ties_and_non_finite_rows_match_the_reference(device):
     """fp16 rows whose quotients x / scale are exact half-integers or one input ulp from one, with scales whose
     reciprocal is inexact (absmax 127 · s, s = an odd 3-15 times 2^e, so scale = s exactly and x = (k + ½) · s
-    is exact in fp16): there a product with the rounded reciprocal lands an fp32 ulp off the tie and would round
-    the other way. Mixed with random rows in the same programs and in programs of their own, the write matches
-    the reference bit for bit. Rows with inf / NaN take the exact path too (their own bits are not compared:
-    the reference leaves them unspecified; the finite rows beside them are)."""
+    is exact in fp16): there the exact product x · RN(1 / s) lies just off the tie, and its fp32 rounding often
+    lands on it, where a multiply and then an add would round to even instead of to the exact product's side.
+    Mixed with random rows in the same programs and in programs of their own, the write matches the reference
+    bit for bit. Rows with inf / NaN: their own bits are not compared (the reference leaves them unspecified);
+    the finite rows beside them are."""
     T, H, D = (64 if device.type == "cuda" else 12), 4, 64
     g = make_generator(11)
     odd = (2 * torch.randint(1, 8, (T, H, 1), generator=g) + 1).to(torch.float32)  # 3, 5, ..., 15
@@ -306,23 +306,22 @@ def test_near_ties_and_non_finite_rows_match_the_reference(device, recip):
     rand = randn(T, H, D, dtype=torch.float16, generator=g, scale=3.0)
     key = torch.where((torch.arange(T) % 3 == 0)[:, None, None], rand, near)  # tokens 0, 3, 6 ... random
     value = torch.where((torch.arange(H) % 2 == 0)[None, :, None], near, rand)  # heads 0, 2 near ties
-    # whole tiles of exact ties whose product with the rounded reciprocal lands off the tie (x · RN(1 / s) an fp32
-    # ulp above or below k + ½, no element exactly on it): the reciprocal path would round them the other way, and
-    # only its guard sends them to the exact path
+    # whole tiles of exact ties x = (k + ½) · s, s · RN(1 / s) ≠ 1: every exact product lies off its tie, and for
+    # about half of them the fp32 product rounds onto it (k + ½ · 2^-17 apart at 64-128), so a multiply then an
+    # add, rounding twice, takes the even side where the exact product lies on the odd one
     off = torch.zeros(4, H, D)
     for h in range(H):
         s = torch.tensor(float((7, 13)[h % 2]))
         k = torch.arange(20, 127, dtype=torch.float32)
-        prod = ((k + 0.5) * s) * (torch.ones(()) / s)  # fp32 throughout: the fast path's product
-        k = k[prod != k + 0.5]
+        prod = ((k + 0.5) * s) * (torch.ones(()) / s)  # fp32 throughout: a product rounded once to fp32
+        assert (prod == k + 0.5).any() and (prod != k + 0.5).any()
         off[:, h, : D - 1] = ((k[torch.arange(D - 1) % len(k)] + 0.5) * s)[None, :]
         off[:, h, D - 1] = 127 * s  # absmax: scale = s exactly
     key, value = torch.cat([key, off.half()]), torch.cat([value, off.half()])
     T += 4
     slots = torch.randperm(T + 16, generator=g)[:T]
 
-    cfg = KernelConfig(BLOCK_M=1, BLOCK_N=4, BLOCK_K=D, num_warps=1, num_stages=1, extra=(("RECIP", recip),))
-    kernel = partial(launch_kv_write, cfg=cfg)  # RECIP: the reciprocal and its exact path per tile
+    kernel = partial(launch_kv_write, cfg=KernelConfig(BLOCK_M=1, BLOCK_N=4, BLOCK_K=D, num_warps=1, num_stages=1))
 
     def write(key, value, write_fn):
         caches = [None if c is None else c.to(device) for c in empty_caches(T // 16 + 2, 16, H, D, torch.int8)]
@@ -351,7 +350,6 @@ def _config_sample():
     p = KVWriteProblem(23, 3, 64, 16, torch.float16, torch.int8, torch.device("cpu"))
     space = tuning_space(p)
     assert {c.BLOCK_M for c in space} == {1, 2, 4} and {c.BLOCK_N for c in space} == {4, 2}
-    assert {dict(c.extra)["RECIP"] for c in space} == {0, 1}
     return [c for c in space if c.num_warps == 1 or c.BLOCK_M == 4]
 
 
@@ -416,7 +414,7 @@ def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, mo
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1e-4, 3.0, 300.0])
 def test_gpu_reference_quantizer_is_device_independent(dtype, magnitude):
-    """quantize_kv_ref gives the same bits on CUDA as on the CPU (IEEE division in both steps on both)."""
+    """quantize_kv_ref gives the same bits on CUDA as on the CPU (IEEE divisions, an exact fp64 product)."""
     g = make_generator(17)
     x = randn(20000, 8, 128, dtype=dtype, generator=g, scale=magnitude)
     q_cpu, s_cpu = quantize_kv_ref(x)
@@ -430,7 +428,7 @@ def test_gpu_reference_quantizer_is_device_independent(dtype, magnitude):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("T", [1, 7, 4096])
 def test_gpu_write_bitwise(dtype, head_dim, T):
-    """div_rn and the round-half-even trick must compile to exactly IEEE fp32 division and rounding: the
+    """div_rn and the fused multiply-add must compile to exactly IEEE fp32 division and one rounding: the
     compiled kernel matches the reference run on the GPU and on the CPU."""
     H, bs = 8, 16
     nb = -(-T // bs) + 2
