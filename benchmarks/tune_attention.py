@@ -7,7 +7,7 @@ the heuristic config's output, and print the heuristic's time next to the five f
 
 Usage: python benchmarks/tune_attention.py --out OUT [--kernels decode,prefill,kv_write] [--kv int8,fp16,int8-packed]
        [--space full|small|focus] [--cases 1x1024,64x16384] [--per-case] [--ship]
-(--kv int8-packed: decode over vLLM's packed int8_per_token_head rows, recorded under their own key.)
+(--kv int8-packed: decode over / KV write into vLLM's packed int8_per_token_head rows, under their own key.)
 (--cases: decode (batch x context) cases to time, default the kernel's TUNE_CASES; a short GPU run can tune on the
 large cases and then print the top configs of a small one. --per-case with prefill: the benchmark's four cases.)
 """
@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernels", default="decode,prefill")
     ap.add_argument("--kv", default="int8,fp16",
-                    help="int8, fp16, int8-packed (decode over vLLM's packed int8_per_token_head rows)")
+                    help="int8, fp16, int8-packed (vLLM's packed int8_per_token_head rows: decode, kv_write)")
     ap.add_argument("--space", choices=("full", "small", "focus"), default="full",
                     help="the whole space, a 4/8-warp decode slice, or the configs around earlier leaders")
     ap.add_argument("--ship", action="store_true", help="merge the result into the package's config table")
@@ -142,16 +142,17 @@ def main():
         for kv in args.kv.split(","):
             kv_dtype = torch.int8 if kv.startswith("int8") else torch.float16
             packed = kv == "int8-packed"
-            if packed and kernel != "decode":
-                raise SystemExit("--kv int8-packed: decode only")
+            if packed and kernel == "prefill":
+                raise SystemExit("--kv int8-packed: decode and kv_write only")
             decode_kw = {"packed_rows": True} if packed else {}
             t0 = time.time()
             if kernel == "kv_write":  # per token bucket: the sum over its cases, then each case alone
                 for bucket, cases in kv_write.TUNE_TOKENS.items():
-                    p = kv_write.KVWriteProblem(max(cases), HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev)
+                    p = kv_write.KVWriteProblem(max(cases), HEADS_KV, HEAD_DIM, BLOCK, torch.float16, kv_dtype, dev,
+                                                packed)
                     configs = kv_write.tuning_space(p)
                     best, timings = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
-                                                  store=store, configs=configs, cases=cases)
+                                                  store=store, configs=configs, cases=cases, packed_rows=packed)
                     heur = kv_write.heuristic_config(p)
                     leaders = sorted(timings, key=timings.__getitem__)[:6]
                     leaders += [heur] if heur not in leaders else []
@@ -160,7 +161,7 @@ def main():
                     for tokens in cases:
                         _, alone = kv_write.tune(HEADS_KV, HEAD_DIM, block_size=BLOCK, cache_dtype=kv_dtype,
                                                  store=TunedConfigStore(tempfile.mkdtemp()), configs=leaders,
-                                                 cases=(tokens,))
+                                                 cases=(tokens,), packed_rows=packed)
                         print(f"  T={tokens}: " + "  ".join(f"{alone.get(c, float('nan')):.1f}" for c in leaders))
                     for c in leaders:
                         print(f"  {timings.get(c, float('nan')):9.1f} µs  {c.as_dict()}")

@@ -254,3 +254,14 @@ def random_kv_caches(shape, kv_dtype, device, generator):
         return kc, vc, ks, vs
     kc, vc = (torch.randn(shape, device=device, generator=generator).to(kv_dtype) for _ in range(2))
     return kc, vc, None, None
+
+
+def row_alignment(cache: torch.Tensor) -> int:
+    """Elements every cached row start is a multiple of: the largest power of two ≤ 16 bytes dividing the
+    data pointer and the block, slot and head strides (16 B for plain caches, 4 B in vLLM's packed layout)."""
+    size = cache.element_size()
+    align = 16
+    for v in (cache.data_ptr(), *(st * size for st in cache.stride()[:3])):
+        while align > size and v % align:
+            align //= 2
+    return max(1, align // size)

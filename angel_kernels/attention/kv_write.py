@@ -27,7 +27,7 @@ from ..reference.attention import KV_SCALE_EPS, write_kv_cache_ref
 from ..reference.quant import INT8_QMAX
 from ..runtime import dependent_launch, dependent_launch_supported, num_sms, reference_forced, triton_runnable_on
 from ..tuning import KernelConfig, default_store
-from .kv_cache import check_kv_caches, check_query_dtype
+from .kv_cache import check_kv_caches, check_query_dtype, row_alignment
 
 # Adding 1.5 · 2^23 rounds an fp32 |y| < 2^22 to the nearest integer, ties to even (the sum lands where the fp32
 # spacing is 1), i.e. torch.round; Triton has no portable rint (libdevice is CUDA-only).
@@ -48,17 +48,20 @@ class KVWriteProblem:
     dtype: torch.dtype  # of key/value
     cache_dtype: torch.dtype
     device: torch.device
+    packed_rows: bool = False  # int8 rows not 16-byte aligned (vLLM's packed layout, scales inline)
 
     def key(self) -> str:
         kind = "int8" if self.cache_dtype == torch.int8 else "fp"
         tokens = "small" if self.num_tokens <= SMALL_TOKENS else "large"
-        return f"H={self.num_kv_heads},D={self.head_dim},page={self.block_size},kv={kind},T={tokens}"
+        return (f"H={self.num_kv_heads},D={self.head_dim},page={self.block_size},kv={kind},T={tokens}"
+                + ",rows=packed" * self.packed_rows)
 
 
 @triton.jit
 def _write_rows(
     x, dst_rows, scale_rows, live, dims,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
+    LOW_BYTE: tl.constexpr,
 ):
     """Copy (or quantize) the loaded rows x [rows, HEAD_DIM], one per (token, head) pair of the tile, to
     ``dst_rows`` (per-row pointers; rows not ``live`` are not written: padding, whose rows were read anyway, see
@@ -80,7 +83,10 @@ def _write_rows(
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(xf), axis=1), QMAX), SCALE_EPS)
         inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
         t = tl.math.fma(xf, inv[:, None], RNE_MAGIC)  # bits 0x4B400000 + round(x · inv): the low byte is the int8
-        tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
+        if LOW_BYTE:
+            tl.store(dst, t.to(tl.int32, bitcast=True).to(tl.int8), mask=live[:, None])
+        else:  # rows not 16-byte aligned (vLLM's packed layout): the integer converted by F2I, see launch_kv_write
+            tl.store(dst, (t - RNE_MAGIC).to(tl.int8), mask=live[:, None])
         tl.store(scale_rows, scale, mask=live)
     else:
         tl.store(dst, x.to(dst_rows.dtype.element_ty), mask=live[:, None])
@@ -95,7 +101,7 @@ def _kv_write_kernel(
     stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     QUANT: tl.constexpr, SCALE_EPS: tl.constexpr, QMAX: tl.constexpr, RNE_MAGIC: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    LOW_BYTE: tl.constexpr = True, PDL: tl.constexpr = 0,
 ):
     """One program per BLOCK_T consecutive tokens × BLOCK_H KV heads: its rows are the (token, head) pairs. PDL:
     launched while the previous kernel of the stream finishes (programmatic dependent launch), waiting for it
@@ -122,22 +128,29 @@ def _kv_write_kernel(
     off = tl.where(live, slot, 0) % BLOCK_SIZE
     _write_rows(k, kc_ptr + blk * stride_kcb + off * stride_kcs + heads * stride_kch,
                 ks_ptr + blk * stride_ksb + off * stride_kss + heads * stride_ksh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC)
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, LOW_BYTE)
     _write_rows(v, vc_ptr + blk * stride_vcb + off * stride_vcs + heads * stride_vch,
                 vs_ptr + blk * stride_vsb + off * stride_vss + heads * stride_vsh,
-                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC)
+                live, dims, QUANT, SCALE_EPS, QMAX, RNE_MAGIC, LOW_BYTE)
 
 
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
-    """One token per program. Small writes (≤ SMALL_TOKENS, latency-bound): all KV heads up to 1024 elements on
-    4 warps. Larger writes: one warp, 512 elements per operand for int8 caches (Llama-3-8B, 8 × 128: four KV heads),
-    1024 for fp16 / bf16 ones. The H200 winners of the tuning space (NOTES.md, KV cache write)."""
+    """Untuned default, the H200's winners (NOTES.md, KV cache write). int8 pages: two tokens × 512 elements (four
+    KV heads of 128) on 2 warps for small writes (≤ SMALL_TOKENS, latency-bound), two tokens × 1024 on 4 warps for
+    streaming ones. vLLM's packed int8 rows (F2I conversions): one token × 512 elements on one warp for streaming
+    writes, the fp path's small config for small ones. fp16 / bf16 caches: one token × 1024 elements on 4 warps."""
     quant = p.cache_dtype == torch.int8
     small = p.num_tokens <= SMALL_TOKENS
-    elems = 1024 if small or not quant else 512
-    block_h = min(triton.next_power_of_2(p.num_kv_heads), max(1, elems // p.head_dim))
-    warps = 4 if small and block_h * p.head_dim >= 1024 else 2 if small else 1
-    return KernelConfig(BLOCK_M=1, BLOCK_N=block_h, BLOCK_K=p.head_dim, num_warps=warps, num_stages=1)
+    heads_all = triton.next_power_of_2(p.num_kv_heads)
+    if quant and not p.packed_rows:
+        elems, tokens, warps = (512, 2, 2) if small else (1024, 2, 4)
+    elif quant and not small:
+        elems, tokens, warps = 512, 1, 1
+    else:
+        elems, tokens, warps = 1024, 1, 4
+    block_h = min(heads_all, max(1, elems // p.head_dim))
+    warps = max(1, min(warps, tokens * block_h * p.head_dim // 128))  # at least 4 elements per thread
+    return KernelConfig(BLOCK_M=tokens, BLOCK_N=block_h, BLOCK_K=p.head_dim, num_warps=warps, num_stages=1)
 
 
 def tuning_space(p: KVWriteProblem) -> list[KernelConfig]:
@@ -184,8 +197,12 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
     T, H, D = key.shape
     num_blocks, block_size = key_cache.shape[:2]
     quant = key_cache.dtype == torch.int8
+    # Rows not 16-byte aligned (vLLM's packed int8 rows: K rows 8-byte, V rows 4-byte aligned) take their int8
+    # values by F2I: storing the low byte of the rounding sum on them, Triton 3.6 left rows unwritten on 4-warp
+    # programs (H200; the GPU tier checks every program shape on that layout).
+    packed = quant and min(row_alignment(key_cache), row_alignment(value_cache)) < 16
     if cfg is None:
-        cfg = config_for(KVWriteProblem(T, H, D, block_size, key.dtype, key_cache.dtype, key.device))
+        cfg = config_for(KVWriteProblem(T, H, D, block_size, key.dtype, key_cache.dtype, key.device, packed))
     # unquantized caches: the scale pointers are never dereferenced (QUANT is a constexpr)
     ks = k_scale if quant else key_cache
     vs = v_scale if quant else value_cache
@@ -203,7 +220,7 @@ def launch_kv_write(key, value, key_cache, value_cache, slot_mapping, k_scale, v
         *ks_strides, *vs_strides,
         BLOCK_SIZE=block_size, HEAD_DIM=D, BLOCK_T=cfg.BLOCK_M, BLOCK_H=cfg.BLOCK_N,
         QUANT=quant, SCALE_EPS=KV_SCALE_EPS, QMAX=float(INT8_QMAX), RNE_MAGIC=_RNE_MAGIC,
-        PDL=pdl, num_warps=cfg.num_warps,
+        LOW_BYTE=not packed, PDL=pdl, num_warps=cfg.num_warps,
         **dependent_launch(pdl > 0),
     )
 
@@ -212,18 +229,20 @@ TUNE_TOKENS = {"small": (64, 512), "large": (4096, 16384)}  # a decode step of b
 
 
 def tune(num_kv_heads: int, head_dim: int, *, block_size: int = 16, cache_dtype=torch.int8, dtype=torch.float16,
-         cases=TUNE_TOKENS["large"], device="cuda", store=None, bench=None, configs=None):
+         cases=TUNE_TOKENS["large"], device="cuda", store=None, bench=None, configs=None, packed_rows: bool = False):
     """Time ``tuning_space`` (or ``configs``) on the sum of ``cases`` (token counts, slots of shuffled blocks; int8
-    caches as ``int8_page_views`` pages, the plugin's layout), check that each config writes the heuristic
-    config's bytes, record the fastest under the token bucket of the largest case. Returns (best config,
-    {config: µs}); timing as ``paged_decode.tune``."""
+    caches as ``int8_page_views`` pages, the plugin's layout, or with ``packed_rows`` vLLM's packed rows with
+    inline scales), check that each config writes the heuristic config's bytes, record the fastest under the
+    token bucket of the largest case. Returns (best config, {config: µs}); timing as ``paged_decode.tune``."""
     from functools import partial
 
     from ..tuning import l2_bytes, rotation_count, tune_kernel
-    from .kv_cache import int8_page_bytes, int8_page_views
+    from .kv_cache import INLINE_SCALE_BYTES, inline_scale_views, int8_page_bytes, int8_page_views
 
     device = torch.device(device)
-    p = KVWriteProblem(max(cases), num_kv_heads, head_dim, block_size, dtype, cache_dtype, device)
+    if packed_rows and cache_dtype != torch.int8:
+        raise ValueError("packed_rows is vLLM's int8 layout: cache_dtype must be torch.int8")
+    p = KVWriteProblem(max(cases), num_kv_heads, head_dim, block_size, dtype, cache_dtype, device, packed_rows)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def make_set():
@@ -234,7 +253,11 @@ def tune(num_kv_heads: int, head_dim: int, *, block_size: int = 16, cache_dtype=
                      + torch.arange(block_size, device=device)).reshape(-1)[:tokens]
             key = torch.randn(tokens, num_kv_heads, head_dim, device=device, generator=gen).to(dtype)
             value = torch.randn(tokens, num_kv_heads, head_dim, device=device, generator=gen).to(dtype)
-            if cache_dtype == torch.int8:
+            if packed_rows:  # [block, slot, head, K | K scale | V | V scale], as vLLM allocates it
+                pages = torch.zeros(nb, block_size, num_kv_heads, 2 * (head_dim + INLINE_SCALE_BYTES),
+                                    dtype=torch.int8, device=device)
+                caches = inline_scale_views(pages.transpose(1, 2), head_dim)
+            elif cache_dtype == torch.int8:
                 pages = torch.zeros(nb, int8_page_bytes(block_size, num_kv_heads, head_dim), dtype=torch.int8,
                                     device=device)
                 caches = int8_page_views(pages, block_size, num_kv_heads, head_dim)

@@ -52,7 +52,7 @@ from ..runtime import (dependent_launch, dependent_launch_supported, interpreter
 from ..runtime import num_sms as runtime_num_sms
 from ..tuning import KernelConfig, default_store
 from .kv_cache import (INLINE_SCALE_BYTES, PagedAttentionProblem, check_attention_inputs, check_attention_options,
-                       check_block_table_on_host, inline_scale_views, random_kv_caches)
+                       check_block_table_on_host, inline_scale_views, random_kv_caches, row_alignment)
 
 KERNEL_NAME = "paged_decode.split_kv"
 LOG2E = 1.4426950408889634
@@ -604,17 +604,6 @@ def max_splits_for(num_kv_heads: int, device: torch.device, programs_per_sm: int
     """
     target = max(1, programs_per_sm * num_sms(device) // num_kv_heads)
     return min(cap, 1 << (target.bit_length() - 1) if pow2 else target)
-
-
-def row_alignment(cache: torch.Tensor) -> int:
-    """Elements every cached row start is a multiple of: the largest power of two ≤ 16 bytes dividing the
-    data pointer and the block, slot and head strides (16 B for plain caches, 4 B in vLLM's packed layout)."""
-    size = cache.element_size()
-    align = 16
-    for v in (cache.data_ptr(), *(st * size for st in cache.stride()[:3])):
-        while align > size and v % align:
-            align //= 2
-    return max(1, align // size)
 
 
 def heuristic_config(p: PagedDecodeProblem) -> KernelConfig:

@@ -353,13 +353,23 @@ def _config_sample():
     return [c for c in space if c.num_warps == 1 or c.BLOCK_M == 4]
 
 
+def _packed_caches(num_blocks, block_size, heads, head_dim, device):
+    """Zeroed caches in vLLM's packed int8 rows (inline scales; V rows 4-byte aligned): its four views."""
+    raw, kv_cache, *_ = vllm_packed_int8_cache(num_blocks, block_size, heads, head_dim, device=device)
+    raw.zero_()
+    return list(inline_scale_views(kv_cache, head_dim))
+
+
 @pytest.mark.parametrize("cfg", _config_sample(), ids=lambda c: f"t{c.BLOCK_M}h{c.BLOCK_N}w{c.num_warps}")
-@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.float16])
-def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype, device):
+@pytest.mark.parametrize("cache_dtype,layout", [(torch.int8, "pages"), (torch.int8, "vllm"), (torch.float16, "pages")])
+def test_every_program_shape_writes_the_reference_bits(cfg, cache_dtype, layout, device):
     """23 tokens (no tile of 2 or 4 tokens divides them), 3 heads (no head tile of 2 or 4 does), padding slots:
-    each program shape writes exactly the reference's bytes and nothing else."""
+    each program shape writes exactly the reference's bytes and nothing else, into plain caches and into vLLM's
+    packed rows (their F2I conversions)."""
     key, value, slots, caches = _on(device, *_case(23, 3, 64, 16, 3, cache_dtype, torch.float16, seed=cfg.BLOCK_M,
                                                    pad_every=3))
+    if layout == "vllm":
+        caches = _packed_caches(3, 16, 3, 64, device)
     want = _clone(*caches)
     write_kv_cache_ref(key, value, *want[:2], slots, *want[2:])
     launch_kv_write(key, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
@@ -372,8 +382,11 @@ def test_shipped_table_configs_write_the_reference_bits(key, cfg, device):
     dim, block size and cache dtype: the reference's bytes and nothing else."""
     fields = dict(field.split("=") for field in key.split(","))
     cache_dtype = torch.int8 if fields["kv"] == "int8" else torch.float16
-    key_, value, slots, caches = _on(device, *_case(23, int(fields["H"]), int(fields["D"]), int(fields["page"]),
-                                                    3, cache_dtype, torch.float16, seed=5, pad_every=3))
+    heads, head_dim, page = int(fields["H"]), int(fields["D"]), int(fields["page"])
+    key_, value, slots, caches = _on(device, *_case(23, heads, head_dim, page, 3, cache_dtype, torch.float16, seed=5,
+                                                    pad_every=3))
+    if fields.get("rows") == "packed":
+        caches = _packed_caches(3, page, heads, head_dim, device)
     want = _clone(*caches)
     write_kv_cache_ref(key_, value, *want[:2], slots, *want[2:])
     launch_kv_write(key_, value, caches[0], caches[1], slots, caches[2], caches[3], cfg=cfg)
@@ -389,7 +402,7 @@ def test_tune_records_the_fastest_config_that_writes_the_same_bytes(tmp_path, mo
 
     p = kv_write.KVWriteProblem(40, 2, 64, 16, torch.float16, torch.int8, device)
     good = [c for c in kv_write.tuning_space(p) if c.num_warps == 1][:3]
-    broken = [c for c in kv_write.tuning_space(p) if c.num_warps == 2][0]
+    broken = [c for c in kv_write.tuning_space(p) if c.num_warps == 2 and c != kv_write.heuristic_config(p)][0]
     assert p.key().endswith("T=small")
     fake_us = {cfg: 10.0 - i for i, cfg in enumerate(good)}
     fake_us[broken] = 1.0
@@ -484,7 +497,8 @@ def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype, layout):
     want = fresh()
     write_kv_cache_ref(key, value, want[0], want[1], slots, want[2], want[3])
     dev = torch.device("cuda")
-    cards = [config_for(KVWriteProblem(t, H, D, bs, torch.float16, cache_dtype, dev)) for t in (64, 4096)]
+    packed = layout == "vllm"
+    cards = [config_for(KVWriteProblem(t, H, D, bs, torch.float16, cache_dtype, dev, packed)) for t in (64, 4096)]
     # every token and head tile on 1 and 4 warps (each config compiles: the whole space takes minutes)
     space = tuning_space(KVWriteProblem(T, H, D, bs, torch.float16, cache_dtype, dev))
     for cfg in [c for c in space if c.num_warps in (1, 4)] + cards:
