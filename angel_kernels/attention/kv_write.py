@@ -137,15 +137,15 @@ def _kv_write_kernel(
 def heuristic_config(p: KVWriteProblem) -> KernelConfig:
     """Untuned default, the H200's winners (NOTES.md, KV cache write). int8 pages: two tokens × 512 elements (four
     KV heads of 128) on 2 warps for small writes (≤ SMALL_TOKENS, latency-bound), two tokens × 1024 on 4 warps for
-    streaming ones. vLLM's packed int8 rows (F2I conversions): one token × 512 elements on one warp for streaming
-    writes, the fp path's small config for small ones. fp16 / bf16 caches: one token × 1024 elements on 4 warps."""
+    streaming ones. vLLM's packed int8 rows (F2I conversions): one token × 512 elements on one warp. fp16 / bf16
+    caches: one token × 1024 elements on 4 warps."""
     quant = p.cache_dtype == torch.int8
     small = p.num_tokens <= SMALL_TOKENS
     heads_all = triton.next_power_of_2(p.num_kv_heads)
-    if quant and not p.packed_rows:
-        elems, tokens, warps = (512, 2, 2) if small else (1024, 2, 4)
-    elif quant and not small:
+    if quant and p.packed_rows:
         elems, tokens, warps = 512, 1, 1
+    elif quant:
+        elems, tokens, warps = (512, 2, 2) if small else (1024, 2, 4)
     else:
         elems, tokens, warps = 1024, 1, 4
     block_h = min(heads_all, max(1, elems // p.head_dim))
