@@ -4,7 +4,8 @@
         python benchmarks/profile_attention.py --kernel decode --kv int8 --batch 64 --context 16384
 
 Llama-3-8B heads (32 query / 8 KV, head 128), block 16, shuffled block tables, fp16 queries; int8 caches use
-vLLM's packed layout with inline scales (the production layout), filled by our write kernel.
+vLLM's packed layout with inline scales (vLLM's own int8 cache), or with ``--layout pages`` the plugin's
+``int8_page_views`` pages, filled by our write kernel.
 """
 import argparse
 import math
@@ -20,6 +21,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel", choices=("decode", "prefill"), default="decode")
     ap.add_argument("--kv", choices=("int8", "fp16"), default="int8")
+    ap.add_argument("--layout", choices=("packed", "pages"), default="packed", help="int8 caches")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--new", type=int, default=1024, help="prefill: new tokens per sequence (the context's tail)")
@@ -32,7 +34,10 @@ def main():
     lens = torch.full((B,), L, dtype=torch.int32, device=dev)
     pos = torch.arange(L, device=dev)
     slots = (table.long()[:, pos // BLOCK] * BLOCK + pos % BLOCK).reshape(-1)
-    if args.kv == "int8":
+    if args.kv == "int8" and args.layout == "pages":
+        pages = torch.empty(B * blocks, angel_kernels.int8_page_bytes(BLOCK, HEADS_KV, D), dtype=torch.int8, device=dev)
+        kc, vc, ks, vs = angel_kernels.int8_page_views(pages, BLOCK, HEADS_KV, D)
+    elif args.kv == "int8":
         raw = torch.empty(B * blocks, BLOCK, HEADS_KV, 2 * (D + 4), dtype=torch.int8, device=dev)
         kc, vc, ks, vs = angel_kernels.inline_scale_views(raw.transpose(1, 2), D)
     else:
