@@ -111,20 +111,27 @@ def test_each_engine_runs_the_plugin_pieces_of_its_mode(matrix, mode):
 # ------------------------------------------------------------------------------------------------------- n-gram
 @pytest.mark.parametrize("mode", list(MODES))
 def test_ngram_speculation_gives_the_plain_greedy_tokens(matrix, mode):
-    """Token for token. Speculation changes only how the same request is batched (verification steps of 1 + 4
-    tokens), so it can part from plain decoding only where that noise breaks an exact tie; measured: no request of
-    any mode parted, although each run holds 4-10 exact ties, and log-probabilities agree within 0.0041."""
+    """Token for token, except at a tie within the batching noise. Speculation changes only how the same request
+    is batched (verification steps of 1 + 4 tokens), so it can part from plain decoding only where that noise
+    breaks a tie; measured: each run holds 4-10 exact ties and log-probabilities agree within 0.0041; one request
+    of int8_kv parted, at a step where plain decoding's top two tokens tied exactly (margin 0.0000 nats, 0.0039
+    under speculation). Up to where a request parts, the same log-probabilities within the noise."""
     plain, ngram = matrix[mode]["plain"], matrix[mode]["ngram"]
     n = len(spec_prompts())
     assert len(plain["tokens"]) == len(ngram["tokens"]) == n
     assert all(len(s) == SPEC_MAX_TOKENS for s in plain["tokens"] + ngram["tokens"])
+    same = 0
     for i, (p, s) in enumerate(zip(plain["tokens"], ngram["tokens"])):
         j = _first_difference(p, s)
-        assert j is None, (
-            f"request {i} parts at step {j}: plain {p[j]} (margin {plain['margins'][i][j]:.4f} nats), ngram {s[j]}"
-            f" (margin {ngram['margins'][i][j]:.4f})\nplain {p}\nngram {s}"
-        )
-        assert _max_logprob_difference(plain, ngram, i) <= LOGPROB_NOISE
+        same += j is None
+        assert _max_logprob_difference(plain, ngram, i, j) <= LOGPROB_NOISE, (i, j)
+        if j is not None:
+            tie = min(plain["margins"][i][j], ngram["margins"][i][j])
+            assert tie <= TIE, (
+                f"request {i} parts at step {j}: plain {p[j]} (margin {plain['margins'][i][j]:.4f} nats), ngram"
+                f" {s[j]} (margin {ngram['margins'][i][j]:.4f})\nplain {p}\nngram {s}"
+            )
+    assert same >= MIN_SAME_REQUESTS * n, f"{same}/{n} requests identical"
 
 
 @pytest.mark.parametrize("mode", list(MODES))
