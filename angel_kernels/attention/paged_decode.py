@@ -560,6 +560,20 @@ def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1)
     return 2, True
 
 
+def split_stages(cfg: KernelConfig, programs: int, device: torch.device) -> int:
+    """The split kernel's pipeline stages: the config's ``ONE_WAVE_STAGES`` where all ``programs`` fit one wave (at
+    most PROGRAMS_PER_SM per SM), else its num_stages. Stages change when tiles are loaded, never what is computed,
+    so the bits are the same either way (the GPU tier's batch-invariance test compares a sequence alone, one wave,
+    with it in a batch of 64). One-warp int8 tiles, H200, CUDA graphs, two runs, µs 2 → 3 stages: 8×4k 25.5-25.6 →
+    24.9, 1×32k 26.7 → 26.1-26.2, 4×8k 26.9-27.2 → 26.3-26.5, 2×16k 26.3-26.4 → 25.8-25.9, 1×4k 14.0 → 13.9; on grids
+    of several waves a third stage cost (2026-11-27/29 tunes: 32×4k to 64×16k)."""
+    one_wave = int(dict(cfg.extra).get("ONE_WAVE_STAGES", 0))
+    per_sm = int(dict(cfg.extra).get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
+    if one_wave and programs <= per_sm * num_sms(device):
+        return one_wave
+    return cfg.num_stages
+
+
 def partial_dtype(q_dtype: torch.dtype, packed_rows: bool) -> torch.dtype:
     """The split partials' dtype (``PARTIAL_DTYPE`` unless None): fp16 for fp16 queries (as FlashInfer's split-KV
     decode keeps its partial outputs in the output dtype; the log-sum-exps stay fp32), fp32 otherwise. A normalized
@@ -703,7 +717,8 @@ def launch_paged_attention(
         # 2 stages) ran as 1.3 waves, 69 % of the floor.
         grid_splits = max_ns
     per_sm = int(extra.get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
-    pdl, reduce_pdl = pdl_modes(B * Hkv * grid_splits, quant, q.device, per_sm)
+    programs = B * Hkv * grid_splits
+    pdl, reduce_pdl = pdl_modes(programs, quant, q.device, per_sm)
     ks_strides = k_scale.stride() if quant else (0, 0, 0)
     vs_strides = v_scale.stride() if quant else (0, 0, 0)
     po_strides = partial_o.stride()[:4] if max_ns > 1 else (0, 0, 0, 0)
@@ -736,7 +751,7 @@ def launch_paged_attention(
         FENCE_V=quant and bool(extra.get("FENCE_V", 0)),
         PAGE_ADDR=page_addressing(cfg, key_cache, value_cache, k_scale, v_scale),
         HEADS_N=heads_n, PDL=pdl,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **consts, **register_cap(cfg),
+        num_warps=cfg.num_warps, num_stages=split_stages(cfg, programs, q.device), **consts, **register_cap(cfg),
         **dependent_launch(pdl in (1, 2)),
     )
     if max_ns > 1:

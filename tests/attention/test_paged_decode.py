@@ -267,6 +267,31 @@ def test_every_split_policy_is_correct(max_splits, min_tiles, min_splits, device
     assert_close(out, _ref(c), name=f"policy {policy}")
 
 
+def test_one_wave_grids_take_the_configs_one_wave_stages(monkeypatch):
+    """``ONE_WAVE_STAGES`` serves grids of at most PROGRAMS_PER_SM programs per SM (the interpreter's 4 SMs here),
+    num_stages the larger ones; a config without it always runs num_stages. The launch passes the rule's count."""
+    from dataclasses import replace
+
+    import angel_kernels.attention.paged_decode as pd
+    from angel_kernels.tuning import KernelConfig
+
+    cpu = torch.device("cpu")
+    cfg = KernelConfig(16, 32, 128, num_warps=1, num_stages=2, extra=(("MIN_SPLIT_TILES", 1), ("ONE_WAVE_STAGES", 3),
+                                                                       ("PROGRAMS_PER_SM", 8)))
+    assert [pd.split_stages(cfg, n, cpu) for n in (1, 32, 33, 1000)] == [3, 3, 2, 2]
+    plain = replace(cfg, extra=(("MIN_SPLIT_TILES", 1), ("PROGRAMS_PER_SM", 8)))
+    assert [pd.split_stages(plain, n, cpu) for n in (1, 1000)] == [2, 2]
+    stages = []
+    real = pd.split_stages
+    monkeypatch.setattr(pd, "split_stages", lambda *a: stages.append(real(*a)) or stages[-1])
+    for lens in ([300], [300, 40, 7, 100]):  # 2 KV heads × up to 16 split slots: one wave of 4 SMs × 8, then more
+        c = build_case(lens, heads_q=4, heads_kv=2, head_dim=64, dtype=torch.float16, seed=3)
+        out = launch_paged_attention(c["q"][:, None], *(c[a] for a in ARGS[1:5]), c["scale"], c["k_scale"],
+                                     c["v_scale"], cfg=replace(cfg, BLOCK_K=64))
+        assert_close(out[:, 0], _ref(c))
+    assert stages == [3, 2]
+
+
 def test_split_policy_depends_on_length_only():
     pol = SplitPolicy(block_n=64, min_split_tiles=4, max_splits=32)
     assert pol.num_splits(0) == 0
