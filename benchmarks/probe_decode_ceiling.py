@@ -9,7 +9,7 @@ also times the call with the card's config changed (its ``extra`` entries, or ``
 e.g. other split lengths: ``MIN_SPLIT_TILES=6,PROGRAMS_PER_SM=11`` (other splits: other bits, so the largest
 difference from the shipped config's output is printed).
 
-    python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768] [--variants "A=1,B=2;A=2"]
+    python benchmarks/probe_decode_ceiling.py [--cases 8x4096,1x32768] [--variants "A=1,B=2;A=2"] [--layout vllm]
 """
 import argparse
 import functools
@@ -113,7 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="1x1024,8x4096,1x32768,32x4096")
     ap.add_argument("--variants", default="", help='config changes to time, e.g. "MIN_SPLIT_TILES=6;num_stages=3"')
     ap.add_argument("--calls-only", action="store_true", help="time the call and the variants only")
+    ap.add_argument("--layout", choices=("pages", "vllm"), default="pages",
+                    help="the int8 cache: our pages or vLLM's packed rows (the read walk assumes pages)")
     args = ap.parse_args(argv)
+    if args.layout == "vllm" and not args.calls_only:
+        ap.error("--layout vllm needs --calls-only (the read walk loads 16-byte words: pages only)")
     from angel_kernels.attention import paged_decode
     from angel_kernels.tuning import time_calls
 
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
         batch, context = (int(v) for v in case.split("x"))
         c = A.make_case(batch, context)
-        prep = A.prepare_angel_int8(c, device)
+        prep = A.prepare_angel_int8(c, device, layout=args.layout)
         sets = prep.input_sets
         floor = floors.floor_us(*A.floor_model(c)["kv8"])
         times = {"call": time_calls([functools.partial(prep.fn, *a) for a in sets]).median_us}
