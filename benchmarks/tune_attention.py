@@ -85,13 +85,28 @@ def focus_prefill_space(p):
 PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "angel_kernels" / "tuning" / "configs"
 
 
+# Config extras that no tuning space varies (launch rules timed by probes, e.g. paged_decode.split_stages): a tuned
+# entry that replaces one with them keeps them.
+CARRIED_EXTRAS = ("ONE_WAVE_STAGES",)
+
+
 def ship(tuned_json: Path, configs_dir: Path = PACKAGE_CONFIGS) -> None:
-    """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key)."""
+    """Merge a tuned table into the package's table for the same GPU (kernel by kernel, key by key; the old entry's
+    CARRIED_EXTRAS stay)."""
     shipped = Path(configs_dir) / Path(tuned_json).name
     table = json.loads(shipped.read_text()) if shipped.exists() else {"kernels": {}, "meta": {}}
     tuned = json.loads(tuned_json.read_text())
     for kernel, entries in tuned["kernels"].items():
-        table["kernels"].setdefault(kernel, {}).update(entries)
+        old_entries = table["kernels"].setdefault(kernel, {})
+        for key, entry in entries.items():
+            old = old_entries.get(key)
+            if isinstance(old, dict) and isinstance(entry, dict):
+                kept = {k: v for k, v in old.get("extra", {}).items()
+                        if k in CARRIED_EXTRAS and k not in entry.get("extra", {})}
+                if kept:
+                    entry["extra"] = dict(sorted({**entry.get("extra", {}), **kept}.items()))
+                    print(f"{kernel} {key}: kept {kept}")
+        old_entries.update(entries)
     table["meta"] = table["meta"] or tuned["meta"]
     shipped.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"shipped into {shipped}")

@@ -51,3 +51,16 @@ def test_ship_merges_kernel_by_kernel_and_key_by_key(tmp_path):
     T.ship(tuned, shipped.parent)
     assert json.loads(shipped.read_text()) == {"kernels": {"k1": {"a": 1, "b": 20, "d": 4}, "k2": {"c": 3}},
                                                "meta": {"gpu": "X"}}
+
+
+def test_ship_keeps_the_launch_rules_no_tune_varies(tmp_path):
+    shipped = tmp_path / "configs" / "gpu.json"
+    shipped.parent.mkdir()
+    old = {"num_stages": 2, "extra": {"MIN_SPLIT_TILES": 8, "ONE_WAVE_STAGES": 3}}
+    shipped.write_text(json.dumps({"kernels": {"k": {"key": old}}, "meta": {}}))
+    tuned = tmp_path / "gpu.json"
+    tuned.write_text(json.dumps({"kernels": {"k": {"key": {"num_stages": 3, "extra": {"MIN_SPLIT_TILES": 4}}}},
+                                 "meta": {}}))
+    T.ship(tuned, shipped.parent)
+    assert json.loads(shipped.read_text())["kernels"]["k"]["key"] == {
+        "num_stages": 3, "extra": {"MIN_SPLIT_TILES": 4, "ONE_WAVE_STAGES": 3}}

@@ -566,7 +566,9 @@ def split_stages(cfg: KernelConfig, programs: int, device: torch.device) -> int:
     so the bits are the same either way (the GPU tier's batch-invariance test compares a sequence alone, one wave,
     with it in a batch of 64). One-warp int8 tiles, H200, CUDA graphs, two runs, µs 2 → 3 stages: 8×4k 25.5-25.6 →
     24.9, 1×32k 26.7 → 26.1-26.2, 4×8k 26.9-27.2 → 26.3-26.5, 2×16k 26.3-26.4 → 25.8-25.9, 1×4k 14.0 → 13.9; on grids
-    of several waves it moved times by -1 to +1 % (32×4k 81.4 → 80.5, 64×16k 593.8 → 597.9), no rule there."""
+    of several waves it moved times by -1 to +1 % (32×4k 81.4 → 80.5, 64×16k 593.8 → 597.9), no rule there. No
+    tuning space varies it (``probe_decode_ceiling.py --variants ONE_WAVE_STAGES=3`` times it); shipping a tune keeps
+    a table entry's value."""
     one_wave = int(dict(cfg.extra).get("ONE_WAVE_STAGES", 0))
     per_sm = int(dict(cfg.extra).get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
     if one_wave and programs <= per_sm * num_sms(device):
