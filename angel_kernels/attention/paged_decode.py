@@ -527,6 +527,11 @@ def page_addressing(cfg: KernelConfig, *caches) -> bool:
     return bool(dict(cfg.extra).get("PAGE_ADDR", 0)) and all(c.stride(0) < 2**31 for c in caches if c is not None)
 
 
+def fits_one_wave(programs: int, per_sm: int, device: torch.device) -> bool:
+    """Whether a grid of ``programs`` runs as one wave at ``per_sm`` programs per SM."""
+    return programs <= per_sm * num_sms(device)
+
+
 def uses_pdl(programs: int, device: torch.device) -> bool:
     """Programmatic dependent launch (sm_90 and later) for grids of at most one program per SM: the split kernel
     launches while the previous kernel of the stream finishes and the reduce kernel while the split kernel runs,
@@ -536,7 +541,7 @@ def uses_pdl(programs: int, device: torch.device) -> bool:
     programs: 33.3 / 34.1; fp16 55.1 / 58.2) and larger batches did not move."""
     if not dependent_launch_supported(device):
         return False
-    return programs <= num_sms(device)
+    return fits_one_wave(programs, 1, device)
 
 
 def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1) -> tuple:
@@ -556,7 +561,7 @@ def pdl_modes(programs: int, quant: bool, device: torch.device, per_sm: int = 1)
     if not dependent_launch_supported(device):
         return 0, False
     if quant:
-        return (3, True) if programs <= per_sm * num_sms(device) else (0, False)
+        return (3, True) if fits_one_wave(programs, per_sm, device) else (0, False)
     return 2, True
 
 
@@ -571,7 +576,7 @@ def split_stages(cfg: KernelConfig, programs: int, device: torch.device) -> int:
     a table entry's value."""
     one_wave = int(dict(cfg.extra).get("ONE_WAVE_STAGES", 0))
     per_sm = int(dict(cfg.extra).get("PROGRAMS_PER_SM", PROGRAMS_PER_SM))
-    if one_wave and programs <= per_sm * num_sms(device):
+    if one_wave and fits_one_wave(programs, per_sm, device):
         return one_wave
     return cfg.num_stages
 

@@ -354,10 +354,9 @@ def _config_sample():
 
 
 def _packed_caches(num_blocks, block_size, heads, head_dim, device):
-    """Zeroed caches in vLLM's packed int8 rows (inline scales; V rows 4-byte aligned): its four views."""
-    raw, kv_cache, *_ = vllm_packed_int8_cache(num_blocks, block_size, heads, head_dim, device=device)
-    raw.zero_()
-    return list(inline_scale_views(kv_cache, head_dim))
+    """Poisoned caches in vLLM's packed int8 rows (inline scales; V rows 4-byte aligned): its four views."""
+    return list(inline_scale_views(vllm_packed_int8_cache(num_blocks, block_size, heads, head_dim, device=device)[1],
+                                   head_dim))
 
 
 @pytest.mark.parametrize("cfg", _config_sample(), ids=lambda c: f"t{c.BLOCK_M}h{c.BLOCK_N}w{c.num_warps}")
@@ -491,7 +490,7 @@ def test_gpu_every_program_shape_writes_the_reference_bits(cache_dtype, layout):
 
     def fresh():
         if layout == "vllm":
-            return list(inline_scale_views(vllm_packed_int8_cache(nb, bs, H, D, device="cuda")[1], D))
+            return _packed_caches(nb, bs, H, D, "cuda")
         return [None if c is None else c.cuda() for c in caches]
 
     want = fresh()
